@@ -1,0 +1,73 @@
+"""Loading and saving weights with clear errors, atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["CheckpointError", "load_checkpoint", "load_network_weights", "atomic_save"]
+
+_NETWORK_KEYS = ("network", "model", "state_dict", "teacher")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable or does not match the network."""
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """Read a checkpoint dictionary, naming the file in any error."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; train that network first or fix the path.")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it may be truncated or not a "
+            "PyTorch file. Delete it to start again, or restore it from a backup."
+        ) from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a dictionary of weights.")
+    return obj
+
+
+def load_network_weights(
+    network: nn.Module, path: str | os.PathLike, map_location: Any = "cpu", role: str = ""
+) -> None:
+    """Load a network's weights from ``path``: a state dict, or a dict holding one under ``role`` or one of
+    ``network``/``model``/``state_dict``/``teacher`` (as MONAI's ``CheckpointSaver`` writes)."""
+    obj = load_checkpoint(path, map_location)
+    for key in (role, *_NETWORK_KEYS):
+        if key and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    target = network.module if hasattr(network, "module") else network
+    try:
+        target.load_state_dict(obj)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"checkpoint {path} does not match the {role or 'network'} ({type(target).__name__}): {e}. "
+            "Check that the network settings in the config are those it was trained with."
+        ) from e
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename: a crash or a full disk leaves the
+    previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

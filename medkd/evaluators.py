@@ -1,0 +1,157 @@
+"""Evaluate the teacher and every student in one pass, each network's score under its own name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from ignite.metrics import Accuracy
+from monai.engines import Evaluator
+from monai.engines.utils import IterationEvents, default_metric_cmp_fn, default_prepare_batch
+from monai.handlers import ROCAUC, MeanDice, from_engine
+from monai.inferers import Inferer, SimpleInferer
+from monai.transforms import Activationsd, AsDiscreted, Compose
+from monai.utils.enums import CommonKeys as Keys
+from torch import nn
+
+__all__ = [
+    "MultiNetworkEvaluator",
+    "pred_key",
+    "segmentation_postprocessing",
+    "segmentation_metrics",
+    "classification_postprocessing",
+    "classification_metrics",
+]
+
+
+def pred_key(network: str) -> str:
+    """Engine-output key of a network's prediction, e.g. ``pred_teacher``."""
+    return f"pred_{network}"
+
+
+class MultiNetworkEvaluator(Evaluator):
+    """Run several networks on each validation batch; output ``pred_<name>`` per network plus image and label.
+
+    Metrics read the prediction of one network each (see :func:`segmentation_metrics`,
+    :func:`classification_metrics`), so one pass scores the teacher and every student.
+
+    Args:
+        device: device to run on.
+        val_data_loader: validation data.
+        networks: networks by name (teacher and students).
+        inferer: e.g. ``SlidingWindowInferer`` for 3D volumes; default ``SimpleInferer``.
+        Other arguments are those of ``monai.engines.SupervisedEvaluator``.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        val_data_loader: Iterable,
+        networks: Mapping[str, nn.Module],
+        epoch_length: int | None = None,
+        non_blocking: bool = False,
+        prepare_batch: Callable = default_prepare_batch,
+        iteration_update: Callable | None = None,
+        inferer: Inferer | None = None,
+        postprocessing: Callable | None = None,
+        key_val_metric: dict | None = None,
+        additional_metrics: dict | None = None,
+        metric_cmp_fn: Callable = default_metric_cmp_fn,
+        val_handlers: Sequence | None = None,
+        amp: bool = False,
+        mode: str = "eval",
+        event_names: list | None = None,
+        event_to_attr: dict | None = None,
+        decollate: bool = True,
+        to_kwargs: dict | None = None,
+        amp_kwargs: dict | None = None,
+    ) -> None:
+        super().__init__(
+            device=device,
+            val_data_loader=val_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            prepare_batch=prepare_batch,
+            iteration_update=iteration_update,
+            postprocessing=postprocessing,
+            key_val_metric=key_val_metric,
+            additional_metrics=additional_metrics,
+            metric_cmp_fn=metric_cmp_fn,
+            val_handlers=val_handlers,
+            amp=amp,
+            mode=mode,
+            event_names=event_names,
+            event_to_attr=event_to_attr,
+            decollate=decollate,
+            to_kwargs=to_kwargs,
+            amp_kwargs=amp_kwargs,
+        )
+        self.networks = dict(networks)
+        self.inferer = SimpleInferer() if inferer is None else inferer
+
+    def _iteration(self, engine: MultiNetworkEvaluator, batchdata: Any) -> dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        inputs, targets = batch[0], batch[1]
+        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
+        device_type = torch.device(engine.state.device).type
+        with engine.mode(*engine.networks.values()), torch.no_grad():
+            for name, network in engine.networks.items():
+                if engine.amp:
+                    with torch.autocast(device_type, **engine.amp_kwargs):
+                        engine.state.output[pred_key(name)] = engine.inferer(inputs, network)
+                else:
+                    engine.state.output[pred_key(name)] = engine.inferer(inputs, network)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+def segmentation_postprocessing(networks: Sequence[str], num_classes: int) -> Compose:
+    """Argmax + one-hot of every network's logits, one-hot of the label (for ``DiceMetric``)."""
+    return Compose(
+        [
+            AsDiscreted(keys=[pred_key(n) for n in networks], argmax=True, to_onehot=num_classes),
+            AsDiscreted(keys=Keys.LABEL, to_onehot=num_classes),
+        ]
+    )
+
+
+def segmentation_metrics(networks: Sequence[str], prefix: str = "val_mean_dice") -> dict[str, MeanDice]:
+    """Mean Dice (background excluded) per network, named ``<prefix>_<network>``."""
+    return {
+        f"{prefix}_{n}": MeanDice(include_background=False, output_transform=from_engine([pred_key(n), Keys.LABEL]))
+        for n in networks
+    }
+
+
+def classification_postprocessing(networks: Sequence[str], num_classes: int) -> Compose:
+    """Softmax of every network's logits, one-hot of the label (for ``ROCAUCMetric``)."""
+    return Compose(
+        [
+            Activationsd(keys=[pred_key(n) for n in networks], softmax=True),
+            AsDiscreted(keys=Keys.LABEL, to_onehot=num_classes),
+        ]
+    )
+
+
+def _stacked(network: str) -> Callable[[Any], tuple[torch.Tensor, torch.Tensor]]:
+    """Output transform for ignite's ``Accuracy``: stacked probabilities and class indices."""
+
+    def transform(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        preds, labels = from_engine([pred_key(network), Keys.LABEL])(output)
+        return torch.stack(list(preds)), torch.stack(list(labels)).argmax(dim=1)
+
+    return transform
+
+
+def classification_metrics(networks: Sequence[str], with_accuracy: bool = True) -> dict[str, Any]:
+    """Macro ROC-AUC (``val_auc_<network>``) and top-1 accuracy (``val_acc_<network>``) per network."""
+    metrics: dict[str, Any] = {}
+    for n in networks:
+        metrics[f"val_auc_{n}"] = ROCAUC(output_transform=from_engine([pred_key(n), Keys.LABEL]))
+        if with_accuracy:
+            metrics[f"val_acc_{n}"] = Accuracy(output_transform=_stacked(n))
+    return metrics

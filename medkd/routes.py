@@ -1,0 +1,243 @@
+"""Knowledge routes: who teaches whom, in which form, and the named presets built from them.
+
+A route is ``{source, target, kind, weight, temperature, layers}``: ``source`` teaches ``target`` (each ``"teacher"``
+or a student name) through its predictions (``kind="prediction"``, temperature-scaled KL) or its feature maps
+(``kind="feature"``, hint loss with an adapter). Any graph of routes over one teacher and N students is allowed;
+the presets (student alone, KD, FitNets, DML, KD+DML, diversified) are named graphs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from medkd.losses import FeatureDistillationLoss, PredictionDistillationLoss
+
+__all__ = ["TEACHER", "PRESETS", "Route", "KnowledgeRoutes", "preset_routes", "parse_routes"]
+
+TEACHER = "teacher"
+KINDS = ("prediction", "feature")
+PRESETS = ("student", "kd", "fitnets", "dml", "kd_dml", "diversified")
+
+
+@dataclass
+class Route:
+    """One flow of knowledge from ``source`` to ``target``.
+
+    Args:
+        source: ``"teacher"`` or a student name; its signal is detached.
+        target: a student name; the term is added to this student's loss.
+        kind: ``"prediction"`` or ``"feature"``.
+        weight: multiplier of the term in the target's loss.
+        temperature: softmax temperature of a prediction route.
+        layers: for a feature route, ``[[source_layer, target_layer], ...]`` module names; ``None`` pairs the
+            networks' ``feature_layers`` in order.
+        mode: feature loss, ``"mse"`` (normalised hint) or ``"attention"`` (attention transfer).
+    """
+
+    source: str
+    target: str
+    kind: str
+    weight: float = 1.0
+    temperature: float = 4.0
+    layers: list[list[str]] | None = None
+    mode: str = "mse"
+    _pairs: list[tuple[str, str]] = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def name(self) -> str:
+        """Key of this route's term in the engine output, e.g. ``"sp/prediction<-teacher"``."""
+        return f"{self.target}/{self.kind}<-{self.source}"
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable form (the same keys accepted by :func:`parse_routes`)."""
+        d = asdict(self)
+        d.pop("_pairs")
+        return d
+
+
+def parse_routes(routes: Sequence[Route | Mapping] | str, students: Sequence[str]) -> list[Route]:
+    """Routes from a preset name, or from a list of :class:`Route` or dicts (as written in bundle JSON)."""
+    if isinstance(routes, str):
+        return preset_routes(routes, students)
+    parsed = []
+    for i, r in enumerate(routes):
+        if isinstance(r, Route):
+            parsed.append(r)
+            continue
+        unknown = set(r) - {"source", "target", "kind", "weight", "temperature", "layers", "mode"}
+        if unknown or not {"source", "target", "kind"} <= set(r):
+            raise ValueError(
+                f"route {i} {dict(r)} is malformed: it needs 'source', 'target' and 'kind', and may have 'weight', "
+                f"'temperature', 'layers', 'mode'" + (f" (unknown keys: {sorted(unknown)})" if unknown else "") + "."
+            )
+        parsed.append(Route(**r))
+    return parsed
+
+
+def preset_routes(
+    preset: str,
+    students: Sequence[str] = ("sp", "sf"),
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    delta: float = 1.0,
+    temperature: float = 4.0,
+) -> list[Route]:
+    """The routes of a named method (see METHOD.md).
+
+    Args:
+        preset: one of ``student`` (supervised only), ``kd`` (teacher predictions to every student), ``fitnets``
+            (teacher features to every student), ``dml`` (students exchange predictions, no teacher), ``kd_dml``,
+            ``diversified`` (teacher predictions to the first student, teacher features to the second, students
+            exchange predictions and features).
+        students: student names; ``diversified`` needs exactly two (prediction student first).
+        alpha: weight of teacher → student prediction terms.
+        beta: weight of teacher → student feature terms.
+        gamma: weight of peer prediction terms.
+        delta: weight of peer feature terms.
+        temperature: softmax temperature of every prediction term.
+    """
+    students = list(students)
+    pred = dict(kind="prediction", temperature=temperature)
+    peers = [(a, b) for a in students for b in students if a != b]
+    if preset == "student":
+        return []
+    if preset == "kd":
+        return [Route(TEACHER, s, weight=alpha, **pred) for s in students]
+    if preset == "fitnets":
+        return [Route(TEACHER, s, "feature", weight=beta) for s in students]
+    if preset == "dml":
+        return [Route(a, b, weight=gamma, **pred) for a, b in peers]
+    if preset == "kd_dml":
+        return preset_routes("kd", students, alpha=alpha, temperature=temperature) + preset_routes(
+            "dml", students, gamma=gamma, temperature=temperature
+        )
+    if preset == "diversified":
+        if len(students) != 2:
+            raise ValueError(f"the diversified preset needs exactly two students, got {students}.")
+        sp, sf = students
+        return [
+            Route(TEACHER, sp, weight=alpha, **pred),
+            Route(TEACHER, sf, "feature", weight=beta),
+            Route(sf, sp, weight=gamma, **pred),
+            Route(sp, sf, weight=gamma, **pred),
+            Route(sf, sp, "feature", weight=delta),
+            Route(sp, sf, "feature", weight=delta),
+        ]
+    raise ValueError(f"unknown routes preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+
+
+class KnowledgeRoutes(nn.Module):
+    """The loss terms of a route graph, with the adapters of its feature routes.
+
+    Args:
+        routes: the routes (see :class:`Route`).
+        students: student names; ``"teacher"`` is implied.
+        feature_layers: module names per network, paired in order by feature routes without explicit ``layers``.
+
+    Feature routes need channel counts to build their adapters: call :meth:`build` once with one forward's
+    feature maps before training (the engine does this). Adapter parameters belong to the route's target
+    student: :meth:`parameters_of` gives them for that student's optimizer.
+    """
+
+    def __init__(
+        self, routes: Sequence[Route], students: Sequence[str], feature_layers: Mapping[str, Sequence[str]]
+    ) -> None:
+        super().__init__()
+        self.routes = list(routes)
+        self.students = list(students)
+        names = {TEACHER, *self.students}
+        for r in self.routes:
+            for role, end in (("source", r.source), ("target", r.target)):
+                if end not in names:
+                    raise ValueError(
+                        f"route {r.to_dict()} has unknown {role} {end!r}; known networks: {sorted(names)}."
+                    )
+            if r.target == TEACHER:
+                raise ValueError(f"route {r.to_dict()} targets the teacher, which is frozen; targets must be students.")
+            if r.source == r.target:
+                raise ValueError(f"route {r.to_dict()} goes from a network to itself.")
+            if r.kind not in KINDS:
+                raise ValueError(f"route {r.to_dict()} has kind {r.kind!r}; use one of {KINDS}.")
+            if r.kind == "feature":
+                r._pairs = self._layer_pairs(r, feature_layers)
+        self.prediction_losses = nn.ModuleDict(
+            {self._key(r): PredictionDistillationLoss(r.temperature) for r in self.routes if r.kind == "prediction"}
+        )
+        self.feature_losses = nn.ModuleDict()
+
+    @staticmethod
+    def _key(route: Route) -> str:
+        return route.name.replace(".", "_")  # ModuleDict keys may not hold dots
+
+    @staticmethod
+    def _layer_pairs(route: Route, feature_layers: Mapping[str, Sequence[str]]) -> list[tuple[str, str]]:
+        if route.layers is not None:
+            return [(src, dst) for src, dst in route.layers]
+        missing = [n for n in (route.source, route.target) if not feature_layers.get(n)]
+        if missing:
+            raise ValueError(f"feature route {route.name} needs layers: give 'layers' or feature_layers for {missing}.")
+        src, dst = feature_layers[route.source], feature_layers[route.target]
+        if len(src) != len(dst):
+            raise ValueError(
+                f"feature route {route.name} pairs layers in order, but {route.source} has {len(src)} and "
+                f"{route.target} has {len(dst)}; give the pairs in the route's 'layers'."
+            )
+        return list(zip(src, dst, strict=True))
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether any route takes knowledge from the teacher."""
+        return any(r.source == TEACHER for r in self.routes)
+
+    def layers_of(self, network: str) -> list[str]:
+        """Module names whose feature maps the routes read from ``network``."""
+        layers = []
+        for r in self.routes:
+            for src, dst in r._pairs:
+                layers += [src] if r.source == network else []
+                layers += [dst] if r.target == network else []
+        return list(dict.fromkeys(layers))
+
+    @property
+    def built(self) -> bool:
+        """Whether every feature route has its losses (and adapters)."""
+        return all(self._key(r) in self.feature_losses for r in self.routes if r.kind == "feature")
+
+    def build(self, features: Mapping[str, Mapping[str, torch.Tensor]], spatial_dims: int) -> None:
+        """Create the feature losses from one forward's feature maps ``features[network][layer]``."""
+        for r in self.routes:
+            if r.kind != "feature" or self._key(r) in self.feature_losses:
+                continue
+            self.feature_losses[self._key(r)] = nn.ModuleList(
+                FeatureDistillationLoss(
+                    features[r.target][dst].shape[1], features[r.source][src].shape[1], spatial_dims, mode=r.mode
+                )
+                for src, dst in r._pairs
+            )
+
+    def parameters_of(self, student: str) -> list[nn.Parameter]:
+        """Adapter parameters trained with ``student`` (targets of feature routes)."""
+        return [p for r in self.routes if r.kind == "feature" and r.target == student
+                for p in self.feature_losses[self._key(r)].parameters()]  # fmt: skip
+
+    def forward(
+        self, logits: Mapping[str, torch.Tensor], features: Mapping[str, Mapping[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """Unweighted loss of every route, keyed by :attr:`Route.name`."""
+        terms = {}
+        for r in self.routes:
+            key = self._key(r)
+            if r.kind == "prediction":
+                terms[r.name] = self.prediction_losses[key](logits[r.target], logits[r.source])
+            else:
+                losses = self.feature_losses[key]
+                terms[r.name] = sum(
+                    loss(features[r.target][dst], features[r.source][src])
+                    for loss, (src, dst) in zip(losses, r._pairs, strict=True)
+                )
+        return terms

@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny 2D segmentation data and tiny MONAI U-Nets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.data import create_test_image_2d
+from monai.networks.nets import UNet
+
+torch.set_num_threads(2)
+
+
+def tiny_unet(channels=(4, 8, 16), seed: int = 0) -> UNet:
+    """A small 2D U-Net with 2 output classes."""
+    torch.manual_seed(seed)
+    return UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=channels, strides=(2, 2), num_res_units=1)
+
+
+def tiny_batches(n: int = 4, batch_size: int = 4, size: int = 32, seed: int = 0) -> list[dict]:
+    """``n`` batches of ``create_test_image_2d`` images and binary labels, as dicts like MONAI loaders give."""
+    rng = np.random.RandomState(seed)
+    batches = []
+    for _ in range(n):
+        pairs = [create_test_image_2d(size, size, num_objs=3, rad_max=8, noise_max=0.2, random_state=rng)
+                 for _ in range(batch_size)]  # fmt: skip
+        image = torch.as_tensor(np.stack([p[0] for p in pairs]))[:, None].float()
+        label = (torch.as_tensor(np.stack([p[1] for p in pairs]))[:, None] > 0).long()
+        batches.append({"image": image, "label": label})
+    return batches
+
+
+@pytest.fixture
+def batches() -> list[dict]:
+    return tiny_batches()

@@ -1,0 +1,127 @@
+"""DistillationTrainer: frozen teacher, routes that reach only their students, every preset trains."""
+
+import pytest
+import torch
+from conftest import tiny_batches, tiny_unet
+from ignite.engine import Events
+from monai.losses import DiceCELoss
+
+from medkd.engines import DistillationTrainer
+from medkd.handlers import EpochLossTerms
+from medkd.routes import PRESETS, Route
+
+
+def make_trainer(batches, routes="diversified", epochs=1, lr=1e-2, **kwargs) -> DistillationTrainer:
+    students = {"sp": tiny_unet((4, 8, 8), seed=1), "sf": tiny_unet((4, 8, 8), seed=2)}
+    optimizers = {n: torch.optim.Adam(s.parameters(), lr=lr) for n, s in students.items()}
+    kwargs.setdefault("teacher", tiny_unet((8, 16, 32), seed=0))
+    return DistillationTrainer(
+        device="cpu",
+        max_epochs=epochs,
+        train_data_loader=batches,
+        students=students,
+        optimizers=optimizers,
+        loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
+        routes=routes,
+        **kwargs,
+    )
+
+
+def test_teacher_gets_no_gradient_and_does_not_change(batches):
+    trainer = make_trainer(batches)
+    before = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+    trainer.run()
+    assert not trainer.teacher.training
+    assert all(p.grad is None and not p.requires_grad for p in trainer.teacher.parameters())
+    for k, v in trainer.teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    terms = trainer.state.output["losses"]
+    assert set(terms) == {
+        "sp/sup", "sf/sup", "sp/total", "sf/total",
+        "sp/prediction<-teacher", "sf/feature<-teacher",
+        "sp/prediction<-sf", "sf/prediction<-sp", "sp/feature<-sf", "sf/feature<-sp",
+    }  # fmt: skip
+    assert all(torch.isfinite(v) for v in terms.values())
+
+
+def _grads(module):
+    return [p.grad for p in module.parameters()]
+
+
+def test_each_student_gets_gradients_only_from_its_own_routes(batches):
+    """In the diversified preset, the prediction student's loss does not depend on the teacher's features,
+    and no term of one student's loss sends gradient into the other student."""
+    trainer = make_trainer(batches)
+    inputs, targets = batches[0]["image"], batches[0]["label"]
+    teacher_logits = trainer.teacher(inputs)
+    teacher_feats = trainer.extractors["teacher"].pop()
+    teacher_feats = {k: v.detach().clone().requires_grad_(True) for k, v in teacher_feats.items()}
+    teacher_logits = teacher_logits.detach().clone().requires_grad_(True)
+    logits, feats = {"teacher": teacher_logits}, {"teacher": teacher_feats}
+    for name, net in trainer.students.items():
+        logits[name] = net(inputs)
+        feats[name] = trainer.extractors[name].pop()
+    terms = trainer._losses(logits, feats, targets)
+
+    terms["sp/total"].backward(retain_graph=True)
+    assert all(g is None for g in _grads(trainer.students["sf"]))
+    assert all(v.grad is None for v in teacher_feats.values())  # sp does not learn from teacher features
+    assert teacher_logits.grad is None  # sources are detached
+    assert any(g is not None and g.abs().sum() > 0 for g in _grads(trainer.students["sp"]))
+
+    for net in trainer.students.values():
+        net.zero_grad(set_to_none=True)
+    terms["sf/total"].backward()
+    assert all(g is None for g in _grads(trainer.students["sp"]))
+    assert any(g is not None and g.abs().sum() > 0 for g in _grads(trainer.students["sf"]))
+    # the adapter of sf's feature routes is trained with sf's optimizer
+    sf_params = {id(p) for g in trainer.optimizers["sf"].param_groups for p in g["params"]}
+    assert all(id(p) in sf_params for p in trainer.routes.parameters_of("sf"))
+    assert trainer.routes.parameters_of("sf"), "teacher (32 ch) -> sf (8 ch) feature route needs an adapter"
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_trains_and_loss_goes_down(preset):
+    data = tiny_batches(n=4, batch_size=4, size=32, seed=1)
+    trainer = make_trainer(data, routes=preset, epochs=6)
+    EpochLossTerms().attach(trainer)
+    history = []
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: history.append(e.state.metrics["loss/sp/total"]))
+    trainer.run()
+    assert trainer.state.epoch == 6
+    assert history[-1] < history[0] * 0.9, history
+
+
+def test_unknown_layer_and_missing_teacher_are_clear(batches):
+    with pytest.raises(KeyError, match="network 'teacher' has no module named 'nope'"):
+        make_trainer(batches, feature_layers={"teacher": ["nope"]})
+    with pytest.raises(ValueError, match="no teacher network was given"):
+        make_trainer(batches, routes="kd", teacher=None)
+    with pytest.raises(ValueError, match="unknown target 'sx'"):
+        make_trainer(batches, routes=[Route("teacher", "sx", "prediction")])
+
+
+def test_teacher_checkpoint_is_loaded_and_bad_one_named(tmp_path, batches):
+    source = tiny_unet((8, 16, 32), seed=7)
+    path = tmp_path / "teacher.pt"
+    torch.save({"network": source.state_dict()}, path)
+    trainer = make_trainer(batches, routes="kd", teacher_checkpoint=str(path))
+    for k, v in trainer.teacher.state_dict().items():
+        assert torch.equal(v, source.state_dict()[k])
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match=r"teacher\.pt cannot be read"):
+        make_trainer(batches, routes="kd", teacher_checkpoint=str(path))
+    torch.save(tiny_unet((4, 8, 8)).state_dict(), path)
+    with pytest.raises(RuntimeError, match=r"teacher\.pt does not match the teacher"):
+        make_trainer(batches, routes="kd", teacher_checkpoint=str(path))
+
+
+def test_non_finite_loss_is_reported_or_skipped(batches):
+    bad = [dict(b, image=b["image"] * float("nan")) for b in batches]
+    with pytest.raises(FloatingPointError, match=r"epoch 1, iteration 1: .*sp/sup=nan"):
+        make_trainer(bad, routes="student").run()
+    trainer = make_trainer(bad, routes="student", nan_policy="skip")
+    before = [p.clone() for p in trainer.students["sp"].parameters()]
+    with pytest.warns(UserWarning, match="skipping the step"):
+        trainer.run()
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.students["sp"].parameters(), strict=True))

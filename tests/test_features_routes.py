@@ -1,0 +1,87 @@
+"""Feature capture by module name and the route graph: presets, validation and clear errors."""
+
+import pytest
+import torch
+from conftest import tiny_unet
+from monai.networks.nets import DenseNet121
+
+from medkd.features import FeatureExtractor, default_feature_layer
+from medkd.routes import PRESETS, KnowledgeRoutes, Route, parse_routes, preset_routes
+
+
+def test_extractor_captures_named_module_outputs():
+    net = tiny_unet()
+    layer = default_feature_layer(net)
+    assert layer == "model.1.submodule.1.submodule"
+    fx = FeatureExtractor(net, [layer, "model.0"])
+    net(torch.zeros(2, 1, 32, 32))
+    feats = fx.pop()
+    assert feats[layer].shape == (2, 16, 8, 8)
+    assert feats["model.0"].shape == (2, 4, 16, 16)
+    assert fx.features == {}
+    fx.remove()
+    net(torch.zeros(1, 1, 32, 32))
+    assert fx.features == {}
+
+
+def test_extractor_unknown_layer_lists_valid_names():
+    with pytest.raises(KeyError, match=r"no module named 'model\.9'.*Valid names: model, model\.0"):
+        FeatureExtractor(tiny_unet(), ["model.9"], network_name="sp")
+
+
+def test_default_layer_for_classifiers_and_unknown():
+    assert default_feature_layer(DenseNet121(spatial_dims=2, in_channels=1, out_channels=2)) == "features"
+    with pytest.raises(ValueError, match="feature_layers"):
+        default_feature_layer(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_build_the_documented_graphs(preset):
+    routes = preset_routes(preset, ["sp", "sf"], alpha=0.5, beta=2.0)
+    edges = {(r.source, r.target, r.kind) for r in routes}
+    expected = {
+        "student": set(),
+        "kd": {("teacher", "sp", "prediction"), ("teacher", "sf", "prediction")},
+        "fitnets": {("teacher", "sp", "feature"), ("teacher", "sf", "feature")},
+        "dml": {("sp", "sf", "prediction"), ("sf", "sp", "prediction")},
+        "diversified": {
+            ("teacher", "sp", "prediction"),
+            ("teacher", "sf", "feature"),
+            ("sp", "sf", "prediction"),
+            ("sf", "sp", "prediction"),
+            ("sp", "sf", "feature"),
+            ("sf", "sp", "feature"),
+        },
+    }
+    expected["kd_dml"] = expected["kd"] | expected["dml"]
+    assert edges == expected[preset]
+    for r in routes:
+        if r.source == "teacher":
+            assert r.weight == (0.5 if r.kind == "prediction" else 2.0)
+
+
+def test_parse_routes_from_json_dicts_and_errors():
+    routes = parse_routes([{"source": "teacher", "target": "a", "kind": "prediction", "weight": 2}], ["a"])
+    assert routes == [Route("teacher", "a", "prediction", weight=2)]
+    with pytest.raises(ValueError, match="unknown keys"):
+        parse_routes([{"source": "teacher", "target": "a", "kind": "prediction", "wieght": 2}], ["a"])
+    with pytest.raises(ValueError, match="unknown routes preset 'kdd'"):
+        parse_routes("kdd", ["a"])
+    with pytest.raises(ValueError, match="exactly two students"):
+        preset_routes("diversified", ["a", "b", "c"])
+
+
+@pytest.mark.parametrize(
+    "route, message",
+    [
+        (Route("teacher", "sx", "prediction"), "unknown target 'sx'"),
+        (Route("tutor", "sp", "prediction"), "unknown source 'tutor'"),
+        (Route("sp", "teacher", "prediction"), "targets the teacher"),
+        (Route("sp", "sp", "prediction"), "to itself"),
+        (Route("teacher", "sp", "logits"), "kind 'logits'"),
+        (Route("teacher", "sp", "feature"), "needs layers"),
+    ],
+)
+def test_route_endpoint_errors_are_clear(route, message):
+    with pytest.raises(ValueError, match=message):
+        KnowledgeRoutes([route], ["sp", "sf"], feature_layers={})
