@@ -39,13 +39,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
 def load_network_weights(
     network: nn.Module, path: str | os.PathLike, map_location: Any = "cpu", role: str = ""
 ) -> None:
-    """Load a network's weights from ``path``: a state dict, or a dict holding one under ``role`` or one of
-    ``network``/``model``/``state_dict``/``teacher`` (as MONAI's ``CheckpointSaver`` writes)."""
+    """Load a network's weights from ``path``: a state dict (as MONAI's ``CheckpointSaver`` writes for one
+    network, possibly with its ``checkpointer`` state), or a dict holding one under ``role`` or one of
+    ``network``/``model``/``state_dict``/``teacher``."""
     obj = load_checkpoint(path, map_location)
     for key in (role, *_NETWORK_KEYS):
         if key and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
+    obj = {k: v for k, v in obj.items() if k != "checkpointer"}  # ignite's saver state, kept beside the weights
     target = network.module if hasattr(network, "module") else network
     try:
         target.load_state_dict(obj)

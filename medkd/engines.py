@@ -120,7 +120,7 @@ class DistillationTrainer(Trainer):
             raise ValueError(f"'{TEACHER}' is reserved for the teacher; rename that student.")
         if nan_policy not in ("raise", "skip", "ignore"):
             raise ValueError(f"nan_policy must be 'raise', 'skip' or 'ignore', got {nan_policy!r}.")
-        self.students = dict(students)
+        self.students = {name: net.to(self.state.device) for name, net in students.items()}
         self.optimizers = dict(optimizers)
         self.loss_function = loss_function
         self.nan_policy = nan_policy

@@ -7,10 +7,11 @@ from collections import defaultdict
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar as _IgniteProgressBar
+from monai.handlers import CheckpointSaver
 
 from medkd.engines import LOSSES
 
-__all__ = ["loss_terms", "student_totals", "EpochLossTerms", "ProgressBar"]
+__all__ = ["loss_terms", "student_totals", "EpochLossTerms", "ProgressBar", "BestCheckpoints"]
 
 
 def loss_terms(output: dict) -> dict[str, torch.Tensor]:
@@ -60,3 +61,34 @@ class ProgressBar(_IgniteProgressBar):
     def attach(self, engine: Engine) -> None:  # type: ignore[override]
         """Attach to ``engine`` (MONAI calls ``attach(engine)`` on every handler of a workflow)."""
         super().attach(engine, output_transform=student_totals)
+
+
+class BestCheckpoints:
+    """Keep the best checkpoint of each network by its own validation metric (MONAI ``CheckpointSaver``s).
+
+    Attach to the validation evaluator. Network ``name`` is saved as ``{save_dir}/{name}.pt`` holding
+    ``{name: state_dict}`` whenever ``metrics[f"{metric_prefix}_{name}"]`` improves.
+
+    Args:
+        save_dir: checkpoint folder.
+        networks: networks by name.
+        metric_prefix: metric name prefix, e.g. ``"val_mean_dice"`` or ``"val_auc"``.
+    """
+
+    def __init__(self, save_dir: str, networks: dict[str, torch.nn.Module], metric_prefix: str) -> None:
+        self.savers = [
+            CheckpointSaver(
+                save_dir=save_dir,
+                save_dict={name: network},
+                save_key_metric=True,
+                key_metric_name=f"{metric_prefix}_{name}",
+                key_metric_filename=f"{name}.pt",
+                key_metric_save_state=True,
+            )
+            for name, network in networks.items()
+        ]
+
+    def attach(self, engine: Engine) -> None:
+        """Attach one ``CheckpointSaver`` per network."""
+        for saver in self.savers:
+            saver.attach(engine)

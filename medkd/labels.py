@@ -1,0 +1,33 @@
+"""The classes of a task, defined once: read from the datalist's ``labels`` map."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["datalist_class_names"]
+
+
+def datalist_class_names(datalist_file: str) -> list[str]:
+    """Class names, index order, from the ``labels`` map (``{"0": "background", ...}``) of a Decathlon datalist.
+
+    Raises:
+        ValueError: naming the file when it has no usable ``labels`` map.
+    """
+    path = Path(datalist_file)
+    try:
+        labels = json.loads(path.read_text()).get("labels")
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read the datalist {path}: {e}") from e
+    if not isinstance(labels, dict) or not labels:
+        raise ValueError(
+            f'the datalist {path} has no \'labels\' map ({{"0": "background", "1": "organ", ...}}); add one, '
+            "or give the classes on the command line: --num_classes N --class_names \"['background', ...]\"."
+        )
+    try:
+        indices = sorted(int(k) for k in labels)
+    except ValueError as e:
+        raise ValueError(f"the 'labels' map of {path} must have integer keys, got {sorted(labels)}.") from e
+    if indices != list(range(len(indices))):
+        raise ValueError(f"the 'labels' map of {path} must number the classes 0..N-1, got {indices}.")
+    return [str(labels[str(i)]) for i in indices]

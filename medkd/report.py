@@ -1,0 +1,80 @@
+"""The results table of an evaluation: one row per network, one column per metric."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from ignite.engine import Engine, Events
+from torch import nn
+
+__all__ = ["ResultsTable", "markdown_table", "split_metric_name"]
+
+METRIC_PREFIXES = ("val_mean_dice", "val_auc", "val_acc")
+logger = logging.getLogger("medkd.report")
+
+
+def split_metric_name(name: str, prefixes: Sequence[str] = METRIC_PREFIXES) -> tuple[str, str] | None:
+    """``"val_mean_dice_sp"`` -> ``("mean_dice", "sp")``; ``None`` for a name without a known prefix."""
+    for prefix in prefixes:
+        if name.startswith(prefix + "_"):
+            return prefix.removeprefix("val_"), name[len(prefix) + 1 :]
+    return None
+
+
+def markdown_table(rows: Sequence[Mapping[str, object]]) -> str:
+    """A markdown table of dict rows (columns in first-seen order; floats with 4 decimals)."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+
+    def cell(v: object) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+class ResultsTable:
+    """At the end of an evaluation, write ``results.json`` and ``results.md`` and print the table.
+
+    Args:
+        output_dir: folder of the results files.
+        networks: networks by name, to report their parameter counts.
+        extra: constant columns added to every row (e.g. ``{"preset": "diversified"}``).
+    """
+
+    def __init__(
+        self, output_dir: str, networks: Mapping[str, nn.Module] | None = None, extra: Mapping | None = None
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.networks = dict(networks or {})
+        self.extra = dict(extra or {})
+
+    def attach(self, engine: Engine) -> None:
+        """Write the table when ``engine`` completes."""
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def rows(self, metrics: Mapping[str, float]) -> list[dict]:
+        """One row per network found in ``metrics``."""
+        table: dict[str, dict] = {}
+        for name, value in metrics.items():
+            parsed = split_metric_name(name)
+            if parsed is None:
+                continue
+            metric, network = parsed
+            row = table.setdefault(network, {"network": network, **self.extra})
+            row[metric] = float(value)
+        for network, row in table.items():
+            if network in self.networks:
+                row["params"] = sum(p.numel() for p in self.networks[network].parameters())
+        return list(table.values())
+
+    def __call__(self, engine: Engine) -> None:
+        rows = self.rows(engine.state.metrics)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "results.json").write_text(json.dumps(rows, indent=2))
+        table = markdown_table(rows)
+        (self.output_dir / "results.md").write_text(table + "\n")
+        print(f"\nResults ({self.output_dir / 'results.md'}):\n{table}\n", flush=True)
