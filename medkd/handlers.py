@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
+from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar as _IgniteProgressBar
 from monai.handlers import CheckpointSaver
 
+from medkd.checkpoints import load_network_weights
 from medkd.engines import LOSSES
 
-__all__ = ["loss_terms", "student_totals", "EpochLossTerms", "ProgressBar", "BestCheckpoints"]
+__all__ = [
+    "loss_terms",
+    "student_totals",
+    "EpochLossTerms",
+    "ProgressBar",
+    "BestCheckpoints",
+    "LoadNetworks",
+    "skip_empty_batches",
+    "SkippedFilesReport",
+]
 
 
 def loss_terms(output: dict) -> dict[str, torch.Tensor]:
@@ -92,3 +104,48 @@ class BestCheckpoints:
         """Attach one ``CheckpointSaver`` per network."""
         for saver in self.savers:
             saver.attach(engine)
+
+
+class LoadNetworks:
+    """Load ``{load_dir}/{name}.pt`` into each network when the engine starts (see
+    :func:`medkd.checkpoints.load_network_weights`: a missing or mismatched file is named in the error).
+
+    Args:
+        load_dir: checkpoint folder (as written by :class:`BestCheckpoints`).
+        networks: networks by name.
+        map_location: device to load the tensors on.
+    """
+
+    def __init__(self, load_dir: str, networks: dict[str, torch.nn.Module], map_location: str = "cpu") -> None:
+        self.load_dir = load_dir
+        self.networks = networks
+        self.map_location = map_location
+
+    def attach(self, engine: Engine) -> None:
+        """Load the weights at ``Events.STARTED`` of ``engine``."""
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        for name, network in self.networks.items():
+            load_network_weights(network, f"{self.load_dir}/{name}.pt", map_location=self.map_location, role=name)
+
+
+def skip_empty_batches(engine: Engine, batchdata: Any) -> dict:
+    """``iteration_update`` for evaluators fed through :func:`medkd.checks.skip_none_collate`: a batch whose files
+    were all unreadable (``None``) is skipped instead of stopping the run."""
+    return {} if batchdata is None else engine._iteration(engine, batchdata)
+
+
+class SkippedFilesReport:
+    """At the end of a run, log which files a :class:`medkd.checks.SafeDataset` skipped (or that none was)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def attach(self, engine: Engine) -> None:
+        """Report when ``engine`` completes."""
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        level = logging.WARNING if self.dataset.skipped else logging.INFO
+        logging.getLogger("medkd").log(level, "%s (list: %s)", self.dataset.summary(), self.dataset.report_file)

@@ -1,0 +1,31 @@
+"""Command line interface: ``python -m medkd <command> ...`` (also installed as ``medkd``).
+
+Add a sub-command by writing an ``add_<name>_parser(subparsers)`` function that calls
+``parser.set_defaults(handler=fn)`` with ``fn(args) -> int`` and registering it in :func:`build_parser`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from medkd.checks import add_check_data_parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``medkd`` argument parser with all sub-commands."""
+    parser = argparse.ArgumentParser(prog="medkd", description="MONAI-native knowledge distillation toolkit.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_check_data_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the chosen sub-command and return its exit code."""
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

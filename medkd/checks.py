@@ -1,0 +1,402 @@
+"""Input checks run before training, and a dataset wrapper that skips unreadable files during inference.
+
+* :func:`check_datalist` returns every problem of a datalist at once (missing or corrupt files, image/label
+  mismatch, out-of-range labels, classes without samples).
+* :func:`assert_valid_datalist` raises one :class:`~medkd.data.DataError` listing them all; call it from a bundle's
+  ``initialize`` list so a bad dataset stops the run before any DataLoader worker starts.
+* :class:`SafeDataset` + :func:`skip_none_collate` let inference skip a corrupt file, report it and go on.
+* :func:`check_data_command` backs ``python -m medkd check-data``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import Dataset, list_data_collate
+from monai.data.utils import affine_to_spacing
+from monai.utils import ensure_tuple
+
+from medkd.data import DataError, LoadMedicalImage, load_datalist
+
+__all__ = [
+    "Problem",
+    "SafeDataset",
+    "add_check_data_parser",
+    "assert_valid_datalist",
+    "check_before_run",
+    "check_data_command",
+    "check_datalist",
+    "format_problems",
+    "skip_none_collate",
+]
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("segmentation", "classification")
+DATASET = "<datalist>"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem found in a datalist: the file (or entry) concerned and what is wrong with it."""
+
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+def _reason(error: BaseException) -> str:
+    """Most useful one-line message of an exception chain: the first DataError, else the innermost error."""
+    chain = [error]
+    while chain[-1].__cause__ is not None and len(chain) < 20:
+        chain.append(chain[-1].__cause__)
+    best = next((e for e in chain if isinstance(e, DataError)), chain[-1])
+    text = str(best) if isinstance(best, DataError) else f"{type(best).__name__}: {best}"
+    return " ".join(text.split())
+
+
+def _load(loader: LoadMedicalImage, paths: Any, problems: list[Problem]) -> Any:
+    """Load an image, or append a Problem (per missing file, else one for the unreadable image) and return None."""
+    names = [str(p) for p in ensure_tuple(paths)]
+    missing = [p for p in names if not os.path.exists(p)]
+    for p in missing:
+        problems.append(Problem(p, "file not found (check the path; relative paths start at the datalist's folder)"))
+    if missing:
+        return None
+    try:
+        return loader(paths)
+    except DataError as e:
+        cause = e.__cause__
+        reason = f"unreadable or corrupt file ({_reason(cause)})" if cause is not None else str(e)
+        problems.append(Problem(names[0] if len(names) == 1 else str(names), reason))
+        return None
+
+
+def _geometry_problem(image: Any, label: Any, image_path: str) -> str | None:
+    shape_i = tuple(int(s) for s in image.meta["spatial_shape"])
+    shape_l = tuple(int(s) for s in label.meta["spatial_shape"])
+    if shape_i != shape_l:
+        return f"label shape {list(shape_l)} differs from image shape {list(shape_i)} ({image_path})"
+    aff_i, aff_l = np.asarray(image.affine, dtype=float), np.asarray(label.affine, dtype=float)
+    if aff_i.shape != aff_l.shape:
+        return f"label affine is {aff_l.shape[0] - 1}D but image affine is {aff_i.shape[0] - 1}D ({image_path})"
+    sp_i, sp_l = affine_to_spacing(aff_i, r=len(shape_i)), affine_to_spacing(aff_l, r=len(shape_l))
+    if not np.allclose(sp_i, sp_l, rtol=1e-3, atol=1e-3):
+        return (
+            f"label spacing {np.round(sp_l, 4).tolist()} differs from image spacing {np.round(sp_i, 4).tolist()} "
+            f"({image_path}); resample the label onto the image grid (nearest neighbour)"
+        )
+    if not np.allclose(aff_i, aff_l, rtol=1e-3, atol=1e-3):
+        shift = float(np.abs(aff_i - aff_l).max())
+        return (
+            f"label origin/orientation differ from the image ({image_path}; largest affine difference {shift:.4g}); "
+            "the label was probably saved from another image"
+        )
+    return None
+
+
+def _label_values(label: Any) -> np.ndarray:
+    array = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
+    return np.unique(array)
+
+
+def _class_name(index: int, class_names: Sequence[str] | None) -> str:
+    return f"class {index} ('{class_names[index]}')" if class_names and index < len(class_names) else f"class {index}"
+
+
+def check_datalist(
+    items: Sequence[Mapping[str, Any]],
+    num_classes: int | None = None,
+    task: str = "segmentation",
+    class_names: Sequence[str] | None = None,
+    image_key: str = "image",
+    label_key: str = "label",
+    source: str = DATASET,
+) -> list[Problem]:
+    """Check a datalist and return every problem found (an empty list means the data is usable).
+
+    Reports: an empty dataset, entries without image, missing and unreadable files, and when labels are present:
+    segmentation label maps whose shape or geometry (spacing, origin, orientation) differ from their image,
+    label values that are not integers in ``0..num_classes-1`` (voxel values for segmentation, the class index
+    for classification) and classes that never occur in the whole dataset.
+
+    Args:
+        items: datalist entries, e.g. from :func:`medkd.data.load_datalist`.
+        num_classes: number of classes including background; ``None`` skips range and coverage checks
+            (defaults to ``len(class_names)`` when names are given).
+        task: ``"segmentation"`` (label is a path) or ``"classification"`` (label is an int).
+        class_names: optional names used in the messages.
+        image_key, label_key: keys of the entries.
+        source: name of the datalist used for dataset-level problems.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}.")
+    if num_classes is None and class_names:
+        num_classes = len(class_names)
+    problems: list[Problem] = []
+    if class_names and num_classes is not None and len(class_names) != num_classes:
+        problems.append(Problem(source, f"{len(class_names)} class names given for num_classes={num_classes}"))
+    if not items:
+        return [*problems, Problem(source, "the dataset is empty: no entries to check or train on")]
+
+    loader = LoadMedicalImage(image_only=True, dtype=None)
+    seen: set[int] = set()
+    labels_checked = 0
+    has_labels = any(isinstance(it, Mapping) and label_key in it for it in items)
+    for i, item in enumerate(items):
+        where = f"entry {i}"
+        if not isinstance(item, Mapping) or not item.get(image_key):
+            problems.append(Problem(where, f"has no '{image_key}' field ({item!r})"))
+            continue
+        image_path = str(item[image_key])
+        image = _load(loader, item[image_key], problems)
+        if not has_labels:
+            continue
+        if label_key not in item:
+            problems.append(Problem(image_path, f"has no '{label_key}' while other entries do ({where})"))
+            continue
+        label = item[label_key]
+        if task == "classification":
+            if isinstance(label, bool) or not isinstance(label, int | np.integer):
+                problems.append(Problem(image_path, f"label {label!r} is not an integer class index"))
+            elif num_classes is not None and not 0 <= label < num_classes:
+                problems.append(Problem(image_path, f"label {label} outside 0..{num_classes - 1}"))
+            else:
+                seen.add(int(label))
+                labels_checked += 1
+            continue
+        if not isinstance(label, str | os.PathLike | list | tuple):
+            problems.append(
+                Problem(
+                    image_path, f"label {label!r} is not a label-map path; for class indices use --task classification"
+                )
+            )
+            continue
+        label_map = _load(loader, label, problems)
+        if label_map is None:
+            continue
+        label_path = str(label)
+        if image is not None:
+            mismatch = _geometry_problem(image, label_map, image_path)
+            if mismatch:
+                problems.append(Problem(label_path, mismatch))
+        values = _label_values(label_map)
+        labels_checked += 1
+        non_int = values[values != np.round(values)]
+        if non_int.size:
+            problems.append(
+                Problem(
+                    label_path,
+                    f"non-integer label values (e.g. {non_int[:3].tolist()}); a label map holds class indices "
+                    "- was it resampled with linear interpolation?",
+                )
+            )
+            values = np.round(values)
+        if num_classes is not None:
+            bad = values[(values < 0) | (values >= num_classes)]
+            if bad.size:
+                hint = "; 0/255 masks must be divided by 255" if 255 in bad else ""
+                problems.append(
+                    Problem(
+                        label_path, f"label values {bad[:10].astype(int).tolist()} outside 0..{num_classes - 1}{hint}"
+                    )
+                )
+        seen.update(int(v) for v in values if v >= 0)
+
+    if num_classes is not None and labels_checked:
+        where_seen = "has no sample" if task == "classification" else "never appears in any label map"
+        for c in range(num_classes):
+            if c not in seen:
+                problems.append(Problem(source, f"{_class_name(c, class_names)} {where_seen}"))
+    return problems
+
+
+def format_problems(problems: Sequence[Problem], source: str = DATASET, cli_hint: bool = True) -> str:
+    """Human-readable report: a header, one problem per line, and what to do next."""
+    lines = [f"Data check failed: {len(problems)} problem(s) in {source}:"]
+    lines += [f"  - {p}" for p in problems]
+    hint = "Fix or remove these entries and run again"
+    if cli_hint:
+        hint += "; `python -m medkd check-data --datalist PATH` lists the problems without starting a run"
+    lines.append(hint + ".")
+    return "\n".join(lines)
+
+
+def assert_valid_datalist(
+    datalist: Sequence[Mapping[str, Any]] | str | os.PathLike,
+    num_classes: int | None = None,
+    task: str = "segmentation",
+    class_names: Sequence[str] | None = None,
+    key: str = "training",
+    base_dir: str | os.PathLike | None = None,
+    image_key: str = "image",
+    label_key: str = "label",
+) -> list[dict]:
+    """Check a datalist (entries, or a JSON/CSV path read with ``key``/``base_dir``) and return its entries.
+
+    Raises:
+        DataError: listing every problem, one per line, when the data is not usable.
+    """
+    if isinstance(datalist, str | os.PathLike):
+        source = str(datalist)
+        items = load_datalist(datalist, key=key, base_dir=base_dir)
+    else:
+        source, items = DATASET, [dict(item) for item in datalist]
+    problems = check_datalist(items, num_classes, task, class_names, image_key, label_key, source=source)
+    if problems:
+        raise DataError(format_problems(problems, source))
+    return items
+
+
+def check_before_run(
+    datalist_file: str | os.PathLike,
+    keys: Sequence[str] = ("training", "validation"),
+    num_classes: int | None = None,
+    task: str = "segmentation",
+    base_dir: str | os.PathLike | None = None,
+) -> None:
+    """Check the ``keys`` lists of a datalist before a bundle run; on any problem print them all and exit with
+    status 1 (``SystemExit`` passes through MONAI's config parser, so the user sees the report, not a traceback).
+    """
+    errors = []
+    for key in keys:
+        try:
+            assert_valid_datalist(datalist_file, num_classes=num_classes, task=task, key=key, base_dir=base_dir)
+        except DataError as e:
+            errors.append(f"[{key}] {e}")
+    if errors:
+        print("\n".join(errors), file=sys.stderr, flush=True)
+        raise SystemExit(1)
+    logger.info("data check passed for %s (%s)", datalist_file, ", ".join(keys))
+
+
+# ------------------------------------------------------------------------------------------ inference skipping
+
+
+class SafeDataset(Dataset):
+    """:class:`monai.data.Dataset` whose items are ``None`` when loading or transforming them fails.
+
+    Each failure is logged with the file path and appended to ``report_file`` (a tab-separated file shared
+    by DataLoader workers), so :attr:`skipped` and :meth:`summary` work with any ``num_workers``.
+    Use with :func:`skip_none_collate`, and skip a batch that collates to ``None`` (all its items failed).
+    """
+
+    def __init__(
+        self,
+        data: Sequence,
+        transform: Callable | None = None,
+        image_key: str = "image",
+        report_file: str | os.PathLike | None = None,
+    ) -> None:
+        super().__init__(data, transform)
+        self.image_key = image_key
+        if report_file is None:
+            fd, report_file = tempfile.mkstemp(prefix="medkd_skipped_", suffix=".tsv")
+            os.close(fd)
+        else:
+            Path(report_file).parent.mkdir(parents=True, exist_ok=True)
+            Path(report_file).write_text("")
+        self.report_file = str(report_file)
+
+    def _path(self, index: int) -> str:
+        item = self.data[index]
+        if isinstance(item, Mapping) and self.image_key in item:
+            return str(item[self.image_key])
+        return str(item) if isinstance(item, str | os.PathLike) else f"item {index}"
+
+    def _transform(self, index: int) -> Any:
+        try:
+            return super()._transform(index)
+        except Exception as e:  # noqa: BLE001 - any failure of one item must not stop the run
+            path, reason = self._path(index), _reason(e)
+            logger.warning("Skipping %s: %s", path, reason)
+            with open(self.report_file, "a") as f:
+                f.write(f"{path}\t{reason}\n")
+            return None
+
+    @property
+    def skipped(self) -> list[Problem]:
+        """Items skipped so far (in any worker), each path once."""
+        found: dict[str, Problem] = {}
+        with open(self.report_file) as f:
+            for line in f:
+                path, _, reason = line.rstrip("\n").partition("\t")
+                found.setdefault(path, Problem(path, reason))
+        return list(found.values())
+
+    def summary(self) -> str:
+        """One line when nothing was skipped, else the number and list of skipped files."""
+        skipped = self.skipped
+        if not skipped:
+            return f"All {len(self)} item(s) loaded; none skipped."
+        return "\n".join([f"Skipped {len(skipped)} of {len(self)} item(s):", *[f"  - {p}" for p in skipped]])
+
+
+def skip_none_collate(batch: Sequence[Any]) -> Any:
+    """``list_data_collate`` without the ``None`` items of :class:`SafeDataset`; ``None`` when none is left."""
+    kept = [item for item in batch if item is not None]
+    return list_data_collate(kept) if kept else None
+
+
+# --------------------------------------------------------------------------------------------------------- CLI
+
+
+def add_check_data_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``check-data`` sub-command on an ``argparse`` sub-parsers object."""
+    p = subparsers.add_parser(
+        "check-data",
+        help="check a datalist before training",
+        description="Check every file of a datalist and print all problems (exit code 1 when any).",
+    )
+    p.add_argument("--datalist", required=True, help="Decathlon-style .json or .csv (image,label) datalist")
+    p.add_argument("--key", default="training", help="list to check in a JSON datalist (default: training)")
+    p.add_argument("--num-classes", type=int, default=None, help="number of classes including background")
+    p.add_argument("--task", choices=TASKS, default="segmentation")
+    p.add_argument("--class-names", default=None, help="comma-separated class names, e.g. background,liver,tumour")
+    p.add_argument("--base-dir", default=None, help="folder relative paths start from (default: the datalist's)")
+    p.set_defaults(handler=check_data_command)
+    return p
+
+
+def _decathlon_class_names(path: str) -> list[str] | None:
+    """Class names from a Decathlon JSON ``"labels": {"0": "background", ...}``, if present."""
+    if not path.lower().endswith(".json"):
+        return None
+    try:
+        labels = json.loads(Path(path).read_text()).get("labels")
+        return [str(labels[str(i)]) for i in range(len(labels))] if isinstance(labels, dict) else None
+    except (ValueError, KeyError, AttributeError, TypeError):
+        return None
+
+
+def check_data_command(args: argparse.Namespace) -> int:
+    """Run ``check-data``: print every problem and return 1, or print ``OK: N items checked`` and return 0."""
+    try:
+        items = load_datalist(args.datalist, key=args.key, base_dir=args.base_dir)
+    except DataError as e:
+        print(f"ERROR: {e}")
+        return 1
+    names = args.class_names.split(",") if args.class_names else None
+    if names is None and args.task == "segmentation":
+        names = _decathlon_class_names(args.datalist)
+        if names is not None and args.num_classes is not None and len(names) != args.num_classes:
+            names = None
+    problems = check_datalist(items, args.num_classes, args.task, names, source=args.datalist)
+    if problems:
+        print(format_problems(problems, args.datalist, cli_hint=False))
+        return 1
+    print(f"OK: {len(items)} items checked")
+    return 0

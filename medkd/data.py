@@ -1,0 +1,497 @@
+"""Data layer: datalists and robust image loading built on MONAI readers.
+
+* :func:`load_datalist` reads a Decathlon-style JSON or an ``image,label`` CSV.
+* :class:`LoadMedicalImage` / :class:`LoadMedicalImaged` wrap :class:`monai.transforms.LoadImage` and pick the
+  reader from the path: NIfTI (``NibabelReader``), DICOM files and series folders (:class:`DicomReader`),
+  PNG/JPEG/BMP (``PILReader``) and ``.npy``/``.npz`` (``NumpyReader``).
+* Every failure is raised as :class:`DataError`, whose message names the file, the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import warnings
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from monai.config import KeysCollection
+from monai.data import NibabelReader, NumpyReader, PILReader, PydicomReader, load_decathlon_datalist
+from monai.data.image_reader import ImageReader
+from monai.transforms import LoadImage, MapTransform, Transform
+from monai.utils import MetaKeys, ensure_tuple
+
+__all__ = [
+    "DataError",
+    "DicomReader",
+    "LoadMedicalImage",
+    "LoadMedicalImaged",
+    "image_loader",
+    "load_datalist",
+    "reader_for",
+    "reader_kind",
+]
+
+PathLike = str | os.PathLike
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+NUMPY_SUFFIXES = (".npy", ".npz")
+SUPPORTED = (
+    "NIfTI (.nii, .nii.gz), DICOM (.dcm/.dicom/.ima, extension-less files, or a folder with one series), "
+    "PNG/JPEG/BMP, NumPy (.npy/.npz)"
+)
+
+
+class DataError(ValueError):
+    """Invalid or unreadable input data; the message says which file, what is wrong and what to do."""
+
+
+# --------------------------------------------------------------------------------------------------- datalists
+
+
+def load_datalist(path: PathLike, key: str = "training", base_dir: PathLike | None = None) -> list[dict]:
+    """Load a datalist as a list of ``{"image": ..., "label": ...}`` dicts with absolute paths.
+
+    Args:
+        path: a Decathlon-style ``.json`` file (``{"training": [{"image": .., "label": ..}, ..]}``) or a ``.csv``
+            file with an ``image`` column and an optional ``label`` column. A CSV label is an integer class index
+            (classification) or a path (segmentation); other columns are kept as strings.
+        key: list to read from a JSON datalist (``training``, ``validation``, ``test``, ...); ignored for CSV.
+        base_dir: folder relative paths are resolved against; defaults to the datalist's folder.
+
+    Raises:
+        DataError: the file is missing or malformed (bad JSON, missing key or columns, entries without image).
+    """
+    path = Path(path).expanduser().absolute()
+    if not path.is_file():
+        raise DataError(f"Datalist '{path}' does not exist. Pass the path of a .json or .csv datalist.")
+    if path.suffix.lower() == ".csv":
+        return _load_csv(path, base_dir)
+    return _load_json(path, key, base_dir)
+
+
+def _load_json(path: Path, key: str, base_dir: PathLike | None) -> list[dict]:
+    try:
+        content = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(
+            f"Datalist '{path}' is not valid JSON ({e}). Fix the syntax, e.g. with `python -m json.tool`."
+        ) from e
+    if not isinstance(content, dict):
+        raise DataError(
+            f'Datalist \'{path}\' must be a JSON object like {{"{key}": [{{"image": ..., "label": ...}}]}}, '
+            f"got a {type(content).__name__}."
+        )
+    if key not in content:
+        lists = [k for k, v in content.items() if isinstance(v, list)]
+        raise DataError(
+            f"Datalist '{path}' has no '{key}' list (lists found: {lists or 'none'}). Use one of those keys."
+        )
+    entries = content[key]
+    if not isinstance(entries, list):
+        raise DataError(f"Datalist '{path}': '{key}' must be a list of entries, got a {type(entries).__name__}.")
+    for i, entry in enumerate(entries):
+        if isinstance(entry, dict) and "image" not in entry:
+            raise DataError(f"Datalist '{path}': entry {i} of '{key}' has no 'image' field ({entry}). Add it.")
+        if not isinstance(entry, dict | str):
+            raise DataError(f"Datalist '{path}': entry {i} of '{key}' must be an object or a path, got {entry!r}.")
+    if not entries:
+        return []
+    if all(isinstance(e, str) for e in entries):  # Decathlon "test" lists hold bare paths
+        base = Path(base_dir).expanduser() if base_dir is not None else path.parent
+        return [{"image": _resolve(base, e)} for e in entries]
+    if any(isinstance(e, str) for e in entries):
+        raise DataError(f"Datalist '{path}': '{key}' mixes bare paths and objects. Use {{\"image\": ...}} everywhere.")
+    items = load_decathlon_datalist(path, is_segmentation=True, data_list_key=key, base_dir=base_dir)
+    return [dict(item) for item in items]
+
+
+def _load_csv(path: Path, base_dir: PathLike | None) -> list[dict]:
+    base = Path(base_dir).expanduser() if base_dir is not None else path.parent
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            columns = [c.strip() for c in reader.fieldnames or []]
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise DataError(f"Datalist '{path}' is not a readable CSV file ({e}).") from e
+    if "image" not in columns:
+        raise DataError(
+            f"Datalist '{path}' has no 'image' column (columns found: {columns}). "
+            "The first line must be a header such as 'image,label'."
+        )
+    items = []
+    for line, row in enumerate(rows, start=2):
+        row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+        if not row.get("image"):
+            raise DataError(f"Datalist '{path}', line {line}: the 'image' cell is empty. Fill it or delete the row.")
+        item: dict[str, Any] = dict(row)
+        item["image"] = _resolve(base, row["image"])
+        if "label" in columns:
+            label = row.get("label", "")
+            if not label:
+                raise DataError(
+                    f"Datalist '{path}', line {line}: the 'label' cell is empty. Fill it or delete the row."
+                )
+            item["label"] = int(label) if _is_int(label) else _resolve(base, label)
+        items.append(item)
+    return items
+
+
+def _is_int(text: str) -> bool:
+    return text.lstrip("+-").isdigit()
+
+
+def _resolve(base: Path, value: str) -> str:
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else base / p)
+
+
+# ----------------------------------------------------------------------------------------------------- DICOM
+
+
+def _normal(iop: Sequence[float]) -> np.ndarray:
+    row, col = np.asarray(iop[:3], dtype=float), np.asarray(iop[3:6], dtype=float)
+    return np.cross(row, col)
+
+
+def _functional_group(ds: Any, frame: int, sequence: str, attr: str) -> Any:
+    """Read ``attr`` of an enhanced multi-frame functional group, per-frame first then shared; None if absent."""
+    for groups, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        try:
+            value = getattr(getattr(ds, groups)[index], sequence)[0].get(attr)
+        except (AttributeError, IndexError):
+            continue
+        if value is not None:
+            return value
+    return None
+
+
+class DicomReader(PydicomReader):
+    """:class:`monai.data.PydicomReader` hardened for real-world files.
+
+    Differences with the MONAI reader (pydicom does the decoding in both):
+
+    * files without the 128-byte preamble or without file meta are read (``force=True`` by default, and the
+      transfer syntax pydicom detected is recorded so the pixels can be decoded);
+    * a folder is one series: non-DICOM files are ignored, slices are sorted by their position along the slice
+      normal (MONAI sorts by ``InstanceNumber``) and the slice spacing comes from ``ImagePositionPatient``; a
+      folder holding several series raises :class:`DataError`;
+    * multi-frame files are returned as ``(columns, rows, frames)`` (MONAI puts frames on the 2nd axis) with the
+      frame spacing taken from ``GridFrameOffsetVector`` (RT dose) or the enhanced functional groups.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("force", True)
+        super().__init__(**kwargs)
+
+    def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
+        return all(reader_kind(f, check_exists=False) == "dicom" for f in ensure_tuple(filename))
+
+    def read(self, data: Sequence[PathLike] | PathLike, **kwargs: Any):
+        names = ensure_tuple(data)
+        if len(names) == 1 and Path(names[0]).is_dir():
+            return self._read_series_folder(Path(names[0]), **kwargs)
+        if any(Path(n).is_dir() for n in names):
+            raise DataError(f"Several DICOM folders given as one image ({names}); list one series folder per key.")
+        result = super().read(data, **kwargs)
+        for ds in result if isinstance(result, list) else [result]:
+            _ensure_transfer_syntax(ds)
+        return result
+
+    def _read_series_folder(self, folder: Path, **kwargs: Any):
+        import pydicom
+
+        options = {**self.kwargs, **kwargs}
+        datasets, files = [], []
+        for f in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+            if not _sniff_dicom(f):
+                continue
+            try:
+                ds = pydicom.dcmread(f, **options)
+            except Exception as e:  # corrupt slice: name it rather than silently building a volume with a hole
+                raise DataError(f"DICOM slice '{f}' in series folder '{folder}' cannot be read ({e}).") from e
+            if "PixelData" in ds:  # skips DICOMDIR, structured reports, ...
+                datasets.append(_ensure_transfer_syntax(ds))
+                files.append(str(f))
+        if not datasets:
+            raise DataError(
+                f"DICOM folder '{folder}' contains no DICOM image slices. Point the datalist at a folder holding "
+                "the .dcm files of one series."
+            )
+        series = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
+        if len(series) > 1:
+            raise DataError(
+                f"DICOM folder '{folder}' mixes {len(series)} series (SeriesInstanceUID). Move each series into its "
+                "own folder and list the folders separately."
+            )
+        self.filenames = [files] if len(files) > 1 else files
+        self.has_series = len(datasets) > 1
+        return datasets if len(datasets) > 1 else datasets[0]
+
+    def _combine_dicom_series(self, data: Sequence, filenames: Sequence[PathLike]):
+        slices, names = list(data), [str(f) for f in filenames]
+        iop = slices[0].get("ImageOrientationPatient")
+        if all("ImagePositionPatient" in s for s in slices) and iop is not None:
+            normal = _normal(iop)
+            pos = np.array([float(np.dot(normal, np.asarray(s.ImagePositionPatient, dtype=float))) for s in slices])
+        else:
+            warnings.warn(
+                f"DICOM series '{os.path.dirname(names[0])}' lacks ImagePositionPatient/ImageOrientationPatient; "
+                "slices are ordered by InstanceNumber and the slice spacing is unknown.",
+                stacklevel=2,
+            )
+            pos = np.array([float(s.get("InstanceNumber", i) or i) for i, s in enumerate(slices)])
+        order = np.argsort(pos, kind="stable")
+        steps = np.diff(pos[order])
+        if np.any(np.isclose(steps, 0.0)):
+            dup = [names[order[i]] for i in np.flatnonzero(np.isclose(steps, 0.0))[:3]]
+            raise DataError(
+                f"DICOM series in '{os.path.dirname(names[0])}' has several slices at the same position (e.g. {dup}): "
+                "it probably mixes acquisitions or echoes. Keep one slice per position in the folder."
+            )
+        if steps.size and not np.allclose(steps, steps[0], rtol=0.05, atol=1e-3):
+            warnings.warn(
+                f"DICOM series '{os.path.dirname(names[0])}' has uneven slice spacing {np.unique(steps.round(3))}; "
+                "missing slices? The mean spacing is used.",
+                stacklevel=2,
+            )
+        arrays = [self._get_array_data(slices[i], names[i]) for i in order]
+        shapes = {a.shape for a in arrays}
+        if len(shapes) > 1:
+            raise DataError(
+                f"DICOM series in '{os.path.dirname(names[0])}' has slices of different sizes {sorted(shapes)}. "
+                "Keep only the slices of one series in the folder."
+            )
+        first, last = slices[order[0]], slices[order[-1]]
+        meta = self._get_meta_dict(first)
+        meta["spacing"] = np.asarray([*(first.get("PixelSpacing") or [1.0, 1.0])][:2], dtype=float)
+        if "ImagePositionPatient" in last and "00200032" in meta:
+            meta["lastImagePositionPatient"] = np.asarray(last.ImagePositionPatient, dtype=float)
+        meta[MetaKeys.SPATIAL_SHAPE] = arrays[0].shape + (len(arrays),)
+        return np.stack(arrays, axis=-1), meta
+
+    @staticmethod
+    def _num_frames(img: Any) -> int:
+        try:
+            return int(img.get("NumberOfFrames", 1) or 1)
+        except (TypeError, ValueError):
+            return 1
+
+    def _get_array_data(self, img, filename):
+        data = super()._get_array_data(img, filename)
+        if self._num_frames(img) > 1 and "SegmentSequence" not in img:
+            data = np.moveaxis(data, 0, 2)  # (frames, rows, cols[, samples]) -> (rows, cols, frames[, samples])
+        return data
+
+    def _get_meta_dict(self, img) -> dict:
+        meta = super()._get_meta_dict(img)
+        frames = self._num_frames(img)
+        if frames <= 1 or "SegmentSequence" in img or int(img.get("SamplesPerPixel", 1)) != 1:
+            return meta
+        # enhanced multi-frame: geometry lives in the functional groups
+        for tag, vr, seq, attr, frame in (
+            ("00200037", "DS", "PlaneOrientationSequence", "ImageOrientationPatient", 0),
+            ("00200032", "DS", "PlanePositionSequence", "ImagePositionPatient", 0),
+            ("00280030", "DS", "PixelMeasuresSequence", "PixelSpacing", 0),
+        ):
+            value = _functional_group(img, frame, seq, attr)
+            if tag not in meta and value is not None:
+                meta[tag] = {"vr": vr, "Value": [float(v) for v in value]}
+        if "00200032" not in meta or "00200037" not in meta:
+            return meta
+        first = np.asarray(meta["00200032"]["Value"], dtype=float)
+        last_pos = _functional_group(img, frames - 1, "PlanePositionSequence", "ImagePositionPatient")
+        offsets = img.get("GridFrameOffsetVector")
+        if last_pos is not None and "PerFrameFunctionalGroupsSequence" in img:
+            meta["lastImagePositionPatient"] = np.asarray(last_pos, dtype=float)
+        elif offsets is not None and len(offsets) == frames:
+            step = float(offsets[-1]) - float(offsets[0])
+            meta["lastImagePositionPatient"] = first + _normal(meta["00200037"]["Value"]) * step
+        else:
+            thickness = float(img.get("SpacingBetweenSlices") or img.get("SliceThickness") or 1.0)
+            meta["lastImagePositionPatient"] = first + _normal(meta["00200037"]["Value"]) * thickness * (frames - 1)
+        return meta
+
+
+def _ensure_transfer_syntax(ds: Any) -> Any:
+    """Give a dataset read without file meta (no preamble, raw dataset) the transfer syntax pydicom detected, so
+    that ``pixel_array`` can decode it; MONAI's reader fails on such files."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return ds
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit is None:
+        return ds
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    meta.TransferSyntaxUID = (
+        ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    )
+    return ds
+
+
+def _sniff_dicom(path: Path) -> bool:
+    """True when ``path`` looks like DICOM: 'DICM' at byte 128, or a preamble-less file starting with a group
+    0002/0008 tag (little or big endian)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return head[128:132] == b"DICM" or head[:2] in (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
+
+
+# ----------------------------------------------------------------------------------------------- image loading
+
+
+def reader_kind(path: PathLike, check_exists: bool = True) -> str:
+    """Return ``"nifti"``, ``"dicom"``, ``"pil"`` or ``"numpy"`` for ``path`` (a file or a DICOM series folder).
+
+    Raises:
+        DataError: the path does not exist (when ``check_exists``) or its format is not supported.
+    """
+    p = Path(path).expanduser()
+    name = p.name.lower()
+    if check_exists and not p.exists():
+        raise DataError(
+            f"Image file '{p}' not found. Check the path in the datalist (relative paths are resolved against the "
+            "datalist's folder or the base_dir you pass)."
+        )
+    if p.is_dir():
+        return "dicom"
+    if name.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    if name.endswith(PIL_SUFFIXES):
+        return "pil"
+    if name.endswith(NUMPY_SUFFIXES):
+        return "numpy"
+    if name.endswith(DICOM_SUFFIXES) or not p.exists() or _sniff_dicom(p):
+        return "dicom"
+    raise DataError(
+        f"Image file '{p}' has an unsupported format. Supported: {SUPPORTED}. Convert it, e.g. "
+        f"`SimpleITK.WriteImage(SimpleITK.ReadImage(path), 'image.nii.gz')`."
+    )
+
+
+_READERS: dict[str, type[ImageReader]] = {
+    "nifti": NibabelReader,
+    "dicom": DicomReader,
+    "pil": PILReader,
+    "numpy": NumpyReader,
+}
+
+
+def reader_for(path: PathLike, **kwargs: Any) -> ImageReader:
+    """A new MONAI :class:`~monai.data.ImageReader` suited to ``path``; ``kwargs`` go to its constructor."""
+    return _READERS[reader_kind(path)](**kwargs)
+
+
+def _new_load_image(**kwargs: Any) -> LoadImage:
+    """``LoadImage`` instantiates every MONAI reader, including the GPU DICOM codec reader that logs and warns
+    on machines without nvImageCodec; keep that notice out of the output."""
+    log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+            return LoadImage(**kwargs)
+    finally:
+        log.setLevel(level)
+
+
+class LoadMedicalImage(Transform):
+    """:class:`monai.transforms.LoadImage` that picks the reader from the path and raises :class:`DataError`.
+
+    Args:
+        image_only: return only the :class:`~monai.data.MetaTensor` (its ``.meta`` holds affine, spacing, filename);
+            otherwise return ``(image, meta)`` like ``LoadImage``.
+        ensure_channel_first: add/move the channel dimension first (``EnsureChannelFirst``).
+        dtype: output dtype (``None`` keeps the stored one).
+        reader_kwargs: constructor arguments per reader kind, e.g. ``{"dicom": {"affine_lps_to_ras": False}}``.
+    """
+
+    def __init__(
+        self,
+        image_only: bool = True,
+        ensure_channel_first: bool = False,
+        dtype: Any = np.float32,
+        reader_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        self.loader = _new_load_image(image_only=image_only, ensure_channel_first=ensure_channel_first, dtype=dtype)
+        self.reader_kwargs = {k: dict(v) for k, v in (reader_kwargs or {}).items()}
+        self._readers: dict[str, ImageReader] = {}
+
+    def __call__(self, filename: PathLike | Sequence[PathLike]):
+        names = ensure_tuple(filename)
+        if not names:
+            raise DataError("Empty image path in the datalist entry. Give each entry an image path.")
+        kinds = set()
+        for name in names:
+            kinds.add(reader_kind(name))
+            if Path(name).is_file() and os.path.getsize(name) == 0:
+                raise DataError(f"Image file '{name}' is empty (0 bytes); the copy or export failed. Re-export it.")
+        if len(kinds) > 1:
+            raise DataError(f"Images {names} are listed as one multi-channel input but have different formats.")
+        kind = kinds.pop()
+        if kind not in self._readers:
+            self._readers[kind] = _READERS[kind](**self.reader_kwargs.get(kind, {}))
+        shown = names[0] if len(names) == 1 else list(names)
+        try:
+            return self.loader(filename, reader=self._readers[kind])
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(
+                f"Image file '{shown}' cannot be read as {kind.upper()}: {type(e).__name__}: {e}. The file is "
+                "probably corrupt or truncated; re-export it or remove it from the datalist."
+            ) from e
+
+
+class LoadMedicalImaged(MapTransform):
+    """Dictionary version of :class:`LoadMedicalImage` (a drop-in for :class:`monai.transforms.LoadImaged`).
+
+    With ``image_only=False`` the metadata is also stored under ``"{key}_{meta_key_postfix}"``.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        image_only: bool = True,
+        ensure_channel_first: bool = False,
+        dtype: Any = np.float32,
+        reader_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+        meta_key_postfix: str = "meta_dict",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.image_only = image_only
+        self.meta_key_postfix = meta_key_postfix
+        self.loader = LoadMedicalImage(image_only, ensure_channel_first, dtype, reader_kwargs)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if self.image_only:
+                d[key] = self.loader(d[key])
+            else:
+                d[key], d[f"{key}_{self.meta_key_postfix}"] = self.loader(d[key])
+        return d
+
+
+def image_loader(keys: KeysCollection, ensure_channel_first: bool = True, **kwargs: Any) -> LoadMedicalImaged:
+    """Recommended loader for bundles: ``LoadMedicalImaged(keys, ensure_channel_first=True, **kwargs)``.
+
+    In a bundle config: ``"$medkd.data.image_loader(['image', 'label'])"``.
+    """
+    return LoadMedicalImaged(keys, ensure_channel_first=ensure_channel_first, **kwargs)

@@ -1,0 +1,87 @@
+"""The segmentation bundles: metadata, network shapes and every stage on tiny generated data."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from bundle_utils import BUNDLES, SCHEMA, STAGES, run_stage
+from monai.bundle import verify_metadata, verify_net_in_out
+
+SEGMENTATION = ["segmentation_2d", "segmentation_3d"]
+
+
+@pytest.mark.parametrize("bundle", SEGMENTATION)
+def test_metadata_is_valid(bundle):
+    verify_metadata(meta_file=str(BUNDLES / bundle / "configs" / "metadata.json"), filepath=str(SCHEMA))
+    meta = json.loads((BUNDLES / bundle / "configs" / "metadata.json").read_text())
+    assert meta["version"] in meta["changelog"]
+    for f in ("LICENSE", "docs/README.md", "configs/logging.conf"):
+        assert (BUNDLES / bundle / f).is_file(), f
+
+
+@pytest.mark.parametrize("bundle", SEGMENTATION)
+@pytest.mark.parametrize("net_id", ["teacher_def", "student_def"])
+def test_networks_match_metadata(bundle, net_id):
+    verify_net_in_out(
+        net_id=net_id,
+        meta_file=str(BUNDLES / bundle / "configs" / "metadata.json"),
+        config_file=[str(p) for p in STAGES[bundle]["train"]],
+        device="cpu",
+        n=1,
+        num_classes=3,
+    )
+
+
+@pytest.mark.parametrize("bundle", SEGMENTATION)
+def test_all_stages_run_end_to_end(bundle, tmp_path):
+    run_stage(bundle, "train_teacher", tmp_path)
+    assert (tmp_path / "models" / "teacher.pt").is_file()
+    trainer = run_stage(bundle, "train", tmp_path).parser.get_parsed_content("train#trainer")
+    assert trainer.state.epoch == 1 and trainer.state.iteration == len(trainer.data_loader) >= 1
+    assert {"sp/prediction<-teacher", "sf/feature<-teacher", "sp/feature<-sf"} <= set(trainer.state.output["losses"])
+    for name in ("sp", "sf"):
+        assert (tmp_path / "models" / f"{name}.pt").is_file()
+
+    run_stage(bundle, "evaluate", tmp_path)
+    rows = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert [r["network"] for r in rows] == ["teacher", "sp", "sf"]
+    assert all(0.0 <= r["mean_dice"] <= 1.0 and r["params"] > 0 for r in rows)
+    assert rows[0]["params"] > rows[1]["params"]
+    datalist = json.loads((tmp_path / "data" / "dataset.json").read_text())
+    per_case = (tmp_path / "eval" / "val_mean_dice_sp_raw.csv").read_text().splitlines()
+    assert per_case[0].startswith("filename") and len(per_case) == 1 + len(datalist["test"])
+
+    run_stage(bundle, "inference", tmp_path)
+    for case in datalist["test"]:
+        image = nib.load(tmp_path / "data" / case["image"])
+        name = case["image"].split("/")[-1].replace(".nii.gz", "_seg.nii.gz")
+        seg = nib.load(tmp_path / "eval" / "segmentations" / name)
+        assert seg.shape == image.shape
+        np.testing.assert_allclose(seg.affine, image.affine, atol=1e-5)
+        assert set(np.unique(seg.get_fdata())) <= {0.0, 1.0, 2.0}
+
+
+def test_routes_preset_and_classes_from_command_line(tmp_path):
+    workflow = run_stage("segmentation_2d", "train_teacher", tmp_path)
+    assert workflow.parser.get_parsed_content("num_classes") == 3  # from the datalist's labels map
+    trainer = run_stage(
+        "segmentation_2d", "train", tmp_path, routes_preset="kd"
+    ).parser.get_parsed_content("train#trainer")
+    assert set(trainer.state.output["losses"]) == {
+        "sp/sup", "sf/sup", "sp/total", "sf/total", "sp/prediction<-teacher", "sf/prediction<-teacher"
+    }  # fmt: skip
+
+
+def test_inference_skips_a_corrupt_file_and_says_so(tmp_path):
+    run_stage("segmentation_2d", "train_teacher", tmp_path)
+    run_stage("segmentation_2d", "train", tmp_path)
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "a_good.nii.gz").write_bytes((tmp_path / "data" / "images" / "test_000.nii.gz").read_bytes())
+    (new / "b_corrupt.nii.gz").write_bytes(b"\x1f\x8b this is not a NIfTI file")
+    run_stage("segmentation_2d", "inference", tmp_path, input_dir=str(new), output_dir=str(tmp_path / "out"))
+    assert (tmp_path / "out" / "a_good_seg.nii.gz").is_file()
+    assert not (tmp_path / "out" / "b_corrupt_seg.nii.gz").exists()
+    skipped = (tmp_path / "out" / "skipped.tsv").read_text().splitlines()
+    assert len(skipped) == 1 and skipped[0].startswith(str(new / "b_corrupt.nii.gz"))

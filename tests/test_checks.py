@@ -1,0 +1,223 @@
+"""Tests for medkd.checks: datalist checks, the check-data CLI and skipping corrupt files at inference."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monai.data import DataLoader
+
+from medkd.__main__ import main
+from medkd.checks import (
+    Problem,
+    SafeDataset,
+    assert_valid_datalist,
+    check_datalist,
+    skip_none_collate,
+)
+from medkd.data import DataError, LoadMedicalImaged
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def nifti(path: Path, array: np.ndarray, spacing=(1.0, 1.0), origin=(0.0, 0.0)) -> str:
+    affine = np.eye(4)
+    affine[[0, 1], [0, 1]] = spacing
+    affine[:2, 3] = origin
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+    return str(path)
+
+
+def label_map(values=(0, 1, 2), shape=(8, 8)) -> np.ndarray:
+    label = np.zeros(shape, np.uint8)
+    for i, v in enumerate(values):
+        label[i, :] = v
+    return label
+
+
+@pytest.fixture
+def seg_items(tmp_path) -> list[dict]:
+    """Three valid 2D image/label pairs with classes 0, 1, 2."""
+    items = []
+    for i in range(3):
+        image = nifti(tmp_path / f"img{i}.nii.gz", np.random.rand(8, 8).astype(np.float32))
+        items.append({"image": image, "label": nifti(tmp_path / f"lbl{i}.nii.gz", label_map())})
+    return items
+
+
+def write_datalist(tmp_path: Path, items: list[dict], **extra) -> Path:
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"training": items, **extra}))
+    return path
+
+
+def test_valid_segmentation_datalist(seg_items):
+    assert check_datalist(seg_items, num_classes=3) == []
+    assert assert_valid_datalist(seg_items, num_classes=3) == seg_items
+
+
+def test_problem_str():
+    assert str(Problem("/data/a.nii.gz", "file not found")) == "/data/a.nii.gz: file not found"
+
+
+def test_empty_dataset():
+    assert check_datalist([], num_classes=2) == [
+        Problem("<datalist>", "the dataset is empty: no entries to check or train on")
+    ]
+
+
+def test_every_segmentation_problem_is_reported(tmp_path, seg_items):
+    img = np.random.rand(8, 8).astype(np.float32)
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(Path(seg_items[0]["image"]).read_bytes()[:-40])
+    cases = {
+        "missing": {"image": str(tmp_path / "missing.nii.gz"), "label": seg_items[0]["label"]},
+        "corrupt": {"image": str(corrupt), "label": seg_items[0]["label"]},
+        "shape": {"image": seg_items[0]["image"], "label": nifti(tmp_path / "shape.nii.gz", label_map(shape=(8, 9)))},
+        "spacing": {"image": seg_items[0]["image"], "label": nifti(tmp_path / "sp.nii.gz", label_map(), (2.0, 1.0))},
+        "origin": {"image": seg_items[0]["image"], "label": nifti(tmp_path / "or.nii.gz", label_map(), origin=(5, 0))},
+        "range": {
+            "image": nifti(tmp_path / "i.nii.gz", img),
+            "label": nifti(tmp_path / "r.nii.gz", label_map((0, 255))),
+        },
+        "float": {"image": seg_items[0]["image"], "label": nifti(tmp_path / "f.nii.gz", label_map().astype(float) / 2)},
+    }
+    problems = check_datalist([seg_items[1], *cases.values()], num_classes=4, class_names=["bg", "a", "b", "c"])
+    text = [str(p) for p in problems]
+    expected = [
+        (cases["missing"]["image"], "file not found"),
+        (str(corrupt), "unreadable or corrupt file"),
+        (cases["shape"]["label"], "label shape [8, 9] differs from image shape [8, 8]"),
+        (cases["spacing"]["label"], "label spacing [2.0, 1.0] differs from image spacing [1.0, 1.0]"),
+        (cases["origin"]["label"], "label origin/orientation differ from the image"),
+        (cases["range"]["label"], "label values [255] outside 0..3; 0/255 masks must be divided by 255"),
+        (cases["float"]["label"], "non-integer label values (e.g. [0.5])"),
+        ("<datalist>", "class 3 ('c') never appears in any label map"),
+    ]
+    for path, reason in expected:
+        assert any(t.startswith(f"{path}: ") and reason in t for t in text), (path, reason, text)
+    assert len(problems) == len(expected)
+
+
+def test_classification_checks(tmp_path):
+    image = nifti(tmp_path / "img.nii.gz", np.zeros((4, 4), np.float32))
+    items = [{"image": image, "label": 0}, {"image": image, "label": 5}, {"image": image, "label": "cat"}]
+    problems = check_datalist(items, num_classes=3, task="classification", class_names=["neg", "pos", "unk"])
+    assert [str(p) for p in problems] == [
+        f"{image}: label 5 outside 0..2",
+        f"{image}: label 'cat' is not an integer class index",
+        "<datalist>: class 1 ('pos') has no sample",
+        "<datalist>: class 2 ('unk') has no sample",
+    ]
+
+
+def test_labels_without_label_key_are_reported_and_test_lists_skip_labels(tmp_path, seg_items):
+    problems = check_datalist([seg_items[0], {"image": seg_items[1]["image"]}], num_classes=3)
+    assert problems == [Problem(seg_items[1]["image"], "has no 'label' while other entries do (entry 1)")]
+    assert check_datalist([{"image": it["image"]} for it in seg_items], num_classes=3) == []
+
+
+def test_assert_valid_datalist_lists_all_problems(tmp_path, seg_items):
+    items = [*seg_items, {"image": str(tmp_path / "gone.nii.gz"), "label": seg_items[0]["label"]}]
+    path = write_datalist(tmp_path, items)
+    with pytest.raises(DataError) as err:
+        assert_valid_datalist(path, num_classes=4)
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"Data check failed: 2 problem(s) in {path}:"
+    assert lines[1].startswith(f"  - {tmp_path / 'gone.nii.gz'}: file not found (check the path;")
+    assert lines[2] == f"  - {path}: class 3 never appears in any label map"
+    assert "python -m medkd check-data" in lines[3]
+
+
+def test_assert_valid_datalist_from_bundle_config(tmp_path, seg_items):
+    from monai.bundle import ConfigParser
+
+    path = write_datalist(tmp_path, seg_items)
+    config = {
+        "imports": ["$import medkd", "$import medkd.checks"],
+        "train_files": f"$medkd.checks.assert_valid_datalist('{path}', num_classes=3)",
+        "initialize": [f"$medkd.checks.assert_valid_datalist('{path}', num_classes=4)"],
+    }
+    parser = ConfigParser(config)
+    assert len(parser.get_parsed_content("train_files")) == 3
+    with pytest.raises(RuntimeError) as err:  # ConfigParser wraps the DataError
+        parser.get_parsed_content("initialize")
+    assert isinstance(err.value.__cause__, DataError) and "class 3 never appears" in str(err.value.__cause__)
+
+
+# ----------------------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_ok(tmp_path, seg_items, capsys):
+    path = write_datalist(tmp_path, seg_items, labels={"0": "background", "1": "liver", "2": "tumour"})
+    assert main(["check-data", "--datalist", str(path)]) == 0  # num_classes taken from the Decathlon labels
+    assert capsys.readouterr().out.strip() == "OK: 3 items checked"
+
+
+def test_cli_reports_problems(tmp_path, seg_items, capsys):
+    csv = tmp_path / "data.csv"
+    csv.write_text("image,label\n" + "".join(f"{Path(i['image']).name},{Path(i['label']).name}\n" for i in seg_items))
+    csv.write_text(csv.read_text() + "missing.nii.gz,lbl0.nii.gz\n")
+    code = main(["check-data", "--datalist", str(csv), "--num-classes", "2", "--class-names", "bg,fg"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert f"{tmp_path / 'missing.nii.gz'}: file not found" in out
+    assert f"{tmp_path / 'lbl0.nii.gz'}: label values [2] outside 0..1" in out
+    assert out.count("outside 0..1") == 4
+
+
+def test_cli_malformed_datalist(tmp_path, capsys):
+    path = tmp_path / "datalist.json"
+    path.write_text('{"validation": []}')
+    assert main(["check-data", "--datalist", str(path)]) == 1
+    assert f"ERROR: Datalist '{path}' has no 'training' list" in capsys.readouterr().out
+    assert main(["check-data", "--datalist", str(path), "--key", "validation"]) == 1
+    assert "the dataset is empty" in capsys.readouterr().out
+
+
+def test_cli_module_entry_point(tmp_path, seg_items):
+    path = write_datalist(tmp_path, [*seg_items, {"image": "nope.nii.gz", "label": seg_items[0]["label"]}])
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "medkd", "check-data", "--datalist", str(path), "--num-classes", "3"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert f"{tmp_path / 'nope.nii.gz'}: file not found" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------------------ corrupt-file skipping
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_safe_dataset_skips_corrupt_files(tmp_path, seg_items, num_workers, caplog):
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(b"not a nifti")
+    data = [{"image": it["image"]} for it in seg_items]
+    data.insert(1, {"image": str(corrupt)})
+    report = tmp_path / "out" / "skipped.tsv"
+    dataset = SafeDataset(data, LoadMedicalImaged("image", ensure_channel_first=True), report_file=report)
+    loader = DataLoader(dataset, batch_size=2, num_workers=num_workers, collate_fn=skip_none_collate)
+    seen = [name for batch in loader if batch is not None for name in batch["image"].meta["filename_or_obj"]]
+    assert seen == [it["image"] for it in seg_items]
+    assert [p.path for p in dataset.skipped] == [str(corrupt)]
+    assert "cannot be read as NIFTI" in dataset.skipped[0].reason
+    assert dataset.summary().splitlines() == ["Skipped 1 of 4 item(s):", f"  - {dataset.skipped[0]}"]
+    assert report.read_text().startswith(f"{corrupt}\t")
+    if num_workers == 0:
+        assert f"Skipping {corrupt}" in caplog.text
+
+
+def test_safe_dataset_all_skipped_batch_is_none(tmp_path):
+    dataset = SafeDataset(
+        [{"image": str(tmp_path / "gone.nii.gz")}], LoadMedicalImaged("image"), report_file=tmp_path / "r"
+    )
+    assert [skip_none_collate([dataset[0]])] == [None]
+    assert "not found" in dataset.skipped[0].reason
+    assert SafeDataset([], None).summary() == "All 0 item(s) loaded; none skipped."

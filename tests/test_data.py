@@ -1,0 +1,350 @@
+"""Tests for medkd.data: datalists and loading NIfTI, DICOM (real pydicom test files) and PNG through MONAI."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from pydicom.data import get_testdata_file
+
+from medkd.data import (
+    DataError,
+    DicomReader,
+    LoadMedicalImage,
+    LoadMedicalImaged,
+    image_loader,
+    load_datalist,
+    reader_for,
+    reader_kind,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def dicom_file(name: str) -> str:
+    """A DICOM file bundled with pydicom (never downloaded)."""
+    path = get_testdata_file(name, download=False)
+    if path is None:
+        pytest.skip(f"{name} is not bundled with this pydicom version")
+    return str(path)
+
+
+def write_nifti(path: Path, array: np.ndarray, spacing=(1.0, 1.0), origin=(0.0, 0.0)) -> str:
+    affine = np.eye(4)
+    affine[[0, 1], [0, 1]] = spacing
+    affine[:2, 3] = origin
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+    return str(path)
+
+
+# ------------------------------------------------------------------------------------------------- datalists
+
+
+def test_json_datalist_resolves_paths(tmp_path):
+    (tmp_path / "datalist.json").write_text(
+        json.dumps(
+            {
+                "training": [{"image": "img/a.nii.gz", "label": "lbl/a.nii.gz", "fold": 0}],
+                "test": ["img/b.nii.gz"],
+            }
+        )
+    )
+    items = load_datalist(tmp_path / "datalist.json")
+    assert items == [{"image": str(tmp_path / "img/a.nii.gz"), "label": str(tmp_path / "lbl/a.nii.gz"), "fold": 0}]
+    assert load_datalist(tmp_path / "datalist.json", key="test", base_dir="/data") == [{"image": "/data/img/b.nii.gz"}]
+
+
+def test_csv_datalist_segmentation_and_classification(tmp_path):
+    (tmp_path / "seg.csv").write_text("image,label\nimg/a.nii.gz,lbl/a.nii.gz\n/abs/b.nii.gz,lbl/b.nii.gz\n")
+    assert load_datalist(tmp_path / "seg.csv") == [
+        {"image": str(tmp_path / "img/a.nii.gz"), "label": str(tmp_path / "lbl/a.nii.gz")},
+        {"image": "/abs/b.nii.gz", "label": str(tmp_path / "lbl/b.nii.gz")},
+    ]
+    (tmp_path / "cls.csv").write_text("image,label,site\na.png,1,A\nb.png, 0 ,B\n")
+    items = load_datalist(tmp_path / "cls.csv", base_dir="/data")
+    assert items == [
+        {"image": "/data/a.png", "label": 1, "site": "A"},
+        {"image": "/data/b.png", "label": 0, "site": "B"},
+    ]
+
+
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("bad.json", '{"training": [', "not valid JSON"),
+        ("nokey.json", '{"validation": []}', "has no 'training' list (lists found: ['validation'])"),
+        ("root.json", "[1, 2]", "must be a JSON object"),
+        ("noimage.json", '{"training": [{"label": "a.nii"}]}', "entry 0 of 'training' has no 'image' field"),
+        ("cols.csv", "img,label\na.nii,b.nii\n", "has no 'image' column (columns found: ['img', 'label'])"),
+        ("cells.csv", "image,label\na.nii,\n", "line 2: the 'label' cell is empty"),
+    ],
+)
+def test_malformed_datalist_messages(tmp_path, name, content, expected):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError) as err:
+        load_datalist(tmp_path / name)
+    assert str(tmp_path / name) in str(err.value) and expected in str(err.value)
+
+
+def test_missing_datalist(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_datalist(tmp_path / "nope.json")
+
+
+# ----------------------------------------------------------------------------------------------------- DICOM
+
+
+@pytest.mark.parametrize(
+    "name", ["CT_small.dcm", "MR_small.dcm", "MR_small_bigendian.dcm", "MR_small_implicit.dcm", "MR_small_RLE.dcm"]
+)
+def test_single_dicom_files(name):
+    path = dicom_file(name)
+    ds = pydicom.dcmread(path)
+    img = LoadMedicalImage()(path)
+    assert tuple(img.shape) == (ds.Columns, ds.Rows)  # MONAI convention: first axis runs along a row
+    np.testing.assert_allclose(img.pixdim, [float(ds.PixelSpacing[1]), float(ds.PixelSpacing[0])], rtol=1e-6)
+    # identity ImageOrientationPatient in LPS -> x and y flipped in MONAI's RAS affine; origin from the header
+    x, y, z = (float(v) for v in ds.ImagePositionPatient)
+    np.testing.assert_allclose(img.affine[:3, 3], [-x, -y, z], rtol=1e-6)
+    assert img.affine[0, 0] < 0 and img.affine[1, 1] < 0
+    expected = ds.pixel_array.T * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+    np.testing.assert_allclose(img.numpy(), expected)
+    assert img.meta["filename_or_obj"] == path
+
+
+def test_big_endian_and_implicit_vr_match_explicit_little_endian():
+    reference = LoadMedicalImage()(dicom_file("MR_small.dcm"))
+    for name in ("MR_small_bigendian.dcm", "MR_small_implicit.dcm"):
+        img = LoadMedicalImage()(dicom_file(name))
+        np.testing.assert_array_equal(img.numpy(), reference.numpy())
+        np.testing.assert_allclose(img.affine, reference.affine)
+
+
+def test_dicom_without_preamble_or_extension(tmp_path):
+    raw = Path(dicom_file("CT_small.dcm")).read_bytes()
+    assert raw[128:132] == b"DICM"
+    (tmp_path / "no_preamble.dcm").write_bytes(raw[132:])  # starts directly with the file meta group
+    (tmp_path / "IM0001").write_bytes(raw)  # no extension, as exported by many scanners
+    ds = pydicom.dcmread(dicom_file("CT_small.dcm"))
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.preamble = None
+    ds.save_as(tmp_path / "IM0002", implicit_vr=True, little_endian=True, enforce_file_format=False)  # no meta
+    reference = LoadMedicalImage()(dicom_file("CT_small.dcm"))
+    for name in ("no_preamble.dcm", "IM0001", "IM0002"):
+        assert reader_kind(tmp_path / name) == "dicom"
+        img = LoadMedicalImage()(tmp_path / name)
+        np.testing.assert_array_equal(img.numpy(), reference.numpy())
+        np.testing.assert_allclose(img.affine, reference.affine)
+
+
+def test_multiframe_rtdose_frames_last_with_grid_spacing():
+    path = dicom_file("rtdose.dcm")
+    ds = pydicom.dcmread(path)
+    img = LoadMedicalImage()(path)
+    frames = int(ds.NumberOfFrames)
+    assert tuple(img.shape) == (ds.Columns, ds.Rows, frames)
+    step = float(ds.GridFrameOffsetVector[1]) - float(ds.GridFrameOffsetVector[0])
+    np.testing.assert_allclose(img.pixdim, [*map(float, ds.PixelSpacing[::-1]), step])
+    for k in (0, frames - 1):
+        np.testing.assert_array_equal(img[..., k].numpy(), ds.pixel_array[k].T)
+
+
+def test_enhanced_multiframe_geometry_from_functional_groups(tmp_path):
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds = pydicom.dcmread(dicom_file("MR_small.dcm"))
+    frames = np.stack([ds.pixel_array + k for k in range(3)]).astype(ds.pixel_array.dtype)
+    for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness"):
+        delattr(ds, tag)
+    ds.NumberOfFrames = 3
+    ds.PixelData = frames.tobytes()
+    shared = Dataset()
+    shared.PixelMeasuresSequence = Sequence([Dataset()])
+    shared.PixelMeasuresSequence[0].PixelSpacing = [0.5, 0.6]
+    shared.PlaneOrientationSequence = Sequence([Dataset()])
+    shared.PlaneOrientationSequence[0].ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    per_frame = []
+    for k in range(3):
+        item = Dataset()
+        item.PlanePositionSequence = Sequence([Dataset()])
+        item.PlanePositionSequence[0].ImagePositionPatient = [10.0, 20.0, 30.0 + 2.0 * k]
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    ds.save_as(tmp_path / "enhanced.dcm")
+    img = LoadMedicalImage()(tmp_path / "enhanced.dcm")
+    assert tuple(img.shape) == (64, 64, 3)
+    np.testing.assert_allclose(img.pixdim, [0.6, 0.5, 2.0])
+    np.testing.assert_allclose(img.affine[:3, 3], [-10.0, -20.0, 30.0])
+    np.testing.assert_array_equal(img[..., 2].numpy(), frames[2].T)
+
+
+def write_series(
+    folder: Path, n: int = 5, series_uid: str = "1.2.826.0.1.3680043.2.1125.1", seed: int = 0, direction=None
+) -> sitk.Image:
+    """Write a series with SimpleITK: slice k holds value 10*k; file names and InstanceNumbers are shuffled.
+
+    Returns the volume, whose geometry (LPS) is what the files describe."""
+    folder.mkdir(parents=True, exist_ok=True)
+    volume = sitk.GetImageFromArray(np.stack([np.full((4, 6), 10 * k, np.int16) for k in range(n)]))
+    volume.SetSpacing((0.7, 0.8, 2.5))
+    volume.SetOrigin((10.0, 20.0, -30.0))
+    if direction is not None:
+        volume.SetDirection(np.asarray(direction, dtype=float).ravel().tolist())
+    cosines = np.asarray(volume.GetDirection()).reshape(3, 3)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    names = list(range(n))
+    random.Random(seed).shuffle(names)
+    instance_numbers = list(reversed(range(1, n + 1)))  # deliberately disagrees with the position order
+    for k in range(n):
+        image = volume[:, :, k]
+        tags = {
+            "0008|0060": "MR",
+            "0020|000d": "1.2.826.0.1.3680043.2.1125.0",
+            "0020|000e": series_uid,
+            "0020|0013": str(instance_numbers[k]),
+            "0020|0032": "\\".join(f"{v:g}" for v in volume.TransformIndexToPhysicalPoint((0, 0, k))),
+            "0020|0037": "\\".join(f"{v:.6f}" for v in [*cosines[:, 0], *cosines[:, 1]]),
+            "0018|0050": "2.5",
+        }
+        for key, value in tags.items():
+            image.SetMetaData(key, value)
+        writer.SetFileName(str(folder / f"slice_{names[k]:03d}.dcm"))
+        writer.Execute(image)
+    return volume
+
+
+def test_dicom_series_folder_sorted_by_position(tmp_path):
+    write_series(tmp_path / "series")
+    (tmp_path / "series" / "README.txt").write_text("not a DICOM file")
+    img = LoadMedicalImage()(tmp_path / "series")
+    assert tuple(img.shape) == (6, 4, 5)
+    np.testing.assert_allclose(img.pixdim, [0.7, 0.8, 2.5], rtol=1e-5)
+    assert img[0, 0, :].tolist() == [0, 10, 20, 30, 40]  # slice order follows ImagePositionPatient
+    np.testing.assert_allclose(img.affine[:3, 3], [-10.0, -20.0, -30.0])
+    np.testing.assert_allclose(np.diag(img.affine)[:3], [-0.7, -0.8, 2.5], rtol=1e-5)
+
+
+def test_oblique_dicom_series_matches_nifti_written_by_simpleitk(tmp_path):
+    """A DICOM series and a NIfTI file of the same grid (converted by SimpleITK) get the same affine."""
+    angle = np.deg2rad(30)
+    rotation = [[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]]
+    volume = write_series(tmp_path / "series", direction=rotation)
+    sitk.WriteImage(volume, str(tmp_path / "volume.nii.gz"))
+    dicom = LoadMedicalImage()(tmp_path / "series")
+    nifti = LoadMedicalImage()(tmp_path / "volume.nii.gz")
+    assert dicom.shape == nifti.shape
+    np.testing.assert_allclose(dicom.affine, nifti.affine, atol=1e-4)
+    np.testing.assert_array_equal(dicom.numpy(), nifti.numpy())
+
+
+def test_dicom_series_folder_errors(tmp_path):
+    write_series(tmp_path / "mixed", n=3)
+    write_series(tmp_path / "other", n=3, series_uid="1.2.826.0.1.3680043.2.1125.2")
+    for f in (tmp_path / "other").iterdir():
+        f.rename(tmp_path / "mixed" / f"b_{f.name}")
+    with pytest.raises(DataError, match=r"mixes 2 series") as err:
+        LoadMedicalImage()(tmp_path / "mixed")
+    assert str(tmp_path / "mixed") in str(err.value)
+
+    write_series(tmp_path / "dup", n=3)
+    write_series(tmp_path / "dup2", n=3, seed=1)
+    for f in (tmp_path / "dup2").iterdir():
+        f.rename(tmp_path / "dup" / f"b_{f.name}")
+    with pytest.raises(DataError, match="several slices at the same position"):
+        LoadMedicalImage()(tmp_path / "dup")
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match="contains no DICOM image slices"):
+        LoadMedicalImage()(tmp_path / "empty")
+
+
+# ------------------------------------------------------------------------------------------ NIfTI / PNG / dict
+
+
+def test_nifti_and_png_through_dict_loader(tmp_path):
+    from PIL import Image
+
+    array = np.arange(6 * 5 * 4, dtype=np.float32).reshape(6, 5, 4)
+    image = write_nifti(tmp_path / "img.nii.gz", array, spacing=(1.5, 2.0))
+    pixels = np.arange(8 * 6, dtype=np.uint8).reshape(6, 8)  # 6 rows, 8 columns
+    Image.fromarray(pixels).save(tmp_path / "mask.png")
+    out = image_loader(["image", "label"])({"image": image, "label": str(tmp_path / "mask.png"), "id": 3})
+    assert tuple(out["image"].shape) == (1, 6, 5, 4) and out["id"] == 3
+    np.testing.assert_allclose(out["image"].pixdim, [1.5, 2.0, 1.0])
+    np.testing.assert_array_equal(out["image"][0].numpy(), array)
+    assert tuple(out["label"].shape) == (1, 8, 6)
+    np.testing.assert_array_equal(out["label"][0].numpy(), pixels.T)
+
+    meta = LoadMedicalImaged("image", image_only=False)({"image": image})
+    assert meta["image_meta_dict"]["filename_or_obj"] == image and tuple(meta["image"].shape) == (6, 5, 4)
+
+
+def test_reader_selection(tmp_path):
+    assert type(reader_for(dicom_file("CT_small.dcm"))) is DicomReader
+    (tmp_path / "a.nii").write_bytes(b"")
+    (tmp_path / "b.JPG").write_bytes(b"")
+    assert [reader_kind(tmp_path / n) for n in ("a.nii", "b.JPG")] == ["nifti", "pil"]
+    assert reader_kind(tmp_path) == "dicom"
+
+
+def test_bundle_config_can_build_loaders(tmp_path):
+    from monai.bundle import ConfigParser
+
+    image = write_nifti(tmp_path / "img.nii.gz", np.zeros((4, 4), np.float32))
+    parser = ConfigParser(
+        {
+            "imports": ["$import medkd", "$import medkd.data"],  # the 2nd makes `medkd.data` an attribute
+            "expr": "$medkd.data.image_loader(['image'])",
+            "target": {"_target_": "medkd.data.LoadMedicalImaged", "keys": ["image"], "ensure_channel_first": True},
+        }
+    )
+    for key in ("expr", "target"):
+        assert tuple(parser.get_parsed_content(key)({"image": image})["image"].shape) == (1, 4, 4)
+
+
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("missing.nii.gz", None, "not found"),
+        ("empty.nii.gz", b"", "is empty (0 bytes)"),
+        ("notes.txt", b"hello", "unsupported format"),
+        ("truncated.nii.gz", "truncate", "cannot be read as NIFTI"),
+        ("bad.png", b"\x89PNG\r\n\x1a\n garbage", "cannot be read as PIL"),
+    ],
+)
+def test_unreadable_images_name_the_file(tmp_path, name, content, expected):
+    path = tmp_path / name
+    if content == "truncate":
+        full = Path(write_nifti(tmp_path / "full.nii.gz", np.random.rand(16, 16, 16).astype(np.float32)))
+        path.write_bytes(full.read_bytes()[:-500])
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(DataError) as err:
+        LoadMedicalImaged("image")({"image": str(path)})
+    assert str(path) in str(err.value) and expected in str(err.value)
+
+
+def test_truncated_dicom_is_a_data_error():
+    path = dicom_file("MR_truncated.dcm")
+    with pytest.raises(DataError, match="corrupt or truncated") as err:
+        LoadMedicalImage()(path)
+    assert path in str(err.value)
+
+
+def test_list_of_files_is_one_multichannel_image(tmp_path):
+    t1 = write_nifti(tmp_path / "t1.nii.gz", np.zeros((6, 5), np.float32))
+    t2 = write_nifti(tmp_path / "t2.nii.gz", np.ones((6, 5), np.float32))
+    image = image_loader("image")({"image": [t1, t2]})["image"]
+    assert tuple(image.shape) == (2, 6, 5) and image[1].min() == 1
+    with pytest.raises(DataError, match="different formats"):
+        LoadMedicalImage()([t1, dicom_file("CT_small.dcm")])
