@@ -7,14 +7,12 @@ from types import ModuleType
 
 __version__ = "0.1.0"
 
-_SUBMODULES = {
-    "checkpoints", "checks", "data", "engines", "evaluators", "features", "handlers", "labels",
-    "losses", "report", "routes", "synthetic", "teacher_cache",
-}  # fmt: skip
-
 
 def __getattr__(name: str) -> ModuleType:
     """Import submodules on first use, so bundle expressions can write ``medkd.synthetic.…`` after ``import medkd``."""
-    if name in _SUBMODULES:
+    try:
         return importlib.import_module(f"medkd.{name}")
-    raise AttributeError(f"module 'medkd' has no attribute {name!r}")
+    except ModuleNotFoundError as e:
+        if e.name != f"medkd.{name}":
+            raise
+        raise AttributeError(f"module 'medkd' has no attribute {name!r}") from None

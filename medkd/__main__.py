@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from medkd.checks import add_check_data_parser
+from medkd.compare import add_compare_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medkd", description="MONAI-native knowledge distillation toolkit.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_check_data_parser(subparsers)
+    add_compare_parser(subparsers)
     return parser
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["CheckpointError", "load_checkpoint", "load_network_weights", "atomic_save"]
+__all__ = ["CheckpointError", "load_checkpoint", "load_network_weights", "atomic_save", "save_or_explain"]
 
 _NETWORK_KEYS = ("network", "model", "state_dict", "teacher")
 
@@ -73,3 +73,16 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_or_explain(obj: Any, path: str | os.PathLike) -> None:
+    """:func:`atomic_save`, turning a failed write (full disk, no permission) into a :class:`CheckpointError` that
+    says the previous file is intact and what to do."""
+    try:
+        atomic_save(obj, path)
+    except OSError as e:
+        kept = f"the previous {path} is intact" if Path(path).exists() else f"no earlier {path} existed"
+        raise CheckpointError(
+            f"could not write checkpoint {path} ({e.strerror or e}); {kept}. Free disk space (or fix permissions) "
+            "and run the same command again to resume."
+        ) from e

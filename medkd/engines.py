@@ -16,7 +16,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from medkd.checkpoints import load_network_weights
-from medkd.features import FeatureExtractor, default_feature_layer
+from medkd.features import FeatureExtractor, default_feature_layer, unwrap
 from medkd.routes import TEACHER, KnowledgeRoutes, Route, parse_routes
 from medkd.teacher_cache import TeacherCache
 
@@ -45,7 +45,8 @@ class DistillationTrainer(Trainer):
         optimizers: one optimizer per student, same names. Feature-route adapters are added to the target
             student's optimizer as an extra parameter group.
         loss_function: supervised loss ``(logits, label) -> loss`` (e.g. ``DiceCELoss``, ``CrossEntropyLoss``).
-        teacher: the teacher network; frozen (eval mode, no gradients). Needed when a route starts at it.
+        teacher: the teacher network; frozen (eval mode, no gradients). Needed when a route starts at it, ignored
+            (not loaded, not run) otherwise.
         teacher_checkpoint: optional path of the teacher's weights, loaded before training.
         routes: a preset name (``"diversified"``, ``"kd"``, ...), or a list of routes or route dicts.
         feature_layers: module names per network for feature routes; networks not listed use
@@ -130,9 +131,10 @@ class DistillationTrainer(Trainer):
         self.routes = KnowledgeRoutes(
             parsed, list(self.students), self._feature_layers(parsed, feature_layers, teacher)
         )
-        self.teacher = self._freeze(teacher, teacher_checkpoint) if teacher is not None else None
-        if self.routes.needs_teacher and self.teacher is None:
+        if self.routes.needs_teacher and teacher is None:
             raise ValueError("a route takes knowledge from the teacher, but no teacher network was given.")
+        # a teacher no route reads from (student alone, DML) is neither loaded nor run
+        self.teacher = self._freeze(teacher, teacher_checkpoint) if self.routes.needs_teacher else None
         self.networks: dict[str, nn.Module] = {TEACHER: self.teacher} if self.teacher is not None else {}
         self.networks.update(self.students)
         self.extractors = {
@@ -175,7 +177,7 @@ class DistillationTrainer(Trainer):
         features = {}
         with torch.no_grad():
             for name, extractor in self.extractors.items():
-                network = self.networks[name]
+                network = unwrap(self.networks[name])  # no DDP collectives for a local probe
                 was_training = network.training
                 network.eval()
                 network(inputs[:1])
@@ -187,6 +189,16 @@ class DistillationTrainer(Trainer):
             params = self.routes.parameters_of(name)
             if params:
                 optimizer.add_param_group({"params": params})
+
+    def _sync_adapter_grads(self) -> None:
+        """Average adapter gradients across processes (students are DDP-wrapped; the adapters are not)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        world = torch.distributed.get_world_size()
+        for p in self.routes.parameters():
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= world
 
     def run(self) -> None:  # type: ignore[override]
         """Train; the float16 gradient scaler is only created for CUDA."""
@@ -248,7 +260,7 @@ class DistillationTrainer(Trainer):
 
         with engine._autocast():
             logits, features = {}, {}
-            if engine.teacher is not None and engine.routes.needs_teacher:
+            if engine.teacher is not None:
                 logits[TEACHER], features[TEACHER] = engine._teacher_outputs(inputs, batchdata)
             for name, student in engine.students.items():
                 logits[name] = student(inputs)
@@ -265,12 +277,14 @@ class DistillationTrainer(Trainer):
         if engine._check_finite(loss, terms):
             if engine.scaler is not None:
                 engine.scaler.scale(loss).backward()
+                engine._sync_adapter_grads()
                 engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
                 for optimizer in engine.optimizers.values():
                     engine.scaler.step(optimizer)
                 engine.scaler.update()
             else:
                 loss.backward()
+                engine._sync_adapter_grads()
                 engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
                 for optimizer in engine.optimizers.values():
                     optimizer.step()

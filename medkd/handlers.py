@@ -1,18 +1,21 @@
-"""Handlers for distillation runs: per-term loss logging and a progress bar."""
+"""Handlers for distillation runs: loss-term logging, progress, best and resume checkpoints, skipped files."""
 
 from __future__ import annotations
 
+import csv
 import logging
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar as _IgniteProgressBar
-from monai.handlers import CheckpointSaver
 
-from medkd.checkpoints import load_network_weights
+from medkd.checkpoints import CheckpointError, load_checkpoint, load_network_weights, save_or_explain
 from medkd.engines import LOSSES
+from medkd.features import unwrap
 
 __all__ = [
     "loss_terms",
@@ -20,9 +23,11 @@ __all__ = [
     "EpochLossTerms",
     "ProgressBar",
     "BestCheckpoints",
+    "ResumeCheckpoint",
     "LoadNetworks",
     "skip_empty_batches",
     "SkippedFilesReport",
+    "MetricsHistory",
 ]
 
 
@@ -76,34 +81,134 @@ class ProgressBar(_IgniteProgressBar):
 
 
 class BestCheckpoints:
-    """Keep the best checkpoint of each network by its own validation metric (MONAI ``CheckpointSaver``s).
+    """Keep the best checkpoint of each network by its own validation metric.
 
-    Attach to the validation evaluator. Network ``name`` is saved as ``{save_dir}/{name}.pt`` holding
-    ``{name: state_dict}`` whenever ``metrics[f"{metric_prefix}_{name}"]`` improves.
+    Attach to the validation evaluator. Whenever ``metrics[f"{metric_prefix}_{name}"]`` improves, network ``name``
+    is written atomically to ``{save_dir}/{name}.pt`` as ``{name: state_dict, "metric": value, "epoch": epoch}``.
+    Only rank 0 writes. The best values so far are part of :meth:`state_dict`, so a resumed run
+    (:class:`ResumeCheckpoint`) does not overwrite a better checkpoint with a worse one.
 
     Args:
         save_dir: checkpoint folder.
-        networks: networks by name.
+        networks: networks by name (DDP-wrapped networks are saved unwrapped).
         metric_prefix: metric name prefix, e.g. ``"val_mean_dice"`` or ``"val_auc"``.
     """
 
     def __init__(self, save_dir: str, networks: dict[str, torch.nn.Module], metric_prefix: str) -> None:
-        self.savers = [
-            CheckpointSaver(
-                save_dir=save_dir,
-                save_dict={name: network},
-                save_key_metric=True,
-                key_metric_name=f"{metric_prefix}_{name}",
-                key_metric_filename=f"{name}.pt",
-                key_metric_save_state=True,
-            )
-            for name, network in networks.items()
-        ]
+        self.save_dir = Path(save_dir)
+        self.networks = networks
+        self.metric_prefix = metric_prefix
+        self.best: dict[str, float] = {}
 
     def attach(self, engine: Engine) -> None:
-        """Attach one ``CheckpointSaver`` per network."""
-        for saver in self.savers:
-            saver.attach(engine)
+        """Check the metrics after each evaluation of ``engine``."""
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        for name, network in self.networks.items():
+            value = engine.state.metrics.get(f"{self.metric_prefix}_{name}")
+            if value is None or value <= self.best.get(name, float("-inf")):
+                continue
+            self.best[name] = float(value)
+            if idist.get_rank() == 0:
+                state = {name: unwrap(network).state_dict(), "metric": float(value), "epoch": engine.state.epoch}
+                save_or_explain(state, self.save_dir / f"{name}.pt")
+
+    def state_dict(self) -> dict:
+        """The best metric of each network so far."""
+        return {"best": dict(self.best)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the best metrics (from a resume checkpoint)."""
+        self.best = dict(state["best"])
+
+
+class ResumeCheckpoint:
+    """Save everything needed to resume training, and resume from it when the same command is run again.
+
+    Every ``interval`` epochs, rank 0 writes ``{save_dir}/{filename}`` atomically (temporary file, then rename)
+    with the engine state (epoch, iteration), and, for a :class:`~medkd.engines.DistillationTrainer`, every
+    student, its optimizer, the feature-route adapters and the AMP scaler; for MONAI's ``SupervisedTrainer``, the
+    network and its optimizer; plus ``extra`` stateful objects (e.g. :class:`BestCheckpoints`). At
+    ``Events.STARTED``, if the file exists and ``resume`` is true, all of it is loaded and training continues from
+    the saved epoch. A corrupt or mismatched file stops the run with an error naming it.
+
+    Args:
+        save_dir: checkpoint folder.
+        filename: name of the resume checkpoint.
+        interval: epochs between saves.
+        resume: load the checkpoint when present.
+        extra: more objects with ``state_dict``/``load_state_dict``, by name.
+    """
+
+    def __init__(
+        self,
+        save_dir: str,
+        filename: str = "last.pt",
+        interval: int = 1,
+        resume: bool = True,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        self.path = Path(save_dir) / filename
+        self.interval = interval
+        self.resume = resume
+        self.extra = dict(extra or {})
+
+    def attach(self, engine: Engine) -> None:
+        """Resume at ``STARTED``, save at ``EPOCH_COMPLETED`` (list it after the validation handler)."""
+        engine.add_event_handler(Events.STARTED, self.load)
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self.save)
+
+    def objects(self, engine: Engine) -> dict[str, Any]:
+        """The objects saved and restored, by name."""
+        objects: dict[str, Any] = {"engine": engine, **self.extra}
+        if hasattr(engine, "students"):
+            objects["routes"] = engine.routes
+            for name, student in engine.students.items():
+                objects[f"student_{name}"] = unwrap(student)
+                objects[f"optimizer_{name}"] = engine.optimizers[name]
+        else:
+            objects["network"] = unwrap(engine.network)
+            objects["optimizer"] = engine.optimizer
+        if getattr(engine, "scaler", None) is not None:
+            objects["scaler"] = engine.scaler
+        return objects
+
+    def save(self, engine: Engine) -> None:
+        """Write the resume checkpoint (rank 0 only)."""
+        if idist.get_rank() == 0:
+            save_or_explain({k: v.state_dict() for k, v in self.objects(engine).items()}, self.path)
+
+    def load(self, engine: Engine) -> None:
+        """Restore every object from the resume checkpoint, if there is one and ``resume`` is set."""
+        if not (self.resume and self.path.is_file()):
+            return
+        checkpoint = load_checkpoint(self.path, map_location=engine.state.device)
+        max_epochs = engine.state.max_epochs
+        objects = self.objects(engine)
+        missing = sorted(set(objects) - set(checkpoint))
+        if missing:
+            raise CheckpointError(
+                f"resume checkpoint {self.path} lacks {missing}: it was written by another configuration "
+                "(other students or routes). Delete it, point ckpt_dir elsewhere, or pass --resume False."
+            )
+        try:
+            for name, obj in objects.items():
+                obj.load_state_dict(checkpoint[name])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(
+                f"resume checkpoint {self.path} does not match this configuration ({name}: {e}). Delete it, point "
+                "ckpt_dir elsewhere, or pass --resume False."
+            ) from e
+        if engine.state.epoch > max_epochs:
+            raise CheckpointError(
+                f"resume checkpoint {self.path} is at epoch {engine.state.epoch}, beyond max_epochs={max_epochs}."
+            )
+        engine.state.max_epochs = max_epochs
+        done = " (training already complete)" if engine.state.epoch == max_epochs else ""
+        logging.getLogger("medkd").info(
+            "resumed from %s at epoch %d of %d%s", self.path, engine.state.epoch, max_epochs, done
+        )
 
 
 class LoadNetworks:
@@ -149,3 +254,32 @@ class SkippedFilesReport:
     def __call__(self, engine: Engine) -> None:
         level = logging.WARNING if self.dataset.skipped else logging.INFO
         logging.getLogger("medkd").log(level, "%s (list: %s)", self.dataset.summary(), self.dataset.report_file)
+
+
+class MetricsHistory:
+    """Write the metrics of every evaluation to a CSV file (one row per epoch), for curves and comparisons.
+
+    Attach to the validation evaluator. Rows of epochs at or after the current one are replaced, so a resumed or
+    restarted run leaves one row per epoch.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def attach(self, engine: Engine) -> None:
+        """Append a row after each evaluation of ``engine``."""
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        epoch = engine.state.epoch
+        rows = []
+        if self.path.is_file():
+            with self.path.open(newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < epoch]
+        rows.append({"epoch": epoch, **{k: float(v) for k, v in engine.state.metrics.items()}})
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)

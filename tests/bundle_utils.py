@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 from monai.bundle import ConfigWorkflow
+
+from medkd.bundles import stage_files
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
 SCHEMA = Path(__file__).parent / "data" / "bundle_metadata_schema.json"
 BASE = BUNDLES / "segmentation_2d" / "configs"
 
-# per bundle: the config files each stage merges, in order (3D overlays the 2D bundle's configs)
+# per bundle: the config files each stage merges, in order (the 3D bundle overlays the 2D bundle's configs)
 STAGES = {
-    "segmentation_2d": {
-        "train_teacher": [BASE / "train.json", BASE / "train_teacher.json"],
-        "train": [BASE / "train.json"],
-        "evaluate": [BASE / "train.json", BASE / "evaluate.json"],
-        "inference": [BASE / "train.json", BASE / "inference.json"],
-    },
+    bundle: {
+        stage: stage_files(BUNDLES / bundle, stage) for stage in ("train_teacher", "train", "evaluate", "inference")
+    }
+    for bundle in ("segmentation_2d", "segmentation_3d")
 }
-_3D = BUNDLES / "segmentation_3d" / "configs" / "train.json"
-STAGES["segmentation_3d"] = {k: v[:1] + [_3D] + v[1:] for k, v in STAGES["segmentation_2d"].items()}
 
 TINY = {
     "segmentation_2d": {
@@ -36,7 +36,28 @@ TINY = {
         "patch_size": [16, 16, 16],
         "samples_per_volume": 1,
     },
+    "classification_2d": {
+        "make_default_data": "$medkd.synthetic.ensure_classification_data(@dataset_dir, size=32, counts=(16, 8, 8))",
+        "image_size": [32, 32],
+        "batch_size": 4,
+    },
 }
+
+
+def tiny_overlay(bundle: str, path: Path, **extra) -> Path:
+    """Write the tiny-data settings of ``bundle`` (plus ``extra``) as a config file to merge on the command line."""
+    path.write_text(json.dumps({**TINY[bundle], **extra}))
+    return path
+
+
+def stage_command(bundle: str, stage: str, root: Path, *extra_configs: Path, **overrides) -> list[str]:
+    """The ``python -m monai.bundle run`` command line of a stage, as a user types it (for subprocess tests)."""
+    files = [str(p) for p in STAGES[bundle][stage]] + [str(p) for p in extra_configs]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(files), "--bundle_root", str(root)]
+    cmd += ["--meta_file", str(BUNDLES / bundle / "configs" / "metadata.json")]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", json.dumps(value)]
+    return cmd
 
 
 def run_stage(bundle: str, stage: str, root: Path, **overrides) -> ConfigWorkflow:

@@ -65,9 +65,9 @@ def test_all_stages_run_end_to_end(bundle, tmp_path):
 def test_routes_preset_and_classes_from_command_line(tmp_path):
     workflow = run_stage("segmentation_2d", "train_teacher", tmp_path)
     assert workflow.parser.get_parsed_content("num_classes") == 3  # from the datalist's labels map
-    trainer = run_stage(
-        "segmentation_2d", "train", tmp_path, routes_preset="kd"
-    ).parser.get_parsed_content("train#trainer")
+    trainer = run_stage("segmentation_2d", "train", tmp_path, routes_preset="kd").parser.get_parsed_content(
+        "train#trainer"
+    )
     assert set(trainer.state.output["losses"]) == {
         "sp/sup", "sf/sup", "sp/total", "sf/total", "sp/prediction<-teacher", "sf/prediction<-teacher"
     }  # fmt: skip

@@ -1,0 +1,33 @@
+"""Locate the config files of a bundle's stages, including bundles that overlay another bundle's configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["STAGES", "stage_files"]
+
+STAGES = ("train_teacher", "train", "evaluate", "inference", "multi_gpu_train")
+
+
+def stage_files(bundle_dir: str | Path, stage: str) -> list[Path]:
+    """The config files to merge, in order, to run ``stage`` of the bundle in ``bundle_dir``.
+
+    ``train.json`` is the base of every stage (model-zoo convention: ``evaluate.json`` etc. merge after it). A
+    bundle whose ``train.json`` names ``"base_configs"`` (a folder, relative to the bundle) is an overlay: the base
+    folder's ``train.json`` comes first, then the bundle's, then the stage file from the bundle if it has one,
+    else from the base.
+    """
+    configs = Path(bundle_dir) / "configs"
+    train = configs / "train.json"
+    if not train.is_file():
+        raise FileNotFoundError(f"{train} does not exist: {bundle_dir} is not a medkd bundle folder.")
+    base_name = json.loads(train.read_text()).get("base_configs")
+    base = (Path(bundle_dir) / base_name).resolve() if base_name else None
+    files = ([base / "train.json"] if base else []) + [train]
+    if stage == "train":
+        return files
+    for folder in (configs, base):
+        if folder is not None and (folder / f"{stage}.json").is_file():
+            return files + [folder / f"{stage}.json"]
+    raise FileNotFoundError(f"bundle {bundle_dir} has no configs/{stage}.json" + (f" (nor {base})" if base else ""))

@@ -1,0 +1,282 @@
+"""Compare distillation methods on one bundle: same data split, same teacher checkpoint, several seeds.
+
+``python -m medkd compare bundles/segmentation_2d`` trains the teacher once (``train_teacher`` stage), then every
+preset for every seed (``train`` stage with ``--routes_preset``), evaluates each on the test list (``evaluate``
+stage) and writes ``results.csv``, ``results.md`` and ``comparison.png``. Runs resume from their checkpoints, so an
+interrupted comparison continues where it stopped when the same command is run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.bundle import ConfigParser, ConfigWorkflow
+from tqdm.auto import tqdm
+
+from medkd.bundles import stage_files
+from medkd.report import markdown_table
+from medkd.routes import PRESETS
+
+__all__ = ["compare", "summarize", "plot_comparison", "add_compare_parser"]
+
+METRICS = ("mean_dice", "auc", "acc")
+logger = logging.getLogger("medkd.compare")
+
+
+def _run_stage(bundle: Path, stage: str, overrides: Mapping[str, Any]) -> ConfigWorkflow:
+    workflow = ConfigWorkflow(
+        config_file=[str(p) for p in stage_files(bundle, stage)],
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        logging_file=str(bundle / "configs" / "logging.conf"),
+        workflow_type="train" if stage.startswith("train") else "infer",
+        bundle_root=str(bundle),
+        **overrides,
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    return workflow
+
+
+def _dirs(root: Path) -> dict[str, str]:
+    return {"ckpt_dir": str(root / "models"), "output_dir": str(root / "eval"), "log_dir": str(root / "runs")}
+
+
+def _results(root: Path) -> list[dict]:
+    return json.loads((root / "eval" / "results.json").read_text())
+
+
+def inference_ms(networks: Mapping[str, torch.nn.Module], input_shape: Sequence[int], repeats: int = 20) -> dict:
+    """Median CPU/GPU forward time in ms of each network on one input of ``input_shape`` (batch 1)."""
+    times = {}
+    x = torch.rand(*input_shape)
+    for name, net in networks.items():
+        net.eval()
+        with torch.no_grad():
+            for _ in range(3):
+                net(x)
+            samples = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                net(x)
+                samples.append((time.perf_counter() - start) * 1000)
+        times[name] = statistics.median(samples)
+    return times
+
+
+def _bundle_networks(bundle: Path, overrides: Mapping[str, Any]) -> tuple[dict[str, torch.nn.Module], list[int]]:
+    parser = ConfigParser()
+    parser.read_config([str(p) for p in stage_files(bundle, "train")])
+    parser["bundle_root"] = str(bundle)
+    for key, value in overrides.items():
+        parser[key] = value
+    networks = {"teacher": parser.get_parsed_content("teacher_def"), **parser.get_parsed_content("students")}
+    shape = [1, parser.get_parsed_content("in_channels"), *parser.get_parsed_content("patch_size")]
+    return {k: v.cpu() for k, v in networks.items()}, shape
+
+
+def compare(
+    bundle: str | Path,
+    presets: Sequence[str] = PRESETS,
+    seeds: Sequence[int] = (0, 1, 2),
+    output: str | Path = "results",
+    max_epochs: int | None = None,
+    teacher_epochs: int | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> list[dict]:
+    """Run the comparison and write its files to ``output``; return one row per (preset, seed, network).
+
+    Args:
+        bundle: bundle folder.
+        presets: routes presets to compare (see :data:`medkd.routes.PRESETS`).
+        seeds: random seeds; each preset is trained once per seed.
+        output: folder of every run, of ``results.csv``, ``results.md`` and ``comparison.png``.
+        max_epochs: distillation epochs (default: the bundle's).
+        teacher_epochs: teacher epochs (default: the bundle's).
+        overrides: more config overrides for every stage (e.g. ``{"dataset_dir": "/data/mine"}``).
+    """
+    bundle, output = Path(bundle).resolve(), Path(output).resolve()
+    unknown = sorted(set(presets) - set(PRESETS))
+    if unknown:
+        raise ValueError(f"unknown presets {unknown}; choose from {', '.join(PRESETS)}.")
+    common = dict(overrides or {})
+    teacher_dir = output / "teacher"
+    teacher_ckpt = str(teacher_dir / "models" / "teacher.pt")
+    runs = [(preset, seed) for seed in seeds for preset in presets]
+    rows: list[dict] = []
+    with tqdm(total=len(runs) + 1, desc="compare", unit="run") as bar:
+        bar.set_postfix_str("teacher")
+        epochs = {"max_epochs": teacher_epochs} if teacher_epochs else {}
+        _run_stage(bundle, "train_teacher", {**common, **_dirs(teacher_dir), **epochs})
+        teacher_eval = {**common, **_dirs(teacher_dir), "networks": "${'teacher': @teacher}"}
+        _run_stage(bundle, "evaluate", teacher_eval)
+        rows += [{**r, "preset": "-", "seed": "-"} for r in _results(teacher_dir)]
+        bar.update()
+        for preset, seed in runs:
+            bar.set_postfix_str(f"{preset} seed {seed}")
+            run_dir = output / preset / f"seed{seed}"
+            settings = {**common, **_dirs(run_dir), "routes_preset": preset, "seed": seed, "teacher_ckpt": teacher_ckpt}
+            if max_epochs:
+                settings["max_epochs"] = max_epochs
+            _run_stage(bundle, "train", settings)
+            _run_stage(bundle, "evaluate", {**settings, "networks": "@students"})
+            rows += [{**r, "preset": preset, "seed": seed} for r in _results(run_dir)]
+            bar.update()
+    networks, shape = _bundle_networks(bundle, common)
+    ms = inference_ms(networks, shape)
+    for row in rows:
+        row["ms_per_image"] = ms[row["network"]]
+    _write(rows, output, presets, seeds)
+    return rows
+
+
+def _write(rows: list[dict], output: Path, presets: Sequence[str], seeds: Sequence[int]) -> None:
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with (output / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    table = summarize(rows)
+    (output / "results.md").write_text(table + "\n")
+    curves = {
+        (p, s): output / p / f"seed{s}" / "eval" / "history_students.csv"
+        for p in presets
+        for s in seeds
+        if (output / p / f"seed{s}" / "eval" / "history_students.csv").is_file()
+    }
+    plot_comparison(rows, curves, output / "comparison.png")
+    print(f"\nMethod comparison ({output / 'results.md'}, plot {output / 'comparison.png'}):\n{table}\n", flush=True)
+
+
+def _metric(rows: Sequence[Mapping]) -> str:
+    return next(m for m in METRICS if any(m in r for r in rows))
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4f} ± {std:.4f}"
+
+
+def summarize(rows: Sequence[Mapping]) -> str:
+    """Markdown table: per preset and network, mean ± std over seeds of each metric, parameters, ms per image."""
+    metrics = [m for m in METRICS if any(m in r for r in rows)]
+    groups: dict[tuple[str, str], list[Mapping]] = {}
+    for r in rows:
+        groups.setdefault((str(r["preset"]), str(r["network"])), []).append(r)
+    table = []
+    for (preset, network), group in groups.items():
+        line: dict[str, Any] = {"method": "teacher" if preset == "-" else preset, "network": network}
+        line["seeds"] = len(group)
+        for m in metrics:
+            line[m] = _mean_std([float(r[m]) for r in group])
+        line["params"] = group[0].get("params")
+        line["ms/image"] = f"{float(group[0]['ms_per_image']):.2f}" if "ms_per_image" in group[0] else None
+        table.append(line)
+    return markdown_table(table)
+
+
+def plot_comparison(rows: Sequence[Mapping], curves: Mapping[tuple[str, int], Path], path: Path) -> None:
+    """Bar chart (mean ± std per preset and student, teacher as a line) and validation curves, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = _metric(rows)
+    students = list(dict.fromkeys(str(r["network"]) for r in rows if r["preset"] != "-"))
+    presets = list(dict.fromkeys(str(r["preset"]) for r in rows if r["preset"] != "-"))
+    fig, (bars, lines) = plt.subplots(1, 2, figsize=(13, 4.8))
+    width = 0.8 / max(len(students), 1)
+    for i, student in enumerate(students):
+        values = [[float(r[metric]) for r in rows if r["preset"] == p and r["network"] == student] for p in presets]
+        means = [statistics.mean(v) if v else 0.0 for v in values]
+        stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+        xs = [j + (i - (len(students) - 1) / 2) * width for j in range(len(presets))]
+        bars.bar(xs, means, width, yerr=stds, capsize=3, label=student)
+    for r in rows:
+        if r["preset"] == "-":
+            bars.axhline(float(r[metric]), color="black", linestyle="--", label=f"teacher ({float(r[metric]):.3f})")
+    bars.set_xticks(range(len(presets)), presets, rotation=20)
+    bars.set_ylabel(f"test {metric}")
+    bars.set_title("test score, mean ± std over seeds")
+    bars.legend(fontsize=8)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (preset, _seed), csv_path in sorted(curves.items()):
+        with csv_path.open(newline="") as f:
+            history = list(csv.DictReader(f))
+        color = colors[presets.index(preset) % len(colors)]
+        for student, style in zip(students, ("-", "--", ":", "-."), strict=False):
+            key = next((k for k in history[0] if k.startswith("val_") and k.endswith(f"_{student}")), None)
+            if key:
+                epochs = [int(h["epoch"]) for h in history]
+                lines.plot(epochs, [float(h[key]) for h in history], style, color=color, alpha=0.8, linewidth=1)
+    for preset in presets:
+        lines.plot([], [], color=colors[presets.index(preset) % len(colors)], label=preset)
+    for student, style in zip(students, ("-", "--", ":", "-."), strict=False):
+        lines.plot([], [], style, color="gray", label=student)
+    lines.set_xlabel("epoch")
+    lines.set_ylabel(f"validation {metric}")
+    lines.set_title("validation curves (every seed)")
+    lines.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _parse_set(items: Sequence[str]) -> dict[str, Any]:
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def _compare_command(args: argparse.Namespace) -> int:
+    overrides = _parse_set(args.set)
+    if args.dataset_dir:
+        overrides["dataset_dir"] = args.dataset_dir
+    compare(
+        args.bundle,
+        presets=[p.strip() for p in args.presets.split(",") if p.strip()],
+        seeds=list(range(args.seeds)),
+        output=args.output,
+        max_epochs=args.max_epochs,
+        teacher_epochs=args.teacher_epochs,
+        overrides=overrides,
+    )
+    return 0
+
+
+def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``python -m medkd compare``."""
+    p = subparsers.add_parser(
+        "compare",
+        help="compare distillation methods (presets) on a bundle over several seeds",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("bundle", help="bundle folder, e.g. bundles/segmentation_2d")
+    p.add_argument("--presets", default=",".join(PRESETS), help=f"comma-separated presets (default: all: {PRESETS})")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default 3)")
+    p.add_argument("--output", default="results", help="output folder (default ./results)")
+    p.add_argument("--max-epochs", type=int, default=None, help="distillation epochs (default: the bundle's)")
+    p.add_argument("--teacher-epochs", type=int, default=None, help="teacher epochs (default: the bundle's)")
+    p.add_argument("--dataset-dir", default=None, help="your data: folder holding dataset.json (default: generated)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any bundle config override")
+    p.set_defaults(handler=_compare_command)
+    return p

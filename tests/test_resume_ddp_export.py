@@ -1,0 +1,134 @@
+"""Holding up: resume after SIGKILL, corrupt checkpoints, full disks, 2-process DDP (gloo), TorchScript export."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from bundle_utils import BASE, BUNDLES, run_stage, stage_command, tiny_overlay
+from monai.bundle import ConfigParser, ckpt_export
+
+from medkd.checkpoints import CheckpointError, load_network_weights, save_or_explain
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _run(cmd, **kwargs):
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, **kwargs)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def test_killed_run_resumes_to_the_same_end(tmp_path):
+    """SIGKILL a DML distillation after its first checkpoint, run the same command again: it resumes from the
+    saved epoch and ends like an uninterrupted run."""
+    epochs = 12
+    overlay = tiny_overlay("segmentation_2d", tmp_path / "tiny.json", routes_preset="dml", max_epochs=epochs)
+    cmd = stage_command("segmentation_2d", "train", tmp_path / "killed", overlay)
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "killed" / "models" / "last.pt"
+    deadline = time.time() + 240
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved_epoch = torch.load(last, weights_only=True)["engine"]["iteration"] // 2  # 2 iterations per epoch
+    assert 1 <= saved_epoch < epochs, "the run must be killed mid-training"
+
+    resumed = _run(cmd)
+    assert f"at epoch {saved_epoch} of {epochs}" in resumed.stdout + resumed.stderr
+    _run(stage_command("segmentation_2d", "train", tmp_path / "straight", overlay))
+    a = torch.load(last, weights_only=True)
+    b = torch.load(tmp_path / "straight" / "models" / "last.pt", weights_only=True)
+    assert a["engine"]["iteration"] == b["engine"]["iteration"] == epochs * 2
+    assert a.keys() == b.keys() >= {"engine", "routes", "student_sp", "student_sf", "optimizer_sp", "best"}
+    assert a["best"]["best"].keys() == {"sp", "sf"}
+
+    again = _run(cmd)  # a finished run is not trained again
+    assert "training already complete" in again.stdout + again.stderr
+
+
+def test_corrupt_or_mismatched_resume_checkpoint_is_named(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "last.pt").write_bytes(b"truncated")
+    with pytest.raises(RuntimeError) as info:  # MONAI's config runner wraps the error of a "run" expression
+        run_stage("segmentation_2d", "train", tmp_path, routes_preset="dml")
+    assert isinstance(info.value.__cause__, CheckpointError)
+    assert "last.pt cannot be read" in str(info.value.__cause__)
+    torch.save({"engine": {}}, tmp_path / "models" / "last.pt")
+    with pytest.raises(RuntimeError) as info:
+        run_stage("segmentation_2d", "train", tmp_path, routes_preset="dml")
+    assert "last.pt lacks" in str(info.value.__cause__) and "another configuration" in str(info.value.__cause__)
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_or_explain({"a": torch.ones(1)}, path)
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    with pytest.raises(CheckpointError, match=r"No space left on device.*previous .*last\.pt is intact"):
+        save_or_explain({"a": torch.zeros(1)}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(1))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
+def test_two_process_gloo_training_keeps_students_identical(tmp_path):
+    run_stage("segmentation_2d", "train_teacher", tmp_path)
+    overlay = tiny_overlay("segmentation_2d", tmp_path / "tiny.json", max_epochs=2)
+    dump = tmp_path / "dump.json"
+    dump.write_text(
+        json.dumps(
+            {
+                "finalize": [
+                    "$torch.save({'students': {k: v.state_dict() for k, v in @students.items()}, "
+                    "'routes': @train#trainer.routes.state_dict(), 'iteration': @train#trainer.state.iteration}, "
+                    "@ckpt_dir + '/rank' + str(dist.get_rank()) + '.pt')",
+                    "$dist.destroy_process_group()",
+                ]
+            }
+        )
+    )
+    cmd = stage_command("segmentation_2d", "train", tmp_path, overlay, BASE / "multi_gpu_train.json", dump)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731"]
+    _run(torchrun + cmd[1:])
+    r0 = torch.load(tmp_path / "models" / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "models" / "rank1.pt", weights_only=True)
+    assert r0["iteration"] == r1["iteration"] == 2  # 4 images, batch 2, split over 2 ranks: 1 iteration per epoch
+    for name in ("sp", "sf"):
+        params = [k for k in r0["students"][name] if "running_" not in k and "num_batches" not in k]
+        assert len(params) > 10
+        for key in params:  # batch-norm buffers are rank-local until DDP broadcasts them at the next forward
+            assert torch.equal(r0["students"][name][key], r1["students"][name][key]), f"{name}.{key} differs"
+    assert r0["routes"].keys() and all(torch.equal(v, r1["routes"][k]) for k, v in r0["routes"].items())
+
+
+def test_torchscript_export_matches_the_checkpoint(tmp_path):
+    run_stage("segmentation_2d", "train", tmp_path, routes_preset="student")
+    configs = [str(BASE / "train.json")]
+    ckpt_export(
+        net_id="student_def",
+        filepath=str(tmp_path / "sp.ts"),
+        ckpt_file=str(tmp_path / "models" / "sp.pt"),
+        key_in_ckpt="sp",
+        meta_file=str(BUNDLES / "segmentation_2d" / "configs" / "metadata.json"),
+        config_file=configs,
+        bundle_root=str(tmp_path),
+    )
+    parser = ConfigParser()
+    parser.read_config(configs)
+    parser["bundle_root"] = str(tmp_path)
+    reference = parser.get_parsed_content("student_def")
+    load_network_weights(reference, tmp_path / "models" / "sp.pt", role="sp")
+    exported = torch.jit.load(str(tmp_path / "sp.ts"))
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), reference.eval()(x))
