@@ -205,6 +205,9 @@ def plot_comparison(rows: Sequence[Mapping], curves: Mapping[tuple[str, int], Pa
     for r in rows:
         if r["preset"] == "-":
             bars.axhline(float(r[metric]), color="black", linestyle="--", label=f"teacher ({float(r[metric]):.3f})")
+    scores = [float(r[metric]) for r in rows]
+    span = max(scores) - min(scores)
+    bars.set_ylim(max(0.0, min(scores) - max(span, 0.02)), min(1.0, max(scores) + max(span, 0.02)))
     bars.set_xticks(range(len(presets)), presets, rotation=20)
     bars.set_ylabel(f"test {metric}")
     bars.set_title("test score, mean ± std over seeds")

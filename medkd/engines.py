@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from monai.data import MetaTensor
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn, default_prepare_batch
 from monai.utils.enums import CommonKeys as Keys
@@ -24,6 +25,16 @@ __all__ = ["DistillationTrainer", "LOSSES"]
 
 LOSSES = "losses"  # engine output key of the per-term losses
 logger = logging.getLogger(__name__)
+
+
+def _plain(x: Any) -> Any:
+    """A ``MetaTensor``'s data as a plain tensor (a view, no copy); anything else unchanged.
+
+    MONAI's ``MetaTensor.__torch_function__`` runs Python metadata bookkeeping on every op of every network and loss
+    (see ``docs/benchmarks.md``), and the training step needs none of the metadata: ``engine.state.output`` keeps
+    the batch as given and the teacher cache reads the sample ids from the raw batch.
+    """
+    return x.as_tensor() if isinstance(x, MetaTensor) else x
 
 
 class DistillationTrainer(Trainer):
@@ -53,7 +64,8 @@ class DistillationTrainer(Trainer):
             :func:`medkd.features.default_feature_layer`.
         example_batch: a batch to size the adapters with; ``None`` takes the first batch of the data loader.
         teacher_cache: optional :class:`medkd.teacher_cache.TeacherCache`, to reuse teacher outputs across epochs
-            when the teacher's inputs are deterministic.
+            when the teacher's inputs are deterministic (samples named by ``meta["filename_or_obj"]``). Its first
+            hit is checked against a recomputed teacher forward (``verify=True``, the default).
         nan_policy: ``"raise"`` stops on a non-finite loss naming the iteration and term, ``"skip"`` skips that
             step with a warning, ``"ignore"`` does not check (no host sync).
         amp: autocast the forward passes; ``amp_kwargs={"dtype": torch.bfloat16}`` for bf16. A gradient scaler is
@@ -173,7 +185,7 @@ class DistillationTrainer(Trainer):
 
     def _build_adapters(self, batchdata: Any) -> None:
         """Size the feature-route adapters from one forward pass and give each to its student's optimizer."""
-        inputs = self.prepare_batch(batchdata, self.state.device, self.non_blocking, **self.to_kwargs)[0]
+        inputs = _plain(self.prepare_batch(batchdata, self.state.device, self.non_blocking, **self.to_kwargs)[0])
         features = {}
         with torch.no_grad():
             for name, extractor in self.extractors.items():
@@ -211,15 +223,19 @@ class DistillationTrainer(Trainer):
         super(Trainer, self).run()
 
     def _teacher_outputs(self, inputs: torch.Tensor, batchdata: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if self.teacher_cache is not None:
-            cached = self.teacher_cache.get(batchdata, self.state.device)
-            if cached is not None:
-                return cached
+        cache = self.teacher_cache
+        cached = cache.get(batchdata, self.state.device) if cache is not None else None
+        if cached is not None and cached[0].shape[0] != inputs.shape[0]:
+            cached = None  # sample ids that do not match the batch (e.g. metadata not collated per sample)
+        if cached is not None and not cache.needs_verification:
+            return cached
         with torch.no_grad():
             logits = self.teacher(inputs)
         features = self.extractors[TEACHER].pop() if TEACHER in self.extractors else {}
-        if self.teacher_cache is not None:
-            self.teacher_cache.put(batchdata, logits, features)
+        if cached is not None:  # first hit: the cached outputs must equal the recomputed ones
+            cache.verify(cached, (logits, features), batchdata)
+        elif cache is not None:
+            cache.put(batchdata, logits, features)
         return logits, features
 
     def _losses(
@@ -253,7 +269,8 @@ class DistillationTrainer(Trainer):
             raise ValueError("Must provide batch data for current iteration.")
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         inputs, targets = batch[0], batch[1]
-        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
+        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}  # as given, metadata included
+        inputs, targets = _plain(inputs), _plain(targets)  # the networks and losses run on plain tensors
         for name, student in engine.students.items():
             student.train()
             engine.optimizers[name].zero_grad(set_to_none=engine.optim_set_to_none)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+from ignite.engine import Engine, Events
 from ignite.metrics import Accuracy
 from monai.engines import Evaluator
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn, default_prepare_batch
 from monai.handlers import ROCAUC, MeanDice, from_engine
 from monai.inferers import Inferer, SimpleInferer
 from monai.transforms import Activationsd, AsDiscreted, Compose
+from monai.utils import ImageMetaKey
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
@@ -22,6 +26,7 @@ __all__ = [
     "segmentation_metrics",
     "classification_postprocessing",
     "classification_metrics",
+    "ProbabilitiesCSV",
 ]
 
 
@@ -155,3 +160,59 @@ def classification_metrics(networks: Sequence[str], with_accuracy: bool = True) 
         if with_accuracy:
             metrics[f"val_acc_{n}"] = Accuracy(output_transform=_stacked(n))
     return metrics
+
+
+class ProbabilitiesCSV:
+    """Write each image's class probabilities to a CSV file at the end of an evaluation, one row per image.
+
+    Columns: ``image`` (the file), ``label`` (class index, when the data has labels), then the probabilities:
+    ``<class>`` for one network (the engine's ``pred``, e.g. ``SupervisedEvaluator``), or ``<network>_<class>`` for
+    each of ``networks`` (``pred_<network>`` of :class:`MultiNetworkEvaluator`). Attach it after a softmax in the
+    postprocessing. Iterations without output (a batch of unreadable files skipped by
+    :func:`medkd.handlers.skip_empty_batches`) add no row.
+
+    Args:
+        output_file: path of the CSV file; its folder is created.
+        class_names: class names, index order.
+        networks: network names of a :class:`MultiNetworkEvaluator`; ``None`` for a single-network evaluator.
+    """
+
+    def __init__(self, output_file: str, class_names: Sequence[str], networks: Sequence[str] | None = None) -> None:
+        self.output_file = output_file
+        self.class_names = [str(c) for c in class_names]
+        self.networks = None if networks is None else list(networks)
+        self.rows: list[tuple[str, int | None, list[float]]] = []
+
+    def attach(self, engine: Engine) -> None:
+        """Collect rows at every iteration of ``engine`` and write the file at the end of each epoch."""
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
+
+    def _keys(self) -> list[str]:
+        return [Keys.PRED] if self.networks is None else [pred_key(n) for n in self.networks]
+
+    def _reset(self, engine: Engine) -> None:
+        self.rows = []
+
+    def _collect(self, engine: Engine) -> None:
+        for item in engine.state.output or []:  # decollated: one dict per image
+            image = item[Keys.IMAGE]
+            meta = getattr(image, "meta", {})
+            label = item.get(Keys.LABEL)
+            if isinstance(label, torch.Tensor):
+                label = int(label.argmax()) if label.numel() > 1 else int(label)
+            probabilities = [float(p) for key in self._keys() for p in torch.as_tensor(item[key]).flatten()]
+            self.rows.append((str(meta.get(ImageMetaKey.FILENAME_OR_OBJ, "")), label, probabilities))
+
+    def _write(self, engine: Engine) -> None:
+        has_label = any(label is not None for _, label, _ in self.rows)
+        columns = self.class_names if self.networks is None else [
+            f"{n}_{c}" for n in self.networks for c in self.class_names
+        ]  # fmt: skip
+        Path(self.output_file).parent.mkdir(parents=True, exist_ok=True)
+        with open(self.output_file, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["image", *(["label"] if has_label else []), *columns])
+            for path, label, probabilities in self.rows:
+                writer.writerow([path, *([label] if has_label else []), *(f"{p:.6f}" for p in probabilities)])

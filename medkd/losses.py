@@ -13,6 +13,33 @@ from torch import nn
 __all__ = ["PredictionDistillationLoss", "FeatureDistillationLoss", "attention_map", "normalize_per_sample"]
 
 
+class _KLSum(torch.autograd.Function):
+    """``scale · Σ p_src · (log p_src − log p_dst)`` with its gradient ``−scale · p_src`` to ``log p_dst`` only.
+
+    The same value as ``F.kl_div(..., reduction="sum", log_target=True)`` but with one elementwise pass forward
+    (besides a dot product) and one backward, where autograd through ``kl_div`` takes about five, plus an ``exp``
+    each way; on CPU, for 3D segmentation logits, this is a large part of a distillation step. (The difference
+    is taken elementwise: two large dot products subtracted lose the digits of a small KL in float32.)
+    """
+
+    @staticmethod
+    def forward(ctx, log_p_dst: torch.Tensor, log_p_src: torch.Tensor, p_src: torch.Tensor, scale: float):
+        with torch.autocast(log_p_dst.device.type, enabled=False):
+            diff = log_p_src - log_p_dst
+            if diff.is_contiguous() and p_src.is_contiguous():
+                value = torch.dot(p_src.reshape(-1), diff.reshape(-1))
+            else:  # e.g. channels_last: same value
+                value = (p_src * diff).sum()
+        ctx.save_for_backward(p_src)
+        ctx.scale = scale
+        return value * scale
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (p_src,) = ctx.saved_tensors
+        return p_src * (grad * -ctx.scale), None, None, None
+
+
 class PredictionDistillationLoss(nn.Module):
     """Temperature-scaled KL divergence ``τ² · KL(σ(z_src/τ) ‖ σ(z_dst/τ))`` (Hinton et al., 2015).
 
@@ -42,30 +69,52 @@ class PredictionDistillationLoss(nn.Module):
         mask: torch.Tensor | None = None,
         target: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if student_logits.shape != source_logits.shape:
+        return self.from_log_probs(
+            self.log_probs(student_logits), self.log_probs(source_logits.detach()), mask=mask, target=target
+        )
+
+    def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """``log σ(z/τ)`` in float32, over the class dimension."""
+        return F.log_softmax(logits.float() / self.temperature, dim=1)
+
+    def from_log_probs(
+        self,
+        log_p_dst: torch.Tensor,
+        log_p_src: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        target: torch.Tensor | None = None,
+        p_src: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The loss from :meth:`log_probs` of the student and of the source (detached here), so that a network's
+        log-probabilities can be shared by several routes at one temperature (``KnowledgeRoutes`` does this).
+        ``p_src``: ``log_p_src.exp()`` when already computed."""
+        if log_p_dst.shape != log_p_src.shape:
             raise ValueError(
-                f"prediction distillation needs logits of one shape, got student {tuple(student_logits.shape)} "
-                f"and source {tuple(source_logits.shape)}: the networks must predict the same classes."
+                f"prediction distillation needs logits of one shape, got student {tuple(log_p_dst.shape)} "
+                f"and source {tuple(log_p_src.shape)}: the networks must predict the same classes."
             )
         tau = self.temperature
-        log_p_dst = F.log_softmax(student_logits.float() / tau, dim=1)
-        log_p_src = F.log_softmax(source_logits.detach().float() / tau, dim=1)
-        kl = (log_p_src.exp() * (log_p_src - log_p_dst)).sum(dim=1, keepdim=True)  # (B, 1, *spatial)
+        log_p_src = log_p_src.detach()
         if self.ignore_index is not None and target is not None:
-            keep = (target != self.ignore_index).to(kl.dtype)
+            keep = (target != self.ignore_index).to(log_p_dst.dtype)
             mask = keep if mask is None else mask * keep
-        if mask is None:
-            return tau * tau * kl.mean()
+        if mask is None:  # the mean over pixels of the KL summed over classes
+            pixels = max(log_p_dst.numel() // max(log_p_dst.shape[1], 1), 1)
+            p_src = log_p_src.exp() if p_src is None else p_src.detach()
+            return _KLSum.apply(log_p_dst, log_p_src, p_src, tau * tau / pixels)
+        kl = F.kl_div(log_p_dst, log_p_src, reduction="none", log_target=True).sum(dim=1, keepdim=True)
         mask = mask.to(kl.dtype).expand_as(kl)
         return tau * tau * (kl * mask).sum() / mask.sum().clamp_min(1.0)
 
 
 def normalize_per_sample(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Standardise each sample of ``(B, ...)`` to zero mean, unit variance over all its other dimensions."""
-    flat = x.flatten(1)
-    mean = flat.mean(dim=1, keepdim=True)
-    std = flat.std(dim=1, keepdim=True, unbiased=False)
-    return ((flat - mean) / (std + eps)).view_as(x)
+    """Standardise each sample of ``(B, ...)`` to zero mean, unit variance over all its other dimensions:
+    ``(x - mean) / sqrt(var + eps²)`` (population variance; a constant sample gives zeros).
+
+    Computed as a layer norm without affine over the non-batch dimensions: one fused kernel forward and backward,
+    about 4x faster than mean/std on CPU.
+    """
+    return F.layer_norm(x, x.shape[1:], eps=eps * eps)
 
 
 def attention_map(x: torch.Tensor) -> torch.Tensor:

@@ -230,10 +230,26 @@ class KnowledgeRoutes(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Unweighted loss of every route, keyed by :attr:`Route.name`."""
         terms = {}
+        # one log-softmax (and one softmax of the detached source) per network and temperature, shared by routes
+        log_probs: dict[tuple[str, float], torch.Tensor] = {}
+        probs: dict[tuple[str, float], torch.Tensor] = {}
+
+        def log_p(network: str, loss: PredictionDistillationLoss) -> torch.Tensor:
+            if (network, loss.temperature) not in log_probs:
+                log_probs[network, loss.temperature] = loss.log_probs(logits[network])
+            return log_probs[network, loss.temperature]
+
+        def p(network: str, loss: PredictionDistillationLoss) -> torch.Tensor:
+            if (network, loss.temperature) not in probs:
+                probs[network, loss.temperature] = log_p(network, loss).detach().exp()
+            return probs[network, loss.temperature]
+
         for r in self.routes:
             key = self._key(r)
             if r.kind == "prediction":
-                terms[r.name] = self.prediction_losses[key](logits[r.target], logits[r.source])
+                loss = self.prediction_losses[key]
+                dst, src = log_p(r.target, loss), log_p(r.source, loss)  # the source is detached in the loss
+                terms[r.name] = loss.from_log_probs(dst, src, p_src=p(r.source, loss))
             else:
                 losses = self.feature_losses[key]
                 terms[r.name] = sum(

@@ -20,7 +20,7 @@ STAGES = {
     bundle: {
         stage: stage_files(BUNDLES / bundle, stage) for stage in ("train_teacher", "train", "evaluate", "inference")
     }
-    for bundle in ("segmentation_2d", "segmentation_3d")
+    for bundle in ("segmentation_2d", "segmentation_3d", "classification_2d")
 }
 
 TINY = {

@@ -80,8 +80,26 @@ def test_inference_skips_a_corrupt_file_and_says_so(tmp_path):
     new.mkdir()
     (new / "a_good.nii.gz").write_bytes((tmp_path / "data" / "images" / "test_000.nii.gz").read_bytes())
     (new / "b_corrupt.nii.gz").write_bytes(b"\x1f\x8b this is not a NIfTI file")
+    # any in-plane size, flipped axes and an offset: the segmentation comes back on the input's grid
+    odd_affine = np.array([[-0.7, 0, 0, 12.0], [0, 1.1, 0, -3.0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(np.random.rand(53, 41).astype(np.float32), odd_affine), new / "c_odd.nii.gz")
     run_stage("segmentation_2d", "inference", tmp_path, input_dir=str(new), output_dir=str(tmp_path / "out"))
     assert (tmp_path / "out" / "a_good_seg.nii.gz").is_file()
+    odd = nib.load(tmp_path / "out" / "c_odd_seg.nii.gz")
+    assert odd.shape == (53, 41)
+    np.testing.assert_allclose(odd.affine, odd_affine, atol=1e-5)
     assert not (tmp_path / "out" / "b_corrupt_seg.nii.gz").exists()
     skipped = (tmp_path / "out" / "skipped.tsv").read_text().splitlines()
     assert len(skipped) == 1 and skipped[0].startswith(str(new / "b_corrupt.nii.gz"))
+
+
+def test_mlflow_tracking_logs_to_a_local_store(tmp_path):
+    import mlflow  # a dev dependency (pip install -e ".[dev]")
+
+    run_stage("segmentation_2d", "train_teacher", tmp_path, tracking="mlflow")
+    store = tmp_path / "eval" / "mlruns.db"
+    assert store.is_file()
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{store}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    logged = {k for r in runs for k in r.data.metrics}
+    assert "val_mean_dice_teacher" in logged and "train_loss" in logged, logged

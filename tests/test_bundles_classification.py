@@ -1,0 +1,121 @@
+"""The 2D classification bundle: metadata, network shapes and every stage on tiny generated data."""
+
+import csv
+import json
+
+import pytest
+import torch
+from bundle_utils import BUNDLES, SCHEMA, STAGES, run_stage
+from monai.bundle import verify_metadata, verify_net_in_out
+
+BUNDLE = "classification_2d"
+CONFIGS = BUNDLES / BUNDLE / "configs"
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_probabilities(row, columns):
+    values = [float(row[c]) for c in columns]
+    assert all(0.0 <= v <= 1.0 for v in values)
+    assert sum(values) == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Teacher and diversified students trained for one epoch on tiny data; the teacher-stage workflow."""
+    root = tmp_path_factory.mktemp("classification")
+    teacher = run_stage(BUNDLE, "train_teacher", root)
+    trainer = run_stage(BUNDLE, "train", root).parser.get_parsed_content("train#trainer")
+    return root, teacher, trainer
+
+
+def test_metadata_is_valid():
+    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(SCHEMA))
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    assert meta["version"] in meta["changelog"]
+    for f in ("LICENSE", "docs/README.md", "configs/logging.conf"):
+        assert (BUNDLES / BUNDLE / f).is_file(), f
+
+
+@pytest.mark.parametrize("net_id", ["teacher_def", "student_def"])
+def test_networks_match_metadata(net_id):
+    verify_net_in_out(
+        net_id=net_id,
+        meta_file=str(CONFIGS / "metadata.json"),
+        config_file=[str(p) for p in STAGES[BUNDLE]["train"]],
+        device="cpu",
+        n=1,
+        num_classes=2,
+    )
+
+
+def test_training_stages(trained):
+    root, teacher, trainer = trained
+    assert (root / "models" / "teacher.pt").is_file()
+    assert teacher.parser.get_parsed_content("class_names") == ["no_lesion", "lesion"]  # the datalist's labels map
+    assert teacher.parser.get_parsed_content("num_classes") == 2
+    assert trainer.state.epoch == 1 and trainer.state.iteration == len(trainer.data_loader) >= 1
+    losses = trainer.state.output["losses"]
+    assert {"sp/prediction<-teacher", "sf/feature<-teacher", "sp/feature<-sf", "sf/prediction<-sp"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    for name in ("sp", "sf"):
+        assert (root / "models" / f"{name}.pt").is_file()
+
+
+def test_evaluate_writes_auc_accuracy_and_probabilities(trained):
+    root = trained[0]
+    run_stage(BUNDLE, "evaluate", root)
+    rows = json.loads((root / "eval" / "results.json").read_text())
+    assert [r["network"] for r in rows] == ["teacher", "sp", "sf"]
+    assert all(0.0 <= r["auc"] <= 1.0 and 0.0 <= r["acc"] <= 1.0 and r["params"] > 0 for r in rows)
+    assert rows[0]["params"] > rows[1]["params"]
+    test = json.loads((root / "data" / "dataset.json").read_text())["test"]
+    per_image = read_csv(root / "eval" / "probabilities.csv")
+    assert len(per_image) == len(test)
+    assert [r["label"] for r in per_image] == [str(case["label"]) for case in test]
+    for row in per_image:
+        for net in ("teacher", "sp", "sf"):
+            assert_probabilities(row, [f"{net}_no_lesion", f"{net}_lesion"])
+    assert "val_auc_teacher" in (root / "eval" / "metrics.csv").read_text()
+
+
+def test_inference_writes_one_row_per_image(trained):
+    root = trained[0]
+    run_stage(BUNDLE, "inference", root)
+    test = json.loads((root / "data" / "dataset.json").read_text())["test"]
+    rows = read_csv(root / "eval" / "predictions" / "probabilities.csv")
+    assert [r["image"] for r in rows] == [str(root / "data" / case["image"]) for case in test]
+    for row in rows:
+        assert_probabilities(row, ["no_lesion", "lesion"])
+
+
+def test_inference_skips_a_corrupt_file_and_says_so(trained):
+    root = trained[0]
+    new = root / "new"
+    new.mkdir()
+    (new / "a_good.png").write_bytes((root / "data" / "images" / "test_0000.png").read_bytes())
+    (new / "b_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a PNG image")
+    out = root / "out"
+    run_stage(BUNDLE, "inference", root, input_dir=str(new), output_dir=str(out), network_name="teacher")
+    rows = read_csv(out / "probabilities.csv")
+    assert [r["image"] for r in rows] == [str(new / "a_good.png")]
+    skipped = (out / "skipped.tsv").read_text().splitlines()
+    assert len(skipped) == 1 and skipped[0].startswith(str(new / "b_corrupt.png"))
+
+
+def test_presets_and_adapters_across_channels_and_sizes(trained):
+    root = trained[0]
+    # a shallower student: its feature map has other channels (22 vs 512) and another size (4x4 vs 2x2)
+    trainer = run_stage(
+        BUNDLE, "train", root, routes_preset="fitnets", ckpt_dir=str(root / "fitnets"),
+        teacher_ckpt=str(root / "models" / "teacher.pt"), **{"student_def#block_config": [2, 2]},
+    ).parser.get_parsed_content("train#trainer")  # fmt: skip
+    assert set(trainer.state.output["losses"]) == {
+        "sp/sup", "sf/sup", "sp/total", "sf/total", "sp/feature<-teacher", "sf/feature<-teacher"
+    }  # fmt: skip
+    adapters = [m for m in trainer.routes.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(adapters) == 2 and all(a.out_channels == 512 and a.in_channels < 512 for a in adapters)
+    assert all(torch.isfinite(v) for v in trainer.state.output["losses"].values())
