@@ -19,7 +19,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _run(cmd, **kwargs):
-    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, **kwargs)
+    done = subprocess.run(
+        cmd, env=ENV, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300, **kwargs
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
