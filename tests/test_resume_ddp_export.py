@@ -83,28 +83,34 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
 
 
-def test_two_process_gloo_training_keeps_students_identical(tmp_path):
-    run_stage("segmentation_2d", "train_teacher", tmp_path)
-    overlay = tiny_overlay("segmentation_2d", tmp_path / "tiny.json", max_epochs=2)
+@pytest.mark.parametrize("bundle", ["segmentation_2d", "classification_2d"])
+def test_two_process_gloo_training_keeps_students_identical(bundle, tmp_path):
+    """The 2D segmentation bundle's multi_gpu_train.json also serves the classification bundle (config merging)."""
+    run_stage(bundle, "train_teacher", tmp_path)
+    overlay = tiny_overlay(bundle, tmp_path / "tiny.json", max_epochs=2, batch_size=2)
     dump = tmp_path / "dump.json"
     dump.write_text(
         json.dumps(
             {
                 "finalize": [
                     "$torch.save({'students': {k: v.state_dict() for k, v in @students.items()}, "
-                    "'routes': @train#trainer.routes.state_dict(), 'iteration': @train#trainer.state.iteration}, "
+                    "'routes': @train#trainer.routes.state_dict(), 'iteration': @train#trainer.state.iteration, "
+                    "'epoch_length': @train#trainer.state.epoch_length}, "
                     "@ckpt_dir + '/rank' + str(dist.get_rank()) + '.pt')",
                     "$dist.destroy_process_group()",
                 ]
             }
         )
     )
-    cmd = stage_command("segmentation_2d", "train", tmp_path, overlay, BASE / "multi_gpu_train.json", dump)
+    cmd = stage_command(bundle, "train", tmp_path, overlay, BASE / "multi_gpu_train.json", dump)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731"]
     _run(torchrun + cmd[1:])
     r0 = torch.load(tmp_path / "models" / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "models" / "rank1.pt", weights_only=True)
-    assert r0["iteration"] == r1["iteration"] == 2  # 4 images, batch 2, split over 2 ranks: 1 iteration per epoch
+    datalist = json.loads((tmp_path / "data" / "dataset.json").read_text())
+    per_rank = -(-len(datalist["training"]) // 2)  # DistributedSampler splits the training list over 2 ranks
+    assert r0["epoch_length"] == r1["epoch_length"] == -(-per_rank // 2)  # batch size 2
+    assert r0["iteration"] == r1["iteration"] == 2 * r0["epoch_length"]
     for name in ("sp", "sf"):
         params = [k for k in r0["students"][name] if "running_" not in k and "num_batches" not in k]
         assert len(params) > 10
