@@ -53,7 +53,8 @@ from monai.networks.nets import UNet
 from medkd.engines import DistillationTrainer
 from medkd.routes import preset_routes
 
-# the bundles' networks (bundles/segmentation_2d|3d/configs/train.json: teacher_def, student_def)
+# the bundles' students and 3D teacher (bundles/segmentation_2d|3d/configs/train.json); the 2D teacher is the
+# (32, 64, 128, 256) U-Net the bundle used when docs/benchmarks.md was measured (it now uses (16, 32, 64, 128))
 SETTINGS = {
     "2d": dict(
         spatial_dims=2,
