@@ -8,8 +8,14 @@ Variants, all in one process on the same batch, with the bundle's networks and s
   feature hint with adapter, sp ↔ sf prediction and feature terms), timed through the real ``engine.run`` on a
   batch collated like the bundle's ``CacheDataset`` + ``DataLoader`` gives it (``MetaTensor`` image and label).
 * ``b_plain`` the same with a plain-tensor batch (what the engine costs without MetaTensor inputs).
+* ``b_dict`` the same as ``b`` with ``decollate=False`` (what decollating the output, as MONAI's handlers expect,
+  costs).
 * ``c`` one MONAI ``SupervisedTrainer`` iteration training a single student on the same MetaTensor batch.
 * ``a_meta`` the floor loop fed the MetaTensor batch: what MONAI's per-op metadata bookkeeping costs.
+
+Networks, loss, learning rate, patch size and batch size (times ``samples_per_volume`` in 3D) are read from the
+bundle's ``train.json`` (``bundles/segmentation_2d``, ``bundles/segmentation_3d``), with 3 classes as in the
+embedded default data.
 
 Engine variants are timed per iteration from one ``ITERATION_COMPLETED`` event to the next (so the batch fetch and
 every event of ``engine.run`` are inside); the floor is timed per step. After warm-up steps, the variants take
@@ -40,71 +46,70 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from ignite.engine import Events
+from monai.bundle import ConfigParser
 from monai.data import MetaTensor, list_data_collate
 from monai.engines import SupervisedTrainer
 from monai.inferers import SimpleInferer
-from monai.losses import DiceCELoss
-from monai.networks.nets import UNet
 
+from medkd.bundles import stage_files
 from medkd.engines import DistillationTrainer
 from medkd.routes import preset_routes
+from medkd.synthetic import SEGMENTATION_CLASSES
 
-# the bundles' students and 3D teacher (bundles/segmentation_2d|3d/configs/train.json); the 2D teacher is the
-# (32, 64, 128, 256) U-Net the bundle used when docs/benchmarks.md was measured (it now uses (16, 32, 64, 128))
-SETTINGS = {
-    "2d": dict(
-        spatial_dims=2,
-        batch_size=8,
-        size=128,
-        teacher=(32, 64, 128, 256),
-        student=(8, 16, 32, 64),
-        repeats=20,
-        warmup=3,
-    ),
-    "3d": dict(
-        spatial_dims=3,
-        batch_size=2,
-        size=64,
-        teacher=(16, 32, 64, 128),
-        student=(4, 8, 16, 32),
-        repeats=6,
-        warmup=2,
-    ),
+REPO = Path(__file__).resolve().parents[1]
+SETTINGS = {  # which bundle, and how many steps to time
+    "2d": dict(bundle="segmentation_2d", repeats=20, warmup=3),
+    "3d": dict(bundle="segmentation_3d", repeats=6, warmup=2),
 }
-IN_CHANNELS, NUM_CLASSES, LR = 1, 3, 2e-3
 STUDENTS = ("sp", "sf")
 
 
-def make_unet(spatial_dims: int, channels: tuple[int, ...], num_res_units: int, seed: int) -> UNet:
-    torch.manual_seed(seed)
-    return UNet(
-        spatial_dims=spatial_dims,
-        in_channels=IN_CHANNELS,
-        out_channels=NUM_CLASSES,
-        channels=channels,
-        strides=(2,) * (len(channels) - 1),
-        num_res_units=num_res_units,
-        norm="batch",
+def bundle_setting(setting: str) -> dict:
+    """The bundle's training settings: a parser to build its networks and loss, and the batch geometry."""
+    bundle = REPO / "bundles" / SETTINGS[setting]["bundle"]
+    parser = ConfigParser()
+    parser.read_config([str(p) for p in stage_files(bundle, "train")])
+    parser["bundle_root"] = str(bundle)
+    parser["class_names"] = list(SEGMENTATION_CLASSES)  # the embedded default's classes, without reading a datalist
+    per_volume = parser.get_parsed_content("samples_per_volume") if "samples_per_volume" in parser else 1
+    return dict(
+        SETTINGS[setting],
+        parser=parser,
+        spatial_dims=parser.get_parsed_content("spatial_dims"),
+        in_channels=parser.get_parsed_content("in_channels"),
+        num_classes=parser.get_parsed_content("num_classes"),
+        batch_size=parser.get_parsed_content("batch_size") * per_volume,
+        size=list(parser.get_parsed_content("patch_size")),
+        lr=parser.get_parsed_content("learning_rate"),
+        teacher=tuple(parser.get_parsed_content("teacher_def#channels")),
+        student=tuple(parser.get_parsed_content("student_def#channels")),
     )
 
 
-def make_loss() -> DiceCELoss:
-    return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)  # as the bundle's "loss"
+def make_network(cfg: dict, role: str, seed: int) -> torch.nn.Module:
+    """A fresh ``teacher_def`` / ``student_def`` of the bundle, initialised from ``seed``."""
+    torch.manual_seed(seed)
+    return cfg["parser"].get_parsed_content(f"{role}_def", lazy=False)
 
 
-def make_batch(spatial_dims: int, batch_size: int, size: int, seed: int = 0) -> dict:
+def make_loss(cfg: dict) -> torch.nn.Module:
+    return cfg["parser"].get_parsed_content("loss", lazy=False)
+
+
+def make_batch(cfg: dict, seed: int = 0) -> dict:
     """A batch as the bundle's DataLoader collates it: MetaTensor image/label with per-sample file names."""
     rng = np.random.RandomState(seed)
-    shape = (IN_CHANNELS,) + (size,) * spatial_dims
+    shape = (cfg["in_channels"], *cfg["size"])
     samples = []
-    for i in range(batch_size):
+    for i in range(cfg["batch_size"]):
         image = rng.rand(*shape).astype(np.float32)
-        label = np.floor(rng.rand(1, *shape[1:]) * NUM_CLASSES).astype(np.int64)
-        meta = {"filename_or_obj": f"sample_{i:03d}.nii.gz", "affine": torch.eye(spatial_dims + 1)}
+        label = np.floor(rng.rand(1, *shape[1:]) * cfg["num_classes"]).astype(np.int64)
+        meta = {"filename_or_obj": f"sample_{i:03d}.nii.gz", "affine": torch.eye(cfg["spatial_dims"] + 1)}
         samples.append({"image": MetaTensor(image, meta=dict(meta)), "label": MetaTensor(label, meta=dict(meta))})
     return list_data_collate(samples)
 
@@ -210,10 +215,10 @@ def floor_variant(cfg: dict, dev: Device, batch: dict, meta: bool = False) -> Va
     cost of MetaTensor's per-op bookkeeping, which the engine avoids by unwrapping the batch.
     """
     sd = cfg["spatial_dims"]
-    teacher = dev.network(make_unet(sd, cfg["teacher"], 2, seed=0), sd).eval().requires_grad_(False)
-    students = [dev.network(make_unet(sd, cfg["student"], 1, seed=1 + i), sd).train() for i in range(2)]
-    optimizers = [torch.optim.Adam(s.parameters(), lr=LR) for s in students]
-    loss_function = make_loss()
+    teacher = dev.network(make_network(cfg, "teacher", seed=0), sd).eval().requires_grad_(False)
+    students = [dev.network(make_network(cfg, "student", seed=1 + i), sd).train() for i in range(2)]
+    optimizers = [torch.optim.Adam(s.parameters(), lr=cfg["lr"]) for s in students]
+    loss_function = make_loss(cfg)
     batch = dev.batch(batch if meta else plain_batch(batch))
     inputs, targets = batch["image"], batch["label"]
 
@@ -262,12 +267,12 @@ def _engine_block_runner(engine, dev: Device) -> Callable[[int], list[tuple[floa
     return run_block
 
 
-def distillation_variant(cfg: dict, dev: Device, batch: dict, meta: bool) -> Variant:
+def distillation_variant(cfg: dict, dev: Device, batch: dict, meta: bool, decollate: bool = True) -> Variant:
     """b: one DistillationTrainer iteration, diversified preset, through the ignite engine."""
     sd = cfg["spatial_dims"]
-    teacher = dev.network(make_unet(sd, cfg["teacher"], 2, seed=0), sd)
-    students = {n: dev.network(make_unet(sd, cfg["student"], 1, seed=1 + i), sd) for i, n in enumerate(STUDENTS)}
-    optimizers = {n: torch.optim.Adam(s.parameters(), lr=LR) for n, s in students.items()}
+    teacher = dev.network(make_network(cfg, "teacher", seed=0), sd)
+    students = {n: dev.network(make_network(cfg, "student", seed=1 + i), sd) for i, n in enumerate(STUDENTS)}
+    optimizers = {n: torch.optim.Adam(s.parameters(), lr=cfg["lr"]) for n, s in students.items()}
     batch = dev.batch(batch if meta else plain_batch(batch))
     trainer = DistillationTrainer(
         device=dev.device,
@@ -275,28 +280,31 @@ def distillation_variant(cfg: dict, dev: Device, batch: dict, meta: bool) -> Var
         train_data_loader=[batch],
         students=students,
         optimizers=optimizers,
-        loss_function=make_loss(),
+        loss_function=make_loss(cfg),
         teacher=teacher,
         routes=preset_routes("diversified", list(STUDENTS)),
         amp=dev.amp_dtype is not None,
         amp_kwargs={"dtype": dev.amp_dtype} if dev.amp_dtype is not None else None,
+        decollate=decollate,
     )
     trainer.routes.to(memory_format=dev.memory_format(sd + 2))
     name, what = ("b", "MetaTensor batch, as the bundle") if meta else ("b_plain", "plain-tensor batch")
+    if not decollate:
+        name, what = f"{name}_dict", f"{what}, decollate=False"
     return Variant(name, f"DistillationTrainer diversified, engine.run ({what})", _engine_block_runner(trainer, dev))
 
 
 def supervised_variant(cfg: dict, dev: Device, batch: dict) -> Variant:
     """c: one MONAI SupervisedTrainer iteration training one student (reference)."""
     sd = cfg["spatial_dims"]
-    student = dev.network(make_unet(sd, cfg["student"], 1, seed=1), sd)
+    student = dev.network(make_network(cfg, "student", seed=1), sd)
     trainer = SupervisedTrainer(
         device=dev.device,
         max_epochs=1,
         train_data_loader=[dev.batch(batch)],
         network=student,
-        optimizer=torch.optim.Adam(student.parameters(), lr=LR),
-        loss_function=make_loss(),
+        optimizer=torch.optim.Adam(student.parameters(), lr=cfg["lr"]),
+        loss_function=make_loss(cfg),
         inferer=SimpleInferer(),
         amp=dev.amp_dtype is not None,
         amp_kwargs={"dtype": dev.amp_dtype} if dev.amp_dtype is not None else None,
@@ -306,13 +314,14 @@ def supervised_variant(cfg: dict, dev: Device, batch: dict) -> Variant:
 
 # ---------------------------------------------------------------------------------------------------- measuring
 def measure(setting: str, dev: Device, repeats: int | None, warmup: int | None, profile: bool) -> dict:
-    cfg = SETTINGS[setting]
+    cfg = bundle_setting(setting)
     repeats, warmup = repeats or cfg["repeats"], cfg["warmup"] if warmup is None else warmup
-    batch = make_batch(cfg["spatial_dims"], cfg["batch_size"], cfg["size"])
+    batch = make_batch(cfg)
     variants = [
         floor_variant(cfg, dev, batch),
         distillation_variant(cfg, dev, batch, meta=True),
         distillation_variant(cfg, dev, batch, meta=False),
+        distillation_variant(cfg, dev, batch, meta=True, decollate=False),
         supervised_variant(cfg, dev, batch),
         floor_variant(cfg, dev, batch, meta=True),
     ]
@@ -329,7 +338,7 @@ def measure(setting: str, dev: Device, repeats: int | None, warmup: int | None, 
     if profile:
         for v in variants[:2]:
             profile_variant(v, 2)
-    floor, sup = variants[0], variants[3]
+    floor, sup = variants[0], variants[4]
     rows = []
     for v in variants:
         wall_ms = statistics.median(v.wall) * 1e3
@@ -355,6 +364,8 @@ def measure(setting: str, dev: Device, repeats: int | None, warmup: int | None, 
         spatial_dims=cfg["spatial_dims"],
         batch_size=cfg["batch_size"],
         size=cfg["size"],
+        in_channels=cfg["in_channels"],
+        num_classes=cfg["num_classes"],
         teacher_channels=cfg["teacher"],
         student_channels=cfg["student"],
         warmup_steps=warmup,
@@ -376,10 +387,10 @@ def profile_variant(v: Variant, block: int) -> None:
 def print_table(result: dict, dev: Device) -> None:
     memory = "peak MiB (CUDA max allocated)" if dev.cuda else "peak RSS growth MiB"
     print(
-        f"\n{result['setting']}: batch {result['batch_size']}, {result['size']}^{result['spatial_dims']}, "
-        f"{IN_CHANNELS} channel, {NUM_CLASSES} classes; teacher {result['teacher_channels']}, students "
-        f"{result['student_channels']}; {result['warmup_steps']} warm-up + {result['measured_steps']} measured steps "
-        "per variant, interleaved"
+        f"\n{result['setting']}: batch {result['batch_size']}, {'x'.join(map(str, result['size']))}, "
+        f"{result['in_channels']} channel, {result['num_classes']} classes; teacher {result['teacher_channels']}, "
+        f"students {result['student_channels']}; {result['warmup_steps']} warm-up + {result['measured_steps']} "
+        "measured steps per variant, interleaved"
     )
     print(f"| variant | median ms (IQR) | CPU ms | ×a | ×a (CPU) | ×c | images/s | {memory} | what |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")

@@ -31,7 +31,7 @@ from monai.networks.nets import UNet
 from monai.transforms import Compose, EnsureTyped, Orientationd, ScaleIntensityRangePercentilesd, Spacingd
 
 from medkd.data import LoadMedicalImaged
-from medkd.engines import DistillationTrainer
+from medkd.engines import DistillationTrainer, iteration_losses
 from medkd.synthetic import ensure_segmentation_data
 from medkd.teacher_cache import TeacherCache
 
@@ -83,7 +83,8 @@ def train(loader: DataLoader, epochs: int, cache: TeacherCache | None, seed: int
 
     def epoch_done(engine) -> None:
         epoch_times.append(time.perf_counter() - start["t"])
-        losses.append(float(engine.state.output["loss"]))
+        terms = iteration_losses(engine.state.output)
+        losses.append(sum(float(v) for k, v in terms.items() if k.endswith("/total")))
 
     trainer.add_event_handler(Events.EPOCH_COMPLETED, epoch_done)
     trainer.run()

@@ -80,7 +80,8 @@ def _bundle_networks(bundle: Path, overrides: Mapping[str, Any]) -> tuple[dict[s
     for key, value in overrides.items():
         parser[key] = value
     networks = {"teacher": parser.get_parsed_content("teacher_def"), **parser.get_parsed_content("students")}
-    shape = [1, parser.get_parsed_content("in_channels"), *parser.get_parsed_content("patch_size")]
+    size_key = "patch_size" if "patch_size" in parser else "image_size"  # segmentation / classification bundles
+    shape = [1, parser.get_parsed_content("in_channels"), *parser.get_parsed_content(size_key)]
     return {k: v.cpu() for k, v in networks.items()}, shape
 
 

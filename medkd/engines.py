@@ -12,6 +12,7 @@ import torch
 from monai.data import MetaTensor
 from monai.engines import Trainer
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn, default_prepare_batch
+from monai.transforms import Decollated
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 from torch.optim import Optimizer
@@ -21,10 +22,16 @@ from medkd.features import FeatureExtractor, default_feature_layer, unwrap
 from medkd.routes import TEACHER, KnowledgeRoutes, Route, parse_routes
 from medkd.teacher_cache import TeacherCache
 
-__all__ = ["DistillationTrainer", "LOSSES"]
+__all__ = ["DistillationTrainer", "LOSSES", "iteration_losses"]
 
 LOSSES = "losses"  # engine output key of the per-term losses
 logger = logging.getLogger(__name__)
+
+
+def iteration_losses(output: Mapping | Sequence[Mapping]) -> Mapping[str, float | torch.Tensor]:
+    """Every loss term of a :class:`DistillationTrainer` iteration, from ``engine.state.output`` decollated (a list
+    of per-sample dicts, each holding the terms as floats) or not (one dict of detached 0-d tensors)."""
+    return (output if isinstance(output, Mapping) else output[0])[LOSSES]
 
 
 def _plain(x: Any) -> Any:
@@ -45,8 +52,11 @@ class DistillationTrainer(Trainer):
     Peer signals are detached, so each student is updated only by its own loss. It fires MONAI's
     ``IterationEvents`` like ``SupervisedTrainer`` and returns in ``engine.state.output``:
     ``image``, ``label``, ``pred`` (logits per network name), ``loss`` (sum of the students' totals) and
-    ``losses`` (every term, detached: ``"<student>/sup"``, ``"<student>/<kind><-<source>"`` unweighted, and
-    ``"<student>/total"`` weighted).
+    ``losses`` (every term, detached: ``"<student>/sup"``, ``"<student>/<kind>_from_<source>"`` unweighted, and
+    ``"<student>/total"`` weighted). As in ``SupervisedTrainer``, ``decollate=True`` (the default) turns that dict
+    into a list of per-sample dicts with ``loss`` and ``losses`` replicated as floats, so MONAI handlers configured
+    the usual way (``from_engine(["loss"], first=True)``, ``--tracking mlflow``) read it unchanged;
+    :func:`iteration_losses` reads the terms from either form.
 
     Args:
         device: device to run on.
@@ -100,7 +110,7 @@ class DistillationTrainer(Trainer):
         amp: bool = False,
         event_names: list | None = None,
         event_to_attr: dict | None = None,
-        decollate: bool = False,
+        decollate: bool = True,
         optim_set_to_none: bool = True,
         to_kwargs: dict | None = None,
         amp_kwargs: dict | None = None,
@@ -177,6 +187,20 @@ class DistillationTrainer(Trainer):
         teacher.to(self.state.device).eval()
         teacher.requires_grad_(False)
         return teacher
+
+    def _register_decollate(self) -> None:
+        """Decollate batch and output after each iteration like MONAI's ``Workflow``, keeping the per-term losses
+        whole (as floats) in every item: ``decollate_batch`` would iterate a dict holding only scalars by its keys."""
+        transform = Decollated(keys=None, detach=True)
+
+        @self.on(IterationEvents.MODEL_COMPLETED)
+        def _decollate_data(engine: DistillationTrainer) -> None:
+            if isinstance(engine.state.batch, (list, dict)):
+                engine.state.batch = transform(engine.state.batch)
+            output = engine.state.output
+            if isinstance(output, dict):
+                terms = {name: float(value) for name, value in output.pop(LOSSES, {}).items()}
+                engine.state.output = [{**item, LOSSES: dict(terms)} for item in transform(output)]
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if not self.amp:

@@ -14,7 +14,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar as _IgniteProgressBar
 
 from medkd.checkpoints import CheckpointError, load_checkpoint, load_network_weights, save_or_explain
-from medkd.engines import LOSSES
+from medkd.engines import iteration_losses
 from medkd.features import unwrap
 
 __all__ = [
@@ -31,22 +31,23 @@ __all__ = [
 ]
 
 
-def loss_terms(output: dict) -> dict[str, torch.Tensor]:
+def loss_terms(output: dict | list[dict]) -> dict[str, float | torch.Tensor]:
     """Output transform giving every loss term of a ``DistillationTrainer`` iteration, for MONAI's
     ``StatsHandler`` / ``TensorBoardStatsHandler`` (which log each key of a dict)."""
-    return output[LOSSES]
+    return dict(iteration_losses(output))
 
 
-def student_totals(output: dict) -> dict[str, float]:
-    """Each student's total loss as a float (one host sync per student), for the progress bar."""
-    return {k.split("/")[0]: float(v) for k, v in output[LOSSES].items() if k.endswith("/total")}
+def student_totals(output: dict | list[dict]) -> dict[str, float]:
+    """Each student's total loss as a float, for the progress bar."""
+    return {k.split("/")[0]: float(v) for k, v in iteration_losses(output).items() if k.endswith("/total")}
 
 
 class EpochLossTerms:
     """Average every loss term over the epoch into ``engine.state.metrics["loss/<term>"]``.
 
-    Terms are summed on the device and read once per epoch, so the handler adds no per-iteration host sync.
     MONAI's ``StatsHandler``, ``TensorBoardStatsHandler`` and ``MLFlowHandler`` then log them with the metrics.
+    With a trainer that does not decollate, the terms are summed on the device and read once per epoch (no
+    per-iteration host sync).
     """
 
     def attach(self, engine: Engine) -> None:
@@ -56,12 +57,12 @@ class EpochLossTerms:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._summarise)
 
     def _reset(self, engine: Engine) -> None:
-        self._sums: dict[str, torch.Tensor] = defaultdict(float)  # type: ignore[arg-type]
+        self._sums: dict[str, torch.Tensor | float] = defaultdict(float)
         self._count = 0
 
     def _accumulate(self, engine: Engine) -> None:
-        for name, value in engine.state.output[LOSSES].items():
-            self._sums[name] = self._sums[name] + value.detach().float()
+        for name, value in iteration_losses(engine.state.output).items():
+            self._sums[name] = self._sums[name] + (value.float() if isinstance(value, torch.Tensor) else value)
         self._count += 1
 
     def _summarise(self, engine: Engine) -> None:

@@ -49,8 +49,8 @@ class Route:
 
     @property
     def name(self) -> str:
-        """Key of this route's term in the engine output, e.g. ``"sp/prediction<-teacher"``."""
-        return f"{self.target}/{self.kind}<-{self.source}"
+        """Key of this route's term in the engine output, e.g. ``"sp/prediction_from_teacher"``."""
+        return f"{self.target}/{self.kind}_from_{self.source}"
 
     def to_dict(self) -> dict:
         """JSON-serialisable form (the same keys accepted by :func:`parse_routes`)."""

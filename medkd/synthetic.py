@@ -7,7 +7,7 @@ Bundles call these from their ``initialize`` step; an existing datalist is never
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -31,6 +31,19 @@ def _write_datalist(root: Path, name: str, labels: Sequence[str], splits: dict[s
     path = root / "dataset.json"
     path.write_text(json.dumps(datalist, indent=2))
     return path
+
+
+def _generate(counts: Sequence[int], desc: str, make_case: Callable[[str, int], dict]) -> dict[str, list[dict]]:
+    """Call ``make_case(split, index)`` for every case of every split, in order, with a progress bar; return the
+    datalist entries it gives, by split."""
+    splits: dict[str, list[dict]] = {}
+    with tqdm(total=sum(counts), desc=desc) as bar:
+        for split, count in zip(SPLITS, counts, strict=True):
+            splits[split] = []
+            for i in range(count):
+                splits[split].append(make_case(split, i))
+                bar.update()
+    return splits
 
 
 def ensure_segmentation_data(
@@ -58,28 +71,26 @@ def ensure_segmentation_data(
     (root / "labels").mkdir(parents=True, exist_ok=True)
     rng = np.random.RandomState(seed)
     affine = np.diag([spacing] * spatial_dims + [1.0] * (4 - spatial_dims))
-    splits: dict[str, list[dict]] = {}
-    total = sum(counts)
-    with tqdm(total=total, desc=f"generating {total} synthetic {spatial_dims}D cases in {root}") as bar:
-        for split, count in zip(SPLITS, counts, strict=True):
-            splits[split] = []
-            for i in range(count):
-                if spatial_dims == 2:
-                    image, label = create_test_image_2d(
-                        size, size, num_objs=8, rad_max=size // 7, rad_min=size // 20, noise_max=0.35,
-                        num_seg_classes=2, random_state=rng,
-                    )  # fmt: skip
-                else:
-                    image, label = create_test_image_3d(
-                        size, size, size, num_objs=8, rad_max=size // 6, rad_min=size // 16, noise_max=0.35,
-                        num_seg_classes=2, random_state=rng,
-                    )  # fmt: skip
-                label = np.clip(label, 0, 2)  # two intensity levels -> classes 1 and 2
-                name = f"{split}_{i:03d}.nii.gz"
-                nib.save(nib.Nifti1Image(image.astype(np.float32), affine), root / "images" / name)
-                nib.save(nib.Nifti1Image(label.astype(np.uint8), affine), root / "labels" / name)
-                splits[split].append({"image": f"images/{name}", "label": f"labels/{name}"})
-                bar.update()
+
+    def make_case(split: str, i: int) -> dict:
+        if spatial_dims == 2:
+            image, label = create_test_image_2d(
+                size, size, num_objs=8, rad_max=size // 7, rad_min=size // 20, noise_max=0.35,
+                num_seg_classes=2, random_state=rng,
+            )  # fmt: skip
+        else:
+            image, label = create_test_image_3d(
+                size, size, size, num_objs=8, rad_max=size // 6, rad_min=size // 16, noise_max=0.35,
+                num_seg_classes=2, random_state=rng,
+            )  # fmt: skip
+        label = np.clip(label, 0, 2)  # two intensity levels -> classes 1 and 2
+        name = f"{split}_{i:03d}.nii.gz"
+        nib.save(nib.Nifti1Image(image.astype(np.float32), affine), root / "images" / name)
+        nib.save(nib.Nifti1Image(label.astype(np.uint8), affine), root / "labels" / name)
+        return {"image": f"images/{name}", "label": f"labels/{name}"}
+
+    desc = f"generating {sum(counts)} synthetic {spatial_dims}D cases in {root}"
+    splits = _generate(counts, desc, make_case)
     return str(_write_datalist(root, f"synthetic_seg{spatial_dims}d", SEGMENTATION_CLASSES, splits))
 
 
@@ -107,24 +118,21 @@ def ensure_classification_data(
     (root / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.RandomState(seed)
     yy, xx = np.mgrid[:size, :size]
-    splits: dict[str, list[dict]] = {}
-    total = sum(counts)
-    with tqdm(total=total, desc=f"generating {total} synthetic 2D images in {root}") as bar:
-        for split, count in zip(SPLITS, counts, strict=True):
-            splits[split] = []
-            for i in range(count):
-                label = i % 2
-                image = rng.normal(0.3, 0.12, (size, size))
-                for _ in range(rng.randint(2, 5)):  # distracting large faint blobs in both classes
-                    cy, cx, r = rng.randint(0, size, 2).tolist() + [rng.randint(size // 6, size // 3)]
-                    image += 0.15 * ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r)
-                if label:
-                    cy, cx = rng.randint(size // 6, size - size // 6, 2)
-                    r = rng.randint(size // 20, size // 10)
-                    image += lesion_contrast * ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r)
-                pixels = (np.clip(image, 0, 1) * 255).astype(np.uint8)
-                name = f"{split}_{i:04d}.png"
-                Image.fromarray(pixels).save(root / "images" / name)
-                splits[split].append({"image": f"images/{name}", "label": label})
-                bar.update()
+
+    def make_case(split: str, i: int) -> dict:
+        label = i % 2
+        image = rng.normal(0.3, 0.12, (size, size))
+        for _ in range(rng.randint(2, 5)):  # distracting large faint blobs in both classes
+            cy, cx, r = rng.randint(0, size, 2).tolist() + [rng.randint(size // 6, size // 3)]
+            image += 0.15 * ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r)
+        if label:
+            cy, cx = rng.randint(size // 6, size - size // 6, 2)
+            r = rng.randint(size // 20, size // 10)
+            image += lesion_contrast * ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r)
+        pixels = (np.clip(image, 0, 1) * 255).astype(np.uint8)
+        name = f"{split}_{i:04d}.png"
+        Image.fromarray(pixels).save(root / "images" / name)
+        return {"image": f"images/{name}", "label": label}
+
+    splits = _generate(counts, f"generating {sum(counts)} synthetic 2D images in {root}", make_case)
     return str(_write_datalist(root, "synthetic_lesion_cls2d", ("no_lesion", "lesion"), splits))

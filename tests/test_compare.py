@@ -9,10 +9,17 @@ import torch
 from bundle_utils import BUNDLES, REPO, TINY
 from monai.networks.nets import UNet
 
-from medkd.compare import compare
+from medkd.compare import _bundle_networks, compare
 from medkd.features import FeatureExtractor, default_feature_layer
 from medkd.routes import KnowledgeRoutes, parse_routes
 from medkd.synthetic import ensure_segmentation_data
+
+
+def test_timing_input_is_the_bundles_patch_or_image_size():
+    nets, shape = _bundle_networks(BUNDLES / "segmentation_3d", {"patch_size": [24, 24, 16]})
+    assert shape == [1, 1, 24, 24, 16] and {"teacher", "sp", "sf"} <= set(nets)
+    _, shape = _bundle_networks(BUNDLES / "classification_2d", {"image_size": [48, 40]})  # no patch_size there
+    assert shape == [1, 1, 48, 40]
 
 
 def test_compare_writes_csv_table_and_plot(tmp_path):

@@ -1,12 +1,15 @@
 """DistillationTrainer: frozen teacher, routes that reach only their students, every preset trains."""
 
+import math
+
 import pytest
 import torch
 from conftest import tiny_batches, tiny_unet
 from ignite.engine import Events
+from monai.handlers import from_engine
 from monai.losses import DiceCELoss
 
-from medkd.engines import DistillationTrainer
+from medkd.engines import DistillationTrainer, iteration_losses
 from medkd.handlers import EpochLossTerms
 from medkd.routes import PRESETS, Route
 
@@ -35,13 +38,38 @@ def test_teacher_gets_no_gradient_and_does_not_change(batches):
     assert all(p.grad is None and not p.requires_grad for p in trainer.teacher.parameters())
     for k, v in trainer.teacher.state_dict().items():
         assert torch.equal(v, before[k]), k
-    terms = trainer.state.output["losses"]
+    terms = iteration_losses(trainer.state.output)
     assert set(terms) == {
         "sp/sup", "sf/sup", "sp/total", "sf/total",
-        "sp/prediction<-teacher", "sf/feature<-teacher",
-        "sp/prediction<-sf", "sf/prediction<-sp", "sp/feature<-sf", "sf/feature<-sp",
+        "sp/prediction_from_teacher", "sf/feature_from_teacher",
+        "sp/prediction_from_sf", "sf/prediction_from_sp", "sp/feature_from_sf", "sf/feature_from_sp",
     }  # fmt: skip
-    assert all(torch.isfinite(v) for v in terms.values())
+    assert all(math.isfinite(v) for v in terms.values())
+
+
+def test_output_is_decollated_like_supervised_trainer_or_kept_as_one_dict(batches):
+    """decollate=True (default): per-sample dicts with the loss replicated as a float, so MONAI handlers configured
+    for SupervisedTrainer (from_engine(["loss"], first=True): MLflow, StatsHandler) read it; decollate=False: one
+    dict of detached tensors. Both give the same terms, and EpochLossTerms averages either."""
+    outputs = {}
+    for decollate in (True, False):
+        torch.manual_seed(0)
+        trainer = make_trainer(batches[:1], decollate=decollate)
+        EpochLossTerms().attach(trainer)
+        trainer.run()
+        outputs[decollate] = (trainer.state.output, trainer.state.metrics)
+    (items, metrics), (single, single_metrics) = outputs[True], outputs[False]
+    assert isinstance(items, list) and len(items) == batches[0]["image"].shape[0]
+    loss = from_engine(["loss"], first=True)(items)
+    assert isinstance(loss, float) and all(item["loss"] == loss for item in items)
+    assert isinstance(single, dict) and single["loss"].ndim == 0
+    assert items[0]["pred"]["sp"].shape == single["pred"]["sp"].shape[1:]
+    assert loss == pytest.approx(float(single["loss"]), rel=1e-5)
+    terms, single_terms = iteration_losses(items), iteration_losses(single)
+    assert set(terms) == set(single_terms) and all(
+        terms[k] == pytest.approx(float(single_terms[k]), rel=1e-5, abs=1e-7) for k in terms
+    )
+    assert metrics["loss/sp/total"] == pytest.approx(single_metrics["loss/sp/total"], rel=1e-5)
 
 
 def _grads(module):
