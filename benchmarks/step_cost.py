@@ -46,59 +46,23 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
+from bundle_settings import bundle_setting, make_loss, make_network
 from ignite.engine import Events
-from monai.bundle import ConfigParser
 from monai.data import MetaTensor, list_data_collate
 from monai.engines import SupervisedTrainer
 from monai.inferers import SimpleInferer
 
-from medkd.bundles import stage_files
 from medkd.engines import DistillationTrainer
 from medkd.routes import preset_routes
-from medkd.synthetic import SEGMENTATION_CLASSES
 
-REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {  # which bundle, and how many steps to time
     "2d": dict(bundle="segmentation_2d", repeats=20, warmup=3),
     "3d": dict(bundle="segmentation_3d", repeats=6, warmup=2),
 }
 STUDENTS = ("sp", "sf")
-
-
-def bundle_setting(setting: str) -> dict:
-    """The bundle's training settings: a parser to build its networks and loss, and the batch geometry."""
-    bundle = REPO / "bundles" / SETTINGS[setting]["bundle"]
-    parser = ConfigParser()
-    parser.read_config([str(p) for p in stage_files(bundle, "train")])
-    parser["bundle_root"] = str(bundle)
-    parser["class_names"] = list(SEGMENTATION_CLASSES)  # the embedded default's classes, without reading a datalist
-    per_volume = parser.get_parsed_content("samples_per_volume") if "samples_per_volume" in parser else 1
-    return dict(
-        SETTINGS[setting],
-        parser=parser,
-        spatial_dims=parser.get_parsed_content("spatial_dims"),
-        in_channels=parser.get_parsed_content("in_channels"),
-        num_classes=parser.get_parsed_content("num_classes"),
-        batch_size=parser.get_parsed_content("batch_size") * per_volume,
-        size=list(parser.get_parsed_content("patch_size")),
-        lr=parser.get_parsed_content("learning_rate"),
-        teacher=tuple(parser.get_parsed_content("teacher_def#channels")),
-        student=tuple(parser.get_parsed_content("student_def#channels")),
-    )
-
-
-def make_network(cfg: dict, role: str, seed: int) -> torch.nn.Module:
-    """A fresh ``teacher_def`` / ``student_def`` of the bundle, initialised from ``seed``."""
-    torch.manual_seed(seed)
-    return cfg["parser"].get_parsed_content(f"{role}_def", lazy=False)
-
-
-def make_loss(cfg: dict) -> torch.nn.Module:
-    return cfg["parser"].get_parsed_content("loss", lazy=False)
 
 
 def make_batch(cfg: dict, seed: int = 0) -> dict:
@@ -314,7 +278,7 @@ def supervised_variant(cfg: dict, dev: Device, batch: dict) -> Variant:
 
 # ---------------------------------------------------------------------------------------------------- measuring
 def measure(setting: str, dev: Device, repeats: int | None, warmup: int | None, profile: bool) -> dict:
-    cfg = bundle_setting(setting)
+    cfg = {**SETTINGS[setting], **bundle_setting(SETTINGS[setting]["bundle"])}
     repeats, warmup = repeats or cfg["repeats"], cfg["warmup"] if warmup is None else warmup
     batch = make_batch(cfg)
     variants = [

@@ -24,10 +24,9 @@ import time
 import warnings
 
 import torch
+from bundle_settings import bundle_setting, make_loss, make_network
 from ignite.engine import Events
 from monai.data import CacheDataset, DataLoader, load_decathlon_datalist
-from monai.losses import DiceCELoss
-from monai.networks.nets import UNet
 from monai.transforms import Compose, EnsureTyped, Orientationd, ScaleIntensityRangePercentilesd, Spacingd
 
 from medkd.data import LoadMedicalImaged
@@ -55,15 +54,11 @@ def make_loader(dataset_dir: str, cases: int, size: int, batch_size: int, seed: 
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0, generator=generator)
 
 
-def unet(channels: tuple[int, ...], num_res_units: int, seed: int) -> UNet:
-    torch.manual_seed(seed)
-    return UNet(2, 1, 3, channels=channels, strides=(2, 2, 2), num_res_units=num_res_units, norm="batch")
-
-
 def train(loader: DataLoader, epochs: int, cache: TeacherCache | None, seed: int) -> dict:
-    teacher = unet((32, 64, 128, 256), 2, seed)  # the 2D bundle's teacher_def / student_def
-    students = {"sp": unet((8, 16, 32, 64), 1, seed + 1), "sf": unet((8, 16, 32, 64), 1, seed + 2)}
-    optimizers = {n: torch.optim.Adam(s.parameters(), lr=2e-3) for n, s in students.items()}
+    cfg = bundle_setting("segmentation_2d")
+    teacher = make_network(cfg, "teacher", seed)
+    students = {"sp": make_network(cfg, "student", seed + 1), "sf": make_network(cfg, "student", seed + 2)}
+    optimizers = {n: torch.optim.Adam(s.parameters(), lr=cfg["lr"]) for n, s in students.items()}
     loader.generator.manual_seed(seed)  # the same batch order in both runs
     trainer = DistillationTrainer(
         device="cpu",
@@ -71,7 +66,7 @@ def train(loader: DataLoader, epochs: int, cache: TeacherCache | None, seed: int
         train_data_loader=loader,
         students=students,
         optimizers=optimizers,
-        loss_function=DiceCELoss(to_onehot_y=True, softmax=True, include_background=False),
+        loss_function=make_loss(cfg),
         teacher=teacher,
         routes="diversified",
         teacher_cache=cache,

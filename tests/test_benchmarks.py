@@ -1,4 +1,4 @@
-"""The step-cost benchmark runs on the bundles' own settings (one quick step per variant)."""
+"""The benchmark scripts run on the bundles' own settings (a few quick steps)."""
 
 import importlib.util
 import json
@@ -9,6 +9,7 @@ from bundle_utils import REPO
 
 
 def _load(name: str):
+    sys.path.insert(0, str(REPO / "benchmarks"))  # as when run as a script: its sibling modules import
     spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up there
@@ -32,3 +33,14 @@ def test_step_cost_measures_every_variant_with_the_bundle_networks(tmp_path):
     assert set(rows) == {"a", "b", "b_plain", "b_dict", "c", "a_meta"}
     assert rows["a"]["ratio_to_a"] == 1.0
     assert all(r["median_ms"] > 0 and math.isfinite(r["ratio_to_a"]) and r["steps"] == 2 for r in rows.values())
+
+
+def test_teacher_cache_benchmark_reports_identical_students_and_skipped_forwards(tmp_path):
+    teacher_cache = _load("teacher_cache")
+    out = tmp_path / "teacher_cache.json"
+    argv = ["--epochs", "3", "--cases", "8", "--size", "48", "--batch-size", "4", "--threads", "1", "--json", str(out)]
+    assert teacher_cache.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["allclose"] and result["max_weight_diff"] < 1e-5
+    assert result["plain"]["teacher_forwards"] == [2, 2, 2]
+    assert result["cached"]["teacher_forwards"] == [2, 1, 0]  # filled, verified once, then served from the cache

@@ -1,0 +1,50 @@
+"""The segmentation bundles' training settings, read from their configs, for the benchmarks to build the same
+networks, loss and batches as the bundles do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from monai.bundle import ConfigParser
+
+from medkd.bundles import stage_files
+from medkd.synthetic import SEGMENTATION_CLASSES
+
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+
+
+def bundle_setting(bundle: str) -> dict:
+    """A parser of ``bundles/<bundle>``'s distillation config and its batch geometry and learning rate.
+
+    The classes are those of the embedded default data (3), so no datalist is read. ``batch_size`` counts patches:
+    the bundle's batch size times ``samples_per_volume`` where it samples several patches per volume.
+    """
+    root = BUNDLES / bundle
+    parser = ConfigParser()
+    parser.read_config([str(p) for p in stage_files(root, "train")])
+    parser["bundle_root"] = str(root)
+    parser["class_names"] = list(SEGMENTATION_CLASSES)
+    per_volume = parser.get_parsed_content("samples_per_volume") if "samples_per_volume" in parser else 1
+    return dict(
+        parser=parser,
+        spatial_dims=parser.get_parsed_content("spatial_dims"),
+        in_channels=parser.get_parsed_content("in_channels"),
+        num_classes=parser.get_parsed_content("num_classes"),
+        batch_size=parser.get_parsed_content("batch_size") * per_volume,
+        size=list(parser.get_parsed_content("patch_size")),
+        lr=parser.get_parsed_content("learning_rate"),
+        teacher=tuple(parser.get_parsed_content("teacher_def#channels")),
+        student=tuple(parser.get_parsed_content("student_def#channels")),
+    )
+
+
+def make_network(cfg: dict, role: str, seed: int) -> torch.nn.Module:
+    """A fresh ``teacher_def`` / ``student_def`` of the bundle, initialised from ``seed``."""
+    torch.manual_seed(seed)
+    return cfg["parser"].get_parsed_content(f"{role}_def", lazy=False)
+
+
+def make_loss(cfg: dict) -> torch.nn.Module:
+    """A fresh instance of the bundle's supervised ``loss``."""
+    return cfg["parser"].get_parsed_content("loss", lazy=False)
