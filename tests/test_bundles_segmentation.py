@@ -97,7 +97,7 @@ def test_inference_skips_a_corrupt_file_and_says_so(tmp_path):
     assert len(skipped) == 1 and skipped[0].startswith(str(new / "b_corrupt.nii.gz"))
 
 
-def test_mlflow_tracking_logs_teacher_and_distillation_to_a_local_store(tmp_path):
+def test_mlflow_tracking_logs_every_stage_to_a_local_store(tmp_path):
     import mlflow  # a dev dependency (pip install -e ".[dev]")
 
     def logged() -> list[set[str]]:
@@ -118,3 +118,6 @@ def test_mlflow_tracking_logs_teacher_and_distillation_to_a_local_store(tmp_path
         "loss/sf/total",
     }
     assert any(expected <= metrics for metrics in logged()), logged()
+    run_stage("segmentation_2d", "evaluate", tmp_path, tracking="mlflow", networks="@students")
+    runs = logged()
+    assert len(runs) == 3 and {"val_mean_dice_sp", "val_mean_dice_sf"} in runs, runs  # + a run of the test scores
