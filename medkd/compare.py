@@ -167,9 +167,17 @@ def _mean_std(values: Sequence[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {std:.4f}"
 
 
+def _score_columns(rows: Sequence[Mapping]) -> list[str]:
+    """The metrics found in ``rows``, then their per-class columns (``"mean_dice:<class>"``), in first-seen order."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    metrics = [m for m in METRICS if m in keys]
+    return metrics + [k for k in keys if ":" in k and k.split(":")[0] in metrics]
+
+
 def summarize(rows: Sequence[Mapping]) -> str:
-    """Markdown table: per preset and network, mean ± std over seeds of each metric, parameters, ms per image."""
-    metrics = [m for m in METRICS if any(m in r for r in rows)]
+    """Markdown table: per preset and network, mean ± std over seeds of each metric (and of each class's score, where
+    the evaluation reported them), parameters, ms per image."""
+    metrics = _score_columns(rows)
     groups: dict[tuple[str, str], list[Mapping]] = {}
     for r in rows:
         groups.setdefault((str(r["preset"]), str(r["network"])), []).append(r)
@@ -178,7 +186,8 @@ def summarize(rows: Sequence[Mapping]) -> str:
         line: dict[str, Any] = {"method": "teacher" if preset == "-" else preset, "network": network}
         line["seeds"] = len(group)
         for m in metrics:
-            line[m] = _mean_std([float(r[m]) for r in group])
+            values = [float(r[m]) for r in group if r.get(m) not in (None, "")]
+            line[m] = _mean_std(values) if values else None
         line["params"] = group[0].get("params")
         line["ms/image"] = f"{float(group[0]['ms_per_image']):.2f}" if "ms_per_image" in group[0] else None
         table.append(line)

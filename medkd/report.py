@@ -6,7 +6,9 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
@@ -43,21 +45,30 @@ class ResultsTable:
         output_dir: folder of the results files.
         networks: networks by name, to report their parameter counts.
         extra: constant columns added to every row (e.g. ``{"preset": "diversified"}``).
+        class_names: names of the classes that a metric scores one by one, in its order (for Dice without the
+            background: the foreground classes). Each network's per-image scores (``engine.state.metric_details``,
+            shape ``(images, classes)``) are then averaged per class into columns ``"<metric>:<class>"``, e.g.
+            ``"mean_dice:tumour"``; NaN scores (a class absent from an image and from its prediction) are skipped.
     """
 
     def __init__(
-        self, output_dir: str, networks: Mapping[str, nn.Module] | None = None, extra: Mapping | None = None
+        self,
+        output_dir: str,
+        networks: Mapping[str, nn.Module] | None = None,
+        extra: Mapping | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.networks = dict(networks or {})
         self.extra = dict(extra or {})
+        self.class_names = list(class_names or [])
 
     def attach(self, engine: Engine) -> None:
         """Write the table when ``engine`` completes."""
         engine.add_event_handler(Events.COMPLETED, self)
 
-    def rows(self, metrics: Mapping[str, float]) -> list[dict]:
-        """One row per network found in ``metrics``."""
+    def rows(self, metrics: Mapping[str, float], details: Mapping[str, Any] | None = None) -> list[dict]:
+        """One row per network found in ``metrics``, with per-class columns from ``details`` where they match."""
         table: dict[str, dict] = {}
         for name, value in metrics.items():
             parsed = split_metric_name(name)
@@ -66,13 +77,19 @@ class ResultsTable:
             metric, network = parsed
             row = table.setdefault(network, {"network": network, **self.extra})
             row[metric] = float(value)
+            per_image = (details or {}).get(name)
+            if self.class_names and per_image is not None:
+                per_image = torch.as_tensor(per_image, dtype=torch.float64).reshape(-1, per_image.shape[-1])
+                if per_image.shape[-1] == len(self.class_names):
+                    for cls, score in zip(self.class_names, per_image.nanmean(dim=0).tolist(), strict=True):
+                        row[f"{metric}:{cls}"] = score
         for network, row in table.items():
             if network in self.networks:
                 row["params"] = sum(p.numel() for p in self.networks[network].parameters())
         return list(table.values())
 
     def __call__(self, engine: Engine) -> None:
-        rows = self.rows(engine.state.metrics)
+        rows = self.rows(engine.state.metrics, getattr(engine.state, "metric_details", None))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / "results.json").write_text(json.dumps(rows, indent=2))
         table = markdown_table(rows)

@@ -28,11 +28,24 @@ def assert_probabilities(row, columns):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Teacher and diversified students trained for one epoch on tiny data; the teacher-stage workflow."""
+    """Teacher and diversified students (tracked with MLflow) trained for one epoch on tiny data; the teacher-stage
+    workflow."""
     root = tmp_path_factory.mktemp("classification")
     teacher = run_stage(BUNDLE, "train_teacher", root)
-    trainer = run_stage(BUNDLE, "train", root).parser.get_parsed_content("train#trainer")
+    trainer = run_stage(BUNDLE, "train", root, tracking="mlflow").parser.get_parsed_content("train#trainer")
     return root, teacher, trainer
+
+
+def test_mlflow_tracks_the_distillation_stage(trained):
+    import mlflow  # a dev dependency (pip install -e ".[dev]")
+
+    root, _, _ = trained
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{root / 'eval' / 'mlruns.db'}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    logged = [set(r.data.metrics) for r in runs]
+    assert any({"train_loss", "val_auc_sp", "val_auc_sf", "loss/sp/prediction_from_teacher"} <= m for m in logged), (
+        logged
+    )
 
 
 def test_metadata_is_valid():

@@ -1,5 +1,6 @@
 """The segmentation bundles: metadata, network shapes and every stage on tiny generated data."""
 
+import csv
 import json
 
 import nibabel as nib
@@ -53,8 +54,11 @@ def test_all_stages_run_end_to_end(bundle, tmp_path):
     assert all(0.0 <= r["mean_dice"] <= 1.0 and r["params"] > 0 for r in rows)
     assert rows[0]["params"] > rows[1]["params"]
     datalist = json.loads((tmp_path / "data" / "dataset.json").read_text())
-    per_case = (tmp_path / "eval" / "val_mean_dice_sp_raw.csv").read_text().splitlines()
-    assert per_case[0].startswith("filename") and len(per_case) == 1 + len(datalist["test"])
+    per_case = list(csv.DictReader((tmp_path / "eval" / "val_mean_dice_sp_raw.csv").open()))
+    assert len(per_case) == len(datalist["test"])
+    for i, name in enumerate(["dim_object", "bright_object"]):  # the datalist's foreground labels, by name
+        per_class = np.nanmean([float(case[f"class{i}"]) for case in per_case])
+        assert rows[1][f"mean_dice:{name}"] == pytest.approx(per_class, abs=1e-6)
 
     run_stage(bundle, "inference", tmp_path)
     for case in datalist["test"]:

@@ -47,7 +47,9 @@ def test_compare_writes_csv_table_and_plot(tmp_path):
             assert math.isfinite(float(r[key])), (key, r)
         assert 0.0 <= float(r["mean_dice"]) <= 1.0
     md = (tmp_path / "out" / "results.md").read_text()
-    assert re.search(r"\| diversified \| sp \| 1 \| 0\.\d{4} ± 0\.0000 \| \d+ \| \d+\.\d\d \|", md), md
+    assert md.startswith("| method | network | seeds | mean_dice | mean_dice:dim_object | mean_dice:bright_object |")
+    score = r"\d\.\d{4} ± 0\.0000"
+    assert re.search(rf"\| diversified \| sp \| 1 \| {score} \| {score} \| {score} \| \d+ \| \d+\.\d\d \|", md), md
     png = (tmp_path / "out" / "comparison.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
 

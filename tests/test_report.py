@@ -1,0 +1,33 @@
+"""The evaluation results table: one row per network, per-class columns named by the classes."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from medkd.report import ResultsTable, markdown_table
+
+
+def test_rows_per_network_with_named_per_class_means_skipping_nan(tmp_path):
+    table = ResultsTable(str(tmp_path), networks={"sp": nn.Linear(2, 3)}, class_names=["liver", "tumour"])
+    metrics = {"val_mean_dice_teacher": 0.9, "val_mean_dice_sp": 0.7, "lr": 1e-3}  # lr: not a network metric
+    details = {
+        "val_mean_dice_sp": torch.tensor([[0.8, float("nan")], [0.6, 0.5], [0.7, 1.0]]),
+        "val_mean_dice_teacher": torch.tensor([[1.0, 0.8, 0.1]]),  # 3 columns: not these 2 classes, no columns
+    }
+    teacher, sp = table.rows(metrics, details)
+    assert teacher == {"network": "teacher", "mean_dice": 0.9}
+    assert sp["mean_dice"] == 0.7 and sp["params"] == 9
+    assert sp["mean_dice:liver"] == pytest.approx(0.7) and sp["mean_dice:tumour"] == pytest.approx(0.75)
+    assert not any(math.isnan(v) for v in sp.values() if isinstance(v, float))
+
+
+def test_markdown_table_columns_in_first_seen_order():
+    md = markdown_table([{"network": "sp", "mean_dice": 0.5}, {"network": "sf", "params": 3}])
+    assert md.splitlines() == [
+        "| network | mean_dice | params |",
+        "|---|---|---|",
+        "| sp | 0.5000 |  |",
+        "| sf |  | 3 |",
+    ]
