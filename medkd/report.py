@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
-__all__ = ["ResultsTable", "markdown_table", "split_metric_name"]
+__all__ = ["ResultsTable", "NameClassColumns", "markdown_table", "split_metric_name"]
 
 METRIC_PREFIXES = ("val_mean_dice", "val_auc", "val_acc")
 logger = logging.getLogger("medkd.report")
@@ -95,3 +97,41 @@ class ResultsTable:
         table = markdown_table(rows)
         (self.output_dir / "results.md").write_text(table + "\n")
         print(f"\nResults ({self.output_dir / 'results.md'}):\n{table}\n", flush=True)
+
+
+class NameClassColumns:
+    """Name the classes in the per-case (``*_raw.csv``) and summary (``*_summary.csv``) files of MONAI's
+    ``MetricsSaver``, which calls them ``class0, class1, ...``.
+
+    Attach after the ``MetricsSaver`` (handlers run in the order given), with the same folder and delimiter.
+
+    Args:
+        output_dir: the ``MetricsSaver``'s ``save_dir``.
+        class_names: the names of ``class0, class1, ...`` in order (for Dice without the background: the foreground
+            classes).
+        delimiter: the ``MetricsSaver``'s delimiter.
+    """
+
+    def __init__(self, output_dir: str, class_names: Sequence[str], delimiter: str = ",") -> None:
+        self.output_dir = Path(output_dir)
+        self.names = {f"class{i}": name for i, name in enumerate(class_names)}
+        self.delimiter = delimiter
+
+    def attach(self, engine: Engine) -> None:
+        """Rename when ``engine`` completes, after the reports were written."""
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if idist.get_rank() != 0:  # MetricsSaver writes on rank 0
+            return
+        for path in sorted(self.output_dir.glob("*_raw.csv")) + sorted(self.output_dir.glob("*_summary.csv")):
+            with path.open(newline="") as f:
+                rows = list(csv.reader(f, delimiter=self.delimiter))
+            if not rows:
+                continue
+            if path.name.endswith("_raw.csv"):  # a header row: filename, class0, class1, ..., mean
+                rows[0] = [self.names.get(c, c) for c in rows[0]]
+            else:  # one row per class: class0, class1, ..., mean
+                rows = [[self.names.get(r[0], r[0]), *r[1:]] if r else r for r in rows]
+            with path.open("w", newline="") as f:
+                csv.writer(f, delimiter=self.delimiter, lineterminator="\n").writerows(rows)

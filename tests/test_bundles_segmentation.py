@@ -56,9 +56,12 @@ def test_all_stages_run_end_to_end(bundle, tmp_path):
     datalist = json.loads((tmp_path / "data" / "dataset.json").read_text())
     per_case = list(csv.DictReader((tmp_path / "eval" / "val_mean_dice_sp_raw.csv").open()))
     assert len(per_case) == len(datalist["test"])
-    for i, name in enumerate(["dim_object", "bright_object"]):  # the datalist's foreground labels, by name
-        per_class = np.nanmean([float(case[f"class{i}"]) for case in per_case])
+    assert list(per_case[0]) == ["filename", "dim_object", "bright_object", "mean"]  # the datalist's labels, by name
+    for name in ("dim_object", "bright_object"):
+        per_class = np.nanmean([float(case[name]) for case in per_case])
         assert rows[1][f"mean_dice:{name}"] == pytest.approx(per_class, abs=1e-6)
+    summary = list(csv.reader((tmp_path / "eval" / "val_mean_dice_sp_summary.csv").open()))
+    assert [r[0] for r in summary] == ["class", "dim_object", "bright_object", "mean"]
 
     run_stage(bundle, "inference", tmp_path)
     for case in datalist["test"]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from medkd.report import ResultsTable, markdown_table
+from medkd.report import NameClassColumns, ResultsTable, markdown_table
 
 
 def test_rows_per_network_with_named_per_class_means_skipping_nan(tmp_path):
@@ -31,3 +31,14 @@ def test_markdown_table_columns_in_first_seen_order():
         "| sp | 0.5000 |  |",
         "| sf |  | 3 |",
     ]
+
+
+def test_class_columns_of_metrics_saver_files_get_the_class_names(tmp_path):
+    (tmp_path / "val_mean_dice_sp_raw.csv").write_text("filename;class0;class1;mean\na.nii;0.5;0.7;0.6\n")
+    (tmp_path / "val_mean_dice_sp_summary.csv").write_text("class;mean\nclass0;0.5\nclass1;0.7\nmean;0.6\n")
+    (tmp_path / "metrics.csv").write_text("val_mean_dice_sp;0.6\n")  # not a per-class file: left as it is
+    NameClassColumns(str(tmp_path), ["liver", "tumour"], delimiter=";")(None)
+    assert (tmp_path / "val_mean_dice_sp_raw.csv").read_text() == "filename;liver;tumour;mean\na.nii;0.5;0.7;0.6\n"
+    summary = (tmp_path / "val_mean_dice_sp_summary.csv").read_text().splitlines()
+    assert summary == ["class;mean", "liver;0.5", "tumour;0.7", "mean;0.6"]
+    assert (tmp_path / "metrics.csv").read_text() == "val_mean_dice_sp;0.6\n"
