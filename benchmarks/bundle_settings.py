@@ -6,9 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from monai.bundle import ConfigParser
 
-from medkd.bundles import stage_files
+from medkd.bundles import stage_config
 from medkd.synthetic import SEGMENTATION_CLASSES
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
@@ -20,11 +19,7 @@ def bundle_setting(bundle: str) -> dict:
     The classes are those of the embedded default data (3), so no datalist is read. ``batch_size`` counts patches:
     the bundle's batch size times ``samples_per_volume`` where it samples several patches per volume.
     """
-    root = BUNDLES / bundle
-    parser = ConfigParser()
-    parser.read_config([str(p) for p in stage_files(root, "train")])
-    parser["bundle_root"] = str(root)
-    parser["class_names"] = list(SEGMENTATION_CLASSES)
+    parser = stage_config(BUNDLES / bundle, "train", {"class_names": list(SEGMENTATION_CLASSES)})
     per_volume = parser.get_parsed_content("samples_per_volume") if "samples_per_volume" in parser else 1
     return dict(
         parser=parser,

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-__all__ = ["STAGES", "stage_files"]
+from monai.bundle import ConfigParser
+
+__all__ = ["STAGES", "stage_files", "stage_config"]
 
 STAGES = ("train_teacher", "train", "evaluate", "inference", "multi_gpu_train")
 
@@ -31,3 +35,14 @@ def stage_files(bundle_dir: str | Path, stage: str) -> list[Path]:
         if folder is not None and (folder / f"{stage}.json").is_file():
             return files + [folder / f"{stage}.json"]
     raise FileNotFoundError(f"bundle {bundle_dir} has no configs/{stage}.json" + (f" (nor {base})" if base else ""))
+
+
+def stage_config(bundle_dir: str | Path, stage: str, overrides: Mapping[str, Any] | None = None) -> ConfigParser:
+    """The merged config of ``stage`` (see :func:`stage_files`) with ``bundle_root`` set to the bundle and
+    ``overrides`` applied, as ``python -m monai.bundle run`` would see it; nothing is parsed yet."""
+    parser = ConfigParser()
+    parser.read_config([str(p) for p in stage_files(bundle_dir, stage)])
+    parser["bundle_root"] = str(bundle_dir)
+    for key, value in (overrides or {}).items():
+        parser[key] = value
+    return parser

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle import ConfigWorkflow
 from tqdm.auto import tqdm
 
-from medkd.bundles import stage_files
+from medkd.bundles import stage_config, stage_files
 from medkd.report import markdown_table
 from medkd.routes import PRESETS
 
@@ -74,11 +74,7 @@ def inference_ms(networks: Mapping[str, torch.nn.Module], input_shape: Sequence[
 
 
 def _bundle_networks(bundle: Path, overrides: Mapping[str, Any]) -> tuple[dict[str, torch.nn.Module], list[int]]:
-    parser = ConfigParser()
-    parser.read_config([str(p) for p in stage_files(bundle, "train")])
-    parser["bundle_root"] = str(bundle)
-    for key, value in overrides.items():
-        parser[key] = value
+    parser = stage_config(bundle, "train", overrides)
     networks = {"teacher": parser.get_parsed_content("teacher_def"), **parser.get_parsed_content("students")}
     size_key = "patch_size" if "patch_size" in parser else "image_size"  # segmentation / classification bundles
     shape = [1, parser.get_parsed_content("in_channels"), *parser.get_parsed_content(size_key)]

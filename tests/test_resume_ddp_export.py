@@ -11,8 +11,9 @@ import time
 import pytest
 import torch
 from bundle_utils import BASE, BUNDLES, run_stage, stage_command, tiny_overlay
-from monai.bundle import ConfigParser, ckpt_export
+from monai.bundle import ckpt_export
 
+from medkd.bundles import stage_config
 from medkd.checkpoints import CheckpointError, load_network_weights, save_or_explain
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -131,9 +132,7 @@ def test_torchscript_export_matches_the_checkpoint(tmp_path):
         config_file=configs,
         bundle_root=str(tmp_path),
     )
-    parser = ConfigParser()
-    parser.read_config(configs)
-    parser["bundle_root"] = str(tmp_path)
+    parser = stage_config(BUNDLES / "segmentation_2d", "train", {"bundle_root": str(tmp_path)})
     reference = parser.get_parsed_content("student_def")
     load_network_weights(reference, tmp_path / "models" / "sp.pt", role="sp")
     exported = torch.jit.load(str(tmp_path / "sp.ts"))
