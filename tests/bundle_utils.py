@@ -74,3 +74,12 @@ def run_stage(bundle: str, stage: str, root: Path, **overrides) -> ConfigWorkflo
     workflow.run()
     workflow.finalize()
     return workflow
+
+
+def mlflow_metrics(root: Path) -> list[set[str]]:
+    """The metric names of every run in the local MLflow store that ``--tracking mlflow`` writes under ``root``."""
+    import mlflow  # a dev dependency (pip install -e ".[dev]")
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{root / 'eval' / 'mlruns.db'}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    return [set(r.data.metrics) for r in runs]

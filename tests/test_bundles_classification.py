@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from bundle_utils import BUNDLES, SCHEMA, STAGES, run_stage
+from bundle_utils import BUNDLES, SCHEMA, STAGES, mlflow_metrics, run_stage
 from monai.bundle import verify_metadata, verify_net_in_out
 
 from medkd.engines import iteration_losses
@@ -37,12 +37,8 @@ def trained(tmp_path_factory):
 
 
 def test_mlflow_tracks_the_distillation_stage(trained):
-    import mlflow  # a dev dependency (pip install -e ".[dev]")
-
     root, _, _ = trained
-    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{root / 'eval' / 'mlruns.db'}")
-    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
-    logged = [set(r.data.metrics) for r in runs]
+    logged = mlflow_metrics(root)
     assert any({"train_loss", "val_auc_sp", "val_auc_sf", "loss/sp/prediction_from_teacher"} <= m for m in logged), (
         logged
     )

@@ -6,7 +6,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from bundle_utils import BUNDLES, SCHEMA, STAGES, run_stage
+from bundle_utils import BUNDLES, SCHEMA, STAGES, mlflow_metrics, run_stage
 from monai.bundle import verify_metadata, verify_net_in_out
 
 from medkd.engines import iteration_losses
@@ -105,17 +105,10 @@ def test_inference_skips_a_corrupt_file_and_says_so(tmp_path):
 
 
 def test_mlflow_tracking_logs_every_stage_to_a_local_store(tmp_path):
-    import mlflow  # a dev dependency (pip install -e ".[dev]")
-
-    def logged() -> list[set[str]]:
-        client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{store}")
-        runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
-        return [set(r.data.metrics) for r in runs]
-
-    store = tmp_path / "eval" / "mlruns.db"
     run_stage("segmentation_2d", "train_teacher", tmp_path, tracking="mlflow")
-    assert store.is_file()
-    assert any({"val_mean_dice_teacher", "train_loss"} <= metrics for metrics in logged()), logged()
+    assert (tmp_path / "eval" / "mlruns.db").is_file()
+    runs = mlflow_metrics(tmp_path)
+    assert any({"val_mean_dice_teacher", "train_loss"} <= metrics for metrics in runs), runs
     run_stage("segmentation_2d", "train", tmp_path, tracking="mlflow")
     expected = {
         "train_loss",
@@ -124,7 +117,8 @@ def test_mlflow_tracking_logs_every_stage_to_a_local_store(tmp_path):
         "loss/sp/prediction_from_teacher",
         "loss/sf/total",
     }
-    assert any(expected <= metrics for metrics in logged()), logged()
+    runs = mlflow_metrics(tmp_path)
+    assert any(expected <= metrics for metrics in runs), runs
     run_stage("segmentation_2d", "evaluate", tmp_path, tracking="mlflow", networks="@students")
-    runs = logged()
+    runs = mlflow_metrics(tmp_path)
     assert len(runs) == 3 and {"val_mean_dice_sp", "val_mean_dice_sf"} in runs, runs  # + a run of the test scores
