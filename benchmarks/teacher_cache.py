@@ -2,12 +2,12 @@
 students end the same.
 
 The data are the 2D bundle's synthetic default cases (NIfTI, written to a temporary folder) loaded as the bundle
-loads them — ``LoadMedicalImaged`` → ``Orientationd`` → ``Spacingd`` → ``ScaleIntensityRangePercentilesd`` →
-``EnsureTyped`` in a ``CacheDataset``, batches from a MONAI ``DataLoader`` (``MetaTensor`` images whose
-``meta["filename_or_obj"]`` names each sample) — with no random augmentation before the teacher, shuffled by a
-seeded generator. After a one-epoch warm-up, the same seeds train once without and once with the cache: epoch 1
-fills the cache, the first batch of epoch 2 is recomputed once to verify the cache, and the other batches skip the
-teacher forward.
+loads them — its ``load`` transforms (``LoadMedicalImaged`` → ``Orientationd`` → ``Spacingd`` →
+``ScaleIntensityRangePercentilesd`` → ``EnsureTyped``), read from its config, in a ``CacheDataset``, batches from a
+MONAI ``DataLoader`` (``MetaTensor`` images whose ``meta["filename_or_obj"]`` names each sample) — with no random
+augmentation before the teacher, shuffled by a seeded generator. After a one-epoch warm-up, the same seeds train
+once without and once with the cache: epoch 1 fills the cache, the first batch of epoch 2 is recomputed once to
+verify the cache, and the other batches skip the teacher forward.
 
 Usage::
 
@@ -27,35 +27,24 @@ import torch
 from bundle_settings import bundle_setting, make_loss, make_network
 from ignite.engine import Events
 from monai.data import CacheDataset, DataLoader, load_decathlon_datalist
-from monai.transforms import Compose, EnsureTyped, Orientationd, ScaleIntensityRangePercentilesd, Spacingd
+from monai.transforms import Compose
 
-from medkd.data import LoadMedicalImaged
 from medkd.engines import DistillationTrainer, iteration_losses
 from medkd.synthetic import ensure_segmentation_data
 from medkd.teacher_cache import TeacherCache
 
-KEYS = ["image", "label"]
 
-
-def make_loader(dataset_dir: str, cases: int, size: int, batch_size: int, seed: int) -> DataLoader:
+def make_loader(cfg: dict, dataset_dir: str, cases: int, size: int, batch_size: int, seed: int) -> DataLoader:
+    """The bundle's deterministic preprocessing (its ``load`` transforms) over generated cases, in a CacheDataset."""
     datalist = ensure_segmentation_data(dataset_dir, spatial_dims=2, size=size, counts=(cases, 1, 1), seed=seed)
-    transform = Compose(
-        [
-            LoadMedicalImaged(KEYS, ensure_channel_first=True),
-            Orientationd(KEYS, axcodes="RA"),
-            Spacingd(KEYS, pixdim=(0.8, 0.8), mode=("bilinear", "nearest")),
-            ScaleIntensityRangePercentilesd("image", lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True),
-            EnsureTyped(KEYS),
-        ]
-    )
+    transform = Compose(cfg["parser"].get_parsed_content("load", lazy=False))
     data = load_decathlon_datalist(datalist, data_list_key="training", base_dir=dataset_dir)
     dataset = CacheDataset(data, transform, cache_rate=1.0, num_workers=0, progress=False)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0, generator=generator)
 
 
-def train(loader: DataLoader, epochs: int, cache: TeacherCache | None, seed: int) -> dict:
-    cfg = bundle_setting("segmentation_2d")
+def train(cfg: dict, loader: DataLoader, epochs: int, cache: TeacherCache | None, seed: int) -> dict:
     teacher = make_network(cfg, "teacher", seed)
     students = {"sp": make_network(cfg, "student", seed + 1), "sf": make_network(cfg, "student", seed + 2)}
     optimizers = {n: torch.optim.Adam(s.parameters(), lr=cfg["lr"]) for n, s in students.items()}
@@ -105,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # Orientationd's default-labels notice
 
     with tempfile.TemporaryDirectory() as tmp:
-        loader = make_loader(tmp, args.cases, args.size, args.batch_size, args.seed)
+        cfg = bundle_setting("segmentation_2d")
+        loader = make_loader(cfg, tmp, args.cases, args.size, args.batch_size, args.seed)
         batch = next(iter(loader))
         print(
             f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.cases} cases "
@@ -113,10 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             f"batch {args.batch_size}, {len(loader)} iterations/epoch; batch image {type(batch['image']).__name__}, "
             f"ids e.g. {batch['image'].meta['filename_or_obj'][:2]}"
         )
-        train(loader, 1, None, args.seed)  # warm-up (oneDNN primitives, allocator), not reported
-        plain = train(loader, args.epochs, None, args.seed)
+        train(cfg, loader, 1, None, args.seed)  # warm-up (oneDNN primitives, allocator), not reported
+        plain = train(cfg, loader, args.epochs, None, args.seed)
         cache = TeacherCache()
-        cached = train(loader, args.epochs, cache, args.seed)
+        cached = train(cfg, loader, args.epochs, cache, args.seed)
 
     diffs = [
         (a - b).abs().max().item()
