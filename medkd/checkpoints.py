@@ -10,12 +10,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from medkd.errors import MedkdError
+
 __all__ = ["CheckpointError", "load_checkpoint", "load_network_weights", "atomic_save", "save_or_explain"]
 
 _NETWORK_KEYS = ("network", "model", "state_dict", "teacher")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MedkdError, RuntimeError):
     """A checkpoint file is missing, unreadable or does not match the network."""
 
 

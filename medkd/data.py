@@ -25,6 +25,8 @@ from monai.data.image_reader import ImageReader
 from monai.transforms import LoadImage, MapTransform, Transform
 from monai.utils import MetaKeys, ensure_tuple
 
+from medkd.errors import MedkdError
+
 __all__ = [
     "DataError",
     "DicomReader",
@@ -48,7 +50,7 @@ SUPPORTED = (
 )
 
 
-class DataError(ValueError):
+class DataError(MedkdError, ValueError):
     """Invalid or unreadable input data; the message says which file, what is wrong and what to do."""
 
 

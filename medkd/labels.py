@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from medkd.data import DataError
+
 __all__ = ["datalist_class_names"]
 
 
@@ -12,22 +14,27 @@ def datalist_class_names(datalist_file: str) -> list[str]:
     """Class names, index order, from the ``labels`` map (``{"0": "background", ...}``) of a Decathlon datalist.
 
     Raises:
-        ValueError: naming the file when it has no usable ``labels`` map.
+        DataError: naming the file when it has no usable ``labels`` map.
     """
     path = Path(datalist_file)
     try:
         labels = json.loads(path.read_text()).get("labels")
+    except FileNotFoundError as e:
+        raise DataError(
+            f"the datalist {path} does not exist; check --dataset_dir (the folder holding dataset.json) or "
+            "--datalist_file."
+        ) from e
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read the datalist {path}: {e}") from e
+        raise DataError(f"cannot read the datalist {path}: {e}") from e
     if not isinstance(labels, dict) or not labels:
-        raise ValueError(
+        raise DataError(
             f'the datalist {path} has no \'labels\' map ({{"0": "background", "1": "organ", ...}}); add one, '
             "or give the classes on the command line: --num_classes N --class_names \"['background', ...]\"."
         )
     try:
         indices = sorted(int(k) for k in labels)
     except ValueError as e:
-        raise ValueError(f"the 'labels' map of {path} must have integer keys, got {sorted(labels)}.") from e
+        raise DataError(f"the 'labels' map of {path} must have integer keys, got {sorted(labels)}.") from e
     if indices != list(range(len(indices))):
-        raise ValueError(f"the 'labels' map of {path} must number the classes 0..N-1, got {indices}.")
+        raise DataError(f"the 'labels' map of {path} must number the classes 0..N-1, got {indices}.")
     return [str(labels[str(i)]) for i in indices]

@@ -1,0 +1,47 @@
+"""User errors: one base class for every mistake a user can fix, and a short report of them instead of a traceback.
+
+Every error medkd raises about its input (data, checkpoints, configuration) derives from :class:`MedkdError` and
+says which file or key is wrong, what is wrong and what to do. MONAI's config parser wraps such an error in
+``RuntimeError: Failed to evaluate ConfigExpression ...``; :func:`user_error` finds it again in the exception chain,
+and :func:`install_excepthook` (called first in every bundle stage's ``initialize``) prints just its message.
+"""
+
+from __future__ import annotations
+
+import sys
+from types import TracebackType
+
+__all__ = ["MedkdError", "ConfigError", "user_error", "install_excepthook"]
+
+
+class MedkdError(Exception):
+    """A mistake in the user's input; the message names the file or key, the problem and the fix."""
+
+
+class ConfigError(MedkdError, ValueError):
+    """A bundle setting (override, route, network, patch size) that cannot work."""
+
+
+def user_error(error: BaseException | None) -> MedkdError | None:
+    """The first :class:`MedkdError` in ``error``'s chain of causes and contexts, or ``None``."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, MedkdError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _excepthook(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
+    found = user_error(error)
+    if found is None:
+        sys.__excepthook__(kind, error, tb)
+        return
+    print(f"ERROR: {found}", file=sys.stderr, flush=True)
+
+
+def install_excepthook() -> None:
+    """Print a :class:`MedkdError` found in an uncaught exception as one message (the process still exits with
+    status 1); any other exception keeps its full traceback."""
+    sys.excepthook = _excepthook
