@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from monai.data import MetaTensor
-from monai.engines import Trainer
+from monai.engines import SupervisedTrainer, Trainer
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn, default_prepare_batch
 from monai.transforms import Decollated
 from monai.utils.enums import CommonKeys as Keys
@@ -22,7 +22,7 @@ from medkd.features import FeatureExtractor, default_feature_layer, unwrap
 from medkd.routes import TEACHER, KnowledgeRoutes, Route, parse_routes
 from medkd.teacher_cache import TeacherCache
 
-__all__ = ["DistillationTrainer", "LOSSES", "iteration_losses"]
+__all__ = ["DistillationTrainer", "TeacherTrainer", "LOSSES", "iteration_losses"]
 
 LOSSES = "losses"  # engine output key of the per-term losses
 logger = logging.getLogger(__name__)
@@ -42,6 +42,26 @@ def _plain(x: Any) -> Any:
     the batch as given and the teacher cache reads the sample ids from the raw batch.
     """
     return x.as_tensor() if isinstance(x, MetaTensor) else x
+
+
+class TeacherTrainer(SupervisedTrainer):
+    """MONAI's ``SupervisedTrainer`` for the teacher stage, with its network moved to the trainer's device.
+
+    Every medkd engine puts the networks it runs on its own ``device`` (MONAI's engines leave that to the caller),
+    so a bundle never has to; arguments are those of ``SupervisedTrainer``.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        network: nn.Module,
+        optimizer: Optimizer,
+        loss_function: Callable,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(device, max_epochs, train_data_loader, network.to(device), optimizer, loss_function, **kwargs)
 
 
 class DistillationTrainer(Trainer):

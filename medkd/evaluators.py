@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 from ignite.metrics import Accuracy
-from monai.engines import Evaluator
+from monai.engines import Evaluator, SupervisedEvaluator
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn, default_prepare_batch
 from monai.handlers import ROCAUC, MeanDice, from_engine
 from monai.inferers import Inferer, SimpleInferer
@@ -21,6 +21,7 @@ from torch import nn
 
 __all__ = [
     "MultiNetworkEvaluator",
+    "SingleNetworkEvaluator",
     "pred_key",
     "segmentation_postprocessing",
     "segmentation_metrics",
@@ -37,6 +38,8 @@ def pred_key(network: str) -> str:
 
 class MultiNetworkEvaluator(Evaluator):
     """Run several networks on each validation batch; output ``pred_<name>`` per network plus image and label.
+
+    The networks are moved to ``device`` (MONAI's evaluators leave that to the caller).
 
     Metrics read the prediction of one network each (see :func:`segmentation_metrics`,
     :func:`classification_metrics`), so one pass scores the teacher and every student.
@@ -92,7 +95,7 @@ class MultiNetworkEvaluator(Evaluator):
             to_kwargs=to_kwargs,
             amp_kwargs=amp_kwargs,
         )
-        self.networks = dict(networks)
+        self.networks = {name: network.to(self.state.device) for name, network in networks.items()}
         self.inferer = SimpleInferer() if inferer is None else inferer
 
     def _iteration(self, engine: MultiNetworkEvaluator, batchdata: Any) -> dict:
@@ -112,6 +115,16 @@ class MultiNetworkEvaluator(Evaluator):
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+
+class SingleNetworkEvaluator(SupervisedEvaluator):
+    """MONAI's ``SupervisedEvaluator`` (one network, output ``pred``), with the network moved to the evaluator's
+    device; used for inference. Arguments are those of ``SupervisedEvaluator``."""
+
+    def __init__(
+        self, device: str | torch.device, val_data_loader: Iterable, network: nn.Module, **kwargs: Any
+    ) -> None:
+        super().__init__(device, val_data_loader, network.to(device), **kwargs)
 
 
 def segmentation_postprocessing(networks: Sequence[str], num_classes: int) -> Compose:

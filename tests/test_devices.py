@@ -1,0 +1,60 @@
+"""Every medkd engine puts the networks it runs on its own device (MONAI's engines leave that to the caller).
+
+The engines are built on the ``meta`` device: a network left on the CPU is then caught by its parameters' device,
+on a machine without a GPU.
+"""
+
+import pytest
+import torch
+from bundle_utils import BUNDLES, TINY
+from conftest import tiny_unet
+from ignite.engine import Engine
+from monai.handlers import ValidationHandler
+from monai.losses import DiceCELoss
+
+from medkd.bundles import stage_config
+from medkd.engines import DistillationTrainer, TeacherTrainer
+from medkd.evaluators import MultiNetworkEvaluator, SingleNetworkEvaluator
+
+META = torch.device("meta")
+
+
+def networks_of(engine: Engine) -> dict[str, torch.nn.Module]:
+    """The networks an engine runs, by name."""
+    if hasattr(engine, "networks"):
+        return dict(engine.networks)
+    if hasattr(engine, "students"):
+        return {**engine.students, "teacher": engine.teacher}
+    return {"network": engine.network}
+
+
+def assert_on(device: torch.device, engine: Engine) -> None:
+    for name, network in networks_of(engine).items():
+        devices = {p.device for p in network.parameters()} | {b.device for b in network.buffers()}
+        assert devices == {device}, f"{type(engine).__name__} left {name} on {devices}, not its device {device}"
+
+
+def test_engines_move_their_networks():
+    net = tiny_unet()
+    optimizer = torch.optim.Adam(net.parameters())
+    assert_on(META, TeacherTrainer(META, 1, [], net, optimizer, DiceCELoss(to_onehot_y=True, softmax=True)))
+    assert_on(META, SingleNetworkEvaluator(META, [], tiny_unet()))
+    assert_on(META, MultiNetworkEvaluator(META, [], {"teacher": tiny_unet(), "sp": tiny_unet()}))
+    students = {"sp": tiny_unet(), "sf": tiny_unet()}
+    optimizers = {n: torch.optim.Adam(s.parameters()) for n, s in students.items()}
+    trainer = DistillationTrainer(META, 1, [], students, optimizers, torch.nn.MSELoss(), tiny_unet(), routes="kd")
+    assert_on(META, trainer)
+
+
+@pytest.mark.parametrize("bundle", ["segmentation_2d", "segmentation_3d", "classification_2d"])
+@pytest.mark.parametrize("stage,engine_id", [("evaluate", "evaluator"), ("inference", "evaluator"),
+                                             ("train_teacher", "train#trainer")])  # fmt: skip
+def test_bundle_stage_engines_hold_networks_on_their_device(bundle, stage, engine_id, tmp_path):
+    parser = stage_config(BUNDLES / bundle, stage, {**TINY[bundle], "device": "$torch.device('meta')"})
+    parser["bundle_root"] = str(tmp_path)
+    parser.get_parsed_content("make_default_data")
+    engine = parser.get_parsed_content(engine_id)
+    assert_on(META, engine)
+    for handler in parser.get_parsed_content("train#handlers") if stage == "train_teacher" else []:
+        if isinstance(handler, ValidationHandler):
+            assert_on(META, handler.validator)
