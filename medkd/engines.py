@@ -18,6 +18,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from medkd.checkpoints import load_network_weights
+from medkd.errors import ConfigError, UserErrorsFirst
 from medkd.features import FeatureExtractor, default_feature_layer, unwrap
 from medkd.routes import TEACHER, KnowledgeRoutes, Route, parse_routes
 from medkd.teacher_cache import TeacherCache
@@ -44,7 +45,7 @@ def _plain(x: Any) -> Any:
     return x.as_tensor() if isinstance(x, MetaTensor) else x
 
 
-class TeacherTrainer(SupervisedTrainer):
+class TeacherTrainer(UserErrorsFirst, SupervisedTrainer):
     """MONAI's ``SupervisedTrainer`` for the teacher stage, with its network moved to the trainer's device.
 
     Every medkd engine puts the networks it runs on its own ``device`` (MONAI's engines leave that to the caller),
@@ -64,7 +65,7 @@ class TeacherTrainer(SupervisedTrainer):
         super().__init__(device, max_epochs, train_data_loader, network.to(device), optimizer, loss_function, **kwargs)
 
 
-class DistillationTrainer(Trainer):
+class DistillationTrainer(UserErrorsFirst, Trainer):
     """Train students with a frozen teacher and with each other, along knowledge routes (see ``medkd.routes``).
 
     One iteration runs the teacher forward once (no grad), every student forward, the supervised loss of each
@@ -160,9 +161,9 @@ class DistillationTrainer(Trainer):
                 f"students {sorted(students)} and optimizers {sorted(optimizers)} must have the same names."
             )
         if TEACHER in students:
-            raise ValueError(f"'{TEACHER}' is reserved for the teacher; rename that student.")
+            raise ConfigError(f"'{TEACHER}' is reserved for the teacher; rename that student.")
         if nan_policy not in ("raise", "skip", "ignore"):
-            raise ValueError(f"nan_policy must be 'raise', 'skip' or 'ignore', got {nan_policy!r}.")
+            raise ConfigError(f"nan_policy must be 'raise', 'skip' or 'ignore', got {nan_policy!r}.")
         self.students = {name: net.to(self.state.device) for name, net in students.items()}
         self.optimizers = dict(optimizers)
         self.loss_function = loss_function

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from types import TracebackType
 
-__all__ = ["MedkdError", "ConfigError", "user_error", "install_excepthook"]
+__all__ = ["MedkdError", "ConfigError", "user_error", "install_excepthook", "UserErrorsFirst"]
 
 
 class MedkdError(Exception):
@@ -45,3 +45,13 @@ def install_excepthook() -> None:
     """Print a :class:`MedkdError` found in an uncaught exception as one message (the process still exits with
     status 1); any other exception keeps its full traceback."""
     sys.excepthook = _excepthook
+
+
+class UserErrorsFirst:
+    """Engine mixin: a :class:`MedkdError` leaves the engine at once, before MONAI's ``StatsHandler`` logs it with
+    its whole traceback (other exceptions go through the engine's ``EXCEPTION_RAISED`` handlers as usual)."""
+
+    def _handle_exception(self, e: BaseException) -> None:
+        if user_error(e) is not None:
+            raise e
+        super()._handle_exception(e)  # type: ignore[misc]

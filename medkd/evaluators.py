@@ -19,6 +19,8 @@ from monai.utils import ImageMetaKey
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
+from medkd.errors import UserErrorsFirst
+
 __all__ = [
     "MultiNetworkEvaluator",
     "SingleNetworkEvaluator",
@@ -36,7 +38,7 @@ def pred_key(network: str) -> str:
     return f"pred_{network}"
 
 
-class MultiNetworkEvaluator(Evaluator):
+class MultiNetworkEvaluator(UserErrorsFirst, Evaluator):
     """Run several networks on each validation batch; output ``pred_<name>`` per network plus image and label.
 
     The networks are moved to ``device`` (MONAI's evaluators leave that to the caller).
@@ -117,7 +119,7 @@ class MultiNetworkEvaluator(Evaluator):
         return engine.state.output
 
 
-class SingleNetworkEvaluator(SupervisedEvaluator):
+class SingleNetworkEvaluator(UserErrorsFirst, SupervisedEvaluator):
     """MONAI's ``SupervisedEvaluator`` (one network, output ``pred``), with the network moved to the evaluator's
     device; used for inference. Arguments are those of ``SupervisedEvaluator``."""
 
@@ -160,7 +162,9 @@ def _stacked(network: str) -> Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
 
     def transform(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
         preds, labels = from_engine([pred_key(network), Keys.LABEL])(output)
-        return torch.stack(list(preds)), torch.stack(list(labels)).argmax(dim=1)
+        preds = torch.stack([torch.as_tensor(p) for p in preds])
+        # the one-hot labels of MONAI's AsDiscreted may come back on the CPU while the predictions are on the GPU
+        return preds, torch.stack([torch.as_tensor(y) for y in labels]).argmax(dim=1).to(preds.device)
 
     return transform
 

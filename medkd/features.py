@@ -12,6 +12,8 @@ import torch
 from monai.networks.layers import SkipConnection
 from torch import nn
 
+from medkd.errors import ConfigError
+
 __all__ = ["FeatureExtractor", "default_feature_layer", "unwrap"]
 
 
@@ -25,7 +27,7 @@ def _resolve(network: nn.Module, name: str, network_name: str) -> nn.Module:
     if name not in modules:
         valid = [n for n in modules if n]
         shown = ", ".join(valid[:40]) + (f", ... ({len(valid)} in all)" if len(valid) > 40 else "")
-        raise KeyError(
+        raise ConfigError(
             f"network '{network_name}' has no module named '{name}'. Valid names: {shown}. "
             "Use the names printed by `[n for n, _ in network.named_modules()]`."
         )
@@ -37,7 +39,7 @@ def default_feature_layer(network: nn.Module) -> str:
     classifier (DenseNet ``features``, ResNet ``layer4``).
 
     Raises:
-        ValueError: when the architecture is not recognised; name the layer explicitly then.
+        ConfigError: when the architecture is not recognised; name the layer explicitly then.
     """
     net = unwrap(network)
     skips = [name for name, m in net.named_modules() if isinstance(m, SkipConnection)]
@@ -47,7 +49,7 @@ def default_feature_layer(network: nn.Module) -> str:
     for candidate in ("features", "layer4"):
         if candidate in names:
             return candidate
-    raise ValueError(
+    raise ConfigError(
         f"cannot choose a default feature layer for {type(net).__name__}; give the module names "
         "in `feature_layers` (see `network.named_modules()`)."
     )

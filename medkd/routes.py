@@ -8,12 +8,14 @@ the presets (student alone, KD, FitNets, DML, KD+DML, diversified) are named gra
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
+from medkd.errors import ConfigError
 from medkd.losses import FeatureDistillationLoss, PredictionDistillationLoss
 
 __all__ = ["TEACHER", "PRESETS", "Route", "KnowledgeRoutes", "preset_routes", "parse_routes"]
@@ -21,6 +23,19 @@ __all__ = ["TEACHER", "PRESETS", "Route", "KnowledgeRoutes", "preset_routes", "p
 TEACHER = "teacher"
 KINDS = ("prediction", "feature")
 PRESETS = ("student", "kd", "fitnets", "dml", "kd_dml", "diversified")
+# the options that mean something for each kind; any other is an error, not silently ignored
+KIND_OPTIONS = {"prediction": ("weight", "temperature"), "feature": ("weight", "layers", "mode")}
+FEATURE_MODES = ("mse", "attention")
+
+
+def _number(value: object, what: str, positive: bool = False) -> float:
+    """``value`` as a float, or a :class:`ConfigError` naming ``what`` when it is not a finite number ``>= 0``
+    (``> 0`` when ``positive``)."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value < 0 or (positive and value == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ConfigError(f"{what} must be a finite number {bound}, got {value!r}.")
+    return float(value)
 
 
 @dataclass
@@ -47,6 +62,14 @@ class Route:
     mode: str = "mse"
     _pairs: list[tuple[str, str]] = field(default_factory=list, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"route {self.source} -> {self.target} has kind {self.kind!r}; use one of {KINDS}.")
+        self.weight = _number(self.weight, f"the weight of route {self.name}")
+        self.temperature = _number(self.temperature, f"the temperature of route {self.name}", positive=True)
+        if self.mode not in FEATURE_MODES:
+            raise ConfigError(f"route {self.name} has mode {self.mode!r}; use one of {FEATURE_MODES}.")
+
     @property
     def name(self) -> str:
         """Key of this route's term in the engine output, e.g. ``"sp/prediction_from_teacher"``."""
@@ -68,11 +91,14 @@ def parse_routes(routes: Sequence[Route | Mapping] | str, students: Sequence[str
         if isinstance(r, Route):
             parsed.append(r)
             continue
-        unknown = set(r) - {"source", "target", "kind", "weight", "temperature", "layers", "mode"}
-        if unknown or not {"source", "target", "kind"} <= set(r):
-            raise ValueError(
-                f"route {i} {dict(r)} is malformed: it needs 'source', 'target' and 'kind', and may have 'weight', "
-                f"'temperature', 'layers', 'mode'" + (f" (unknown keys: {sorted(unknown)})" if unknown else "") + "."
+        if not {"source", "target", "kind"} <= set(r):
+            raise ConfigError(f"route {i} {dict(r)} is malformed: it needs 'source', 'target' and 'kind'.")
+        options = KIND_OPTIONS.get(r["kind"], ())
+        unknown = sorted(set(r) - {"source", "target", "kind", *options})
+        if unknown and r["kind"] in KIND_OPTIONS:
+            raise ConfigError(
+                f"route {i} {dict(r)}: {unknown} do(es) nothing on a {r['kind']} route, which accepts "
+                f"{list(options)}; remove it or fix the spelling."
             )
         parsed.append(Route(**r))
     return parsed
@@ -102,6 +128,11 @@ def preset_routes(
         temperature: softmax temperature of every prediction term.
     """
     students = list(students)
+    meaning = {"alpha": "teacher prediction", "beta": "teacher feature", "gamma": "peer prediction",
+               "delta": "peer feature"}  # fmt: skip
+    for key, value in zip(meaning, (alpha, beta, gamma, delta), strict=True):
+        _number(value, f"{key} (the weight of {meaning[key]} terms)")
+    _number(temperature, "temperature", positive=True)
     pred = dict(kind="prediction", temperature=temperature)
     peers = [(a, b) for a in students for b in students if a != b]
     if preset == "student":
@@ -118,7 +149,7 @@ def preset_routes(
         )
     if preset == "diversified":
         if len(students) != 2:
-            raise ValueError(f"the diversified preset needs exactly two students, got {students}.")
+            raise ConfigError(f"the diversified preset needs exactly two students, got {students}.")
         sp, sf = students
         return [
             Route(TEACHER, sp, weight=alpha, **pred),
@@ -128,7 +159,7 @@ def preset_routes(
             Route(sf, sp, "feature", weight=delta),
             Route(sp, sf, "feature", weight=delta),
         ]
-    raise ValueError(f"unknown routes preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+    raise ConfigError(f"unknown routes preset {preset!r}; choose one of {', '.join(PRESETS)}.")
 
 
 class KnowledgeRoutes(nn.Module):
@@ -154,15 +185,17 @@ class KnowledgeRoutes(nn.Module):
         for r in self.routes:
             for role, end in (("source", r.source), ("target", r.target)):
                 if end not in names:
-                    raise ValueError(
+                    raise ConfigError(
                         f"route {r.to_dict()} has unknown {role} {end!r}; known networks: {sorted(names)}."
                     )
             if r.target == TEACHER:
-                raise ValueError(f"route {r.to_dict()} targets the teacher, which is frozen; targets must be students.")
+                raise ConfigError(
+                    f"route {r.to_dict()} targets the teacher, which is frozen; targets must be students."
+                )
             if r.source == r.target:
-                raise ValueError(f"route {r.to_dict()} goes from a network to itself.")
+                raise ConfigError(f"route {r.to_dict()} goes from a network to itself.")
             if r.kind not in KINDS:
-                raise ValueError(f"route {r.to_dict()} has kind {r.kind!r}; use one of {KINDS}.")
+                raise ConfigError(f"route {r.to_dict()} has kind {r.kind!r}; use one of {KINDS}.")
             if r.kind == "feature":
                 r._pairs = self._layer_pairs(r, feature_layers)
         self.prediction_losses = nn.ModuleDict(
@@ -180,10 +213,12 @@ class KnowledgeRoutes(nn.Module):
             return [(src, dst) for src, dst in route.layers]
         missing = [n for n in (route.source, route.target) if not feature_layers.get(n)]
         if missing:
-            raise ValueError(f"feature route {route.name} needs layers: give 'layers' or feature_layers for {missing}.")
+            raise ConfigError(
+                f"feature route {route.name} needs layers: give 'layers' or feature_layers for {missing}."
+            )
         src, dst = feature_layers[route.source], feature_layers[route.target]
         if len(src) != len(dst):
-            raise ValueError(
+            raise ConfigError(
                 f"feature route {route.name} pairs layers in order, but {route.source} has {len(src)} and "
                 f"{route.target} has {len(dst)}; give the pairs in the route's 'layers'."
             )

@@ -1,0 +1,191 @@
+"""Checks of a bundle's settings before any work starts: override keys, network geometry, input images.
+
+Every check raises :class:`medkd.errors.ConfigError` naming the key or file, what is wrong and the fix; the bundles
+call them first in ``initialize`` (after :func:`medkd.errors.install_excepthook`), so a typo costs a second, not a
+traceback after the data is cached.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import json
+import math
+import os
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from monai.bundle import ConfigParser
+from torch import nn
+
+from medkd.errors import ConfigError
+
+__all__ = [
+    "RUN_ARGUMENTS",
+    "check_overrides",
+    "check_command_line",
+    "command_line_overrides",
+    "total_stride",
+    "check_patch_size",
+    "check_inputs",
+]
+
+# arguments of ``python -m monai.bundle run`` / ``ConfigWorkflow`` that are not config keys
+RUN_ARGUMENTS = frozenset(
+    {
+        "run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file",
+        "workflow_name", "workflow_type", "properties_path",
+    }
+)  # fmt: skip
+
+
+def _candidates(parser: ConfigParser, key: str) -> list[str]:
+    """Valid keys beside ``key``: the top-level keys, or the siblings of a ``a#b#c`` key."""
+    parent, sep, _ = key.replace("::", "#").rpartition("#")
+    if not sep:
+        return list(parser.get())
+    node = parser[parent] if parent in parser else None
+    if isinstance(node, Mapping):
+        return [f"{parent}#{k}" for k in node]
+    if isinstance(node, list):
+        return [f"{parent}#{i}" for i in range(len(node))]
+    return list(parser.get())
+
+
+def check_overrides(config_files: Sequence[str | os.PathLike], keys: Iterable[str]) -> None:
+    """Raise :class:`ConfigError` for override keys the merged ``config_files`` do not define.
+
+    MONAI adds an unknown override as a new key that nothing reads, so ``--temprature 2`` would be ignored without
+    a word; the message names each unknown key and the nearest valid one.
+    """
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in config_files])
+    lines = []
+    for key in keys:
+        if key in RUN_ARGUMENTS or key in parser:
+            continue
+        close = difflib.get_close_matches(key, _candidates(parser, key), n=1, cutoff=0.6)
+        lines.append(f"--{key}" + (f" (did you mean --{close[0]}?)" if close else ""))
+    if lines:
+        files = ", ".join(Path(f).name for f in config_files)
+        raise ConfigError(
+            f"unknown setting(s) {'; '.join(lines)}: no such key in {files}. Check the spelling; the keys a bundle "
+            "reads are those of its configs/*.json."
+        )
+
+
+def _value(text: str) -> Any:
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            return parse(text)
+        except (ValueError, SyntaxError):
+            continue
+    return text
+
+
+def command_line_overrides(argv: Sequence[str]) -> dict[str, Any]:
+    """``--key value`` / ``--key=value`` / ``--flag`` pairs of a ``monai.bundle run`` command line (as fire reads
+    them: hyphens in keys become underscores)."""
+    found: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        i += 1
+        if not token.startswith("--") or token == "--":
+            continue
+        key, sep, text = token[2:].partition("=")
+        if not sep:
+            if i < len(argv) and not argv[i].startswith("--"):
+                text, i = argv[i], i + 1
+            else:
+                text = "True"
+        found[key.replace("-", "_")] = _value(text)
+    return found
+
+
+def check_command_line(argv: Sequence[str] | None = None) -> None:
+    """Under ``python -m monai.bundle run`` (or ``torchrun -m monai.bundle run``), check the command line's override
+    keys, and those of its ``--args_file``, against its ``--config_file`` list (:func:`check_overrides`); a no-op
+    in any other program (e.g. a ``ConfigWorkflow`` built in Python, whose caller checks its own overrides)."""
+    argv = list(sys.argv if argv is None else argv)
+    if not argv or Path(argv[0]).parts[-3:] != ("monai", "bundle", "__main__.py"):
+        return
+    overrides = command_line_overrides(argv[1:])
+    if "args_file" in overrides:
+        overrides = {**ConfigParser.load_config_file(str(overrides["args_file"])), **overrides}
+    config_files = overrides.get("config_file")
+    if config_files is None:
+        return
+    files = [config_files] if isinstance(config_files, str) else list(config_files)
+    check_overrides(files, overrides)
+
+
+def total_stride(network: nn.Module) -> list[int] | None:
+    """Per spatial axis, the factor by which ``network`` downsamples its input (the product of its ``strides``, as
+    MONAI's ``UNet`` and ``DynUNet`` record them), or ``None`` for networks that do not record strides."""
+    strides = getattr(network, "strides", None)
+    if not strides:
+        return None
+    per_level = [[int(s)] if isinstance(s, int) else [int(x) for x in s] for s in strides]
+    dims = max(max(len(s) for s in per_level), getattr(network, "dimensions", 0), getattr(network, "spatial_dims", 0))
+    per_level = [s * dims if len(s) == 1 else s for s in per_level]
+    return [math.prod(level[axis] for level in per_level) for axis in range(dims)]
+
+
+def check_patch_size(networks: Mapping[str, nn.Module], patch_size: Sequence[int], key: str = "patch_size") -> None:
+    """Raise :class:`ConfigError` when ``patch_size`` is not a multiple of a network's total stride on some axis
+    (skip connections would not line up), naming the network and the nearest valid sizes."""
+    for name, network in networks.items():
+        stride = total_stride(network)
+        if stride is None:
+            continue
+        stride = stride * len(patch_size) if len(stride) == 1 else stride
+        if len(stride) != len(patch_size):
+            raise ConfigError(
+                f"{key} {list(patch_size)} has {len(patch_size)} axes but the {name} network is {len(stride)}D; "
+                f'give one size per spatial axis (--{key} "{[96] * len(stride)}").'
+            )
+        if any(int(p) % s for p, s in zip(patch_size, stride, strict=True)):
+            fixed = [max(s, round(int(p) / s) * s) for p, s in zip(patch_size, stride, strict=True)]
+            raise ConfigError(
+                f"{key} {list(patch_size)} is not a multiple of {stride}, the total downsampling of the {name} "
+                f"network (its strides multiplied): its skip connections would not line up. Use e.g. "
+                f'--{key} "{fixed}", or change the network\'s strides.'
+            )
+
+
+def _channels_and_dims(image: Any) -> tuple[int, int]:
+    """(channels, spatial dims) of an image as loaded without ``ensure_channel_first``."""
+    channel_dim = image.meta.get("original_channel_dim", "no_channel")
+    if channel_dim in ("no_channel", None) or (isinstance(channel_dim, float) and math.isnan(channel_dim)):
+        return 1, image.ndim
+    return int(image.shape[int(channel_dim)]), image.ndim - 1
+
+
+def check_inputs(datalists: Mapping[str, Sequence[Mapping]], in_channels: int, spatial_dims: int) -> None:
+    """Raise :class:`ConfigError` when the first image of a list has another number of channels or spatial
+    dimensions than the bundle's ``in_channels`` / ``spatial_dims`` (e.g. RGB images into a 1-channel bundle, 3D
+    volumes into a 2D bundle), naming the file and the fix."""
+    from medkd.data import LoadMedicalImage
+
+    loader = LoadMedicalImage(image_only=True, dtype=None)
+    for key, items in datalists.items():
+        if not items or "image" not in items[0]:
+            continue
+        path = items[0]["image"]
+        channels, dims = _channels_and_dims(loader(path))
+        if dims != spatial_dims:
+            hint = "use bundles/segmentation_3d" if dims == 3 else "use a 2D bundle (spatial_dims 2)"
+            raise ConfigError(
+                f"{path} (first image of the {key} list) is {dims}D but this bundle has spatial_dims={spatial_dims}: "
+                f"{hint}, or convert the data."
+            )
+        if channels != in_channels:
+            what = "an RGB(A) image" if channels in (3, 4) and spatial_dims == 2 else f"{channels} channels"
+            raise ConfigError(
+                f"{path} (first image of the {key} list) has {what} but the bundle's in_channels is {in_channels}: "
+                f"pass --in_channels {channels} (the networks follow it), or convert the images"
+                + (" to greyscale." if in_channels == 1 else ".")
+            )

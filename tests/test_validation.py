@@ -1,0 +1,178 @@
+"""Settings are checked before work starts, and every user error reaches the user as one message, exit status 1."""
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from bundle_utils import BUNDLES, stage_command, tiny_overlay
+from monai.networks.nets import UNet
+from PIL import Image
+
+from medkd.errors import ConfigError, MedkdError, user_error
+from medkd.routes import Route, parse_routes, preset_routes
+from medkd.validation import (
+    check_command_line,
+    check_inputs,
+    check_overrides,
+    check_patch_size,
+    command_line_overrides,
+    total_stride,
+)
+
+SEG2D = BUNDLES / "segmentation_2d" / "configs"
+
+
+def test_unknown_override_names_the_nearest_key():
+    with pytest.raises(ConfigError, match=r"--temprature \(did you mean --temperature\?\)"):
+        check_overrides([SEG2D / "train.json"], ["temprature", "alpha"])
+    with pytest.raises(
+        ConfigError, match=r"--train#dataloader#batch_sise \(did you mean --train#dataloader#batch_size"
+    ):
+        check_overrides([SEG2D / "train.json"], ["train#dataloader#batch_sise"])
+    check_overrides(
+        [SEG2D / "train.json", SEG2D / "evaluate.json"], ["alpha", "train#dataloader#num_workers", "tracking"]
+    )
+
+
+def test_command_line_is_read_as_fire_reads_it():
+    argv = ["run", "--config_file", "['a.json','b.json']", "--max-epochs", "3", "--amp=True", "--resume"]
+    assert command_line_overrides(argv) == {
+        "config_file": ["a.json", "b.json"],
+        "max_epochs": 3,
+        "amp": True,
+        "resume": True,
+    }
+
+
+def test_command_line_check_applies_to_monai_bundle_run_only(tmp_path):
+    main = str(next(p for p in sys.modules["monai"].__path__)) + "/bundle/__main__.py"
+    typo = ["run", "--config_file", str(SEG2D / "train.json"), "--alpah", "2"]
+    with pytest.raises(ConfigError, match="did you mean --alpha"):
+        check_command_line([main, *typo])
+    check_command_line(["pytest", *typo])  # another program: its caller checks its own overrides
+    args = tmp_path / "args.json"
+    args.write_text(json.dumps({"config_file": str(SEG2D / "train.json"), "max_epoch": 2}))
+    with pytest.raises(ConfigError, match="did you mean --max_epochs"):
+        check_command_line([main, "run", "--args_file", str(args)])
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: preset_routes("kd", alpha=-1), r"alpha \(the weight of teacher prediction terms\) must be"),
+        (lambda: preset_routes("kd", alpha="abc"), "got 'abc'"),
+        (lambda: preset_routes("kd", temperature=0), "temperature must be a finite number > 0"),
+        (lambda: preset_routes("distill"), "unknown routes preset 'distill'"),
+        (lambda: Route("teacher", "sp", "logits"), "kind 'logits'"),
+        (lambda: Route("teacher", "sp", "feature", mode="l1"), "mode 'l1'"),
+        (lambda: Route("teacher", "sp", "prediction", weight=float("nan")), "weight of route sp/prediction_from"),
+        (
+            lambda: parse_routes(
+                [{"source": "teacher", "target": "sp", "kind": "prediction", "mode": "attention"}], []
+            ),
+            r"\['mode'\] do\(es\) nothing on a prediction route",
+        ),
+        (
+            lambda: parse_routes([{"source": "teacher", "target": "sp", "kind": "feature", "temperature": 2}], []),
+            r"\['temperature'\] do\(es\) nothing on a feature route",
+        ),
+        (lambda: parse_routes([{"source": "teacher", "kind": "feature"}], []), "needs 'source', 'target' and 'kind'"),
+    ],
+)
+def test_bad_routes_and_weights_are_config_errors(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+def test_patch_size_must_be_a_multiple_of_the_total_stride():
+    unet = UNet(2, 1, 2, channels=(4, 8, 16, 32), strides=(2, 2, 2))
+    assert total_stride(unet) == [8, 8]
+    check_patch_size({"teacher": unet}, [96, 64])
+    with pytest.raises(ConfigError, match=r"patch_size \[90, 96\] is not a multiple of \[8, 8\].*teacher.*\[88, 96\]"):
+        check_patch_size({"teacher": unet}, [90, 96])
+    anisotropic = UNet(3, 1, 2, channels=(4, 8, 16), strides=((2, 2, 1), (2, 2, 2)))
+    assert total_stride(anisotropic) == [4, 4, 2]
+    check_patch_size({"sp": anisotropic}, [32, 32, 6])
+    assert total_stride(torch.nn.Conv2d(1, 1, 3)) is None  # no recorded strides: nothing to check
+
+
+def test_rgb_and_3d_inputs_are_named(tmp_path):
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "rgb.png")
+    with pytest.raises(ConfigError, match=r"rgb.png \(first image of the training list\) has an RGB.*--in_channels 3"):
+        check_inputs({"training": [{"image": str(tmp_path / "rgb.png")}]}, in_channels=1, spatial_dims=2)
+    check_inputs({"training": [{"image": str(tmp_path / "rgb.png")}]}, in_channels=3, spatial_dims=2)
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), tmp_path / "ct.nii.gz")
+    with pytest.raises(ConfigError, match=r"ct.nii.gz .* is 3D but this bundle has spatial_dims=2.*segmentation_3d"):
+        check_inputs({"test": [{"image": str(tmp_path / "ct.nii.gz")}]}, in_channels=1, spatial_dims=2)
+
+
+def test_user_error_is_found_through_monai_wrappers():
+    try:
+        try:
+            raise ConfigError("bad key")
+        except ConfigError as e:
+            raise RuntimeError("Failed to evaluate ConfigExpression") from e
+    except RuntimeError as wrapped:
+        assert isinstance(user_error(wrapped), MedkdError)
+    assert user_error(RuntimeError("other")) is None
+
+
+def _run(cmd, cwd):
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def _assert_one_message(proc, *fragments):
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("ERROR: ")]
+    assert len(error) == 1, proc.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in error[0], error[0]
+
+
+@pytest.mark.parametrize(
+    "stage, overrides, fragments",
+    [
+        ("train", {"temprature": 2}, ["--temprature (did you mean --temperature?)"]),
+        ("train", {"alpha": "abc"}, ["alpha (the weight of teacher prediction terms)", "'abc'"]),
+        ("train", {"patch_size": [30, 30]}, ["patch_size [30, 30] is not a multiple of [8, 8]"]),
+    ],
+)
+def test_bundle_mistakes_end_in_one_message(stage, overrides, fragments, tmp_path):
+    overlay = tiny_overlay("segmentation_2d", tmp_path / "tiny.json")
+    _assert_one_message(
+        _run(stage_command("segmentation_2d", stage, tmp_path, overlay, **overrides), tmp_path), *fragments
+    )
+
+
+def test_wrong_dataset_dir_ends_in_one_message(tmp_path):
+    missing = tmp_path / "no_such_folder"
+    proc = _run(stage_command("segmentation_2d", "train_teacher", tmp_path, dataset_dir=str(missing)), tmp_path)
+    _assert_one_message(proc, f"{missing}/dataset.json does not exist", "--dataset_dir")
+    assert not missing.exists()
+
+
+def test_missing_or_truncated_checkpoint_and_bad_test_list_end_in_one_message(tmp_path):
+    overlay = tiny_overlay("segmentation_2d", tmp_path / "tiny.json", max_epochs=1)
+    assert _run(stage_command("segmentation_2d", "train_teacher", tmp_path, overlay), tmp_path).returncode == 0
+    # students not trained yet
+    _assert_one_message(_run(stage_command("segmentation_2d", "evaluate", tmp_path, overlay), tmp_path),
+                        "sp.pt does not exist", "train that network first")  # fmt: skip
+    # a truncated teacher checkpoint, read by the distillation stage
+    teacher = tmp_path / "models" / "teacher.pt"
+    good = teacher.read_bytes()
+    teacher.write_bytes(good[: len(good) // 2])
+    _assert_one_message(_run(stage_command("segmentation_2d", "train", tmp_path, overlay), tmp_path),
+                        "teacher.pt cannot be read", "truncated")  # fmt: skip
+    teacher.write_bytes(good)
+    # a test list naming a missing file is reported before evaluation starts
+    datalist = json.loads((tmp_path / "data" / "dataset.json").read_text())
+    datalist["test"][0]["image"] = "missing.nii.gz"
+    (tmp_path / "data" / "dataset.json").write_text(json.dumps(datalist))
+    proc = _run(stage_command("segmentation_2d", "evaluate", tmp_path, overlay), tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "[test]" in proc.stderr and "missing.nii.gz: file not found" in proc.stderr
