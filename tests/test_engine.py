@@ -10,6 +10,7 @@ from monai.handlers import from_engine
 from monai.losses import DiceCELoss
 
 from medkd.engines import DistillationTrainer, iteration_losses
+from medkd.errors import ConfigError
 from medkd.handlers import EpochLossTerms
 from medkd.routes import PRESETS, Route
 
@@ -121,7 +122,7 @@ def test_every_preset_trains_and_loss_goes_down(preset):
 
 
 def test_unknown_layer_and_missing_teacher_are_clear(batches):
-    with pytest.raises(KeyError, match="network 'teacher' has no module named 'nope'"):
+    with pytest.raises(ConfigError, match="network 'teacher' has no module named 'nope'"):
         make_trainer(batches, feature_layers={"teacher": ["nope"]})
     with pytest.raises(ValueError, match="no teacher network was given"):
         make_trainer(batches, routes="kd", teacher=None)

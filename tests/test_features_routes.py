@@ -64,7 +64,7 @@ def test_presets_build_the_documented_graphs(preset):
 def test_parse_routes_from_json_dicts_and_errors():
     routes = parse_routes([{"source": "teacher", "target": "a", "kind": "prediction", "weight": 2}], ["a"])
     assert routes == [Route("teacher", "a", "prediction", weight=2)]
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match=r"\['wieght'\] do\(es\) nothing on a prediction route"):
         parse_routes([{"source": "teacher", "target": "a", "kind": "prediction", "wieght": 2}], ["a"])
     with pytest.raises(ValueError, match="unknown routes preset 'kdd'"):
         parse_routes("kdd", ["a"])
