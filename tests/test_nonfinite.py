@@ -12,6 +12,7 @@ import torch
 from conftest import tiny_batches, tiny_unet
 from monai.data import MetaTensor
 from monai.engines import SupervisedTrainer
+from monai.networks.nets import UNet
 from monai.transforms import Compose, EnsureTyped, ScaleIntensityd
 
 from medkd.data import DataError, LoadMedicalImaged
@@ -69,7 +70,8 @@ def batches_with_nan(n=3):
 
 
 def teacher_trainer(batches, nan_policy):
-    net = tiny_unet()
+    torch.manual_seed(0)
+    net = UNet(2, 1, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=1, norm="batch")  # with running stats
     trainer = SupervisedTrainer(
         device="cpu",
         max_epochs=1,
@@ -139,3 +141,24 @@ def test_outputs_of_each_network_are_checked_per_image():
     nan_input["image"][1, 0, 0, 0] = float("inf")
     with pytest.raises(DataError, match=r"Image 'b\.nii\.gz' \(after preprocessing\) has 1 non-finite value"):
         evaluator({"teacher": good}, nan_input).run()
+
+
+def test_teacher_nan_loss_skip_with_an_enabled_grad_scaler(monkeypatch):
+    """With AMP, MONAI steps through a GradScaler: the skipped step's gradients are set to NaN so that the scaler
+    skips it (a CPU scaler stands in for the CUDA one that MONAI makes at each run)."""
+    monkeypatch.setattr(torch.cuda.amp, "GradScaler", lambda: torch.amp.GradScaler("cpu"))
+
+    def run(batches):
+        trainer, net = teacher_trainer(batches, "skip")
+        trainer.amp = True
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*CUDA is not available.*")
+            warnings.filterwarnings("ignore", message="skipping the step")
+            trainer.run()
+        return trainer, net.state_dict()
+
+    batches = batches_with_nan()
+    _, after_first_step = run(batches[:1])
+    trainer, state = run(batches[:2])
+    assert trainer.scaler.is_enabled() and trainer.scaler.get_scale() == 65536.0 / 2  # the scaler skipped it
+    assert all(torch.equal(state[k], after_first_step[k]) for k in state)
