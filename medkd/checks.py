@@ -1,7 +1,7 @@
 """Input checks run before training, and a dataset wrapper that skips unreadable files during inference.
 
-* :func:`check_datalist` returns every problem of a datalist at once (missing or corrupt files, image/label
-  mismatch, out-of-range labels, classes without samples).
+* :func:`check_datalist` returns every problem of a datalist at once (missing or corrupt files, NaN/Inf pixels,
+  image/label mismatch, out-of-range labels, classes without samples).
 * :func:`assert_valid_datalist` raises one :class:`~medkd.data.DataError` listing them all; call it from a bundle's
   ``initialize`` list so a bad dataset stops the run before any DataLoader worker starts.
 * :class:`SafeDataset` + :func:`skip_none_collate` let inference skip a corrupt file, report it and go on.
@@ -17,7 +17,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +28,19 @@ from monai.data.utils import affine_to_spacing
 from monai.utils import ensure_tuple
 
 from medkd.data import DataError, LoadMedicalImage, load_datalist
+from medkd.nonfinite import count_nonfinite
 
 __all__ = [
     "Problem",
     "SafeDataset",
+    "accept_missing_classes",
     "add_check_data_parser",
     "assert_valid_datalist",
     "check_before_run",
     "check_data_command",
     "check_datalist",
     "format_problems",
+    "infer_task",
     "skip_none_collate",
 ]
 
@@ -45,14 +48,20 @@ logger = logging.getLogger(__name__)
 
 TASKS = ("segmentation", "classification")
 DATASET = "<datalist>"
+MISSING_CLASS = "missing_class"
 
 
 @dataclass(frozen=True)
 class Problem:
-    """One problem found in a datalist: the file (or entry) concerned and what is wrong with it."""
+    """One problem found in a datalist: the file (or entry) concerned and what is wrong with it.
+
+    ``kind`` tags problems that a setting can accept (``"missing_class"``: a class without samples); it is not
+    compared.
+    """
 
     path: str
     reason: str
+    kind: str = field(default="", compare=False)
 
     def __str__(self) -> str:
         return f"{self.path}: {self.reason}"
@@ -110,7 +119,19 @@ def _geometry_problem(image: Any, label: Any, image_path: str) -> str | None:
 
 def _label_values(label: Any) -> np.ndarray:
     array = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
-    return np.unique(array)
+    values = np.unique(array)
+    return values[np.isfinite(values)] if np.issubdtype(values.dtype, np.inexact) else values
+
+
+def _nonfinite_problem(array: Any, path: str, what: str = "image") -> Problem | None:
+    count = count_nonfinite(array)
+    if not count:
+        return None
+    return Problem(
+        path,
+        f"{count} non-finite {what} value(s) (NaN or Inf) out of {int(np.prod(array.shape))}; replace them with a "
+        "number (e.g. numpy.nan_to_num) and save the file again, or remove it from the datalist",
+    )
 
 
 def _class_name(index: int, class_names: Sequence[str] | None) -> str:
@@ -128,7 +149,8 @@ def check_datalist(
 ) -> list[Problem]:
     """Check a datalist and return every problem found (an empty list means the data is usable).
 
-    Reports: an empty dataset, entries without image, missing and unreadable files, and when labels are present:
+    Reports: an empty dataset, entries without image, missing and unreadable files, images (and label maps) with
+    NaN/Inf values, and when labels are present:
     segmentation label maps whose shape or geometry (spacing, origin, orientation) differ from their image,
     label values that are not integers in ``0..num_classes-1`` (voxel values for segmentation, the class index
     for classification) and classes that never occur in the whole dataset.
@@ -163,6 +185,8 @@ def check_datalist(
             continue
         image_path = str(item[image_key])
         image = _load(loader, item[image_key], problems)
+        if image is not None and (bad := _nonfinite_problem(image, image_path)):
+            problems.append(bad)
         if not has_labels:
             continue
         if label_key not in item:
@@ -189,6 +213,8 @@ def check_datalist(
         if label_map is None:
             continue
         label_path = str(label)
+        if bad := _nonfinite_problem(label_map, label_path, "label"):
+            problems.append(bad)
         if image is not None:
             mismatch = _geometry_problem(image, label_map, image_path)
             if mismatch:
@@ -220,7 +246,7 @@ def check_datalist(
         where_seen = "has no sample" if task == "classification" else "never appears in any label map"
         for c in range(num_classes):
             if c not in seen:
-                problems.append(Problem(source, f"{_class_name(c, class_names)} {where_seen}"))
+                problems.append(Problem(source, f"{_class_name(c, class_names)} {where_seen}", MISSING_CLASS))
     return problems
 
 
@@ -244,8 +270,11 @@ def assert_valid_datalist(
     base_dir: str | os.PathLike | None = None,
     image_key: str = "image",
     label_key: str = "label",
+    allow_missing_classes: bool = False,
 ) -> list[dict]:
     """Check a datalist (entries, or a JSON/CSV path read with ``key``/``base_dir``) and return its entries.
+
+    With ``allow_missing_classes``, a class without samples is logged as a warning instead of being a problem.
 
     Raises:
         DataError: listing every problem, one per line, when the data is not usable.
@@ -256,9 +285,28 @@ def assert_valid_datalist(
     else:
         source, items = DATASET, [dict(item) for item in datalist]
     problems = check_datalist(items, num_classes, task, class_names, image_key, label_key, source=source)
+    problems = accept_missing_classes(problems, allow_missing_classes, f"{source} ['{key}']", task)
     if problems:
         raise DataError(format_problems(problems, source))
     return items
+
+
+def accept_missing_classes(
+    problems: Sequence[Problem], allow: bool, where: str, task: str, warn: Callable[[str], Any] | None = None
+) -> list[Problem]:
+    """``problems`` without the classes that have no sample when ``allow`` is set, each passed to ``warn`` (default:
+    logged as a warning) with ``where`` (the datalist and key) and what accepting it means."""
+    if not allow:
+        return list(problems)
+    note = (
+        "ROC-AUC is undefined without samples of every class, so the validation AUC will be NaN"
+        if task == "classification"
+        else "validation Dice leaves it out of the mean"
+    )
+    for p in problems:
+        if p.kind == MISSING_CLASS:
+            (warn or logger.warning)(f"{where}: {p.reason}; accepted (allow_missing_classes): {note}")
+    return [p for p in problems if p.kind != MISSING_CLASS]
 
 
 def check_before_run(
@@ -267,16 +315,35 @@ def check_before_run(
     num_classes: int | None = None,
     task: str = "segmentation",
     base_dir: str | os.PathLike | None = None,
+    allow_missing_classes: bool = False,
 ) -> None:
     """Check the ``keys`` lists of a datalist before a bundle run; on any problem print them all and exit with
     status 1 (``SystemExit`` passes through MONAI's config parser, so the user sees the report, not a traceback).
+
+    ``allow_missing_classes`` (the bundle key of that name) turns "class N never appears" in every list but
+    ``training`` into a logged warning, for a small validation split that lacks a rare class; a class absent from
+    the training list stays an error.
     """
+    source = str(datalist_file)
     errors = []
     for key in keys:
         try:
-            assert_valid_datalist(datalist_file, num_classes=num_classes, task=task, key=key, base_dir=base_dir)
+            items = load_datalist(datalist_file, key=key, base_dir=base_dir)
         except DataError as e:
             errors.append(f"[{key}] {e}")
+            continue
+        problems = check_datalist(items, num_classes, task, source=source)
+        problems = accept_missing_classes(
+            problems, allow_missing_classes and key != "training", f"{source} ['{key}']", task
+        )
+        if not problems:
+            continue
+        errors.append(f"[{key}] {format_problems(problems, source)}")
+        if key != "training" and any(p.kind == MISSING_CLASS for p in problems):
+            errors.append(
+                f"[{key}] A class absent from a small {key} split can be accepted with --allow_missing_classes true "
+                "(see docs/data.md)."
+            )
     if errors:
         print("\n".join(errors), file=sys.stderr, flush=True)
         raise SystemExit(1)
@@ -364,9 +431,19 @@ def add_check_data_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--datalist", required=True, help="Decathlon-style .json or .csv (image,label) datalist")
     p.add_argument("--key", default="training", help="list to check in a JSON datalist (default: training)")
     p.add_argument("--num-classes", type=int, default=None, help="number of classes including background")
-    p.add_argument("--task", choices=TASKS, default="segmentation")
+    p.add_argument(
+        "--task",
+        choices=TASKS,
+        default=None,
+        help="default: classification when every label is an integer class index, else segmentation",
+    )
     p.add_argument("--class-names", default=None, help="comma-separated class names, e.g. background,liver,tumour")
     p.add_argument("--base-dir", default=None, help="folder relative paths start from (default: the datalist's)")
+    p.add_argument(
+        "--allow-missing-classes",
+        action="store_true",
+        help="report a class without samples as a warning, not a problem (e.g. a small validation split)",
+    )
     p.set_defaults(handler=check_data_command)
     return p
 
@@ -382,6 +459,13 @@ def _decathlon_class_names(path: str) -> list[str] | None:
         return None
 
 
+def infer_task(items: Sequence[Mapping[str, Any]], label_key: str = "label") -> str:
+    """``"classification"`` when every label of ``items`` is an integer class index, else ``"segmentation"``."""
+    labels = [it[label_key] for it in items if isinstance(it, Mapping) and label_key in it]
+    is_index = [isinstance(x, int | np.integer) and not isinstance(x, bool) for x in labels]
+    return "classification" if labels and all(is_index) else "segmentation"
+
+
 def check_data_command(args: argparse.Namespace) -> int:
     """Run ``check-data``: print every problem and return 1, or print ``OK: N items checked`` and return 0."""
     try:
@@ -389,12 +473,21 @@ def check_data_command(args: argparse.Namespace) -> int:
     except DataError as e:
         print(f"ERROR: {e}")
         return 1
+    task = args.task
+    if task is None:
+        task = infer_task(items)
+        if task == "classification":
+            print("Task: classification (every label is an integer class index; pass --task to override)")
     names = args.class_names.split(",") if args.class_names else None
-    if names is None and args.task == "segmentation":
+    if names is None:
         names = _decathlon_class_names(args.datalist)
         if names is not None and args.num_classes is not None and len(names) != args.num_classes:
             names = None
-    problems = check_datalist(items, args.num_classes, args.task, names, source=args.datalist)
+    problems = check_datalist(items, args.num_classes, task, names, source=args.datalist)
+    where = f"{args.datalist} ['{args.key}']"
+    problems = accept_missing_classes(
+        problems, args.allow_missing_classes, where, task, warn=lambda message: print(f"WARNING: {message}")
+    )
     if problems:
         print(format_problems(problems, args.datalist, cli_hint=False))
         return 1

@@ -1,6 +1,7 @@
 """Data layer: datalists and robust image loading built on MONAI readers.
 
 * :func:`load_datalist` reads a Decathlon-style JSON or an ``image,label`` CSV.
+* :func:`find_images` lists the images of a folder that the loaders read (inference's ``--input_dir``).
 * :class:`LoadMedicalImage` / :class:`LoadMedicalImaged` wrap :class:`monai.transforms.LoadImage` and pick the
   reader from the path: NIfTI (``NibabelReader``), DICOM files and series folders (:class:`DicomReader`),
   PNG/JPEG/BMP (``PILReader``) and ``.npy``/``.npz`` (``NumpyReader``).
@@ -10,6 +11,7 @@
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import logging
 import os
@@ -32,6 +34,7 @@ __all__ = [
     "DicomReader",
     "LoadMedicalImage",
     "LoadMedicalImaged",
+    "find_images",
     "image_loader",
     "load_datalist",
     "reader_for",
@@ -44,6 +47,7 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 NUMPY_SUFFIXES = (".npy", ".npz")
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + DICOM_SUFFIXES + PIL_SUFFIXES + NUMPY_SUFFIXES
 SUPPORTED = (
     "NIfTI (.nii, .nii.gz), DICOM (.dcm/.dicom/.ima, extension-less files, or a folder with one series), "
     "PNG/JPEG/BMP, NumPy (.npy/.npz)"
@@ -63,12 +67,14 @@ def load_datalist(path: PathLike, key: str = "training", base_dir: PathLike | No
     Args:
         path: a Decathlon-style ``.json`` file (``{"training": [{"image": .., "label": ..}, ..]}``) or a ``.csv``
             file with an ``image`` column and an optional ``label`` column. A CSV label is an integer class index
-            (classification) or a path (segmentation); other columns are kept as strings.
+            (classification) or a path (segmentation); other columns are kept as strings. A UTF-8 byte-order mark
+            (Excel's "CSV UTF-8") is accepted.
         key: list to read from a JSON datalist (``training``, ``validation``, ``test``, ...); ignored for CSV.
         base_dir: folder relative paths are resolved against; defaults to the datalist's folder.
 
     Raises:
-        DataError: the file is missing or malformed (bad JSON, missing key or columns, entries without image).
+        DataError: the file is missing or malformed (bad JSON, missing key or columns, entries without image, CSV
+            labels that are neither integer class indices nor label-map paths).
     """
     path = Path(path).expanduser().absolute()
     if not path.is_file():
@@ -117,7 +123,7 @@ def _load_json(path: Path, key: str, base_dir: PathLike | None) -> list[dict]:
 def _load_csv(path: Path, base_dir: PathLike | None) -> list[dict]:
     base = Path(base_dir).expanduser() if base_dir is not None else path.parent
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: Excel writes a byte-order mark
             reader = csv.DictReader(f)
             rows = list(reader)
             columns = [c.strip() for c in reader.fieldnames or []]
@@ -129,6 +135,7 @@ def _load_csv(path: Path, base_dir: PathLike | None) -> list[dict]:
             "The first line must be a header such as 'image,label'."
         )
     items = []
+    bad_labels: list[tuple[int, str]] = []
     for line, row in enumerate(rows, start=2):
         row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
         if not row.get("image"):
@@ -141,9 +148,55 @@ def _load_csv(path: Path, base_dir: PathLike | None) -> list[dict]:
                 raise DataError(
                     f"Datalist '{path}', line {line}: the 'label' cell is empty. Fill it or delete the row."
                 )
-            item["label"] = int(label) if _is_int(label) else _resolve(base, label)
+            if _is_int(label):
+                item["label"] = int(label)
+            elif _looks_like_path(base, label):
+                item["label"] = _resolve(base, label)
+            else:
+                bad_labels.append((line, label))
         items.append(item)
+    if bad_labels:
+        raise DataError(_label_message(path, bad_labels))
     return items
+
+
+def _looks_like_path(base: Path, text: str) -> bool:
+    """Whether a CSV label names a label map: it has a folder part or an image suffix, or the file exists."""
+    p = Path(text).expanduser()
+    return (
+        "/" in text
+        or "\\" in text
+        or text.lower().endswith(IMAGE_SUFFIXES)
+        or (base / p).exists()
+        or (p.is_absolute() and p.exists())
+    )
+
+
+def _label_message(path: Path, bad: Sequence[tuple[int, str]]) -> str:
+    shown = ", ".join(f"{value!r} (line {line})" for line, value in bad[:5])
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    verb = "is" if len(bad) == 1 else "are"
+    words = [v for v in dict.fromkeys(value for _, value in bad) if not _is_number(v)][:4]
+    mapping = ""
+    if words:
+        example = ", ".join(f"{name} -> {i}" for i, name in enumerate(words))
+        mapping = (
+            f" Replace each class name by its index (e.g. {example}) and give the names in that order as the class "
+            f'names (bundles: --class_names "{words}"; check-data: --class-names {",".join(words)}).'
+        )
+    return (
+        f"Datalist '{path}': {'label' if len(bad) == 1 else 'labels'} {shown}{more} {verb} neither an integer class "
+        "index nor the path of a label map. Classification labels must be integer class indices 0..N-1 (write 1, "
+        f"not 1.0).{mapping} For segmentation, the label must be the path of an existing label map."
+    )
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_int(text: str) -> bool:
@@ -153,6 +206,84 @@ def _is_int(text: str) -> bool:
 def _resolve(base: Path, value: str) -> str:
     p = Path(value).expanduser()
     return str(p if p.is_absolute() else base / p)
+
+
+# ------------------------------------------------------------------------------------------- folders of images
+
+
+def _is_dicom_file(path: Path) -> bool:
+    return path.name.lower().endswith(DICOM_SUFFIXES) or _sniff_dicom(path)
+
+
+def _is_image(path: Path) -> bool:
+    """A file of a format the loaders read, or a folder holding DICOM files (one series)."""
+    if path.is_dir():
+        return any(f.is_file() and not f.name.startswith(".") and _is_dicom_file(f) for f in path.iterdir())
+    name = path.name.lower()
+    return name.endswith(NIFTI_SUFFIXES + PIL_SUFFIXES + NUMPY_SUFFIXES) or _is_dicom_file(path)
+
+
+def _contents(folder: Path) -> str:
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    if not entries:
+        return "it is empty"
+    files = sum(p.is_file() for p in entries)
+    shown = [p.name + ("/" if p.is_dir() else "") for p in entries[:5]]
+    more = ", ..." if len(entries) > 5 else ""
+    return f"it holds {files} file(s) and {len(entries) - files} folder(s): {', '.join(shown)}{more}"
+
+
+def find_images(input_dir: PathLike, pattern: str | None = None) -> list[str]:
+    """The images in ``input_dir``, sorted: by default every entry the loaders read (NIfTI ``.nii``/``.nii.gz``,
+    DICOM files, with or without extension, and sub-folders holding a DICOM series, PNG/JPEG/BMP, NumPy), other
+    files (``README.txt``, ``.mha``, hidden files) being left out; with ``pattern`` (a glob such as ``"*.nii.gz"``
+    or ``"*/"``), the entries matching it.
+
+    A folder of DICOM slices is one image only when it is a sub-folder of ``input_dir``; the files directly in
+    ``input_dir`` are each an image.
+
+    Raises:
+        DataError: the folder does not exist, is a file, or holds no image (the message says what it holds).
+    """
+    folder = Path(input_dir).expanduser()
+    if not folder.exists():
+        raise DataError(
+            f"Input folder '{folder}' does not exist. Pass --input_dir the folder that holds the images to process."
+        )
+    if not folder.is_dir():
+        raise DataError(
+            f"Input folder '{folder}' is a file, not a folder. Pass its folder as --input_dir (with --input_pattern "
+            f"'{folder.name}' to process only this file)."
+        )
+    if pattern:
+        found = sorted(str(Path(p)) for p in glob.glob(os.path.join(str(folder), pattern)))
+        wanted, fix = (
+            f"matching input_pattern '{pattern}'",
+            "Fix --input_pattern, or leave it out to take every image of a supported format",
+        )
+    else:
+        found = [str(p) for p in sorted(folder.iterdir()) if not p.name.startswith(".") and _is_image(p)]
+        wanted, fix = (
+            f"in a supported format ({SUPPORTED})",
+            "Point --input_dir at the folder holding the images, or convert them to a supported format",
+        )
+    if not found:
+        raise DataError(f"Input folder '{folder}' holds no image {wanted}: {_contents(folder)}. {fix}.")
+    return found
+
+
+def inference_items(
+    input_dir: PathLike | None,
+    pattern: str | None,
+    datalist: PathLike,
+    key: str = "test",
+    base_dir: PathLike | None = None,
+) -> list[dict]:
+    """The inputs of an inference run as ``[{"image": path}, ...]``: the images of ``input_dir``
+    (:func:`find_images`), or without one, the images of the datalist's ``key`` list."""
+    if input_dir:
+        return [{"image": f} for f in find_images(input_dir, pattern)]
+    return [{"image": item["image"]} for item in load_datalist(datalist, key=key, base_dir=base_dir)]
 
 
 # ----------------------------------------------------------------------------------------------------- DICOM

@@ -30,6 +30,7 @@ __all__ = [
     "total_stride",
     "check_patch_size",
     "check_inputs",
+    "choose",
 ]
 
 # arguments of ``python -m monai.bundle run`` / ``ConfigWorkflow`` that are not config keys
@@ -189,3 +190,10 @@ def check_inputs(datalists: Mapping[str, Sequence[Mapping]], in_channels: int, s
                 f"pass --in_channels {channels} (the networks follow it), or convert the images"
                 + (" to greyscale." if in_channels == 1 else ".")
             )
+
+
+def choose(options: Mapping[str, Any], name: str, key: str) -> Any:
+    """``options[name]``, or a :class:`ConfigError` saying that ``--key name`` is not one of the options."""
+    if name not in options:
+        raise ConfigError(f"--{key} {name!r} is not one of {list(options)}.")
+    return options[name]

@@ -103,7 +103,7 @@ def test_inference_writes_one_row_per_image(trained):
     root = trained[0]
     run_stage(BUNDLE, "inference", root)
     test = json.loads((root / "data" / "dataset.json").read_text())["test"]
-    rows = read_csv(root / "eval" / "predictions" / "probabilities.csv")
+    rows = read_csv(root / "eval" / "predictions" / "probabilities_sp.csv")
     assert [r["image"] for r in rows] == [str(root / "data" / case["image"]) for case in test]
     for row in rows:
         assert_probabilities(row, ["no_lesion", "lesion"])
@@ -117,7 +117,7 @@ def test_inference_skips_a_corrupt_file_and_says_so(trained):
     (new / "b_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a PNG image")
     out = root / "out"
     run_stage(BUNDLE, "inference", root, input_dir=str(new), output_dir=str(out), network_name="teacher")
-    rows = read_csv(out / "probabilities.csv")
+    rows = read_csv(out / "probabilities_teacher.csv")
     assert [r["image"] for r in rows] == [str(new / "a_good.png")]
     skipped = (out / "skipped.tsv").read_text().splitlines()
     assert len(skipped) == 1 and skipped[0].startswith(str(new / "b_corrupt.png"))
@@ -136,3 +136,18 @@ def test_presets_and_adapters_across_channels_and_sizes(trained):
     adapters = [m for m in trainer.routes.modules() if isinstance(m, torch.nn.Conv2d)]
     assert len(adapters) == 2 and all(a.out_channels == 512 and a.in_channels < 512 for a in adapters)
     assert all(math.isfinite(v) for v in iteration_losses(trainer.state.output).values())
+
+
+def test_inference_output_of_each_network_is_kept(trained):
+    root = trained[0]
+    new, out = root / "new_formats", root / "out_networks"
+    new.mkdir()
+    (new / "a.png").write_bytes((root / "data" / "images" / "test_0001.png").read_bytes())
+    (new / "b.jpg").write_bytes((root / "data" / "images" / "test_0002.png").read_bytes())  # a PNG named .jpg
+    run_stage(BUNDLE, "inference", root, input_dir=str(new), output_dir=str(out))
+    sp = (out / "probabilities_sp.csv").read_text()
+    run_stage(BUNDLE, "inference", root, input_dir=str(new), output_dir=str(out), network_name="sf")
+    assert (out / "probabilities_sp.csv").read_text() == sp  # not overwritten by sf
+    for name in ("sp", "sf"):
+        rows = read_csv(out / f"probabilities_{name}.csv")
+        assert [r["image"] for r in rows] == [str(new / "a.png"), str(new / "b.jpg")]

@@ -2,14 +2,22 @@
 
 import csv
 import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from bundle_utils import BUNDLES, SCHEMA, STAGES, mlflow_metrics, run_stage
+import torch
+from bundle_utils import BUNDLES, REPO, SCHEMA, STAGES, mlflow_metrics, run_stage, stage_command
 from monai.bundle import verify_metadata, verify_net_in_out
 
 from medkd.engines import iteration_losses
+from medkd.errors import user_error
+from medkd.nonfinite import NonFiniteLossError, NonFiniteOutputError
+from medkd.synthetic import ensure_segmentation_data
 
 SEGMENTATION = ["segmentation_2d", "segmentation_3d"]
 
@@ -66,7 +74,7 @@ def test_all_stages_run_end_to_end(bundle, tmp_path):
     run_stage(bundle, "inference", tmp_path)
     for case in datalist["test"]:
         image = nib.load(tmp_path / "data" / case["image"])
-        name = case["image"].split("/")[-1].replace(".nii.gz", "_seg.nii.gz")
+        name = case["image"].split("/")[-1].replace(".nii.gz", "_sp_seg.nii.gz")
         seg = nib.load(tmp_path / "eval" / "segmentations" / name)
         assert seg.shape == image.shape
         np.testing.assert_allclose(seg.affine, image.affine, atol=1e-5)
@@ -95,11 +103,11 @@ def test_inference_skips_a_corrupt_file_and_says_so(tmp_path):
     odd_affine = np.array([[-0.7, 0, 0, 12.0], [0, 1.1, 0, -3.0], [0, 0, 1, 0], [0, 0, 0, 1]])
     nib.save(nib.Nifti1Image(np.random.rand(53, 41).astype(np.float32), odd_affine), new / "c_odd.nii.gz")
     run_stage("segmentation_2d", "inference", tmp_path, input_dir=str(new), output_dir=str(tmp_path / "out"))
-    assert (tmp_path / "out" / "a_good_seg.nii.gz").is_file()
-    odd = nib.load(tmp_path / "out" / "c_odd_seg.nii.gz")
+    assert (tmp_path / "out" / "a_good_sp_seg.nii.gz").is_file()
+    odd = nib.load(tmp_path / "out" / "c_odd_sp_seg.nii.gz")
     assert odd.shape == (53, 41)
     np.testing.assert_allclose(odd.affine, odd_affine, atol=1e-5)
-    assert not (tmp_path / "out" / "b_corrupt_seg.nii.gz").exists()
+    assert not (tmp_path / "out" / "b_corrupt_sp_seg.nii.gz").exists()
     skipped = (tmp_path / "out" / "skipped.tsv").read_text().splitlines()
     assert len(skipped) == 1 and skipped[0].startswith(str(new / "b_corrupt.nii.gz"))
 
@@ -122,3 +130,165 @@ def test_mlflow_tracking_logs_every_stage_to_a_local_store(tmp_path):
     run_stage("segmentation_2d", "evaluate", tmp_path, tracking="mlflow", networks="@students")
     runs = mlflow_metrics(tmp_path)
     assert len(runs) == 3 and {"val_mean_dice_sp", "val_mean_dice_sf"} in runs, runs  # + a run of the test scores
+
+
+# ------------------------------------------------------------------------ NaN/Inf, inference inputs and outputs
+
+
+@pytest.fixture(scope="module")
+def trained_2d(tmp_path_factory):
+    """The 2D bundle's teacher and students, trained for one epoch on tiny data."""
+    root = tmp_path_factory.mktemp("segmentation_2d")
+    run_stage("segmentation_2d", "train_teacher", root)
+    run_stage("segmentation_2d", "train", root)
+    return root
+
+
+def copy_of(root, tmp_path):
+    shutil.copytree(root, tmp_path / "bundle")
+    return tmp_path / "bundle"
+
+
+def tiny_data(root):
+    """The tiny dataset the stages would generate, written now so that a test can spoil it first."""
+    ensure_segmentation_data(str(root / "data"), spatial_dims=2, size=48, counts=(4, 2, 2))
+    return json.loads((root / "data" / "dataset.json").read_text())
+
+
+def put_nan(path, count=5):
+    image = nib.load(path)
+    array = image.get_fdata().astype(np.float32)
+    array.flat[:count] = np.nan
+    nib.save(nib.Nifti1Image(array, image.affine), path)
+
+
+def user_error_of(error):
+    found = user_error(error)
+    assert found is not None, error
+    return found
+
+
+def test_pre_run_check_reports_a_nan_training_image(tmp_path, capsys):
+    datalist = tiny_data(tmp_path)
+    bad = tmp_path / "data" / datalist["training"][1]["image"]
+    put_nan(bad, count=7)
+    with pytest.raises(SystemExit) as err:
+        run_stage("segmentation_2d", "train_teacher", tmp_path)
+    assert err.value.code == 1
+    assert f"{bad}: 7 non-finite image value(s) (NaN or Inf) out of 2304" in capsys.readouterr().err
+    assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_teacher_stage_nan_policy_raise_stops_and_skip_writes_finite_weights(tmp_path):
+    nan_loss = "$lambda pred, label: pred.mean() * float('nan')"
+    with pytest.raises(RuntimeError) as err:
+        run_stage("segmentation_2d", "train_teacher", tmp_path, loss=nan_loss)
+    error = err.value
+    while error is not None and not isinstance(error, NonFiniteLossError):
+        error = error.__cause__ or error.__context__
+    assert isinstance(error, NonFiniteLossError), err.value
+    assert "non-finite loss (nan) at epoch 1, iteration 1 (batch: " in str(error)
+    assert "--nan_policy skip" in str(error)
+    assert not (tmp_path / "models" / "teacher.pt").exists()
+
+    with pytest.warns(UserWarning, match="skipping the step at epoch 1, iteration 1"):
+        workflow = run_stage("segmentation_2d", "train_teacher", tmp_path, loss=nan_loss, nan_policy="skip")
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    guard = workflow.parser.get_parsed_content("train#handlers")[0]
+    assert guard.skipped == trainer.state.iteration >= 1
+    for name in ("teacher.pt", "last_teacher.pt"):
+        weights = torch.load(tmp_path / "models" / name, weights_only=True)
+        weights = weights.get("teacher", weights.get("network"))
+        assert weights and all(torch.isfinite(v.float()).all() for v in weights.values()), name
+
+
+def test_evaluation_stops_naming_a_nan_test_image(trained_2d, tmp_path):
+    root = copy_of(trained_2d, tmp_path)
+    datalist = json.loads((root / "data" / "dataset.json").read_text())
+    bad = root / "data" / datalist["test"][1]["image"]
+    put_nan(bad)
+    with pytest.raises(RuntimeError) as err:
+        run_stage("segmentation_2d", "evaluate", root)
+    message = str(user_error_of(err.value))
+    assert message.startswith(f"Image file '{bad}' has 5 non-finite value(s) (NaN or Inf) out of 2304.")
+    assert "numpy.nan_to_num" in message
+    assert {p.name for p in (root / "models").glob("*.pt")} >= {"teacher.pt", "sp.pt", "sf.pt"}
+
+
+def test_inference_without_input_images_is_an_error(trained_2d, tmp_path):
+    root = copy_of(trained_2d, tmp_path)
+    missing = tmp_path / "no_such_folder"
+    cmd = stage_command("segmentation_2d", "inference", root, input_dir=str(missing))
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert f"ERROR: Input folder '{missing}' does not exist. Pass --input_dir the folder" in result.stderr
+    assert "Traceback" not in result.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    with pytest.raises(RuntimeError) as err:
+        run_stage("segmentation_2d", "inference", root, input_dir=str(empty))
+    assert str(user_error_of(err.value)).startswith(
+        f"Input folder '{empty}' holds no image in a supported format (NIfTI (.nii, .nii.gz), DICOM"
+    )
+    assert "it holds 1 file(s) and 0 folder(s): notes.txt" in str(user_error(err.value))
+
+
+def test_inference_reads_nifti_png_dicom_and_keeps_each_networks_output(trained_2d, tmp_path):
+    from PIL import Image
+    from pydicom.data import get_testdata_file
+
+    root = copy_of(trained_2d, tmp_path)
+    new, out = tmp_path / "new", tmp_path / "out"
+    new.mkdir()
+    test_image = root / "data" / "images" / "test_000.nii.gz"
+    (new / "a.nii.gz").write_bytes(test_image.read_bytes())
+    pixels = nib.load(test_image).get_fdata()
+    Image.fromarray((np.clip(pixels, 0, 1) * 255).astype(np.uint8)).save(new / "b.png")
+    (new / "c.dcm").write_bytes(Path(get_testdata_file("CT_small.dcm", download=False)).read_bytes())
+    (new / "d_nan.nii.gz").write_bytes(test_image.read_bytes())
+    put_nan(new / "d_nan.nii.gz")
+    (new / "notes.txt").write_text("not an image")
+
+    run_stage("segmentation_2d", "inference", root, input_dir=str(new), output_dir=str(out))
+    written = {p.name: p.read_bytes() for p in out.glob("*.nii.gz")}
+    assert set(written) == {"a_sp_seg.nii.gz", "b_sp_seg.nii.gz", "c_sp_seg.nii.gz"}
+    assert nib.load(out / "b_sp_seg.nii.gz").shape == (48, 48) and nib.load(out / "c_sp_seg.nii.gz").shape == (128, 128)
+    skipped = (out / "skipped.tsv").read_text().splitlines()
+    nan_file = new / "d_nan.nii.gz"
+    assert len(skipped) == 1 and skipped[0].startswith(f"{nan_file}\tImage file '{nan_file}' has 5 non-finite")
+
+    run_stage("segmentation_2d", "inference", root, input_dir=str(new), output_dir=str(out), network_name="sf")
+    assert {p.name for p in out.glob("*_sf_seg.nii.gz")} == {"a_sf_seg.nii.gz", "b_sf_seg.nii.gz", "c_sf_seg.nii.gz"}
+    assert all((out / name).read_bytes() == data for name, data in written.items())  # sp's are untouched
+
+
+def test_inference_names_the_network_with_non_finite_output(trained_2d, tmp_path):
+    root = copy_of(trained_2d, tmp_path)
+    weights = torch.load(root / "models" / "sp.pt", weights_only=True)
+    first = next(k for k, v in weights["sp"].items() if v.is_floating_point())
+    weights["sp"][first].fill_(float("nan"))
+    torch.save(weights, root / "models" / "sp.pt")
+    with pytest.raises(RuntimeError) as err:
+        run_stage("segmentation_2d", "inference", root)
+    message = str(user_error_of(err.value))
+    assert isinstance(user_error(err.value), NonFiniteOutputError)
+    assert message.startswith(f"network 'sp' gave non-finite output (NaN or Inf) for image '{root / 'data' / 'images'}")
+    assert f"{root}/models/sp.pt" in message
+
+
+def test_validation_split_without_a_class_is_accepted_on_request(tmp_path, capsys):
+    datalist = tiny_data(tmp_path)
+    for case in datalist["validation"]:
+        path = tmp_path / "data" / case["label"]
+        label = nib.load(path)
+        nib.save(nib.Nifti1Image(np.minimum(label.get_fdata(), 1).astype(np.uint8), label.affine), path)
+    with pytest.raises(SystemExit):
+        run_stage("segmentation_2d", "train_teacher", tmp_path)
+    report = capsys.readouterr().err
+    assert "[validation]" in report and "class 2 never appears in any label map" in report
+    assert "--allow_missing_classes true" in report
+    run_stage("segmentation_2d", "train_teacher", tmp_path, allow_missing_classes=True)
+    assert (tmp_path / "models" / "teacher.pt").is_file()

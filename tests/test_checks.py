@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from medkd.checks import (
     Problem,
     SafeDataset,
     assert_valid_datalist,
+    check_before_run,
     check_datalist,
     skip_none_collate,
 )
@@ -221,3 +223,66 @@ def test_safe_dataset_all_skipped_batch_is_none(tmp_path):
     assert [skip_none_collate([dataset[0]])] == [None]
     assert "not found" in dataset.skipped[0].reason
     assert SafeDataset([], None).summary() == "All 0 item(s) loaded; none skipped."
+
+
+# ----------------------------------------------------------------------------------- NaN/Inf, task, missing classes
+
+
+def test_nan_pixels_are_reported_per_file(tmp_path, seg_items, capsys):
+    image = np.random.rand(8, 8).astype(np.float32)
+    image[0, :3] = np.nan
+    image[1, 0] = np.inf
+    label = label_map().astype(np.float32)
+    label[2, 2] = np.nan
+    items = [
+        {"image": nifti(tmp_path / "nan_img.nii.gz", image), "label": seg_items[0]["label"]},
+        {"image": seg_items[1]["image"], "label": nifti(tmp_path / "nan_lbl.nii.gz", label)},
+    ]
+    problems = [str(p) for p in check_datalist(items, num_classes=3)]
+    assert problems == [
+        f"{items[0]['image']}: 4 non-finite image value(s) (NaN or Inf) out of 64; replace them with a number "
+        "(e.g. numpy.nan_to_num) and save the file again, or remove it from the datalist",
+        f"{items[1]['label']}: 1 non-finite label value(s) (NaN or Inf) out of 64; replace them with a number "
+        "(e.g. numpy.nan_to_num) and save the file again, or remove it from the datalist",
+    ]
+    path = write_datalist(tmp_path, items)
+    assert main(["check-data", "--datalist", str(path), "--num-classes", "3"]) == 1
+    out = capsys.readouterr().out
+    assert f"{items[0]['image']}: 4 non-finite image value(s)" in out and "nan_lbl.nii.gz: 1 non-finite" in out
+
+
+def test_cli_infers_classification_from_integer_labels(tmp_path, capsys):
+    image = nifti(tmp_path / "img.nii.gz", np.zeros((4, 4), np.float32))
+    (tmp_path / "cls.csv").write_text(f"image,label\n{image},0\n{image},1\n{image},3\n")
+    assert main(["check-data", "--datalist", str(tmp_path / "cls.csv"), "--num-classes", "3"]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("Task: classification (every label is an integer class index; pass --task to override)")
+    assert f"{image}: label 3 outside 0..2" in out and "class 2 has no sample" in out
+    assert "not a label-map path" not in out  # what checking the integers as segmentation labels said
+
+
+def test_allow_missing_classes_in_validation_only(tmp_path, seg_items, caplog, capsys):
+    two_classes = {"image": seg_items[0]["image"], "label": nifti(tmp_path / "l01.nii.gz", label_map((0, 1)))}
+    path = write_datalist(tmp_path, seg_items, validation=[two_classes])
+    with pytest.raises(SystemExit) as err:
+        check_before_run(path, num_classes=3)
+    assert err.value.code == 1
+    report = capsys.readouterr().err
+    assert f"[validation] Data check failed: 1 problem(s) in {path}:" in report
+    assert "class 2 never appears in any label map" in report and "--allow_missing_classes true" in report
+    with caplog.at_level(logging.WARNING, logger="medkd.checks"):
+        check_before_run(path, num_classes=3, allow_missing_classes=True)  # no exit
+    assert f"{path} ['validation']: class 2 never appears in any label map; accepted (allow_missing_classes)" in (
+        caplog.text
+    )
+    path = write_datalist(tmp_path, [two_classes], validation=seg_items)
+    with pytest.raises(SystemExit):  # a class absent from the training list stays an error
+        check_before_run(path, num_classes=3, allow_missing_classes=True)
+    assert "[training] Data check failed" in capsys.readouterr().err
+    path = write_datalist(tmp_path, [two_classes])
+    assert main(["check-data", "--datalist", str(path), "--num-classes", "3", "--allow-missing-classes"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"WARNING: {path} ['training']: class 2 never appears in any label map; accepted (allow_missing_classes): "
+        "validation Dice leaves it out of the mean",
+        "OK: 1 items checked",
+    ]

@@ -18,6 +18,7 @@ from medkd.data import (
     DicomReader,
     LoadMedicalImage,
     LoadMedicalImaged,
+    find_images,
     image_loader,
     load_datalist,
     reader_for,
@@ -90,6 +91,32 @@ def test_malformed_datalist_messages(tmp_path, name, content, expected):
     with pytest.raises(DataError) as err:
         load_datalist(tmp_path / name)
     assert str(tmp_path / name) in str(err.value) and expected in str(err.value)
+
+
+def test_csv_with_excel_byte_order_mark(tmp_path):
+    (tmp_path / "excel.csv").write_bytes("image,label\r\na.png,1\r\n".encode("utf-8-sig"))
+    assert load_datalist(tmp_path / "excel.csv") == [{"image": str(tmp_path / "a.png"), "label": 1}]
+
+
+def test_csv_class_names_as_labels_are_named_with_the_fix(tmp_path):
+    path = tmp_path / "cls.csv"
+    path.write_text("image,label\na.png,cat\nb.png,0\nc.png,dog\nd.png,1.0\n")
+    with pytest.raises(DataError) as err:
+        load_datalist(path)
+    message = str(err.value)
+    assert message.startswith(
+        f"Datalist '{path}': labels 'cat' (line 2), 'dog' (line 4), '1.0' (line 5) are neither an integer class index "
+        "nor the path of a label map. Classification labels must be integer class indices 0..N-1"
+    )
+    assert "cat -> 0, dog -> 1" in message and "--class_names" in message
+    assert str(tmp_path / "cat") not in message  # not mangled into a path
+    # label maps given by name only (no folder, no suffix) are paths when the file exists
+    (tmp_path / "seg_a").write_bytes(b"")
+    (tmp_path / "seg.csv").write_text("image,label\na.nii.gz,seg_a\nb.nii.gz,labels/b.nii.gz\n")
+    assert [it["label"] for it in load_datalist(tmp_path / "seg.csv")] == [
+        str(tmp_path / "seg_a"),
+        str(tmp_path / "labels/b.nii.gz"),
+    ]
 
 
 def test_missing_datalist(tmp_path):
@@ -348,3 +375,51 @@ def test_list_of_files_is_one_multichannel_image(tmp_path):
     assert tuple(image.shape) == (2, 6, 5) and image[1].min() == 1
     with pytest.raises(DataError, match="different formats"):
         LoadMedicalImage()([t1, dicom_file("CT_small.dcm")])
+
+
+# ------------------------------------------------------------------------------------- folders of images (inference)
+
+
+def test_find_images_takes_every_supported_format(tmp_path):
+    from PIL import Image
+
+    write_nifti(tmp_path / "a.nii.gz", np.zeros((4, 4), np.float32))
+    write_nifti(tmp_path / "b.nii", np.zeros((4, 4), np.float32))
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "c.png")
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "d.jpg")
+    (tmp_path / "e.dcm").write_bytes(Path(dicom_file("CT_small.dcm")).read_bytes())
+    (tmp_path / "IM0001").write_bytes(Path(dicom_file("CT_small.dcm")).read_bytes())  # no extension
+    write_series(tmp_path / "series")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "x.txt").write_text("not an image")
+    (tmp_path / "README.txt").write_text("not an image")
+    (tmp_path / "volume.mha").write_bytes(b"ObjectType = Image")
+    (tmp_path / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    names = [Path(p).name for p in find_images(tmp_path)]
+    assert names == ["IM0001", "a.nii.gz", "b.nii", "c.png", "d.jpg", "e.dcm", "series"]
+    for path in find_images(tmp_path):  # and every one of them loads
+        assert LoadMedicalImage()(path).ndim in (2, 3)
+    assert [Path(p).name for p in find_images(tmp_path, "*.nii*")] == ["a.nii.gz", "b.nii"]
+
+
+def test_find_images_errors_name_the_folder_and_what_it_holds(tmp_path):
+    with pytest.raises(DataError) as err:
+        find_images(tmp_path / "nope")
+    assert str(err.value) == (
+        f"Input folder '{tmp_path / 'nope'}' does not exist. Pass --input_dir the folder that holds the images to "
+        "process."
+    )
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"holds no image in a supported format \(NIfTI .*\): it is empty\."):
+        find_images(tmp_path / "empty")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "scan.mha").write_bytes(b"ObjectType = Image")
+    (tmp_path / "other" / "sub").mkdir()
+    with pytest.raises(DataError) as err:
+        find_images(tmp_path / "other", "*.nii*")
+    assert str(err.value) == (
+        f"Input folder '{tmp_path / 'other'}' holds no image matching input_pattern '*.nii*': it holds 1 file(s) and "
+        "1 folder(s): scan.mha, sub/. Fix --input_pattern, or leave it out to take every image of a supported format."
+    )
+    with pytest.raises(DataError, match="is a file, not a folder"):
+        find_images(tmp_path / "other" / "scan.mha")

@@ -1,0 +1,284 @@
+"""Non-finite (NaN/Inf) guards: input images, training losses and network outputs.
+
+* :func:`count_nonfinite` counts the NaN/Inf values of an image (``check-data`` and
+  :func:`medkd.checks.check_datalist` report them per file).
+* :class:`CheckFinited` stops a pipeline with a :class:`~medkd.data.DataError` naming the file when a loaded image
+  holds NaN/Inf; :func:`with_finite_check` inserts it after the loader of a bundle's ``load`` list. Inference's
+  :class:`~medkd.checks.SafeDataset` then skips the file and lists it in ``skipped.tsv``; evaluation stops.
+* :class:`NonFiniteLoss` gives MONAI's ``SupervisedTrainer`` (the teacher stage) the ``nan_policy`` of
+  :class:`medkd.engines.DistillationTrainer`: ``raise``, ``skip`` or ``ignore``.
+* :class:`NonFiniteOutputs` stops an evaluator when an input or a network's output is non-finite, naming the image
+  and the network, instead of letting ``argmax`` turn NaN logits into an empty mask or a lower Dice.
+
+A non-finite *training loss* raises :class:`NonFiniteLossError`, a ``FloatingPointError`` like the one the
+distillation trainer raises and deliberately not a :class:`~medkd.errors.MedkdError`: a diverging run (learning
+rate, AMP overflow, a bug in a custom loss) is not necessarily a mistake in the user's input, so the traceback is
+kept. Non-finite *inputs* are user errors (:class:`~medkd.data.DataError`), and so are non-finite *outputs* of a
+finite input at evaluation or inference (:class:`NonFiniteOutputError`): the checkpoint holds NaN/Inf weights or
+the chosen AMP dtype overflows, both fixed by the user.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import ignite.distributed as idist
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.config import KeysCollection
+from monai.engines.utils import IterationEvents
+from monai.transforms import LoadImaged, MapTransform
+from monai.utils import ImageMetaKey
+from monai.utils.enums import CommonKeys as Keys
+
+from medkd.data import DataError, LoadMedicalImaged
+from medkd.errors import ConfigError, MedkdError
+
+__all__ = [
+    "NAN_POLICIES",
+    "CheckFinited",
+    "NonFiniteLoss",
+    "NonFiniteLossError",
+    "NonFiniteOutputError",
+    "NonFiniteOutputs",
+    "count_nonfinite",
+    "with_finite_check",
+]
+
+NAN_POLICIES = ("raise", "skip", "ignore")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training loss is NaN/Inf (``nan_policy="raise"``); the message names the epoch, iteration and batch files."""
+
+
+class NonFiniteOutputError(MedkdError, FloatingPointError):
+    """A network gave NaN/Inf for a finite input at evaluation or inference; the message names the image, the
+    network and what to do."""
+
+
+def count_nonfinite(array: Any) -> int:
+    """Number of NaN/Inf values of a tensor or array (0 for integer data, which cannot hold them)."""
+    if isinstance(array, torch.Tensor):
+        data = array.as_tensor() if hasattr(array, "as_tensor") else array
+        if not (data.is_floating_point() or data.is_complex()):
+            return 0
+        return int((~torch.isfinite(data)).sum())
+    data = np.asarray(array)
+    if not np.issubdtype(data.dtype, np.inexact):
+        return 0
+    return int(np.count_nonzero(~np.isfinite(data)))
+
+
+def _filenames(data: Any, n: int) -> list[str]:
+    """The ``n`` file names of a batched MetaTensor, or placeholders when its metadata has none."""
+    meta = getattr(data, "meta", None)
+    names = meta.get(ImageMetaKey.FILENAME_OR_OBJ) if isinstance(meta, Mapping) else None
+    if isinstance(names, list | tuple) and len(names) == n:
+        return [str(x) for x in names]
+    return [f"sample {i} of the batch" for i in range(n)]
+
+
+def _filename(data: Any, key: Hashable) -> str:
+    """The file (or files, for a multi-channel input) of one loaded image."""
+    meta = getattr(data, "meta", None)
+    names = meta.get(ImageMetaKey.FILENAME_OR_OBJ) if isinstance(meta, Mapping) else None
+    if isinstance(names, list | tuple):
+        return ", ".join(str(x) for x in names)
+    return str(names) if names else f"the '{key}' of this item"
+
+
+def _nonfinite_samples(batch: Any) -> list[int]:
+    """Indices along the first (batch) axis of the samples holding NaN/Inf."""
+    if not isinstance(batch, torch.Tensor) or not batch.is_floating_point() or batch.ndim == 0:
+        return []
+    data = batch.as_tensor() if hasattr(batch, "as_tensor") else batch
+    ok = torch.isfinite(data).reshape(data.shape[0], -1).all(dim=1)
+    return [] if bool(ok.all()) else torch.nonzero(~ok).flatten().tolist()
+
+
+def _nonfinite_message(what: str, count: int, total: int) -> str:
+    return (
+        f"{what} has {count} non-finite value(s) (NaN or Inf) out of {total}. Replace them with a number and save "
+        "the file again (e.g. numpy.nan_to_num(array)), or remove the file from the list"
+    )
+
+
+class CheckFinited(MapTransform):
+    """Raise :class:`~medkd.data.DataError` naming the file when an image of ``keys`` holds NaN/Inf.
+
+    Place it right after the loader (see :func:`with_finite_check`), so the count is that of the file. Integer
+    images pass without a scan.
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Mapping[Hashable, Any]:
+        for key in self.key_iterator(dict(data)):
+            value = data[key]
+            count = count_nonfinite(value)
+            if count:
+                name = _filename(value, key)
+                kind = "Image file" if key == Keys.IMAGE else f"'{key}' file"
+                total = int(np.prod(value.shape))
+                raise DataError(_nonfinite_message(f"{kind} '{name}'", count, total) + ".")
+        return data
+
+
+def with_finite_check(transforms: Sequence[Any]) -> list[Any]:
+    """``transforms`` with a :class:`CheckFinited` (same keys) right after its first loader (``LoadMedicalImaged``
+    or ``LoadImaged``). In a bundle: ``"transforms": "$medkd.nonfinite.with_finite_check(@load)"``.
+
+    Raises:
+        ConfigError: the list has no loader.
+    """
+    items = list(getattr(transforms, "transforms", transforms))
+    for i, t in enumerate(items):
+        if isinstance(t, LoadMedicalImaged | LoadImaged):
+            guard = CheckFinited(t.keys, allow_missing_keys=t.allow_missing_keys)
+            return [*items[: i + 1], guard, *items[i + 1 :]]
+    raise ConfigError(
+        "with_finite_check: the transform list has no LoadMedicalImaged/LoadImaged to check after; pass the "
+        "bundle's 'load' list (loader first)."
+    )
+
+
+class NonFiniteLoss:
+    """The ``nan_policy`` of :class:`medkd.engines.DistillationTrainer`, for MONAI's ``SupervisedTrainer``.
+
+    Attach it as one of the trainer's handlers. After each loss (``IterationEvents.LOSS_COMPLETED``):
+
+    * ``"raise"``: a NaN/Inf loss stops training with :class:`NonFiniteLossError` naming the epoch, iteration and the
+      batch's files (those whose input is non-finite first);
+    * ``"skip"``: the step is skipped with a warning: after the backward pass the gradients are dropped
+      (``zero_grad(set_to_none=True)``, so the optimizer leaves every parameter and its state alone; with an
+      enabled AMP ``GradScaler`` they are set to NaN instead so that the scaler skips the step), and the network's
+      buffers (BatchNorm running statistics, updated by the forward pass) are restored;
+    * ``"ignore"``: no check (and no host synchronisation).
+
+    With gradient accumulation, a skipped step also drops the gradients accumulated before it in that window.
+    Under DDP every process takes the same decision (the flag is reduced across processes).
+    """
+
+    def __init__(self, nan_policy: str = "raise") -> None:
+        if nan_policy not in NAN_POLICIES:
+            raise ConfigError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}; e.g. --nan_policy skip.")
+        self.nan_policy = nan_policy
+        self.skipped = 0
+        self._skip = False
+        self._saved: list[torch.Tensor] = []
+
+    def attach(self, engine: Engine) -> None:
+        """Check the loss of each iteration of ``engine`` (a ``SupervisedTrainer``)."""
+        if self.nan_policy == "ignore":
+            return
+        engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self._check)
+        if self.nan_policy == "skip":
+            engine.add_event_handler(Events.ITERATION_STARTED, self._save_buffers)
+            engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self._drop_step)
+
+    @staticmethod
+    def _buffers(engine: Engine) -> list[torch.Tensor]:
+        return list(engine.network.buffers())
+
+    def _save_buffers(self, engine: Engine) -> None:
+        buffers = self._buffers(engine)
+        if len(self._saved) != len(buffers) or any(
+            s.shape != b.shape or s.device != b.device for s, b in zip(self._saved, buffers, strict=True)
+        ):
+            self._saved = [b.detach().clone() for b in buffers]
+            return
+        for saved, buffer in zip(self._saved, buffers, strict=True):
+            saved.copy_(buffer.detach())
+
+    def _check(self, engine: Engine) -> None:
+        loss = engine.state.output[Keys.LOSS]
+        finite = torch.isfinite(loss.detach()).all() if isinstance(loss, torch.Tensor) else torch.tensor(True)
+        if idist.get_world_size() > 1:
+            finite = idist.all_reduce(finite.to(torch.int32), op="MIN") > 0
+        self._skip = not bool(finite)
+        if not self._skip:
+            return
+        value = float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else loss
+        where = f"epoch {engine.state.epoch}, iteration {engine.state.iteration}"
+        images = engine.state.output.get(Keys.IMAGE)
+        n = int(images.shape[0]) if isinstance(images, torch.Tensor) and images.ndim else 0
+        files = _filenames(images, n) if n else []
+        bad = [files[i] for i in _nonfinite_samples(images)] if n else []
+        shown = ", ".join(files[:4]) + (f" and {len(files) - 4} more" if len(files) > 4 else "")
+        batch = f"non-finite input in {', '.join(bad)}" if bad else f"batch: {shown}" if shown else ""
+        if self.nan_policy == "raise":
+            raise NonFiniteLossError(
+                f"non-finite loss ({value}) at {where}{f' ({batch})' if batch else ''}. Lower the learning rate, "
+                "check the input images (`python -m medkd check-data --datalist ...`), or set nan_policy to 'skip' "
+                "(--nan_policy skip) to skip such steps."
+            )
+        self.skipped += 1
+        detail = f"; {batch}" if batch else ""
+        warnings.warn(f"skipping the step at {where}: non-finite loss ({value}){detail}.", stacklevel=2)
+
+    def _drop_step(self, engine: Engine) -> None:
+        if not self._skip:
+            return
+        scaler = getattr(engine, "scaler", None)
+        if getattr(engine, "amp", False) and scaler is not None and scaler.is_enabled():
+            for group in engine.optimizer.param_groups:  # the scaler finds NaN and skips the step
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.fill_(float("nan"))
+        else:
+            engine.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for saved, buffer in zip(self._saved, self._buffers(engine), strict=False):
+                buffer.copy_(saved)
+
+
+class NonFiniteOutputs:
+    """Stop an evaluator when a batch's image or a network's output holds NaN/Inf, naming the file and network.
+
+    Attach to a ``SupervisedEvaluator`` (output ``pred``, named ``network_name``) or a
+    :class:`medkd.evaluators.MultiNetworkEvaluator` (``pred_<network>``). It runs at
+    ``IterationEvents.FORWARD_COMPLETED``, before postprocessing (``argmax`` would hide NaN logits).
+
+    Raises:
+        DataError: an input image is non-finite (add :class:`CheckFinited` after loading to name the file earlier).
+        NonFiniteOutputError: a network gave NaN/Inf for a finite image.
+    """
+
+    def __init__(self, network_name: str | None = None, ckpt_dir: str | None = None) -> None:
+        self.network_name = network_name
+        self.ckpt_dir = ckpt_dir
+
+    def attach(self, engine: Engine) -> None:
+        """Check each batch of ``engine`` after the forward passes."""
+        engine.add_event_handler(IterationEvents.FORWARD_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        output = engine.state.output
+        if not isinstance(output, Mapping):
+            return
+        images = output.get(Keys.IMAGE)
+        if not isinstance(images, torch.Tensor) or images.ndim == 0:
+            return
+        files = _filenames(images, int(images.shape[0]))
+        bad = _nonfinite_samples(images)
+        if bad:
+            count = count_nonfinite(images[bad[0]])
+            what = f"Image '{files[bad[0]]}' (after preprocessing)"
+            raise DataError(_nonfinite_message(what, count, images[0].numel()) + ".")
+        for key, value in output.items():
+            if not (key == Keys.PRED or str(key).startswith(f"{Keys.PRED}_")):
+                continue
+            name = str(key)[len(Keys.PRED) + 1 :] if key != Keys.PRED else self.network_name or "the network"
+            bad = _nonfinite_samples(value)
+            if bad:
+                ckpt = f"{self.ckpt_dir}/{name}.pt" if self.ckpt_dir else "its checkpoint"
+                raise NonFiniteOutputError(
+                    f"network '{name}' gave non-finite output (NaN or Inf) for image '{files[bad[0]]}', whose input "
+                    f"is finite: its weights ({ckpt}) hold NaN/Inf (a diverged training run: retrain it, with "
+                    "--nan_policy raise) or the computation overflowed (with --amp True, try --amp False)."
+                )
