@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from medkd.checks import add_check_data_parser
 from medkd.compare import add_compare_parser
+from medkd.errors import install_excepthook
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the chosen sub-command and return its exit code."""
     args = build_parser().parse_args(argv)
+    install_excepthook()  # a user error (e.g. compare's output folder of other settings) prints as one message
     return int(args.handler(args))
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,14 @@ from torch import nn
 
 from medkd.errors import MedkdError
 
-__all__ = ["CheckpointError", "load_checkpoint", "load_network_weights", "atomic_save", "save_or_explain"]
+__all__ = [
+    "CheckpointError",
+    "load_checkpoint",
+    "load_network_weights",
+    "atomic_save",
+    "save_or_explain",
+    "set_aside",
+]
 
 _NETWORK_KEYS = ("network", "model", "state_dict", "teacher")
 
@@ -88,3 +97,22 @@ def save_or_explain(obj: Any, path: str | os.PathLike) -> None:
             f"could not write checkpoint {path} ({e.strerror or e}); {kept}. Free disk space (or fix permissions) "
             "and run the same command again to resume."
         ) from e
+
+
+def set_aside(paths: Iterable[str | os.PathLike], stamp: str | None = None) -> dict[Path, Path]:
+    """Rename each existing file or folder of ``paths`` with a timestamp before its suffix (``sp.pt`` ->
+    ``sp.20261126-101500.pt``, ``results`` -> ``results.20261126-101500``), never over an existing name; return
+    ``{old: new}`` of those moved."""
+    stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
+    moved = {}
+    for path in map(Path, paths):
+        if not path.exists():
+            continue
+        suffix = path.suffix if path.is_file() else ""
+        stem = path.name[: len(path.name) - len(suffix)]
+        target, n = path.with_name(f"{stem}.{stamp}{suffix}"), 1
+        while target.exists():
+            target, n = path.with_name(f"{stem}.{stamp}-{n}{suffix}"), n + 1
+        path.rename(target)
+        moved[path] = target
+    return moved

@@ -3,7 +3,9 @@
 ``python -m medkd compare bundles/segmentation_2d`` trains the teacher once (``train_teacher`` stage), then every
 preset for every seed (``train`` stage with ``--routes_preset``), evaluates each on the test list (``evaluate``
 stage) and writes ``results.csv``, ``results.md`` and ``comparison.png``. Runs resume from their checkpoints, so an
-interrupted comparison continues where it stopped when the same command is run again.
+interrupted comparison continues where it stopped when the same command is run again (more presets or seeds are
+added to it). The output folder's ``fingerprint.json`` records the bundle, the dataset and the ``--set`` overrides: an
+output folder made with other ones stops the command, naming what changed; ``--fresh`` moves it aside to start anew.
 """
 
 from __future__ import annotations
@@ -23,10 +25,14 @@ from monai.bundle import ConfigWorkflow
 from tqdm.auto import tqdm
 
 from medkd.bundles import stage_config, stage_files
+from medkd.checkpoints import set_aside
+from medkd.errors import ConfigError
+from medkd.fingerprint import datalist_digest, fingerprint_changes
 from medkd.report import markdown_table
 from medkd.routes import PRESETS
+from medkd.validation import check_overrides
 
-__all__ = ["compare", "summarize", "plot_comparison", "add_compare_parser"]
+__all__ = ["compare", "compare_fingerprint", "claim_output", "summarize", "plot_comparison", "add_compare_parser"]
 
 METRICS = ("mean_dice", "auc", "acc")
 logger = logging.getLogger("medkd.compare")
@@ -81,6 +87,61 @@ def _bundle_networks(bundle: Path, overrides: Mapping[str, Any]) -> tuple[dict[s
     return {k: v.cpu() for k, v in networks.items()}, shape
 
 
+def compare_fingerprint(bundle: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What a comparison's results depend on besides its presets, seeds and epochs: the bundle folder, the dataset
+    folder, the content of its data lists (training, validation and test) and the other config overrides. The
+    bundle's default data is generated first if it is used and missing (as its first stage would)."""
+    overrides = dict(overrides or {})
+    parser = stage_config(Path(bundle).resolve(), "train", overrides)
+    parser.get_parsed_content("make_default_data")
+    datalist = parser.get_parsed_content("datalists" if "datalists" in parser else "datalist_file")
+    fingerprint = {
+        "bundle": str(Path(bundle).resolve()),
+        "dataset_dir": str(Path(parser.get_parsed_content("dataset_dir")).expanduser().resolve()),
+        "data": datalist_digest(datalist, keys=("training", "validation", "test")),
+        "settings": {k: v for k, v in overrides.items() if k != "dataset_dir"},
+    }
+    return json.loads(json.dumps(fingerprint, default=str))
+
+
+def claim_output(output: str | Path, fingerprint: Mapping[str, Any], fresh: bool = False) -> None:
+    """Make ``output`` the folder of the comparison with ``fingerprint`` (written to ``output/fingerprint.json``).
+
+    An output folder holding a comparison with another fingerprint (or results without a fingerprint, from an older
+    medkd) raises :class:`~medkd.errors.ConfigError` naming what changed, unless ``fresh``: then the folder is renamed
+    with a timestamp (``results`` -> ``results.20261126-101500``) and a new one started.
+    """
+    output = Path(output).resolve()
+    path = output / "fingerprint.json"
+    used = path.is_file() or (output / "teacher").exists() or (output / "results.csv").is_file()
+    if used and fresh:
+        cwd = Path.cwd().resolve()
+        if output == cwd or output in cwd.parents:
+            raise ConfigError(
+                f"--fresh cannot move {output} aside: it holds the current folder; pass another --output."
+            )
+        moved = set_aside([output])[output]
+        logger.warning("--fresh: the previous comparison in %s was moved aside to %s", output, moved)
+    elif used:
+        choices = (
+            f"Its results stay as they are. Pass another --output, or --fresh to move {output} aside (renamed with a "
+            "timestamp) and start again there."
+        )
+        try:
+            previous = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise ConfigError(
+                f"{output} holds results of a comparison but no readable fingerprint.json (an older medkd wrote none), "
+                f"so it cannot be told whether they were made with these settings. {choices}"
+            ) from None
+        changes = fingerprint_changes(previous, fingerprint)
+        if changes:
+            listed = "".join(f"\n  - {c}" for c in changes)
+            raise ConfigError(f"{output} holds a comparison made with other settings ({path}):{listed}\n{choices}")
+    output.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(fingerprint, indent=2) + "\n")
+
+
 def compare(
     bundle: str | Path,
     presets: Sequence[str] = PRESETS,
@@ -89,6 +150,7 @@ def compare(
     max_epochs: int | None = None,
     teacher_epochs: int | None = None,
     overrides: Mapping[str, Any] | None = None,
+    fresh: bool = False,
 ) -> list[dict]:
     """Run the comparison and write its files to ``output``; return one row per (preset, seed, network).
 
@@ -100,12 +162,16 @@ def compare(
         max_epochs: distillation epochs (default: the bundle's).
         teacher_epochs: teacher epochs (default: the bundle's).
         overrides: more config overrides for every stage (e.g. ``{"dataset_dir": "/data/mine"}``).
+        fresh: move an existing ``output`` folder aside first (see :func:`claim_output`); without it, an ``output``
+            made with another bundle, dataset or overrides stops the comparison with a ``ConfigError``.
     """
     bundle, output = Path(bundle).resolve(), Path(output).resolve()
     unknown = sorted(set(presets) - set(PRESETS))
     if unknown:
         raise ValueError(f"unknown presets {unknown}; choose from {', '.join(PRESETS)}.")
     common = dict(overrides or {})
+    check_overrides(stage_files(bundle, "evaluate"), common)
+    claim_output(output, compare_fingerprint(bundle, common), fresh=fresh)
     teacher_dir = output / "teacher"
     teacher_ckpt = str(teacher_dir / "models" / "teacher.pt")
     runs = [(preset, seed) for seed in seeds for preset in presets]
@@ -267,6 +333,7 @@ def _compare_command(args: argparse.Namespace) -> int:
         max_epochs=args.max_epochs,
         teacher_epochs=args.teacher_epochs,
         overrides=overrides,
+        fresh=args.fresh,
     )
     return 0
 
@@ -287,5 +354,11 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--teacher-epochs", type=int, default=None, help="teacher epochs (default: the bundle's)")
     p.add_argument("--dataset-dir", default=None, help="your data: folder holding dataset.json (default: generated)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any bundle config override")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="move an existing --output folder aside (renamed with a timestamp) and start anew; needed when it was "
+        "made with another bundle, dataset or --set overrides",
+    )
     p.set_defaults(handler=_compare_command)
     return p

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
+import os
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +16,10 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar as _IgniteProgressBar
 
-from medkd.checkpoints import CheckpointError, load_checkpoint, load_network_weights, save_or_explain
+from medkd.checkpoints import CheckpointError, load_checkpoint, load_network_weights, save_or_explain, set_aside
 from medkd.engines import iteration_losses
 from medkd.features import unwrap
+from medkd.fingerprint import fingerprint_changes
 
 __all__ = [
     "loss_terms",
@@ -23,6 +27,7 @@ __all__ = [
     "EpochLossTerms",
     "ProgressBar",
     "BestCheckpoints",
+    "FinalValidation",
     "ResumeCheckpoint",
     "LoadNetworks",
     "skip_empty_batches",
@@ -84,35 +89,55 @@ class ProgressBar(_IgniteProgressBar):
 class BestCheckpoints:
     """Keep the best checkpoint of each network by its own validation metric.
 
-    Attach to the validation evaluator. Whenever ``metrics[f"{metric_prefix}_{name}"]`` improves, network ``name``
-    is written atomically to ``{save_dir}/{name}.pt`` as ``{name: state_dict, "metric": value, "epoch": epoch}``.
-    Only rank 0 writes. The best values so far are part of :meth:`state_dict`, so a resumed run
-    (:class:`ResumeCheckpoint`) does not overwrite a better checkpoint with a worse one.
+    Attach to the validation evaluator. Whenever ``metrics[f"{metric_prefix}_{name}"]`` improves (non-finite values
+    never count), network ``name`` is written atomically to ``{save_dir}/{name}.pt`` as
+    ``{name: state_dict, "metric": value, "epoch": epoch, "fingerprint": fingerprint}``. Only rank 0 writes. The best
+    values so far are part of :meth:`state_dict`, so a resumed run (:class:`ResumeCheckpoint`) does not overwrite a
+    better checkpoint with a worse one; a fresh start moves the old files aside (give :meth:`paths` to
+    :class:`ResumeCheckpoint`'s ``set_aside``).
 
     Args:
         save_dir: checkpoint folder.
         networks: networks by name (DDP-wrapped networks are saved unwrapped).
         metric_prefix: metric name prefix, e.g. ``"val_mean_dice"`` or ``"val_auc"``.
+        fingerprint: the run's fingerprint (:func:`medkd.fingerprint.run_fingerprint`), stored in every file.
     """
 
-    def __init__(self, save_dir: str, networks: dict[str, torch.nn.Module], metric_prefix: str) -> None:
+    def __init__(
+        self,
+        save_dir: str,
+        networks: dict[str, torch.nn.Module],
+        metric_prefix: str,
+        fingerprint: dict | None = None,
+    ) -> None:
         self.save_dir = Path(save_dir)
         self.networks = networks
         self.metric_prefix = metric_prefix
+        self.fingerprint = fingerprint
         self.best: dict[str, float] = {}
 
     def attach(self, engine: Engine) -> None:
         """Check the metrics after each evaluation of ``engine``."""
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
+    def paths(self) -> list[Path]:
+        """The files this handler writes, one per network."""
+        return [self.save_dir / f"{name}.pt" for name in self.networks]
+
+    def missing(self) -> list[str]:
+        """The networks without a best checkpoint yet."""
+        return [name for name in self.networks if name not in self.best]
+
     def __call__(self, engine: Engine) -> None:
         for name, network in self.networks.items():
             value = engine.state.metrics.get(f"{self.metric_prefix}_{name}")
-            if value is None or value <= self.best.get(name, float("-inf")):
+            if value is None or not math.isfinite(value) or value <= self.best.get(name, float("-inf")):
                 continue
             self.best[name] = float(value)
             if idist.get_rank() == 0:
                 state = {name: unwrap(network).state_dict(), "metric": float(value), "epoch": engine.state.epoch}
+                if self.fingerprint is not None:
+                    state["fingerprint"] = self.fingerprint
                 save_or_explain(state, self.save_dir / f"{name}.pt")
 
     def state_dict(self) -> dict:
@@ -124,15 +149,73 @@ class BestCheckpoints:
         self.best = dict(state["best"])
 
 
+class FinalValidation:
+    """Validate after the last epoch when ``val_interval`` does not divide ``max_epochs`` (MONAI's
+    ``ValidationHandler`` validates every ``interval`` epochs only), so every run ends validated and with a best
+    checkpoint; then warn about any network of ``best`` still without one.
+
+    List it in the trainer's handlers after the ``ValidationHandler`` and before :class:`ResumeCheckpoint` (which
+    saves that epoch).
+
+    Args:
+        validator: the validation evaluator.
+        interval: the ``ValidationHandler``'s interval, in epochs.
+        best: the :class:`BestCheckpoints` of the validator, to check at the end of training.
+    """
+
+    def __init__(self, validator: Any, interval: int = 1, best: BestCheckpoints | None = None) -> None:
+        self.validator = validator
+        self.interval = interval
+        self.best = best
+
+    def attach(self, engine: Engine) -> None:
+        """Validate at the last ``EPOCH_COMPLETED`` of ``engine``; check the best checkpoints at ``COMPLETED``."""
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.validate_last)
+        engine.add_event_handler(Events.COMPLETED, self.check_best)
+
+    def validate_last(self, engine: Engine) -> None:
+        """Run the validator if this is the last epoch and the ``ValidationHandler`` skipped it."""
+        epoch = engine.state.epoch
+        if epoch == engine.state.max_epochs and epoch % self.interval:
+            self.validator.run(epoch)
+
+    def check_best(self, engine: Engine) -> None:
+        """Warn (rank 0) about networks that ended training without a best checkpoint."""
+        missing = self.best.missing() if self.best is not None else []
+        if missing and idist.get_rank() == 0:
+            metrics = ", ".join(f"{self.best.metric_prefix}_{name}" for name in missing)
+            logging.getLogger("medkd").warning(
+                "training ended without a best checkpoint for %s in %s: the validation metric (%s) was never a "
+                "finite number. Check the validation list and the metric's name.",
+                ", ".join(missing),
+                self.best.save_dir,
+                metrics,
+            )
+
+
+_CHOICES = (
+    "Its files stay as they are. To keep both runs, give this one other output folders (--ckpt_dir and --output_dir, "
+    "or --bundle_root; with python -m medkd compare, another --output, or --fresh); to start over in this "
+    "folder, pass --resume False (the old checkpoints and metrics history are moved aside, not deleted); to "
+    "continue the old run, run it with its old settings."
+)
+
+
 class ResumeCheckpoint:
     """Save everything needed to resume training, and resume from it when the same command is run again.
 
     Every ``interval`` epochs, rank 0 writes ``{save_dir}/{filename}`` atomically (temporary file, then rename)
     with the engine state (epoch, iteration), and, for a :class:`~medkd.engines.DistillationTrainer`, every
     student, its optimizer, the feature-route adapters and the AMP scaler; for MONAI's ``SupervisedTrainer``, the
-    network and its optimizer; plus ``extra`` stateful objects (e.g. :class:`BestCheckpoints`). At
-    ``Events.STARTED``, if the file exists and ``resume`` is true, all of it is loaded and training continues from
-    the saved epoch. A corrupt or mismatched file stops the run with an error naming it.
+    network and its optimizer; plus ``extra`` stateful objects (e.g. :class:`BestCheckpoints`) and the run's
+    ``fingerprint``. At ``Events.STARTED``, if the file exists and ``resume`` is true, all of it is loaded and
+    training continues from the saved epoch. A corrupt or mismatched file, or one written by another run (its
+    fingerprint differs, or it has none), stops the run with an error naming it and what changed; nothing is written.
+
+    Otherwise the run starts afresh, and rank 0 first renames the previous run's files that exist (the resume
+    checkpoint itself and those of ``set_aside``: best checkpoints, metrics history) with a timestamp, e.g. ``sp.pt``
+    -> ``sp.20261126-101500.pt``, logging a warning that says where they went: a fresh start never replaces a better
+    checkpoint, and a fresh run killed before its first save cannot resume the old one.
 
     Args:
         save_dir: checkpoint folder.
@@ -140,6 +223,8 @@ class ResumeCheckpoint:
         interval: epochs between saves.
         resume: load the checkpoint when present.
         extra: more objects with ``state_dict``/``load_state_dict``, by name.
+        fingerprint: the run's fingerprint (:func:`medkd.fingerprint.run_fingerprint`); ``None`` skips the check.
+        set_aside: files to move aside on a fresh start (e.g. ``BestCheckpoints.paths()`` and the history CSV).
     """
 
     def __init__(
@@ -149,14 +234,18 @@ class ResumeCheckpoint:
         interval: int = 1,
         resume: bool = True,
         extra: dict[str, Any] | None = None,
+        fingerprint: dict | None = None,
+        set_aside: Sequence[str | os.PathLike] = (),
     ) -> None:
         self.path = Path(save_dir) / filename
         self.interval = interval
         self.resume = resume
         self.extra = dict(extra or {})
+        self.fingerprint = fingerprint
+        self.set_aside = [Path(p) for p in set_aside]
 
     def attach(self, engine: Engine) -> None:
-        """Resume at ``STARTED``, save at ``EPOCH_COMPLETED`` (list it after the validation handler)."""
+        """Resume at ``STARTED``, save at ``EPOCH_COMPLETED`` (list it after the validation handlers)."""
         engine.add_event_handler(Events.STARTED, self.load)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self.save)
 
@@ -178,16 +267,54 @@ class ResumeCheckpoint:
     def save(self, engine: Engine) -> None:
         """Write the resume checkpoint (rank 0 only)."""
         if idist.get_rank() == 0:
-            save_or_explain({k: v.state_dict() for k, v in self.objects(engine).items()}, self.path)
+            state = {k: v.state_dict() for k, v in self.objects(engine).items()}
+            if self.fingerprint is not None:
+                state["fingerprint"] = self.fingerprint
+            save_or_explain(state, self.path)
+
+    def start_fresh(self) -> None:
+        """Move the resume checkpoint and the files of ``set_aside`` aside if they exist (rank 0 only), with a
+        warning saying where."""
+        if idist.get_rank() != 0:
+            return
+        moved = set_aside([self.path, *self.set_aside])
+        if moved:
+            why = "--resume False" if not self.resume else f"no {self.path.name} to resume from"
+            logging.getLogger("medkd").warning(
+                "starting afresh (%s): the previous run's %s moved aside to %s",
+                why,
+                ", ".join(str(old) for old in moved),
+                ", ".join(new.name for new in moved.values()),
+            )
+
+    def _check_fingerprint(self, checkpoint: dict, missing: list[str]) -> None:
+        if self.fingerprint is None:
+            return
+        stored = checkpoint.get("fingerprint")
+        if stored is not None:
+            changes = fingerprint_changes(stored, self.fingerprint)
+            if changes:
+                listed = "".join(f"\n  - {c}" for c in changes)
+                raise CheckpointError(
+                    f"resume checkpoint {self.path} was written by another run; what changed:{listed}\n{_CHOICES}"
+                )
+        elif not missing:  # a file lacking objects is reported as such below
+            raise CheckpointError(
+                f"resume checkpoint {self.path} has no run fingerprint (it was written by an older medkd version), so "
+                f"it cannot be told whether it is a run of this configuration. {_CHOICES}"
+            )
 
     def load(self, engine: Engine) -> None:
-        """Restore every object from the resume checkpoint, if there is one and ``resume`` is set."""
+        """Restore every object from the resume checkpoint, if there is one and ``resume`` is set; else start
+        afresh (:meth:`start_fresh`)."""
         if not (self.resume and self.path.is_file()):
+            self.start_fresh()
             return
         checkpoint = load_checkpoint(self.path, map_location=engine.state.device)
         max_epochs = engine.state.max_epochs
         objects = self.objects(engine)
         missing = sorted(set(objects) - set(checkpoint))
+        self._check_fingerprint(checkpoint, missing)
         if missing:
             raise CheckpointError(
                 f"resume checkpoint {self.path} lacks {missing}: it was written by another configuration "

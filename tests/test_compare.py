@@ -52,6 +52,8 @@ def test_compare_writes_csv_table_and_plot(tmp_path):
     assert re.search(rf"\| diversified \| sp \| 1 \| {score} \| {score} \| {score} \| \d+ \| \d+\.\d\d \|", md), md
     png = (tmp_path / "out" / "comparison.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    fingerprint = json.loads((tmp_path / "out" / "fingerprint.json").read_text())  # what a rerun must match
+    assert fingerprint["dataset_dir"] == str((tmp_path / "data").resolve()) and "seed" not in fingerprint["settings"]
 
 
 def test_readme_routes_example_builds_on_the_bundle_networks():

@@ -176,3 +176,13 @@ def test_missing_or_truncated_checkpoint_and_bad_test_list_end_in_one_message(tm
     proc = _run(stage_command("segmentation_2d", "evaluate", tmp_path, overlay), tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "[test]" in proc.stderr and "missing.nii.gz: file not found" in proc.stderr
+
+
+def test_compare_rejects_a_mistyped_set_key_before_any_run(tmp_path):
+    from medkd.compare import compare
+
+    with pytest.raises(ConfigError, match=r"--pach_size \(did you mean --patch_size\?\)"):
+        compare(
+            BUNDLES / "segmentation_2d", presets=["kd"], seeds=[0], output=tmp_path, overrides={"pach_size": [64, 64]}
+        )
+    assert not any(tmp_path.iterdir())

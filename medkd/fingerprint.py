@@ -1,0 +1,180 @@
+"""Run fingerprints: what made a run, so that a resumed run is known to be the same run.
+
+A fingerprint is a JSON-able dict: the data lists (path and a hash of the file's bytes; images are not read), the
+networks (class, parameter count, a hash of the state-dict shapes), the routes with their weights and temperatures
+(and the preset they form), the class names and the seed. :class:`medkd.handlers.ResumeCheckpoint` stores it in the
+resume checkpoint and refuses to resume a run whose fingerprint differs, listing :func:`fingerprint_changes`;
+``python -m medkd compare`` keeps one of its own in ``fingerprint.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from medkd.features import unwrap
+from medkd.routes import PRESETS, TEACHER, Route, parse_routes, preset_routes
+
+__all__ = ["run_fingerprint", "datalist_digest", "describe_network", "fingerprint_changes"]
+
+PathLike = str | os.PathLike
+_UNSET = "(not set)"
+
+
+def _sha256(path: Path) -> str | None:
+    if not path.is_file():
+        return None  # the run's own loading of the list reports a missing file
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def datalist_digest(
+    datalist: PathLike | Mapping[str, PathLike], keys: Sequence[str] = ("training", "validation")
+) -> dict[str, dict[str, str | None]]:
+    """``{key: {"file": absolute path, "sha256": hash of its bytes}}`` for each list ``key`` a run reads.
+
+    Args:
+        datalist: one datalist file holding every key, or a file per key (e.g. a bundle's ``datalists``).
+        keys: the lists the run uses; keys absent from a mapping are left out.
+    """
+    if isinstance(datalist, Mapping):
+        files = {k: datalist[k] for k in keys if k in datalist}
+    else:
+        files = dict.fromkeys(keys, datalist)
+    paths = {k: Path(f).expanduser().resolve() for k, f in files.items()}
+    hashes = {p: _sha256(p) for p in set(paths.values())}
+    return {k: {"file": str(p), "sha256": hashes[p]} for k, p in paths.items()}
+
+
+def describe_network(network: nn.Module) -> dict[str, Any]:
+    """A stable description of a network's architecture (not its weights): class name, parameter count and a hash
+    of its sorted state-dict shapes. DDP-wrapped networks are described unwrapped."""
+    network = unwrap(network)
+    shapes = sorted((k, list(v.shape)) for k, v in network.state_dict().items())
+    return {
+        "class": type(network).__name__,
+        "parameters": sum(p.numel() for p in network.parameters()),
+        "shapes": hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16],
+    }
+
+
+def _route_graph(routes: Sequence[Route], students: Sequence[str]) -> str:
+    """The preset whose routes have the same names (weights aside) as ``routes``, else ``"custom"``."""
+    names = sorted(r.name for r in routes)
+    for preset in PRESETS:
+        try:
+            if sorted(r.name for r in preset_routes(preset, students)) == names:
+                return preset
+        except ValueError:  # e.g. diversified with other than two students
+            continue
+    return "custom"
+
+
+def run_fingerprint(
+    datalist: PathLike | Mapping[str, PathLike],
+    networks: Mapping[str, nn.Module],
+    routes: str | Sequence[Route | Mapping] | None = None,
+    class_names: Sequence[str] | None = None,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """The fingerprint of a training run (see the module docstring).
+
+    Args:
+        datalist: the datalist file, or a file per list key (training and validation are fingerprinted).
+        networks: the networks by name (teacher and students, or the teacher alone for the teacher stage).
+        routes: the distillation routes (a preset name or routes); ``None`` for a run without routes.
+        class_names: the class names.
+        seed: the random seed.
+    """
+    fingerprint: dict[str, Any] = {
+        "data": datalist_digest(datalist),
+        "networks": {name: describe_network(net) for name, net in networks.items()},
+    }
+    if routes is not None:
+        students = [name for name in networks if name != TEACHER]
+        parsed = parse_routes(routes, students)
+        fingerprint["route_graph"] = _route_graph(parsed, students)
+        fingerprint["routes"] = [r.to_dict() for r in parsed]
+    if class_names is not None:
+        fingerprint["class_names"] = list(class_names)
+    if seed is not None:
+        fingerprint["seed"] = seed
+    return json.loads(json.dumps(fingerprint, default=str))  # tuples to lists: equal to itself after a round trip
+
+
+def _data_changes(old: Mapping, new: Mapping) -> list[str]:
+    changes = []
+    for key in dict.fromkeys([*old, *new]):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if a is None or b is None:
+            changes.append(f"{key} data list {'added' if a is None else 'removed'}")
+        elif a["file"] != b["file"]:
+            changes.append(f"data list {a['file']} → {b['file']}")
+        else:
+            changes.append(f"data list {b['file']} content changed")
+    return changes
+
+
+def _network_changes(old: Mapping, new: Mapping) -> list[str]:
+    changes = [f"networks: {', '.join(old)} → {', '.join(new)}"] if list(old) != list(new) else []
+    for name in (n for n in new if n in old and old[n] != new[n]):
+        a, b = old[name], new[name]
+        if a["class"] != b["class"]:
+            changes.append(f"network {name}: {a['class']} → {b['class']}")
+        elif a["parameters"] != b["parameters"]:
+            changes.append(f"network {name}: {a['parameters']} → {b['parameters']} parameters")
+        else:
+            changes.append(f"network {name}: layer shapes changed")
+    return changes
+
+
+def _route_changes(old: Sequence[Mapping], new: Sequence[Mapping]) -> list[str]:
+    def by_name(routes: Sequence[Mapping]) -> dict[str, Mapping]:
+        return {f"{r['target']}/{r['kind']}_from_{r['source']}": r for r in routes}
+
+    a, b = by_name(old), by_name(new)
+    changes = []
+    if removed := [n for n in a if n not in b]:
+        changes.append(f"routes removed: {', '.join(removed)}")
+    if added := [n for n in b if n not in a]:
+        changes.append(f"routes added: {', '.join(added)}")
+    for name in (n for n in b if n in a and a[n] != b[n]):
+        fields = [f"{k} {a[name].get(k)} → {b[name].get(k)}" for k in b[name] if a[name].get(k) != b[name].get(k)]
+        changes.append(f"route {name}: {', '.join(fields)}")
+    return changes
+
+
+def fingerprint_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """What differs from fingerprint ``old`` to ``new``, one line each (e.g. ``"routes: diversified → kd"``,
+    ``"data list /x/dataset.json content changed"``, ``"seed 0 → 1"``); empty when they are equal."""
+    changes: list[str] = []
+    for key in dict.fromkeys([*old, *new]):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if key == "route_graph":
+            changes.append(f"routes: {a} → {b}")
+        elif key == "routes":
+            if old.get("route_graph") == new.get("route_graph"):  # same graph: which weights, temperatures, ...
+                changes += _route_changes(a or [], b or [])
+        elif key == "data":
+            changes += _data_changes(a or {}, b or {})
+        elif key == "networks":
+            changes += _network_changes(a or {}, b or {})
+        elif isinstance(a, Mapping) and isinstance(b, Mapping):
+            for k in (k for k in dict.fromkeys([*a, *b]) if a.get(k, _UNSET) != b.get(k, _UNSET)):
+                changes.append(f"{key} {k}: {a.get(k, _UNSET)} → {b.get(k, _UNSET)}")
+        else:
+            changes.append(f"{key.replace('_', ' ')} {a} → {b}")
+    return list(dict.fromkeys(changes))
