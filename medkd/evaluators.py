@@ -148,11 +148,22 @@ def segmentation_metrics(networks: Sequence[str], prefix: str = "val_mean_dice")
 
 
 def classification_postprocessing(networks: Sequence[str], num_classes: int) -> Compose:
-    """Softmax of every network's logits, one-hot of the label (for ``ROCAUCMetric``)."""
+    """Softmax of every network's logits, one-hot of the label (for ``ROCAUCMetric``), on the predictions' device.
+
+    MONAI's decollation turns each sample's class index into a Python number, whose one-hot tensor is made on the
+    CPU; the label is moved to the device of the first prediction so metrics compare tensors on one device.
+    """
+    reference = pred_key(networks[0])
+
+    def label_to_prediction_device(item: dict) -> dict:
+        item[Keys.LABEL] = item[Keys.LABEL].to(torch.as_tensor(item[reference]).device)
+        return item
+
     return Compose(
         [
             Activationsd(keys=[pred_key(n) for n in networks], softmax=True),
             AsDiscreted(keys=Keys.LABEL, to_onehot=num_classes),
+            label_to_prediction_device,
         ]
     )
 
@@ -162,9 +173,7 @@ def _stacked(network: str) -> Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
 
     def transform(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
         preds, labels = from_engine([pred_key(network), Keys.LABEL])(output)
-        preds = torch.stack([torch.as_tensor(p) for p in preds])
-        # the one-hot labels of MONAI's AsDiscreted may come back on the CPU while the predictions are on the GPU
-        return preds, torch.stack([torch.as_tensor(y) for y in labels]).argmax(dim=1).to(preds.device)
+        return torch.stack(list(preds)), torch.stack(list(labels)).argmax(dim=1)
 
     return transform
 

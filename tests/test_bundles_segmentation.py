@@ -203,17 +203,23 @@ def test_teacher_stage_nan_policy_raise_stops_and_skip_writes_finite_weights(tmp
         assert weights and all(torch.isfinite(v.float()).all() for v in weights.values()), name
 
 
-def test_evaluation_stops_naming_a_nan_test_image(trained_2d, tmp_path):
+def test_evaluation_stops_naming_a_nan_test_image(trained_2d, tmp_path, capsys):
     root = copy_of(trained_2d, tmp_path)
     datalist = json.loads((root / "data" / "dataset.json").read_text())
     bad = root / "data" / datalist["test"][1]["image"]
     put_nan(bad)
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(SystemExit) as err:  # the test list is checked before evaluation starts
         run_stage("segmentation_2d", "evaluate", root)
+    assert err.value.code == 1
+    report = capsys.readouterr().err
+    assert "[test] Data check failed" in report and f"{bad}: 5 non-finite image value(s)" in report
+    assert {p.name for p in (root / "models").glob("*.pt")} >= {"teacher.pt", "sp.pt", "sf.pt"}
+    # past the list check (e.g. a file changed while evaluating), the guard after loading names the file
+    with pytest.raises(RuntimeError) as err:
+        run_stage("segmentation_2d", "evaluate", root, initialize=[])
     message = str(user_error_of(err.value))
     assert message.startswith(f"Image file '{bad}' has 5 non-finite value(s) (NaN or Inf) out of 2304.")
     assert "numpy.nan_to_num" in message
-    assert {p.name for p in (root / "models").glob("*.pt")} >= {"teacher.pt", "sp.pt", "sf.pt"}
 
 
 def test_inference_without_input_images_is_an_error(trained_2d, tmp_path):
@@ -221,7 +227,9 @@ def test_inference_without_input_images_is_an_error(trained_2d, tmp_path):
     missing = tmp_path / "no_such_folder"
     cmd = stage_command("segmentation_2d", "inference", root, input_dir=str(missing))
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, cwd=root, timeout=300
+    )
     assert result.returncode == 1, result.stderr[-2000:]
     assert f"ERROR: Input folder '{missing}' does not exist. Pass --input_dir the folder" in result.stderr
     assert "Traceback" not in result.stderr

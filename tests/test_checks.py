@@ -188,7 +188,9 @@ def test_cli_module_entry_point(tmp_path, seg_items):
     path = write_datalist(tmp_path, [*seg_items, {"image": "nope.nii.gz", "label": seg_items[0]["label"]}])
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cmd = [sys.executable, "-m", "medkd", "check-data", "--datalist", str(path), "--num-classes", "3"]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, cwd=tmp_path, timeout=120
+    )
     assert result.returncode == 1, result.stderr
     assert f"{tmp_path / 'nope.nii.gz'}: file not found" in result.stdout
     assert "Traceback" not in result.stderr

@@ -58,3 +58,12 @@ def test_bundle_stage_engines_hold_networks_on_their_device(bundle, stage, engin
     for handler in parser.get_parsed_content("train#handlers") if stage == "train_teacher" else []:
         if isinstance(handler, ValidationHandler):
             assert_on(META, handler.validator)
+
+
+def test_classification_labels_follow_the_predictions_device():
+    from medkd.evaluators import classification_postprocessing
+
+    # MONAI's decollation makes each class index a Python number: its one-hot would be made on the CPU
+    item = {"pred_teacher": torch.zeros(3, device=META), "pred_sp": torch.zeros(3, device=META), "label": 2}
+    out = classification_postprocessing(["teacher", "sp"], num_classes=3)(item)
+    assert out["label"].device == META and out["label"].shape == (3,)

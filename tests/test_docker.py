@@ -257,7 +257,15 @@ def test_workdir_is_the_copied_bundles_folder():
 
 def test_healthcheck_command_succeeds_here():
     argv = local_argv(healthcheck_argv())
-    result = subprocess.run(argv, cwd=repo_path_of(workdir()), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        argv,
+        cwd=repo_path_of(workdir()),
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -266,7 +274,15 @@ def test_cmd_lists_the_bundles():
     if argv[0] not in ("python", "python3"):
         pytest.skip(f"CMD is not a python command: {argv}")
     bundles_dir = repo_path_of(workdir())
-    result = subprocess.run(local_argv(argv), cwd=bundles_dir, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        local_argv(argv),
+        cwd=bundles_dir,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     metadata = sorted(bundles_dir.glob("*/configs/metadata.json"))
     assert metadata, "no bundles found"

@@ -122,7 +122,7 @@ def test_user_error_is_found_through_monai_wrappers():
 
 
 def _run(cmd, cwd):
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=cwd, timeout=300)
 
 
 def _assert_one_message(proc, *fragments):
