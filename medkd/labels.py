@@ -24,7 +24,11 @@ def datalist_class_names(datalist_file: str) -> list[str]:
             f"the datalist {path} does not exist; check --dataset_dir (the folder holding dataset.json) or "
             "--datalist_file."
         ) from e
-    except (OSError, json.JSONDecodeError) as e:
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"the datalist {path} is not valid JSON ({e}); fix the syntax, e.g. with `python -m json.tool {path}`."
+        ) from e
+    except OSError as e:
         raise DataError(f"cannot read the datalist {path}: {e}") from e
     if not isinstance(labels, dict) or not labels:
         raise DataError(
