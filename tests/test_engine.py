@@ -10,6 +10,7 @@ from monai.handlers import from_engine
 from monai.losses import DiceCELoss
 
 from medkd.engines import DistillationTrainer, iteration_losses
+from medkd.errors import ConfigError
 from medkd.handlers import EpochLossTerms
 from medkd.routes import PRESETS, Route
 
@@ -82,14 +83,15 @@ def test_each_student_gets_gradients_only_from_its_own_routes(batches):
     trainer = make_trainer(batches)
     inputs, targets = batches[0]["image"], batches[0]["label"]
     teacher_logits = trainer.teacher(inputs)
-    teacher_feats = trainer.extractors["teacher"].pop()
+    teacher_feats = trainer.routes.pop_features("teacher")
     teacher_feats = {k: v.detach().clone().requires_grad_(True) for k, v in teacher_feats.items()}
     teacher_logits = teacher_logits.detach().clone().requires_grad_(True)
     logits, feats = {"teacher": teacher_logits}, {"teacher": teacher_feats}
     for name, net in trainer.students.items():
         logits[name] = net(inputs)
-        feats[name] = trainer.extractors[name].pop()
-    terms = trainer._losses(logits, feats, targets)
+        feats[name] = trainer.routes.pop_features(name)
+    supervised = {name: trainer.loss_function(logits[name], targets) for name in trainer.students}
+    terms = trainer.routes.losses(logits, feats, supervised, targets)
 
     terms["sp/total"].backward(retain_graph=True)
     assert all(g is None for g in _grads(trainer.students["sf"]))
@@ -121,7 +123,7 @@ def test_every_preset_trains_and_loss_goes_down(preset):
 
 
 def test_unknown_layer_and_missing_teacher_are_clear(batches):
-    with pytest.raises(KeyError, match="network 'teacher' has no module named 'nope'"):
+    with pytest.raises(ConfigError, match="network 'teacher' has no module named 'nope'"):
         make_trainer(batches, feature_layers={"teacher": ["nope"]})
     with pytest.raises(ValueError, match="no teacher network was given"):
         make_trainer(batches, routes="kd", teacher=None)
