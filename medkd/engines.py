@@ -17,10 +17,10 @@ from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 from torch.optim import Optimizer
 
-from medkd.checkpoints import load_network_weights
 from medkd.errors import ConfigError, UserErrorsFirst
-from medkd.features import FeatureExtractor, default_feature_layer, unwrap
-from medkd.routes import TEACHER, KnowledgeRoutes, Route, parse_routes
+from medkd.features import unwrap
+from medkd.routes import TEACHER, KnowledgeRoutes, Route
+from medkd.teacher import FrozenTeacher, Teacher
 from medkd.teacher_cache import TeacherCache
 
 __all__ = ["DistillationTrainer", "TeacherTrainer", "LOSSES", "iteration_losses"]
@@ -64,34 +64,44 @@ class TeacherTrainer(UserErrorsFirst, SupervisedTrainer):
     ) -> None:
         super().__init__(device, max_epochs, train_data_loader, network.to(device), optimizer, loss_function, **kwargs)
 
+    def checkpoint_objects(self) -> dict[str, Any]:
+        """What a resume checkpoint must hold besides the engine state (see
+        :meth:`DistillationTrainer.checkpoint_objects`): ``network`` (unwrapped from DDP), ``optimizer`` and, while
+        one is in use, ``scaler``."""
+        objects = {"network": unwrap(self.network), "optimizer": self.optimizer}
+        if getattr(self, "scaler", None) is not None:
+            objects["scaler"] = self.scaler
+        return objects
+
 
 class DistillationTrainer(UserErrorsFirst, Trainer):
     """Train students with a frozen teacher and with each other, along knowledge routes (see ``medkd.routes``).
 
-    One iteration runs the teacher forward once (no grad), every student forward, the supervised loss of each
-    student plus the weighted terms of the routes that target it, one backward, and every student's optimizer.
-    Peer signals are detached, so each student is updated only by its own loss. It fires MONAI's
-    ``IterationEvents`` like ``SupervisedTrainer`` and returns in ``engine.state.output``:
-    ``image``, ``label``, ``pred`` (logits per network name), ``loss`` (sum of the students' totals) and
-    ``losses`` (every term, detached: ``"<student>/sup"``, ``"<student>/<kind>_from_<source>"`` unweighted, and
-    ``"<student>/total"`` weighted). As in ``SupervisedTrainer``, ``decollate=True`` (the default) turns that dict
-    into a list of per-sample dicts with ``loss`` and ``losses`` replicated as floats, so MONAI handlers configured
-    the usual way (``from_engine(["loss"], first=True)``, ``--tracking mlflow``) read it unchanged;
-    :func:`iteration_losses` reads the terms from either form.
+    One iteration (:meth:`_iteration`) runs the teacher once (no grad, see :class:`medkd.teacher.FrozenTeacher`),
+    every student forward, the supervised loss of each student plus the weighted terms of the routes that target it
+    (:meth:`medkd.routes.KnowledgeRoutes.losses`), one backward, and every student's optimizer. Peer signals are
+    detached, so each student is updated only by its own loss. It fires MONAI's ``IterationEvents`` like
+    ``SupervisedTrainer`` and returns in ``engine.state.output``: ``image``, ``label``, ``pred`` (logits per network
+    name), ``loss`` (sum of the students' totals) and ``losses`` (every term, detached: ``"<student>/sup"``,
+    ``"<student>/<kind>_from_<source>"`` unweighted, and ``"<student>/total"`` weighted). As in
+    ``SupervisedTrainer``, ``decollate=True`` (the default) turns that dict into a list of per-sample dicts with
+    ``loss`` and ``losses`` replicated as floats, so MONAI handlers configured the usual way
+    (``from_engine(["loss"], first=True)``, ``--tracking mlflow``) read it unchanged; :func:`iteration_losses`
+    reads the terms from either form. See ``docs/architecture.md``.
 
     Args:
         device: device to run on.
         max_epochs: epochs to train.
         train_data_loader: data loader (or iterable) of training batches.
         students: student networks by name, e.g. ``{"sp": unet_small, "sf": unet_small2}``.
-        optimizers: one optimizer per student, same names. Feature-route adapters are added to the target
-            student's optimizer as an extra parameter group.
+        optimizers: one optimizer per student, same names. Route adapters are added to the target student's
+            optimizer as an extra parameter group.
         loss_function: supervised loss ``(logits, label) -> loss`` (e.g. ``DiceCELoss``, ``CrossEntropyLoss``).
-        teacher: the teacher network; frozen (eval mode, no gradients). Needed when a route starts at it, ignored
-            (not loaded, not run) otherwise.
-        teacher_checkpoint: optional path of the teacher's weights, loaded before training.
+        teacher: the teacher network, frozen (eval mode, no gradients), or a :class:`medkd.teacher.Teacher`. Needed
+            when a route starts at it, ignored (not loaded, not run) otherwise.
+        teacher_checkpoint: optional path of the teacher network's weights, loaded before training.
         routes: a preset name (``"diversified"``, ``"kd"``, ...), or a list of routes or route dicts.
-        feature_layers: module names per network for feature routes; networks not listed use
+        feature_layers: module names per network for routes that read features; networks not listed use
             :func:`medkd.features.default_feature_layer`.
         example_batch: a batch to size the adapters with; ``None`` takes the first batch of the data loader.
         teacher_cache: optional :class:`medkd.teacher_cache.TeacherCache`, to reuse teacher outputs across epochs
@@ -112,7 +122,7 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
         students: Mapping[str, nn.Module],
         optimizers: Mapping[str, Optimizer],
         loss_function: Callable,
-        teacher: nn.Module | None = None,
+        teacher: nn.Module | Teacher | None = None,
         teacher_checkpoint: str | None = None,
         routes: str | Sequence[Route | Mapping] = "diversified",
         feature_layers: Mapping[str, Sequence[str]] | None = None,
@@ -169,45 +179,63 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
         self.loss_function = loss_function
         self.nan_policy = nan_policy
         self.optim_set_to_none = optim_set_to_none
-        self.teacher_cache = teacher_cache
-        parsed = parse_routes(routes, list(self.students))
-        self.routes = KnowledgeRoutes(
-            parsed, list(self.students), self._feature_layers(parsed, feature_layers, teacher)
-        )
-        if self.routes.needs_teacher and teacher is None:
-            raise ValueError("a route takes knowledge from the teacher, but no teacher network was given.")
+        self.scaler: torch.amp.GradScaler | None = None  # made by run(), for float16 on CUDA only
+        self.routes = KnowledgeRoutes(routes, list(self.students), feature_layers)
         # a teacher no route reads from (student alone, DML) is neither loaded nor run
-        self.teacher = self._freeze(teacher, teacher_checkpoint) if self.routes.needs_teacher else None
+        self.teacher_role = self._teacher_role(teacher, teacher_checkpoint, teacher_cache)
         self.networks: dict[str, nn.Module] = {TEACHER: self.teacher} if self.teacher is not None else {}
         self.networks.update(self.students)
-        self.extractors = {
-            name: FeatureExtractor(net, self.routes.layers_of(name), name)
-            for name, net in self.networks.items()
-            if self.routes.layers_of(name)
-        }
+        self.routes.setup(
+            self.networks,
+            lambda: _plain(
+                self.prepare_batch(
+                    example_batch if example_batch is not None else next(iter(train_data_loader)),
+                    self.state.device,
+                    self.non_blocking,
+                    **self.to_kwargs,
+                )[0]
+            ),
+        )
         self.routes.to(self.state.device)
-        if not self.routes.built:
-            self._build_adapters(example_batch if example_batch is not None else next(iter(train_data_loader)))
+        for name, optimizer in self.optimizers.items():
+            adapters = self.routes.parameters_of(name)
+            if adapters:
+                optimizer.add_param_group({"params": adapters})
 
-    def _feature_layers(
-        self, routes: list[Route], feature_layers: Mapping[str, Sequence[str]] | None, teacher: nn.Module | None
-    ) -> dict[str, list[str]]:
-        layers = {k: list(v) for k, v in (feature_layers or {}).items()}
-        networks = {TEACHER: teacher, **self.students}
-        for route in routes:
-            if route.kind != "feature" or route.layers is not None:
-                continue
-            for name in (route.source, route.target):
-                if name not in layers and networks.get(name) is not None:
-                    layers[name] = [default_feature_layer(networks[name])]
-        return layers
+    def _teacher_role(
+        self, teacher: nn.Module | Teacher | None, checkpoint: str | None, cache: TeacherCache | None
+    ) -> Teacher | None:
+        if not self.routes.needs_teacher:
+            return None
+        if teacher is None:
+            raise ConfigError(
+                "a route takes knowledge from the teacher, but no teacher network was given: give `teacher`, or "
+                "routes that do not start at it (e.g. the 'dml' or 'student' preset)."
+            )
+        if isinstance(teacher, Teacher):
+            return teacher.to(self.state.device)
+        return FrozenTeacher(teacher, checkpoint, cache, device=self.state.device)
 
-    def _freeze(self, teacher: nn.Module, checkpoint: str | None) -> nn.Module:
-        if checkpoint:
-            load_network_weights(teacher, checkpoint, map_location=self.state.device, role=TEACHER)
-        teacher.to(self.state.device).eval()
-        teacher.requires_grad_(False)
-        return teacher
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The teacher network (``None`` when no route reads from it)."""
+        return self.teacher_role.network if self.teacher_role is not None else None
+
+    def checkpoint_objects(self) -> dict[str, Any]:
+        """What a resume checkpoint must hold besides the engine state, by name, each with ``state_dict`` and
+        ``load_state_dict``: ``"routes"`` (the routes' adapters), ``"student_<name>"`` (unwrapped from DDP) and
+        ``"optimizer_<name>"`` for every student, what the teacher object trains (nothing for a frozen teacher), and
+        ``"scaler"`` while a float16 gradient scaler is in use (from :meth:`run` on, so ask at ``Events.STARTED``
+        or later)."""
+        objects: dict[str, Any] = {"routes": self.routes}
+        for name, student in self.students.items():
+            objects[f"student_{name}"] = unwrap(student)
+            objects[f"optimizer_{name}"] = self.optimizers[name]
+        if self.teacher_role is not None:
+            objects.update(self.teacher_role.checkpoint_objects())
+        if self.scaler is not None:
+            objects["scaler"] = self.scaler
+        return objects
 
     def _register_decollate(self) -> None:
         """Decollate batch and output after each iteration like MONAI's ``Workflow``, keeping the per-term losses
@@ -228,35 +256,6 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
             return contextlib.nullcontext()
         return torch.autocast(torch.device(self.state.device).type, **self.amp_kwargs)
 
-    def _build_adapters(self, batchdata: Any) -> None:
-        """Size the feature-route adapters from one forward pass and give each to its student's optimizer."""
-        inputs = _plain(self.prepare_batch(batchdata, self.state.device, self.non_blocking, **self.to_kwargs)[0])
-        features = {}
-        with torch.no_grad():
-            for name, extractor in self.extractors.items():
-                network = unwrap(self.networks[name])  # no DDP collectives for a local probe
-                was_training = network.training
-                network.eval()
-                network(inputs[:1])
-                network.train(was_training)
-                features[name] = extractor.pop()
-        self.routes.build(features, spatial_dims=inputs.ndim - 2)
-        self.routes.to(self.state.device)
-        for name, optimizer in self.optimizers.items():
-            params = self.routes.parameters_of(name)
-            if params:
-                optimizer.add_param_group({"params": params})
-
-    def _sync_adapter_grads(self) -> None:
-        """Average adapter gradients across processes (students are DDP-wrapped; the adapters are not)."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        world = torch.distributed.get_world_size()
-        for p in self.routes.parameters():
-            if p.grad is not None:
-                torch.distributed.all_reduce(p.grad)
-                p.grad /= world
-
     def run(self) -> None:  # type: ignore[override]
         """Train; the float16 gradient scaler is only created for CUDA."""
         use_scaler = (
@@ -267,35 +266,8 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         super(Trainer, self).run()
 
-    def _teacher_outputs(self, inputs: torch.Tensor, batchdata: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        cache = self.teacher_cache
-        cached = cache.get(batchdata, self.state.device) if cache is not None else None
-        if cached is not None and cached[0].shape[0] != inputs.shape[0]:
-            cached = None  # sample ids that do not match the batch (e.g. metadata not collated per sample)
-        if cached is not None and not cache.needs_verification:
-            return cached
-        with torch.no_grad():
-            logits = self.teacher(inputs)
-        features = self.extractors[TEACHER].pop() if TEACHER in self.extractors else {}
-        if cached is not None:  # first hit: the cached outputs must equal the recomputed ones
-            cache.verify(cached, (logits, features), batchdata)
-        elif cache is not None:
-            cache.put(batchdata, logits, features)
-        return logits, features
-
-    def _losses(
-        self, logits: dict[str, torch.Tensor], features: dict[str, dict[str, torch.Tensor]], targets: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        terms = {f"{s}/sup": self.loss_function(logits[s], targets).mean() for s in self.students}
-        route_terms = self.routes(logits, features)
-        totals = {s: terms[f"{s}/sup"] for s in self.students}
-        for route in self.routes.routes:
-            totals[route.target] = totals[route.target] + route.weight * route_terms[route.name]
-        terms.update(route_terms)
-        terms.update({f"{s}/total": t for s, t in totals.items()})
-        return terms
-
     def _check_finite(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> bool:
+        """Whether to take the step, by ``nan_policy``: raise or warn naming the non-finite terms."""
         if self.nan_policy == "ignore" or bool(torch.isfinite(loss)):
             return True
         bad = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items() if not bool(torch.isfinite(v)))
@@ -322,33 +294,30 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
 
         with engine._autocast():
             logits, features = {}, {}
-            if engine.teacher is not None:
-                logits[TEACHER], features[TEACHER] = engine._teacher_outputs(inputs, batchdata)
+            if engine.teacher_role is not None:
+                logits[TEACHER], features[TEACHER] = engine.teacher_role(
+                    inputs, batchdata, lambda: engine.routes.pop_features(TEACHER)
+                )
             for name, student in engine.students.items():
                 logits[name] = student(inputs)
-                if name in engine.extractors:
-                    features[name] = engine.extractors[name].pop()
+                features[name] = engine.routes.pop_features(name)
             engine.state.output[Keys.PRED] = logits
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            terms = engine._losses(logits, features, targets)
-            loss = sum(terms[f"{s}/total"] for s in engine.students)
+            supervised = {name: engine.loss_function(logits[name], targets).mean() for name in engine.students}
+            terms = engine.routes.losses(logits, features, supervised, targets)
+            loss = sum(terms[f"{name}/total"] for name in engine.students)
             engine.state.output[Keys.LOSS] = loss.detach()
             engine.state.output[LOSSES] = {k: v.detach() for k, v in terms.items()}
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
         if engine._check_finite(loss, terms):
-            if engine.scaler is not None:
-                engine.scaler.scale(loss).backward()
-                engine._sync_adapter_grads()
-                engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-                for optimizer in engine.optimizers.values():
-                    engine.scaler.step(optimizer)
-                engine.scaler.update()
-            else:
-                loss.backward()
-                engine._sync_adapter_grads()
-                engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-                for optimizer in engine.optimizers.values():
-                    optimizer.step()
+            scaler = engine.scaler
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            engine.routes.sync_gradients()  # DDP averages the students' gradients, not the adapters'
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            for optimizer in engine.optimizers.values():
+                scaler.step(optimizer) if scaler is not None else optimizer.step()
+            if scaler is not None:
+                scaler.update()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output

@@ -1,41 +1,44 @@
 """Knowledge routes: who teaches whom, in which form, and the named presets built from them.
 
-A route is ``{source, target, kind, weight, temperature, layers}``: ``source`` teaches ``target`` (each ``"teacher"``
-or a student name) through its predictions (``kind="prediction"``, temperature-scaled KL) or its feature maps
-(``kind="feature"``, hint loss with an adapter). Any graph of routes over one teacher and N students is allowed;
-the presets (student alone, KD, FitNets, DML, KD+DML, diversified) are named graphs.
+A route is ``{source, target, kind, weight, temperature, layers, mode}``: ``source`` teaches ``target`` (each
+``"teacher"`` or a student name) in the form its ``kind`` names: ``"prediction"`` (temperature-scaled KL),
+``"feature"`` (hint loss with an adapter) or ``"attention"`` (attention transfer), each a class of
+:mod:`medkd.route_kinds` found by name in a registry (:func:`register_kind`), or a class of one's own named by its
+dotted path. Any graph of routes over one teacher and N students is allowed; the presets (student alone, KD,
+FitNets, DML, KD+DML, diversified) are named graphs. :class:`KnowledgeRoutes` runs a graph: it chooses the layers,
+hooks the networks, builds the adapters from one probe forward and computes each student's weighted total.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from medkd.errors import ConfigError
-from medkd.losses import FeatureDistillationLoss, PredictionDistillationLoss
+from medkd.features import FeatureExtractor, default_feature_layer, unwrap
+from medkd.route_kinds import ROUTE_KINDS, RouteKind, StepOutputs, register_kind, resolve_kind
+from medkd.route_kinds import number as _number
 
-__all__ = ["TEACHER", "PRESETS", "Route", "KnowledgeRoutes", "preset_routes", "parse_routes"]
+__all__ = [
+    "TEACHER",
+    "PRESETS",
+    "ROUTE_KINDS",
+    "Route",
+    "RouteKind",
+    "StepOutputs",
+    "KnowledgeRoutes",
+    "register_kind",
+    "preset_routes",
+    "parse_routes",
+]
 
 TEACHER = "teacher"
-KINDS = ("prediction", "feature")
 PRESETS = ("student", "kd", "fitnets", "dml", "kd_dml", "diversified")
-# the options that mean something for each kind; any other is an error, not silently ignored
-KIND_OPTIONS = {"prediction": ("weight", "temperature"), "feature": ("weight", "layers", "mode")}
-FEATURE_MODES = ("mse", "attention")
-
-
-def _number(value: object, what: str, positive: bool = False) -> float:
-    """``value`` as a float, or a :class:`ConfigError` naming ``what`` when it is not a finite number ``>= 0``
-    (``> 0`` when ``positive``)."""
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    if not number or not math.isfinite(value) or value < 0 or (positive and value == 0):
-        bound = "> 0" if positive else ">= 0"
-        raise ConfigError(f"{what} must be a finite number {bound}, got {value!r}.")
-    return float(value)
+_OPTION_FIELDS = ("temperature", "layers", "mode")  # kind options with a field of their own in Route
 
 
 @dataclass
@@ -45,63 +48,68 @@ class Route:
     Args:
         source: ``"teacher"`` or a student name; its signal is detached.
         target: a student name; the term is added to this student's loss.
-        kind: ``"prediction"`` or ``"feature"``.
+        kind: a registered kind (``"prediction"``, ``"feature"``, ``"attention"``, see :data:`ROUTE_KINDS`), the
+            dotted path of a :class:`RouteKind` subclass, or the class.
         weight: multiplier of the term in the target's loss.
-        temperature: softmax temperature of a prediction route.
-        layers: for a feature route, ``[[source_layer, target_layer], ...]`` module names; ``None`` pairs the
-            networks' ``feature_layers`` in order.
-        mode: feature loss, ``"mse"`` (normalised hint) or ``"attention"`` (attention transfer).
+        temperature: softmax temperature of a prediction route (default 4).
+        layers: for a feature or attention route, ``[[source_layer, target_layer], ...]`` module names; ``None``
+            pairs the networks' ``feature_layers`` (or default layers) in order.
+        mode: feature loss, ``"mse"`` (normalised hint, the default) or ``"attention"`` (attention transfer).
+        options: options of a kind of one's own, beside those above.
+
+    An option the kind does not accept is a :class:`ConfigError`; those it accepts and are not given take the
+    kind's defaults (``None`` for the others).
     """
 
     source: str
     target: str
-    kind: str
+    kind: str | type[RouteKind]
     weight: float = 1.0
-    temperature: float = 4.0
+    temperature: float | None = None
     layers: list[list[str]] | None = None
-    mode: str = "mse"
-    _pairs: list[tuple[str, str]] = field(default_factory=list, repr=False, compare=False)
+    mode: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    kind_name: str = field(init=False, repr=False, compare=False)
+    kind_class: type[RouteKind] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ConfigError(f"route {self.source} -> {self.target} has kind {self.kind!r}; use one of {KINDS}.")
+        self.kind_name, self.kind_class = resolve_kind(self.kind, f"route {self.source} -> {self.target}")
         self.weight = _number(self.weight, f"the weight of route {self.name}")
-        self.temperature = _number(self.temperature, f"the temperature of route {self.name}", positive=True)
-        if self.mode not in FEATURE_MODES:
-            raise ConfigError(f"route {self.name} has mode {self.mode!r}; use one of {FEATURE_MODES}.")
+        given = {k: getattr(self, k) for k in _OPTION_FIELDS if getattr(self, k) is not None}
+        values = self.kind_class.check_options(self.name, self.kind_name, {**given, **self.options})
+        for key in _OPTION_FIELDS:
+            setattr(self, key, values.pop(key, None))
+        self.options = values
 
     @property
     def name(self) -> str:
-        """Key of this route's term in the engine output, e.g. ``"sp/prediction_from_teacher"``."""
-        return f"{self.target}/{self.kind}_from_{self.source}"
+        """Key of this route's term in the engine output, ``"<target>/<kind>_from_<source>"``, e.g.
+        ``"sp/prediction_from_teacher"``."""
+        return f"{self.target}/{self.kind_name}_from_{self.source}"
 
     def to_dict(self) -> dict:
-        """JSON-serialisable form (the same keys accepted by :func:`parse_routes`)."""
-        d = asdict(self)
-        d.pop("_pairs")
-        return d
+        """JSON-serialisable form (the keys accepted by :func:`parse_routes`; options left at ``None`` omitted)."""
+        kind = self.kind if isinstance(self.kind, str) else f"{self.kind.__module__}.{self.kind.__qualname__}"
+        d = {"source": self.source, "target": self.target, "kind": kind, "weight": self.weight}
+        d.update({k: getattr(self, k) for k in _OPTION_FIELDS if getattr(self, k) is not None})
+        return {**d, **self.options}
+
+    @classmethod
+    def from_dict(cls, route: Mapping[str, Any]) -> Route:
+        """A route from its dict form (as written in bundle JSON): the keys of :class:`Route`, plus the options of a
+        kind of one's own."""
+        if not isinstance(route, Mapping) or not {"source", "target", "kind"} <= set(route):
+            raise ConfigError(f"route {route!r} is malformed: it needs 'source', 'target' and 'kind'.")
+        named = ("source", "target", "kind", "weight", *_OPTION_FIELDS)
+        options = {k: v for k, v in route.items() if k not in named}
+        return cls(**{k: v for k, v in route.items() if k in named}, options=options)
 
 
 def parse_routes(routes: Sequence[Route | Mapping] | str, students: Sequence[str]) -> list[Route]:
     """Routes from a preset name, or from a list of :class:`Route` or dicts (as written in bundle JSON)."""
     if isinstance(routes, str):
         return preset_routes(routes, students)
-    parsed = []
-    for i, r in enumerate(routes):
-        if isinstance(r, Route):
-            parsed.append(r)
-            continue
-        if not {"source", "target", "kind"} <= set(r):
-            raise ConfigError(f"route {i} {dict(r)} is malformed: it needs 'source', 'target' and 'kind'.")
-        options = KIND_OPTIONS.get(r["kind"], ())
-        unknown = sorted(set(r) - {"source", "target", "kind", *options})
-        if unknown and r["kind"] in KIND_OPTIONS:
-            raise ConfigError(
-                f"route {i} {dict(r)}: {unknown} do(es) nothing on a {r['kind']} route, which accepts "
-                f"{list(options)}; remove it or fix the spelling."
-            )
-        parsed.append(Route(**r))
-    return parsed
+    return [r if isinstance(r, Route) else Route.from_dict(r) for r in routes]
 
 
 def preset_routes(
@@ -163,25 +171,34 @@ def preset_routes(
 
 
 class KnowledgeRoutes(nn.Module):
-    """The loss terms of a route graph, with the adapters of its feature routes.
+    """A route graph at work: the layers it reads, the adapters it trains, each route's term and each student's total.
 
     Args:
-        routes: the routes (see :class:`Route`).
+        routes: a preset name, or routes or route dicts (see :class:`Route` and :func:`parse_routes`).
         students: student names; ``"teacher"`` is implied.
-        feature_layers: module names per network, paired in order by feature routes without explicit ``layers``.
+        feature_layers: module names per network, paired in order by routes that read features without explicit
+            ``layers``; a network not listed uses :func:`medkd.features.default_feature_layer` (given its network to
+            :meth:`setup`).
 
-    Feature routes need channel counts to build their adapters: call :meth:`build` once with one forward's
-    feature maps before training (the engine does this). Adapter parameters belong to the route's target
-    student: :meth:`parameters_of` gives them for that student's optimizer.
+    Each route is run by an instance of its kind (``self.kinds[key]``, a :class:`RouteKind`). Before training,
+    :meth:`setup` chooses the layers, hooks the networks and sizes the adapters from one probe forward. Adapter
+    parameters belong to the route's target student: :meth:`parameters_of` gives them for that student's optimizer.
+    Each step, :meth:`pop_features` gives a network's hooked feature maps after its forward, and :meth:`losses`
+    every term and each student's weighted total.
     """
 
     def __init__(
-        self, routes: Sequence[Route], students: Sequence[str], feature_layers: Mapping[str, Sequence[str]]
+        self,
+        routes: str | Sequence[Route | Mapping],
+        students: Sequence[str],
+        feature_layers: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         super().__init__()
-        self.routes = list(routes)
         self.students = list(students)
+        self.routes = parse_routes(routes, self.students)
+        self.feature_layers = {name: list(layers) for name, layers in (feature_layers or {}).items()}
         names = {TEACHER, *self.students}
+        seen: set[str] = set()
         for r in self.routes:
             for role, end in (("source", r.source), ("target", r.target)):
                 if end not in names:
@@ -194,101 +211,148 @@ class KnowledgeRoutes(nn.Module):
                 )
             if r.source == r.target:
                 raise ConfigError(f"route {r.to_dict()} goes from a network to itself.")
-            if r.kind not in KINDS:
-                raise ConfigError(f"route {r.to_dict()} has kind {r.kind!r}; use one of {KINDS}.")
-            if r.kind == "feature":
-                r._pairs = self._layer_pairs(r, feature_layers)
-        self.prediction_losses = nn.ModuleDict(
-            {self._key(r): PredictionDistillationLoss(r.temperature) for r in self.routes if r.kind == "prediction"}
-        )
-        self.feature_losses = nn.ModuleDict()
+            if r.name in seen:
+                raise ConfigError(f"two routes have the term name {r.name}; merge them or give one another kind.")
+            seen.add(r.name)
+        self.kinds = nn.ModuleDict({self._key(r): r.kind_class(r) for r in self.routes})
+        self.extractors: dict[str, FeatureExtractor] = {}
+        self._layers: dict[str, list[str]] | None = None
+        self._register_load_state_dict_pre_hook(_read_feature_losses_of_before_route_kinds)
 
     @staticmethod
     def _key(route: Route) -> str:
         return route.name.replace(".", "_")  # ModuleDict keys may not hold dots
 
-    @staticmethod
-    def _layer_pairs(route: Route, feature_layers: Mapping[str, Sequence[str]]) -> list[tuple[str, str]]:
-        if route.layers is not None:
-            return [(src, dst) for src, dst in route.layers]
-        missing = [n for n in (route.source, route.target) if not feature_layers.get(n)]
-        if missing:
-            raise ConfigError(
-                f"feature route {route.name} needs layers: give 'layers' or feature_layers for {missing}."
-            )
-        src, dst = feature_layers[route.source], feature_layers[route.target]
-        if len(src) != len(dst):
-            raise ConfigError(
-                f"feature route {route.name} pairs layers in order, but {route.source} has {len(src)} and "
-                f"{route.target} has {len(dst)}; give the pairs in the route's 'layers'."
-            )
-        return list(zip(src, dst, strict=True))
+    def kind_of(self, route: Route) -> RouteKind:
+        """The :class:`RouteKind` instance that runs ``route``."""
+        return self.kinds[self._key(route)]
 
     @property
     def needs_teacher(self) -> bool:
         """Whether any route takes knowledge from the teacher."""
         return any(r.source == TEACHER for r in self.routes)
 
+    def resolve_layers(self, networks: Mapping[str, nn.Module | None] | None = None) -> dict[str, list[str]]:
+        """Ask every route which layers it reads; a network without ``feature_layers`` gets its default layer
+        (when ``networks`` has it). Returns the layers by network name."""
+
+        def defaults(network: str) -> list[str] | None:
+            if self.feature_layers.get(network):
+                return list(self.feature_layers[network])
+            net = (networks or {}).get(network)
+            return [default_feature_layer(net)] if net is not None else None
+
+        layers: dict[str, list[str]] = {}
+        for r in self.routes:
+            for network, names in self.kind_of(r).layers(defaults).items():
+                layers.setdefault(network, []).extend(names)
+        self._layers = {network: list(dict.fromkeys(names)) for network, names in layers.items() if names}
+        return self._layers
+
     def layers_of(self, network: str) -> list[str]:
         """Module names whose feature maps the routes read from ``network``."""
-        layers = []
-        for r in self.routes:
-            for src, dst in r._pairs:
-                layers += [src] if r.source == network else []
-                layers += [dst] if r.target == network else []
-        return list(dict.fromkeys(layers))
+        if self._layers is None:
+            self.resolve_layers()
+        return list(self._layers.get(network, []))
 
     @property
     def built(self) -> bool:
-        """Whether every feature route has its losses (and adapters)."""
-        return all(self._key(r) in self.feature_losses for r in self.routes if r.kind == "feature")
+        """Whether every route has its adapters."""
+        return all(kind.built for kind in self.kinds.values())
 
     def build(self, features: Mapping[str, Mapping[str, torch.Tensor]], spatial_dims: int) -> None:
-        """Create the feature losses from one forward's feature maps ``features[network][layer]``."""
-        for r in self.routes:
-            if r.kind != "feature" or self._key(r) in self.feature_losses:
-                continue
-            self.feature_losses[self._key(r)] = nn.ModuleList(
-                FeatureDistillationLoss(
-                    features[r.target][dst].shape[1], features[r.source][src].shape[1], spatial_dims, mode=r.mode
-                )
-                for src, dst in r._pairs
-            )
+        """Make the adapters of the routes not yet built from one forward's maps ``features[network][layer]``."""
+        for kind in self.kinds.values():
+            if not kind.built:
+                kind.build(features, spatial_dims)
+
+    def setup(
+        self,
+        networks: Mapping[str, nn.Module],
+        example_inputs: torch.Tensor | Callable[[], torch.Tensor] | None = None,
+    ) -> None:
+        """Prepare the routes to run on ``networks`` (by name, the teacher among them when a route reads it): choose
+        the layers, hook a :class:`~medkd.features.FeatureExtractor` on each network read, and, when a route still
+        needs its adapters, run every hooked network once (eval mode, no grad, first sample only) on
+        ``example_inputs`` (a batch of inputs, or a function giving one, called only then) to build them."""
+        layers = self.resolve_layers(networks)
+        absent = sorted(set(layers) - {name for name, net in networks.items() if net is not None})
+        if absent:
+            raise ConfigError(f"routes read feature maps of {absent}, but no such network was given.")
+        for extractor in self.extractors.values():
+            extractor.remove()
+        self.extractors = {name: FeatureExtractor(networks[name], names, name) for name, names in layers.items()}
+        if self.built:
+            return
+        if example_inputs is None:
+            raise ValueError("routes with adapters need example inputs to size them; pass example_inputs to setup.")
+        inputs = example_inputs() if callable(example_inputs) else example_inputs
+        features = {}
+        with torch.no_grad():
+            for name, extractor in self.extractors.items():
+                network = unwrap(networks[name])  # no DDP collectives for a local probe
+                was_training = network.training
+                network.eval()
+                network(inputs[:1])
+                network.train(was_training)
+                features[name] = extractor.pop()
+        self.build(features, spatial_dims=inputs.ndim - 2)
+        self.to(inputs.device)
 
     def parameters_of(self, student: str) -> list[nn.Parameter]:
-        """Adapter parameters trained with ``student`` (targets of feature routes)."""
-        return [p for r in self.routes if r.kind == "feature" and r.target == student
-                for p in self.feature_losses[self._key(r)].parameters()]  # fmt: skip
+        """Parameters (adapters) trained with ``student``: those of the routes that target it."""
+        return [p for r in self.routes if r.target == student for p in self.kind_of(r).parameters()]
+
+    def pop_features(self, network: str) -> dict[str, torch.Tensor]:
+        """The feature maps the routes read from ``network``, hooked during its last forward (``{}`` when none)."""
+        extractor = self.extractors.get(network)
+        return extractor.pop() if extractor is not None else {}
 
     def forward(
-        self, logits: Mapping[str, torch.Tensor], features: Mapping[str, Mapping[str, torch.Tensor]]
+        self,
+        logits: Mapping[str, torch.Tensor],
+        features: Mapping[str, Mapping[str, torch.Tensor]],
+        targets: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Unweighted loss of every route, keyed by :attr:`Route.name`."""
-        terms = {}
-        # one log-softmax (and one softmax of the detached source) per network and temperature, shared by routes
-        log_probs: dict[tuple[str, float], torch.Tensor] = {}
-        probs: dict[tuple[str, float], torch.Tensor] = {}
+        outputs = StepOutputs(logits, features, targets)
+        return {r.name: self.kind_of(r)(outputs) for r in self.routes}
 
-        def log_p(network: str, loss: PredictionDistillationLoss) -> torch.Tensor:
-            if (network, loss.temperature) not in log_probs:
-                log_probs[network, loss.temperature] = loss.log_probs(logits[network])
-            return log_probs[network, loss.temperature]
+    def losses(
+        self,
+        logits: Mapping[str, torch.Tensor],
+        features: Mapping[str, Mapping[str, torch.Tensor]],
+        supervised: Mapping[str, torch.Tensor],
+        targets: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Every term of one step: ``"<student>/sup"`` (the ``supervised`` loss of each student), each route's
+        unweighted term (:meth:`forward`) and ``"<student>/total"``, the supervised loss plus the weighted terms of
+        the routes that target the student."""
+        route_terms = self(logits, features, targets)
+        totals = {s: supervised[s] for s in self.students}
+        for route in self.routes:
+            totals[route.target] = totals[route.target] + route.weight * route_terms[route.name]
+        return {
+            **{f"{s}/sup": supervised[s] for s in self.students},
+            **route_terms,
+            **{f"{s}/total": total for s, total in totals.items()},
+        }
 
-        def p(network: str, loss: PredictionDistillationLoss) -> torch.Tensor:
-            if (network, loss.temperature) not in probs:
-                probs[network, loss.temperature] = log_p(network, loss).detach().exp()
-            return probs[network, loss.temperature]
+    def sync_gradients(self) -> None:
+        """Average the adapters' gradients across processes (the students are DDP-wrapped; the adapters are not)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        world = torch.distributed.get_world_size()
+        for p in self.parameters():
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= world
 
-        for r in self.routes:
-            key = self._key(r)
-            if r.kind == "prediction":
-                loss = self.prediction_losses[key]
-                dst, src = log_p(r.target, loss), log_p(r.source, loss)  # the source is detached in the loss
-                terms[r.name] = loss.from_log_probs(dst, src, p_src=p(r.source, loss))
-            else:
-                losses = self.feature_losses[key]
-                terms[r.name] = sum(
-                    loss(features[r.target][dst], features[r.source][src])
-                    for loss, (src, dst) in zip(losses, r._pairs, strict=True)
-                )
-        return terms
+
+def _read_feature_losses_of_before_route_kinds(state_dict: dict, prefix: str, *args: Any) -> None:
+    """Load a ``KnowledgeRoutes`` state saved before route kinds (``feature_losses.<route>.<i>.…``, e.g. in a resume
+    checkpoint) as ``kinds.<route>.losses.<i>.…``."""
+    old = prefix + "feature_losses."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        route, _, rest = key[len(old) :].partition(".")
+        state_dict[f"{prefix}kinds.{route}.losses.{rest}"] = state_dict.pop(key)

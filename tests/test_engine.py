@@ -83,14 +83,15 @@ def test_each_student_gets_gradients_only_from_its_own_routes(batches):
     trainer = make_trainer(batches)
     inputs, targets = batches[0]["image"], batches[0]["label"]
     teacher_logits = trainer.teacher(inputs)
-    teacher_feats = trainer.extractors["teacher"].pop()
+    teacher_feats = trainer.routes.pop_features("teacher")
     teacher_feats = {k: v.detach().clone().requires_grad_(True) for k, v in teacher_feats.items()}
     teacher_logits = teacher_logits.detach().clone().requires_grad_(True)
     logits, feats = {"teacher": teacher_logits}, {"teacher": teacher_feats}
     for name, net in trainer.students.items():
         logits[name] = net(inputs)
-        feats[name] = trainer.extractors[name].pop()
-    terms = trainer._losses(logits, feats, targets)
+        feats[name] = trainer.routes.pop_features(name)
+    supervised = {name: trainer.loss_function(logits[name], targets) for name in trainer.students}
+    terms = trainer.routes.losses(logits, feats, supervised, targets)
 
     terms["sp/total"].backward(retain_graph=True)
     assert all(g is None for g in _grads(trainer.students["sf"]))

@@ -84,4 +84,4 @@ def test_parse_routes_from_json_dicts_and_errors():
 )
 def test_route_endpoint_errors_are_clear(route, message):
     with pytest.raises(ValueError, match=message):
-        KnowledgeRoutes([route], ["sp", "sf"], feature_layers={})
+        KnowledgeRoutes([route], ["sp", "sf"], feature_layers={}).resolve_layers()
