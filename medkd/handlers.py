@@ -204,13 +204,14 @@ _CHOICES = (
 class ResumeCheckpoint:
     """Save everything needed to resume training, and resume from it when the same command is run again.
 
-    Every ``interval`` epochs, rank 0 writes ``{save_dir}/{filename}`` atomically (temporary file, then rename)
-    with the engine state (epoch, iteration), and, for a :class:`~medkd.engines.DistillationTrainer`, every
-    student, its optimizer, the feature-route adapters and the AMP scaler; for MONAI's ``SupervisedTrainer``, the
-    network and its optimizer; plus ``extra`` stateful objects (e.g. :class:`BestCheckpoints`) and the run's
-    ``fingerprint``. At ``Events.STARTED``, if the file exists and ``resume`` is true, all of it is loaded and
-    training continues from the saved epoch. A corrupt or mismatched file, or one written by another run (its
-    fingerprint differs, or it has none), stops the run with an error naming it and what changed; nothing is written.
+    Every ``interval`` epochs, rank 0 writes ``{save_dir}/{filename}`` atomically (temporary file, then rename) with
+    the engine state (epoch, iteration), what the trainer's ``checkpoint_objects()`` names (for a
+    :class:`~medkd.engines.DistillationTrainer` every student, its optimizer, the routes' adapters and the AMP
+    scaler; for a :class:`~medkd.engines.TeacherTrainer` the network, its optimizer and the scaler), ``extra``
+    stateful objects (e.g. :class:`BestCheckpoints`) and the run's ``fingerprint``. At ``Events.STARTED``, if the
+    file exists and ``resume`` is true, all of it is loaded and training continues from the saved epoch. A corrupt
+    or mismatched file, or one written by another run (its fingerprint differs, or it has none), stops the run with
+    an error naming it and what changed; nothing is written.
 
     Otherwise the run starts afresh, and rank 0 first renames the previous run's files that exist (the resume
     checkpoint itself and those of ``set_aside``: best checkpoints, metrics history) with a timestamp, e.g. ``sp.pt``
@@ -250,19 +251,10 @@ class ResumeCheckpoint:
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self.save)
 
     def objects(self, engine: Engine) -> dict[str, Any]:
-        """The objects saved and restored, by name."""
-        objects: dict[str, Any] = {"engine": engine, **self.extra}
-        if hasattr(engine, "students"):
-            objects["routes"] = engine.routes
-            for name, student in engine.students.items():
-                objects[f"student_{name}"] = unwrap(student)
-                objects[f"optimizer_{name}"] = engine.optimizers[name]
-        else:
-            objects["network"] = unwrap(engine.network)
-            objects["optimizer"] = engine.optimizer
-        if getattr(engine, "scaler", None) is not None:
-            objects["scaler"] = engine.scaler
-        return objects
+        """The objects saved and restored, by name: the engine, ``extra`` and what the trainer says a checkpoint
+        must hold (``checkpoint_objects()`` of :class:`~medkd.engines.DistillationTrainer` and
+        :class:`~medkd.engines.TeacherTrainer`)."""
+        return {"engine": engine, **self.extra, **engine.checkpoint_objects()}
 
     def save(self, engine: Engine) -> None:
         """Write the resume checkpoint (rank 0 only)."""
