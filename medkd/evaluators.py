@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -107,13 +108,13 @@ class MultiNetworkEvaluator(UserErrorsFirst, Evaluator):
         inputs, targets = batch[0], batch[1]
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
         device_type = torch.device(engine.state.device).type
+        precision = torch.autocast(device_type, **engine.amp_kwargs) if engine.amp else contextlib.nullcontext()
         with engine.mode(*engine.networks.values()), torch.no_grad():
             for name, network in engine.networks.items():
-                if engine.amp:
-                    with torch.autocast(device_type, **engine.amp_kwargs):
-                        engine.state.output[pred_key(name)] = engine.inferer(inputs, network)
-                else:
-                    engine.state.output[pred_key(name)] = engine.inferer(inputs, network)
+                with precision:
+                    pred = engine.inferer(inputs, network)
+                # scored in float32: metrics (e.g. ROC-AUC through numpy) do not take bfloat16
+                engine.state.output[pred_key(name)] = pred.float()
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output

@@ -67,3 +67,21 @@ def test_classification_labels_follow_the_predictions_device():
     item = {"pred_teacher": torch.zeros(3, device=META), "pred_sp": torch.zeros(3, device=META), "label": 2}
     out = classification_postprocessing(["teacher", "sp"], num_classes=3)(item)
     assert out["label"].device == META and out["label"].shape == (3,)
+
+
+def test_predictions_under_bf16_autocast_are_scored_in_float32():
+    from monai.networks.nets import DenseNet
+
+    from medkd.evaluators import classification_metrics, classification_postprocessing
+
+    torch.manual_seed(0)
+    images = torch.rand(8, 1, 16, 16)
+    data = [{"image": images, "label": torch.tensor([0, 1] * 4)}]
+    networks = {"sp": DenseNet(2, 1, 2, init_features=4, growth_rate=4, block_config=(1, 1))}
+    evaluator = MultiNetworkEvaluator(
+        "cpu", data, networks, postprocessing=classification_postprocessing(["sp"], 2),
+        key_val_metric=classification_metrics(["sp"]), amp=True, amp_kwargs={"dtype": torch.bfloat16},
+    )  # fmt: skip
+    evaluator.run()  # ROC-AUC converts the predictions to numpy, which has no bfloat16
+    assert 0.0 <= evaluator.state.metrics["val_auc_sp"] <= 1.0
+    assert evaluator.state.output[0]["pred_sp"].dtype == torch.float32
