@@ -5,7 +5,8 @@
 * :func:`assert_valid_datalist` raises one :class:`~medkd.data.DataError` listing them all; call it from a bundle's
   ``initialize`` list so a bad dataset stops the run before any DataLoader worker starts.
 * :class:`SafeDataset` + :func:`skip_none_collate` let inference skip a corrupt file, report it and go on.
-* :func:`check_data_command` backs ``python -m medkd check-data``.
+* :func:`check_data_command` backs ``python -m medkd check-data``, which also finds exact and near-duplicate images
+  within and across the lists of a datalist (:mod:`medkd.duplicates`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from monai.data.utils import affine_to_spacing
 from monai.utils import ensure_tuple
 
 from medkd.data import DataError, LoadMedicalImage, load_datalist
+from medkd.duplicates import DEFAULT_MAX_DISTANCE, find_duplicates
 from medkd.nonfinite import count_nonfinite
 
 __all__ = [
@@ -429,7 +431,12 @@ def add_check_data_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Check every file of a datalist and print all problems (exit code 1 when any).",
     )
     p.add_argument("--datalist", required=True, help="Decathlon-style .json or .csv (image,label) datalist")
-    p.add_argument("--key", default="training", help="list to check in a JSON datalist (default: training)")
+    p.add_argument(
+        "--key",
+        default="training",
+        help="list(s) to check in a JSON datalist: a name, comma-separated names, or 'all' for every list, which "
+        "also finds duplicates across lists (leakage) (default: training)",
+    )
     p.add_argument("--num-classes", type=int, default=None, help="number of classes including background")
     p.add_argument(
         "--task",
@@ -444,6 +451,21 @@ def add_check_data_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="report a class without samples as a warning, not a problem (e.g. a small validation split)",
     )
+    dup = p.add_argument_group("duplicates (exact pixels, or near: perceptual hash)")
+    dup.add_argument(
+        "--duplicate-distance",
+        type=int,
+        default=DEFAULT_MAX_DISTANCE,
+        help=f"largest perceptual-hash distance (of 256 bits) of near-duplicates; -1: exact duplicates only "
+        f"(default: {DEFAULT_MAX_DISTANCE})",
+    )
+    dup.add_argument("--no-duplicates", action="store_true", help="skip the search for duplicate images")
+    dup.add_argument(
+        "--allow-duplicates",
+        action="store_true",
+        help="report duplicates across lists (leakage) as warnings, not problems",
+    )
+    dup.add_argument("--duplicates-report", default=None, help="write every duplicate pair to this .tsv file")
     p.set_defaults(handler=check_data_command)
     return p
 
@@ -466,16 +488,70 @@ def infer_task(items: Sequence[Mapping[str, Any]], label_key: str = "label") -> 
     return "classification" if labels and all(is_index) else "segmentation"
 
 
-def check_data_command(args: argparse.Namespace) -> int:
-    """Run ``check-data``: print every problem and return 1, or print ``OK: N items checked`` and return 0."""
+def _datalist_keys(path: str, key: str) -> list[str]:
+    """The lists ``--key`` names: one, several (comma-separated), or ``all`` (every list of a JSON datalist)."""
+    if key != "all":
+        return [k.strip() for k in key.split(",") if k.strip()] or ["training"]
+    if not path.lower().endswith(".json"):
+        return ["training"]  # a CSV datalist is one list
     try:
-        items = load_datalist(args.datalist, key=args.key, base_dir=args.base_dir)
-    except DataError as e:
-        print(f"ERROR: {e}")
+        content = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return ["training"]  # load_datalist names the problem
+    lists = [k for k, v in content.items() if isinstance(v, list)] if isinstance(content, dict) else []
+    return lists or ["training"]
+
+
+def _print_duplicates(args: argparse.Namespace, lists: dict[str, list[dict]], names: Sequence[str] | None) -> int:
+    """Find duplicate images in and across ``lists``; print them and return the number of leakage problems."""
+    report = find_duplicates(lists, args.duplicate_distance, class_names=names)
+    if args.duplicates_report:
+        report.write_tsv(args.duplicates_report)
+        print(f"Duplicate pairs written to {args.duplicates_report}")
+    for index, reason in report.hashes.errors.items():
+        print(f"WARNING: {report.hashes.paths[index]}: not hashed for duplicates ({reason})")
+    if not report.groups:
+        return 0
+    root = report.root() or os.path.dirname(os.path.abspath(args.datalist))
+    print(f"{report.summary()}; paths relative to {root}")
+    for line in report.warnings(root):
+        print(f"WARNING: {line}")
+    leakage = report.leakage_lines(root)
+    if args.allow_duplicates:
+        for line in leakage:
+            print(f"WARNING: {line}")
+        return 0
+    if leakage:
+        print(
+            f"Leakage: {len(leakage)} pair(s) of duplicate images in different lists (a score on the later list "
+            "would be optimistic). Remove one image of each pair or move the group into one list (python -m medkd "
+            "prepare keeps groups together), or pass --allow-duplicates:"
+        )
+        print("\n".join(f"  {line}" for line in leakage))
+    return len(leakage)
+
+
+def check_data_command(args: argparse.Namespace) -> int:
+    """Run ``check-data``: print every problem and return 1, or print ``OK: N items checked`` and return 0.
+
+    With several lists (``--key all``) each list is checked and reported on its own (``[key] OK: ...``), and
+    duplicate images across lists are problems (leakage) unless ``--allow-duplicates``.
+    """
+    keys = _datalist_keys(args.datalist, args.key)
+    lists: dict[str, list[dict]] = {}
+    failed = False
+    for key in keys:
+        try:
+            lists[key] = load_datalist(args.datalist, key=key, base_dir=args.base_dir)
+        except DataError as e:
+            print(f"ERROR: {e}" if len(keys) == 1 else f"ERROR: [{key}] {e}")
+            failed = True
+    if not lists:
         return 1
+    everything = [item for items in lists.values() for item in items]
     task = args.task
     if task is None:
-        task = infer_task(items)
+        task = infer_task(everything)
         if task == "classification":
             print("Task: classification (every label is an integer class index; pass --task to override)")
     names = args.class_names.split(",") if args.class_names else None
@@ -483,13 +559,18 @@ def check_data_command(args: argparse.Namespace) -> int:
         names = _decathlon_class_names(args.datalist)
         if names is not None and args.num_classes is not None and len(names) != args.num_classes:
             names = None
-    problems = check_datalist(items, args.num_classes, task, names, source=args.datalist)
-    where = f"{args.datalist} ['{args.key}']"
-    problems = accept_missing_classes(
-        problems, args.allow_missing_classes, where, task, warn=lambda message: print(f"WARNING: {message}")
-    )
-    if problems:
-        print(format_problems(problems, args.datalist, cli_hint=False))
-        return 1
-    print(f"OK: {len(items)} items checked")
-    return 0
+    for key, items in lists.items():
+        prefix = f"[{key}] " if len(keys) > 1 else ""
+        problems = check_datalist(items, args.num_classes, task, names, source=args.datalist)
+        where = f"{args.datalist} ['{key}']"
+        problems = accept_missing_classes(
+            problems, args.allow_missing_classes, where, task, warn=lambda message: print(f"WARNING: {message}")
+        )
+        if problems:
+            print(prefix + format_problems(problems, args.datalist, cli_hint=False))
+            failed = True
+        else:
+            print(f"{prefix}OK: {len(items)} items checked")
+    if not args.no_duplicates and _print_duplicates(args, lists, names):
+        failed = True
+    return 1 if failed else 0
