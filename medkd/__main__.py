@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from medkd.checks import add_check_data_parser
 from medkd.compare import add_compare_parser
 from medkd.errors import install_excepthook
+from medkd.planning.cli import add_plan_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_check_data_parser(subparsers)
     add_compare_parser(subparsers)
+    add_plan_parser(subparsers)
     return parser
 
 
