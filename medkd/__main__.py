@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from medkd.checks import add_check_data_parser
 from medkd.compare import add_compare_parser
 from medkd.errors import install_excepthook
+from medkd.planning.cli import add_plan_parser
 from medkd.prepare import add_prepare_parser
 
 
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_check_data_parser(subparsers)
     add_compare_parser(subparsers)
     add_prepare_parser(subparsers)
+    add_plan_parser(subparsers)
     return parser
 
 

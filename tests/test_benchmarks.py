@@ -26,9 +26,10 @@ def test_step_cost_measures_every_variant_with_the_bundle_networks(tmp_path):
     )
     (result,) = json.loads(out.read_text())["results"]
     train = json.loads((REPO / "bundles" / "segmentation_2d" / "configs" / "train.json").read_text())
-    assert result["teacher_channels"] == train["teacher_def"]["channels"]
-    assert result["student_channels"] == train["student_def"]["channels"]
-    assert result["size"] == train["patch_size"] and result["batch_size"] == train["batch_size"]
+    defaults = train["default_plan"]  # the embedded data's settings (no plan is made for it)
+    assert result["teacher_channels"] == defaults["teacher_channels"]
+    assert result["student_channels"] == [c // 2 for c in defaults["teacher_channels"]] == [8, 16, 32, 64]
+    assert result["size"] == defaults["patch_size"] and result["batch_size"] == defaults["batch_size"]
     rows = {r["variant"]: r for r in result["rows"]}
     assert set(rows) == {"a", "b", "b_plain", "b_dict", "c", "a_meta"}
     assert rows["a"]["ratio_to_a"] == 1.0

@@ -9,6 +9,7 @@ import torch
 from bundle_utils import BUNDLES, REPO, TINY
 from monai.networks.nets import UNet
 
+from medkd.bundles import stage_config
 from medkd.compare import _bundle_networks, compare
 from medkd.features import FeatureExtractor, default_feature_layer
 from medkd.routes import KnowledgeRoutes, parse_routes
@@ -59,10 +60,10 @@ def test_compare_writes_csv_table_and_plot(tmp_path):
 def test_readme_routes_example_builds_on_the_bundle_networks():
     block = re.search(r'```json\n"routes": (\[.*?\n\])\n```', (REPO / "README.md").read_text(), re.S).group(1)
     routes = parse_routes(json.loads(block), ["sp", "sf"])
-    config = json.loads((BUNDLES / "segmentation_2d" / "configs" / "train.json").read_text())
+    config = stage_config(BUNDLES / "segmentation_2d", "train", {"class_names": ["background", "a", "b"]})
     nets = {}
     for name, key in (("teacher", "teacher_def"), ("sp", "student_def"), ("sf", "student_def")):
-        d = config[key]
+        d = {k: config.get_parsed_content(f"{key}#{k}") for k in ("channels", "strides", "num_res_units")}
         nets[name] = UNet(2, 1, 3, channels=d["channels"], strides=d["strides"], num_res_units=d["num_res_units"])
     # as the engine does: routes without "layers" use each network's default feature layer
     graph = KnowledgeRoutes(routes, ["sp", "sf"], {n: [default_feature_layer(v)] for n, v in nets.items()})

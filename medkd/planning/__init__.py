@@ -1,0 +1,42 @@
+"""Self-configuring bundles: measure a dataset (fingerprint), decide the bundle settings from it (plan).
+
+* :mod:`medkd.planning.fingerprint`: what the data are (spacing, sizes, intensities, classes, lateral classes);
+* :mod:`medkd.planning.plan`: the settings decided from a fingerprint, with a reason for each;
+* :mod:`medkd.planning.planfile`: the plan file, and the bundles' entry points (:func:`bundle_plan`, :func:`show_plan`);
+* :mod:`medkd.planning.transforms`: the planned normalisation and augmentation as MONAI transforms.
+
+See ``docs/planning.md``.
+"""
+
+from medkd.planning.plan import make_settings, scale_channels, validation_interval
+from medkd.planning.planfile import (
+    PLAN_FILE,
+    BundlePlan,
+    bundle_plan,
+    lateral_flips,
+    load_or_make,
+    make_plan,
+    read_plan,
+    show_plan,
+    summary,
+    write_plan,
+)
+from medkd.planning.transforms import NormalizeIntensityd, augmentations
+
+__all__ = [
+    "PLAN_FILE",
+    "BundlePlan",
+    "NormalizeIntensityd",
+    "augmentations",
+    "bundle_plan",
+    "lateral_flips",
+    "load_or_make",
+    "make_plan",
+    "make_settings",
+    "read_plan",
+    "scale_channels",
+    "show_plan",
+    "summary",
+    "validation_interval",
+    "write_plan",
+]

@@ -1,0 +1,415 @@
+"""The plan file and the bundles' entry points: make, write, read and print a plan.
+
+A plan is a JSON file (``<dataset_dir>/medkd_plan.json`` by default) holding the planned ``settings`` (bundle keys),
+the ``reasons`` for each, and the data ``fingerprint`` they come from. ``python -m medkd plan`` writes it; a bundle
+run on your data reads it, or makes it when it is missing (:func:`bundle_plan`). Edit the file to change a planned
+value for every stage, or override a key on the command line for one run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from medkd.data import DataError, load_datalist
+from medkd.errors import ConfigError
+from medkd.planning.fingerprint import fingerprint_dataset
+from medkd.planning.plan import BUDGETS, device_kind, make_settings, validation_interval
+
+__all__ = [
+    "PLAN_FILE",
+    "BundlePlan",
+    "make_plan",
+    "write_plan",
+    "read_plan",
+    "load_or_make",
+    "bundle_plan",
+    "show_plan",
+    "summary",
+    "lateral_flips",
+]
+
+PLAN_FILE = "medkd_plan.json"
+PLAN_VERSION = 1
+logger = logging.getLogger("medkd.planning")
+PathLike = str | os.PathLike
+
+
+class BundlePlan(dict):
+    """The settings a bundle uses (a plain dict of bundle keys), with where they come from (``source``), whether
+    they were planned from the data (``planned``) and the ``reasons``."""
+
+    def __init__(self, settings: Mapping[str, Any], source: str, planned: bool, reasons: Mapping[str, str] = ()):
+        super().__init__(settings)
+        self.source = source
+        self.planned = planned
+        self.reasons = dict(reasons)
+
+
+def _lists(
+    datalist: PathLike | Mapping[str, PathLike],
+    base_dir: PathLike | None,
+    keys: Sequence[str] = ("training", "validation"),
+) -> dict[str, list[dict]]:
+    """The entries of the ``keys`` lists: one JSON datalist holding them, or a file per list (a CSV file is read
+    once, whatever the list)."""
+    files = {k: datalist[k] for k in keys if k in datalist} if isinstance(datalist, Mapping) else dict.fromkeys(
+        keys, datalist)  # fmt: skip
+    lists, seen = {}, set()
+    for key, file in files.items():
+        path = Path(file).expanduser().resolve()
+        is_csv = path.suffix.lower() == ".csv"
+        if is_csv and path in seen:
+            continue
+        seen.add(path)
+        try:
+            lists[key] = load_datalist(path, key=key, base_dir=base_dir)
+        except DataError:
+            if key == "training":
+                raise
+            continue  # no validation list: plan from the training list
+    return lists
+
+
+def _json_field(datalist: PathLike | Mapping[str, PathLike], field: str) -> Any:
+    path = datalist.get("training") if isinstance(datalist, Mapping) else datalist
+    if path is None or not str(path).lower().endswith(".json"):
+        return None
+    try:
+        return json.loads(Path(path).read_text()).get(field)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _class_names(datalist: PathLike | Mapping[str, PathLike]) -> list[str] | None:
+    labels = _json_field(datalist, "labels")
+    if not isinstance(labels, Mapping):
+        return None
+    try:
+        return [str(labels[str(i)]) for i in range(len(labels))]
+    except KeyError:
+        return None
+
+
+def _modality(datalist: PathLike | Mapping[str, PathLike]) -> list[str] | None:
+    modality = _json_field(datalist, "modality")
+    if isinstance(modality, Mapping):
+        try:
+            return [str(modality[str(i)]) for i in range(len(modality))]
+        except KeyError:
+            return None
+    return [modality] if isinstance(modality, str) else None
+
+
+def make_plan(
+    datalist: PathLike | Mapping[str, PathLike],
+    task: str | None = None,
+    base_dir: PathLike | None = None,
+    class_names: Sequence[str] | None = None,
+    axcodes: str | None = "auto",
+    spatial_dims: int | None = None,
+    device: Any = "cpu",
+    max_cases: int | None = 500,
+    voxel_budget: int | None = None,
+    total_iterations: int | None = None,
+    samples_per_volume: int | None = None,
+    lateral: bool | None = None,
+) -> dict[str, Any]:
+    """Fingerprint the training and validation lists of ``datalist`` and plan the bundle settings.
+
+    Args:
+        datalist: a JSON datalist (or CSV), or a file per list (``{"training": ..., "validation": ...}``).
+        task: ``"segmentation"`` or ``"classification"``; default: classification when every label is an integer.
+        base_dir: folder relative paths start from (default: the datalist's).
+        class_names: class names by index; default: the datalist's ``labels`` map.
+        axcodes: orientation to measure positions in (the bundle's ``axcodes``); ``"auto"``: ``RA`` in 2D, ``RAS``
+            in 3D for segmentation, none for classification (its bundle does not reorient).
+        spatial_dims: the bundle's; data of another dimensionality raise :class:`ConfigError`.
+        device: training device, picks the budget (:data:`medkd.planning.plan.BUDGETS`).
+        max_cases: read at most this many cases (evenly spread).
+        voxel_budget, total_iterations, samples_per_volume, lateral: see :func:`medkd.planning.plan.make_settings`.
+    """
+    from medkd.checks import infer_task
+    from medkd.fingerprint import datalist_digest
+
+    lists = _lists(datalist, base_dir)
+    task = task or infer_task(lists.get("training", []))
+    if task not in ("segmentation", "classification"):
+        raise ConfigError(f"task {task!r} must be 'segmentation' or 'classification'.")
+    names = list(class_names) if class_names else _class_names(datalist)
+    if axcodes == "auto" and (task == "classification" or spatial_dims):
+        axcodes = None if task == "classification" else "RAS" if spatial_dims == 3 else "RA"
+    if axcodes == "auto":  # dimensionality unknown: from the first image
+        from medkd.data import LoadMedicalImage
+
+        first = LoadMedicalImage(ensure_channel_first=True, dtype=None)(lists["training"][0]["image"])
+        axcodes = "RAS" if first.ndim - 1 == 3 else "RA"
+    fingerprint = fingerprint_dataset(
+        lists, task=task, class_names=names, axcodes=axcodes, modality=_modality(datalist), max_cases=max_cases
+    )
+    if spatial_dims and fingerprint["spatial_dims"] != int(spatial_dims):
+        dims = fingerprint["spatial_dims"]
+        hint = "use bundles/segmentation_3d" if dims == 3 else "use a 2D bundle"
+        raise ConfigError(
+            f"the images of {datalist} are {dims}D but this bundle has spatial_dims={spatial_dims}: {hint}, or convert "
+            "the data."
+        )
+    settings, reasons = make_settings(
+        fingerprint,
+        task=task,
+        device=device,
+        voxel_budget=voxel_budget,
+        total_iterations=total_iterations,
+        samples_per_volume=samples_per_volume,
+        lateral=lateral,
+    )
+    kind = device_kind(device)
+    budget = dict(BUDGETS[task][kind])
+    budget.update({k: v for k, v in (("voxels", voxel_budget), ("iterations", total_iterations)) if v})
+    import medkd
+
+    return {
+        "medkd_plan": PLAN_VERSION,
+        "medkd_version": medkd.__version__,
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "task": task,
+        "spatial_dims": fingerprint["spatial_dims"],
+        "device": kind,
+        "budget": budget,
+        "data": datalist_digest(datalist, keys=tuple(lists)),
+        "settings": settings,
+        "reasons": reasons,
+        "fingerprint": fingerprint,
+    }
+
+
+def write_plan(plan: Mapping[str, Any], path: PathLike) -> Path:
+    """Write ``plan`` as indented JSON (atomically: a reader never sees half a file)."""
+    path = Path(path).expanduser()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".medkd_plan.", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            f.write(_dumps(plan) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot write the plan file {path} ({e}); pass --plan_file a writable path (e.g. in the bundle's folder)."
+        ) from e
+    return path
+
+
+def _dumps(plan: Mapping[str, Any]) -> str:
+    """Indented JSON with short lists (sizes, spacings, strides) on one line."""
+    import re
+
+    text = json.dumps(plan, indent=2, default=str)
+    return re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + re.sub(r"\s*\n\s*", " ", m.group(1)) + "]", text)
+
+
+def read_plan(path: PathLike) -> dict[str, Any]:
+    """Read a plan file, or raise :class:`ConfigError` naming it and the fix."""
+    path = Path(path).expanduser()
+    fix = f"fix it, or delete it (or run `python -m medkd plan --dataset-dir {path.parent}`) to plan again."
+    try:
+        plan = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"the plan file {path} is not valid JSON ({e}): {fix}") from e
+    except OSError as e:
+        raise ConfigError(f"cannot read the plan file {path} ({e}).") from e
+    if not isinstance(plan, dict) or not isinstance(plan.get("settings"), dict):
+        raise ConfigError(f"the plan file {path} has no 'settings' object: {fix}")
+    return plan
+
+
+def load_or_make(
+    plan_file: PathLike,
+    datalist: PathLike | Mapping[str, PathLike],
+    task: str | None = None,
+    spatial_dims: int | None = None,
+    remake: bool = False,
+    **options: Any,
+) -> dict[str, Any]:
+    """The plan in ``plan_file``, or a new one made from ``datalist`` and written there (see :func:`make_plan` for
+    ``options``).
+
+    An existing file is used as it is (it may have been edited); it must be of the same task and dimensionality
+    (else :class:`ConfigError`). A plan made from another version of the data lists is used too, with a warning
+    saying how to plan again.
+    """
+    path = Path(plan_file).expanduser()
+    if path.is_file() and not remake:
+        plan = read_plan(path)
+        if task and plan.get("task", task) != task:
+            raise ConfigError(
+                f"the plan file {path} is a {plan.get('task')} plan, but this is a {task} bundle: pass --plan_file "
+                f"another path, or delete {path.name} to plan again."
+            )
+        if spatial_dims and int(plan.get("spatial_dims", spatial_dims)) != int(spatial_dims):
+            raise ConfigError(
+                f"the plan file {path} is for {plan.get('spatial_dims')}D images, but this bundle has spatial_dims="
+                f"{spatial_dims}: pass --plan_file another path, or delete {path.name} to plan again."
+            )
+        _warn_if_data_changed(plan, path, datalist)
+        return plan
+    plan = make_plan(datalist, task=task, spatial_dims=spatial_dims, **options)
+    write_plan(plan, path)
+    logger.info("plan written to %s", path)
+    return plan
+
+
+def _warn_if_data_changed(plan: Mapping[str, Any], path: Path, datalist: Any) -> None:
+    from medkd.fingerprint import datalist_digest
+
+    recorded = plan.get("data")
+    if not isinstance(recorded, Mapping):
+        return
+    now = datalist_digest(datalist, keys=tuple(recorded))
+    changed = [k for k in recorded if now.get(k, {}).get("sha256") != recorded[k].get("sha256")]
+    if changed:
+        logger.warning(
+            "the plan %s was made from other data lists (%s changed since); it is used as it is. To plan again, run "
+            "`python -m medkd plan --dataset-dir %s` (or delete the file).",
+            path,
+            ", ".join(changed),
+            path.parent,
+        )
+
+
+def bundle_plan(
+    plan_file: PathLike,
+    datalist: PathLike | Mapping[str, PathLike],
+    default: Mapping[str, Any],
+    use: bool = True,
+    task: str | None = None,
+    spatial_dims: int | None = None,
+    **options: Any,
+) -> BundlePlan:
+    """The settings a bundle reads its planned keys from (``"patch_size": "$@plan['patch_size']"``).
+
+    Args:
+        plan_file: the plan file (made from ``datalist`` when missing, see :func:`load_or_make`).
+        datalist: the bundle's datalist file, or its file per list.
+        default: the bundle's ``default_plan``: the values used when ``use`` is false, and for any key the plan file
+            lacks.
+        use: plan from the data (the bundles' ``auto_plan``: true for your data, false for the embedded synthetic
+            data, whose settings stay the bundle's defaults).
+        task, spatial_dims, options: see :func:`load_or_make` and :func:`make_plan`.
+    """
+    if not use:
+        return BundlePlan(default, source="the bundle's default_plan (auto_plan false)", planned=False)
+    plan = load_or_make(plan_file, datalist, task=task, spatial_dims=spatial_dims, **options)
+    settings = dict(plan["settings"])
+    missing = [k for k in default if k not in settings]
+    if missing:
+        logger.warning("the plan %s has no %s: the bundle's defaults are used for them", plan_file, missing)
+        settings.update({k: default[k] for k in missing})
+    return BundlePlan(
+        settings, source=f"{Path(plan_file).expanduser()} (made for {plan.get('device', '?')})", planned=True,
+        reasons=plan.get("reasons", {}),
+    )  # fmt: skip
+
+
+def _fmt(value: Any) -> str:
+    return json.dumps(value, default=str) if not isinstance(value, str) else value
+
+
+def show_plan(plan: Mapping[str, Any], used: Mapping[str, Any], networks: Mapping[str, Any] | None = None) -> None:
+    """Log the settings a run uses: each planned key's value, marked where an override replaced the plan's, and
+    each network's parameter count."""
+    from medkd.distributed import is_not_rank0
+
+    if is_not_rank0():
+        return
+    source = getattr(plan, "source", "plan")
+    lines = [f"settings from {source}; a --KEY override wins:"]
+    width = max((len(k) for k in used), default=0)
+    for key, value in used.items():
+        line = f"  {key:<{width}}  {_fmt(value)}"
+        if key in plan and not _same(plan[key], value):
+            why = "override"
+            if key == "val_interval" and value == validation_interval(plan, used.get("max_epochs", 0)):
+                why = "follows max_epochs"
+            elif key == "flip_axes" and used.get("lateral") and _same(value, lateral_flips(plan[key], True)):
+                why = "follows lateral"
+            line += f"   ({why}; planned {_fmt(plan[key])})"
+        lines.append(line)
+    if networks:
+        counts = ", ".join(f"{n} {sum(p.numel() for p in net.parameters()):,}" for n, net in networks.items())
+        lines.append(f"  parameters: {counts}")
+    logger.info("\n".join(lines))
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str) or (
+            isinstance(a, list | tuple) and isinstance(b, list | tuple) and list(a) == list(b)
+        )
+    except (TypeError, ValueError):
+        return a == b
+
+
+def lateral_flips(flip_axes: Sequence[int] | None, lateral: bool, axis: int = 0) -> list[int]:
+    """``flip_axes`` without the left-right ``axis`` when the findings are ``lateral`` (classification bundle)."""
+    return [int(a) for a in (flip_axes or []) if not (lateral and int(a) == axis)]
+
+
+def summary(plan: Mapping[str, Any], path: PathLike | None = None) -> str:
+    """A human-readable summary of a plan: what was measured, what was decided and why."""
+    fp = plan["fingerprint"]
+    dims = fp["spatial_dims"]
+    x = "x".join
+    lines = [
+        f"Plan{f' ({path})' if path else ''}: {plan['task']}, {dims}D, {fp['cases']} cases read "
+        f"({', '.join(f'{k} {v}' for k, v in fp['lists'].items())}), for {plan['device']} "
+        f"(budget {plan['budget']['voxels']} voxels per batch, about {plan['budget']['iterations']} iterations)",
+        "Measured:",
+        f"  channels      {fp['in_channels']} (images per channel count: {fp['channels_seen']})",
+        f"  spacing       median {fp['spacing']['median']}, min {fp['spacing']['min']}, max {fp['spacing']['max']}",
+        f"  size          median {x(map(_num, fp['size']['median']))}, min {x(map(_num, fp['size']['min']))}, "
+        f"max {x(map(_num, fp['size']['max']))}",
+    ]
+    for ch in fp["intensity"]:
+        lines.append(
+            f"  intensity {ch['channel']}   {ch['over']}: 0.5-99.5% "
+            f"[{ch['percentile_00_5']:g}, {ch['percentile_99_5']:g}], "
+            f"mean {ch['mean']:g}, std {ch['std']:g}, image min {ch['image_min']:g}"
+            + (", integer" if ch["integer"] else "")
+            + (", CT-like" if ch["ct_like"] else "")
+        )
+    for c in fp["classes"]:
+        if plan["task"] == "segmentation":
+            extent = c.get("median_extent")
+            lines.append(
+                f"  class {c['index']} {c['name']}: {100 * c['voxel_fraction']:.3g}% of voxels, in {c['images']} images"
+                + (f", median object extent {' x '.join(map(_num, extent))}" if extent else "")
+            )
+        else:
+            share = f"{100 * c['sample_fraction']:.3g}%"
+            lines.append(f"  class {c['index']} {c['name']}: {c['samples']} samples ({share})")
+    if fp["lateral"]:
+        for e in fp["lateral"]:
+            found = " and ".join(e["found_by"])
+            lines.append(f"  lateral       {' / '.join(e['names'])}: axis {e['axis']}, by {found}")
+    else:
+        lines.append("  lateral       none")
+    for w in fp.get("warnings", []):
+        lines.append(f"  WARNING: {w}")
+    lines.append("Decided (bundle keys; override any with --KEY VALUE, or edit the plan file):")
+    width = max(len(k) for k in plan["settings"])
+    for key, value in plan["settings"].items():
+        lines.append(f"  {key:<{width}}  {_fmt(value)}")
+    lines.append("Why:")
+    for key, reason in plan.get("reasons", {}).items():
+        lines.append(f"  {key}: {reason}")
+    return "\n".join(lines)
+
+
+def _num(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
