@@ -6,6 +6,11 @@ stage) and writes ``results.csv``, ``results.md`` and ``comparison.png``. Runs r
 interrupted comparison continues where it stopped when the same command is run again (more presets or seeds are
 added to it). The output folder's ``fingerprint.json`` records the bundle, the dataset and the ``--set`` overrides: an
 output folder made with other ones stops the command, naming what changed; ``--fresh`` moves it aside to start anew.
+
+``--jobs N`` runs the (preset, seed) runs N at a time in worker processes once the teacher is trained, each with
+``--threads`` intra-op threads (default: this process's threads, i.e. ``OMP_NUM_THREADS`` or the cores, divided by
+N) and, on a machine with several GPUs, its own GPU (round-robin); each run's output goes to
+``<output>/<preset>/seed<k>/compare.log``. The results equal a ``--jobs 1`` run's with the same ``--threads``.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import csv
 import json
 import logging
 import statistics
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,6 +34,7 @@ from medkd.bundles import stage_config, stage_files
 from medkd.checkpoints import set_aside
 from medkd.errors import ConfigError
 from medkd.fingerprint import datalist_digest, fingerprint_changes
+from medkd.jobs import Job, JobsFailed, run_jobs, threads_per_job, visible_gpus
 from medkd.report import markdown_table
 from medkd.routes import PRESETS
 from medkd.validation import check_overrides
@@ -59,6 +66,13 @@ def _dirs(root: Path) -> dict[str, str]:
 
 def _results(root: Path) -> list[dict]:
     return json.loads((root / "eval" / "results.json").read_text())
+
+
+def _train_and_evaluate(bundle: Path, run_dir: Path, settings: Mapping[str, Any]) -> list[dict]:
+    """One (preset, seed) run: the ``train`` stage, then the ``evaluate`` stage of its students; their results."""
+    _run_stage(bundle, "train", settings)
+    _run_stage(bundle, "evaluate", {**settings, "networks": "@students"})
+    return _results(run_dir)
 
 
 def inference_ms(networks: Mapping[str, torch.nn.Module], input_shape: Sequence[int], repeats: int = 20) -> dict:
@@ -151,6 +165,8 @@ def compare(
     teacher_epochs: int | None = None,
     overrides: Mapping[str, Any] | None = None,
     fresh: bool = False,
+    jobs: int = 1,
+    threads: int | None = None,
 ) -> list[dict]:
     """Run the comparison and write its files to ``output``; return one row per (preset, seed, network).
 
@@ -164,11 +180,21 @@ def compare(
         overrides: more config overrides for every stage (e.g. ``{"dataset_dir": "/data/mine"}``).
         fresh: move an existing ``output`` folder aside first (see :func:`claim_output`); without it, an ``output``
             made with another bundle, dataset or overrides stops the comparison with a ``ConfigError``.
+        jobs: after the teacher, run this many (preset, seed) runs at a time, each in a worker process writing its
+            output to ``<output>/<preset>/seed<k>/compare.log``; spread over the GPUs when there are several and no
+            ``device`` override (see :mod:`medkd.jobs`). 1: one after another in this process, printing as they go.
+            A failed run raises :class:`medkd.jobs.JobsFailed` naming each failed (preset, seed) after the running
+            ones finish (runs not started yet are cancelled); a rerun resumes them all.
+        threads: intra-op threads of each (preset, seed) run (the teacher keeps this process's). Default: this
+            process's threads divided by ``jobs``; with ``jobs=1``, this process's. The float reductions of CPU
+            kernels depend on the thread count, so identical results need the same ``threads``.
     """
     bundle, output = Path(bundle).resolve(), Path(output).resolve()
     unknown = sorted(set(presets) - set(PRESETS))
     if unknown:
         raise ValueError(f"unknown presets {unknown}; choose from {', '.join(PRESETS)}.")
+    if jobs < 1 or (threads is not None and threads < 1):
+        raise ValueError(f"jobs and threads must be at least 1, got jobs={jobs}, threads={threads}.")
     common = dict(overrides or {})
     check_overrides(stage_files(bundle, "evaluate"), common)
     claim_output(output, compare_fingerprint(bundle, common), fresh=fresh)
@@ -184,16 +210,24 @@ def compare(
         _run_stage(bundle, "evaluate", teacher_eval)
         rows += [{**r, "preset": "-", "seed": "-"} for r in _results(teacher_dir)]
         bar.update()
+        todo = []
         for preset, seed in runs:
-            bar.set_postfix_str(f"{preset} seed {seed}")
             run_dir = output / preset / f"seed{seed}"
             settings = {**common, **_dirs(run_dir), "routes_preset": preset, "seed": seed, "teacher_ckpt": teacher_ckpt}
             if max_epochs:
                 settings["max_epochs"] = max_epochs
-            _run_stage(bundle, "train", settings)
-            _run_stage(bundle, "evaluate", {**settings, "networks": "@students"})
-            rows += [{**r, "preset": preset, "seed": seed} for r in _results(run_dir)]
-            bar.update()
+            name, args = f"{preset} seed {seed}", (bundle, run_dir, settings)
+            todo.append(Job((preset, seed), name, _train_and_evaluate, args, run_dir / "compare.log"))
+        start = time.perf_counter()
+        if jobs > 1:
+            threads = threads or threads_per_job(jobs)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the teacher's cached memory, for the workers
+            logs = output / "<preset>" / "seed<k>" / "compare.log"
+            bar.write(f"{len(todo)} runs, {jobs} at a time, {threads} threads each; their output: {logs}")
+        results = run_jobs(todo, jobs, threads, visible_gpus("device" in common), bar)
+        logger.info("%d runs took %.1f s (%d at a time)", len(todo), time.perf_counter() - start, jobs)
+        rows += [{**r, "preset": preset, "seed": seed} for preset, seed in runs for r in results[(preset, seed)]]
     networks, shape = _bundle_networks(bundle, common)
     ms = inference_ms(networks, shape)
     for row in rows:
@@ -325,17 +359,30 @@ def _compare_command(args: argparse.Namespace) -> int:
     overrides = _parse_set(args.set)
     if args.dataset_dir:
         overrides["dataset_dir"] = args.dataset_dir
-    compare(
-        args.bundle,
-        presets=[p.strip() for p in args.presets.split(",") if p.strip()],
-        seeds=list(range(args.seeds)),
-        output=args.output,
-        max_epochs=args.max_epochs,
-        teacher_epochs=args.teacher_epochs,
-        overrides=overrides,
-        fresh=args.fresh,
-    )
+    try:
+        compare(
+            args.bundle,
+            presets=[p.strip() for p in args.presets.split(",") if p.strip()],
+            seeds=list(range(args.seeds)),
+            output=args.output,
+            max_epochs=args.max_epochs,
+            teacher_epochs=args.teacher_epochs,
+            overrides=overrides,
+            fresh=args.fresh,
+            jobs=args.jobs,
+            threads=args.threads,
+        )
+    except JobsFailed as error:  # each run's error in one line; a bug's traceback is in the run's log
+        print(f"ERROR: {error}\nFix them and run the same command again: finished runs are kept.", file=sys.stderr)
+        return 1
     return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -359,6 +406,20 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="move an existing --output folder aside (renamed with a timestamp) and start anew; needed when it was "
         "made with another bundle, dataset or --set overrides",
+    )
+    p.add_argument(
+        "--jobs",
+        type=_positive,
+        default=1,
+        help="after the teacher, run this many (preset, seed) runs at a time in worker processes, spread over the "
+        "GPUs if there are several (default 1: one after another)",
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive,
+        default=None,
+        help="CPU threads of each run (default: OMP_NUM_THREADS or the cores, divided by --jobs); results are "
+        "identical for any --jobs with the same --threads",
     )
     p.set_defaults(handler=_compare_command)
     return p

@@ -1,17 +1,24 @@
-"""The method comparison on tiny data, and the README's routes example."""
+"""The method comparison on tiny data (one run at a time and side by side), and the README's routes example."""
 
 import csv
 import json
 import math
+import os
 import re
+import subprocess
+import sys
+import time
 
+import pytest
 import torch
 from bundle_utils import BUNDLES, REPO, TINY
 from monai.networks.nets import UNet
 
+from medkd.__main__ import build_parser
 from medkd.bundles import stage_config
 from medkd.compare import _bundle_networks, compare
 from medkd.features import FeatureExtractor, default_feature_layer
+from medkd.jobs import Job, JobsFailed, run_jobs
 from medkd.routes import KnowledgeRoutes, parse_routes
 from medkd.synthetic import ensure_segmentation_data
 
@@ -74,3 +81,73 @@ def test_readme_routes_example_builds_on_the_bundle_networks():
         feats[name] = fx.pop()
     graph.build(feats, spatial_dims=2)
     assert graph.built and graph.parameters_of("sf")  # teacher 128 ch -> sf 64 ch needs an adapter
+
+
+def _scores(path):
+    """The rows of a results.csv without the timing column (``ms_per_image`` is measured, not computed)."""
+    with path.open() as f:
+        return [{k: v for k, v in row.items() if k != "ms_per_image"} for row in csv.DictReader(f)]
+
+
+def test_compare_with_two_jobs_gives_the_results_of_one_job(tmp_path):
+    data = tmp_path / "data"
+    ensure_segmentation_data(str(data), spatial_dims=2, size=48, counts=(4, 2, 2))
+    settings = {
+        "presets": ["kd", "dml"],  # kd reads the teacher checkpoint; 4 runs, so a worker runs two in its own order
+        "seeds": [0, 1],
+        "max_epochs": 1,
+        "teacher_epochs": 1,
+        "overrides": {**TINY["segmentation_2d"], "dataset_dir": str(data)},
+        "threads": 1,  # CPU float reductions depend on the thread count: equal results need equal threads
+    }
+    compare(BUNDLES / "segmentation_2d", output=tmp_path / "one", jobs=1, **settings)
+    compare(BUNDLES / "segmentation_2d", output=tmp_path / "two", jobs=2, **settings)
+    one, two = _scores(tmp_path / "one" / "results.csv"), _scores(tmp_path / "two" / "results.csv")
+    assert len(one) == 1 + 4 * 2 and [(r["preset"], r["seed"], r["network"]) for r in one][:3] == [
+        ("-", "-", "teacher"), ("kd", "0", "sp"), ("kd", "0", "sf")
+    ]  # fmt: skip
+    assert two == one  # every metric, per class too, to the last digit written
+    assert len({r["mean_dice"] for r in one}) > 4  # the runs differ from each other: the seeds were used
+    log = (tmp_path / "two" / "dml" / "seed1" / "compare.log").read_text()
+    assert log.startswith("==== dml seed 1: started ") and ", 1 threads, " in log and "Engine run finished" in log
+    assert not (tmp_path / "one" / "dml" / "seed1" / "compare.log").exists()  # --jobs 1 prints to the console
+
+
+def test_a_failed_run_is_named_and_the_command_exits_non_zero(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "out"
+    ensure_segmentation_data(str(data), spatial_dims=2, size=48, counts=(4, 2, 2))
+    broken = out / "student" / "seed1" / "models" / "last.pt"  # only this run's train stage fails, on resuming
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"not a checkpoint")
+    tiny = [f"--set={key}={json.dumps(value)}" for key, value in TINY["segmentation_2d"].items()]
+    args = ["compare", str(BUNDLES / "segmentation_2d"), "--presets", "student", "--seeds", "3", "--max-epochs", "1"]
+    args += ["--teacher-epochs", "1", "--dataset-dir", str(data), "--output", str(out), "--jobs", "2", *tiny]
+    parsed = build_parser().parse_args(args)
+    assert (parsed.jobs, parsed.threads, build_parser().parse_args(args[:2]).jobs) == (2, None, 1)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*args, "--jobs", "0"])
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "medkd", *args], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "ERROR: 1 of 3 runs failed" in done.stderr, done.stderr[-3000:]
+    assert f"\n  - student seed 1: checkpoint {broken}" in done.stderr, done.stderr[-3000:]
+    assert f"(log: {broken.parents[1] / 'compare.log'})" in done.stderr and "Traceback" not in done.stderr
+    assert (out / "student" / "seed0" / "eval" / "results.json").is_file()  # the other runs went on
+    assert not (out / "results.csv").exists()
+
+
+def test_run_jobs_reports_errors_cancels_the_rest_and_survives_a_dead_worker(tmp_path):
+    calls = [(math.sqrt, (-1.0,)), (time.sleep, (1.0,))] + [(time.sleep, (0.0,))] * 4  # job 1 holds the worker
+    jobs = [Job(i, f"job {i}", fn, args, tmp_path / f"{i}.log") for i, (fn, args) in enumerate(calls)]
+    with pytest.raises(JobsFailed) as info:
+        run_jobs(jobs, workers=2)
+    failed = info.value
+    assert list(failed.failures) == ["job 0"] and failed.failures["job 0"].startswith("ValueError: math domain error")
+    assert failed.cancelled and failed.finished + len(failed.cancelled) == 5  # the rest ran or never started
+    assert "Traceback" in (tmp_path / "0.log").read_text()  # the bug's traceback is in its log
+    assert str(failed).startswith(f"1 of 6 runs failed ({failed.finished} finished, {len(failed.cancelled)} not st")
+    crash = [Job("crash", "crash", os._exit, (3,)), Job("ok", "ok", math.sqrt, (4.0,))]
+    with pytest.raises(JobsFailed) as info:
+        run_jobs(crash, workers=2)
+    assert info.value.failures["crash"].startswith("its worker process died")
+    assert run_jobs([Job("a", "a", math.sqrt, (9.0,))], workers=1, threads=1) == {"a": 3.0}

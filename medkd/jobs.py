@@ -1,0 +1,183 @@
+"""Run independent jobs side by side in worker processes (``python -m medkd compare --jobs N``).
+
+:func:`run_jobs` runs each :class:`Job` (a picklable function and its arguments) in a pool of ``workers`` processes
+started with ``spawn`` (a fresh interpreter, no state copied from the caller; workers are reused from job to job).
+Each worker uses ``threads`` intra-op threads (``torch.set_num_threads``). On a machine with several GPUs each worker
+sees one of them (``CUDA_VISIBLE_DEVICES``), round-robin; with one GPU the workers share it. Each job's standard
+output and error (the stages' logs and progress bars) go to its log file, opened for appending. A failed job does
+not stop the pool at once: jobs not started yet are cancelled, running ones finish, and :class:`JobsFailed` names
+each failed job with its error (a :class:`~medkd.errors.MedkdError`'s message, else the error's type and first line;
+the traceback of a bug stays in the job's log). A worker that dies fails its job and the pool's other unfinished jobs
+instead of hanging. With ``workers=1`` the jobs run one after another in the calling process, writing to the
+console, and an error propagates as it is.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing as mp
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medkd.errors import user_error
+
+__all__ = ["Job", "JobsFailed", "run_jobs", "threads_per_job", "visible_gpus"]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of work: ``fn(*args)`` (``fn`` importable by name, ``args`` picklable), known as ``name`` (e.g.
+    ``"kd seed 1"``), writing its output to ``log`` when it runs in a worker."""
+
+    key: Hashable
+    name: str
+    fn: Callable[..., Any]
+    args: tuple = ()
+    log: Path | None = None
+
+
+class JobsFailed(RuntimeError):
+    """Some jobs failed. ``failures`` maps each failed job's name to its error, in the jobs' order; ``cancelled``
+    lists the jobs that were never started; ``finished`` counts the jobs that succeeded."""
+
+    def __init__(self, failures: Mapping[str, str], cancelled: Sequence[str], finished: int, logs: Mapping[str, Path]):
+        self.failures, self.cancelled, self.finished = dict(failures), list(cancelled), finished
+        lines = [
+            f"  - {name}: {error}" + (f" (log: {logs[name]})" if name in logs else "")
+            for name, error in failures.items()
+        ]
+        total = len(failures) + len(cancelled) + finished
+        super().__init__(
+            f"{len(failures)} of {total} runs failed ({finished} finished, {len(cancelled)} not started):\n"
+            + "\n".join(lines)
+        )
+
+
+def threads_per_job(workers: int) -> int:
+    """This process's intra-op thread count (``OMP_NUM_THREADS``, else the cores) split among ``workers``, ≥ 1."""
+    return max(1, torch.get_num_threads() // max(1, workers))
+
+
+def visible_gpus(device_set: bool = False) -> list[str]:
+    """The GPUs to spread workers over: the entries of ``CUDA_VISIBLE_DEVICES`` (else ``0..count-1``) when CUDA
+    has more than one device; empty (leave the environment alone) with one GPU, none, or a device chosen by the
+    caller (``device_set``)."""
+    if device_set or not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return []
+    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return listed[: torch.cuda.device_count()] or [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _describe(error: BaseException) -> str:
+    """A user error's message (its own lines indented), else the original error's type and first line."""
+    found = user_error(error)
+    if found is not None:
+        return str(found).strip().replace("\n", "\n    ")
+    root, seen = error, set()
+    while (root.__cause__ or root.__context__) is not None and id(root) not in seen:  # the error MONAI wrapped
+        seen.add(id(root))
+        root = root.__cause__ or root.__context__
+    text = str(root).strip().splitlines()
+    return f"{type(root).__name__}: {text[0] if text else ''}"
+
+
+def _init_worker(threads: int, slots: Any, gpus: Sequence[str]) -> None:
+    slot = slots.get()
+    if gpus:  # before CUDA is initialised in this process
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+    torch.set_num_threads(threads)
+
+
+def _run_in_worker(job: Job) -> tuple[bool, Any]:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if job.log is not None:
+        job.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(job.log, "a") as f:  # fds 1 and 2: Python's and C's output, and the logging handlers', follow
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
+    print(
+        f"==== {job.name}: started {time.strftime('%Y-%m-%d %H:%M:%S')}, process {os.getpid()}, "
+        f"{torch.get_num_threads()} threads, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}",
+        flush=True,
+    )
+    try:
+        return True, job.fn(*job.args)
+    except Exception as error:  # reported by the caller; a bug's traceback stays in the log
+        if user_error(error) is not None:
+            print(f"ERROR: {user_error(error)}", flush=True)
+        else:
+            traceback.print_exc()
+        return False, _describe(error)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def run_jobs(
+    jobs: Sequence[Job], workers: int = 1, threads: int | None = None, gpus: Sequence[str] = (), bar: Any = None
+) -> dict[Hashable, Any]:
+    """Run ``jobs`` (see the module docstring) and return each one's result by key; ``bar`` (a tqdm bar) advances as
+    jobs finish. ``threads``: intra-op threads per job (default: :func:`threads_per_job`; with ``workers=1``, as the
+    caller has it). Raises :class:`JobsFailed` when a job run in a worker fails."""
+    if workers <= 1:
+        previous = torch.get_num_threads()
+        results = {}
+        try:
+            if threads:
+                torch.set_num_threads(threads)
+            for job in jobs:
+                if bar is not None:
+                    bar.set_postfix_str(job.name)
+                results[job.key] = job.fn(*job.args)
+                if bar is not None:
+                    bar.update()
+        finally:
+            torch.set_num_threads(previous)
+        return results
+    context = mp.get_context("spawn")
+    slots = context.SimpleQueue()
+    for slot in range(workers):
+        slots.put(slot)
+    init = (threads or threads_per_job(workers), slots, list(gpus))
+    results, failures, cancelled = {}, {}, []
+    with cf.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=init) as pool:
+        futures = {pool.submit(_run_in_worker, job): job for job in jobs}
+        pending = set(futures)
+        try:
+            while pending:
+                done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                for future in done:
+                    job = futures[future]
+                    try:
+                        ok, value = future.result()
+                    except BrokenProcessPool:  # a worker was killed (out of memory?) or crashed: the pool is lost
+                        ok, value = False, "its worker process died (killed, e.g. out of memory, or crashed)"
+                    except Exception as error:  # e.g. a result that cannot be sent back
+                        ok, value = False, _describe(error)
+                    if ok:
+                        results[job.key] = value
+                    else:
+                        failures[job.name] = value
+                    if bar is not None:
+                        bar.set_postfix_str(f"{job.name} {'done' if ok else 'FAILED'}")
+                        bar.update()
+                if failures:  # stop starting new jobs; the running ones finish
+                    cancelled += [futures[f].name for f in pending if f.cancel()]
+                    pending = {f for f in pending if not f.cancelled()}
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    if failures:
+        failures = {job.name: failures[job.name] for job in jobs if job.name in failures}  # in the jobs' order
+        raise JobsFailed(failures, cancelled, len(results), {job.name: job.log for job in jobs if job.log})
+    return results
