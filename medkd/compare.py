@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from medkd.bundles import stage_config, stage_files
 from medkd.checkpoints import set_aside
 from medkd.errors import ConfigError
+from medkd.evaluators import METRICS, split_metric_name
 from medkd.fingerprint import datalist_digest, fingerprint_changes
 from medkd.jobs import Job, JobsFailed, run_jobs, threads_per_job, visible_gpus
 from medkd.report import markdown_table
@@ -41,7 +42,6 @@ from medkd.validation import check_overrides
 
 __all__ = ["compare", "compare_fingerprint", "claim_output", "summarize", "plot_comparison", "add_compare_parser"]
 
-METRICS = ("mean_dice", "auc", "acc")
 logger = logging.getLogger("medkd.compare")
 
 
@@ -324,7 +324,7 @@ def plot_comparison(rows: Sequence[Mapping], curves: Mapping[tuple[str, int], Pa
             history = list(csv.DictReader(f))
         color = colors[presets.index(preset) % len(colors)]
         for student, style in zip(students, ("-", "--", ":", "-."), strict=False):
-            key = next((k for k in history[0] if k.startswith("val_") and k.endswith(f"_{student}")), None)
+            key = next((k for k in history[0] if (split_metric_name(k) or ("", ""))[1] == student), None)
             if key:
                 epochs = [int(h["epoch"]) for h in history]
                 lines.plot(epochs, [float(h[key]) for h in history], style, color=color, alpha=0.8, linewidth=1)

@@ -23,6 +23,9 @@ from torch import nn
 from medkd.errors import UserErrorsFirst
 
 __all__ = [
+    "METRICS",
+    "metric_name",
+    "split_metric_name",
     "MultiNetworkEvaluator",
     "SingleNetworkEvaluator",
     "pred_key",
@@ -32,6 +35,24 @@ __all__ = [
     "classification_metrics",
     "ProbabilitiesCSV",
 ]
+
+
+METRICS = ("mean_dice", "auc", "acc")  # the metrics the bundles compute, as named in results tables
+
+
+def metric_name(metric: str, network: str) -> str:
+    """Engine-metric name of one network's score, e.g. ``metric_name("mean_dice", "sp") == "val_mean_dice_sp"``;
+    :func:`split_metric_name` reads it back."""
+    return f"val_{metric}_{network}"
+
+
+def split_metric_name(name: str, metrics: Sequence[str] = METRICS) -> tuple[str, str] | None:
+    """``"val_mean_dice_sp"`` -> ``("mean_dice", "sp")`` (see :func:`metric_name`); ``None`` for another name."""
+    for metric in metrics:
+        prefix = metric_name(metric, "")
+        if name.startswith(prefix) and len(name) > len(prefix):
+            return metric, name[len(prefix) :]
+    return None
 
 
 def pred_key(network: str) -> str:
@@ -140,10 +161,12 @@ def segmentation_postprocessing(networks: Sequence[str], num_classes: int) -> Co
     )
 
 
-def segmentation_metrics(networks: Sequence[str], prefix: str = "val_mean_dice") -> dict[str, MeanDice]:
-    """Mean Dice (background excluded) per network, named ``<prefix>_<network>``."""
+def segmentation_metrics(networks: Sequence[str]) -> dict[str, MeanDice]:
+    """Mean Dice (background excluded) per network, named ``val_mean_dice_<network>``."""
     return {
-        f"{prefix}_{n}": MeanDice(include_background=False, output_transform=from_engine([pred_key(n), Keys.LABEL]))
+        metric_name("mean_dice", n): MeanDice(
+            include_background=False, output_transform=from_engine([pred_key(n), Keys.LABEL])
+        )
         for n in networks
     }
 
@@ -183,9 +206,9 @@ def classification_metrics(networks: Sequence[str], with_accuracy: bool = True) 
     """Macro ROC-AUC (``val_auc_<network>``) and top-1 accuracy (``val_acc_<network>``) per network."""
     metrics: dict[str, Any] = {}
     for n in networks:
-        metrics[f"val_auc_{n}"] = ROCAUC(output_transform=from_engine([pred_key(n), Keys.LABEL]))
+        metrics[metric_name("auc", n)] = ROCAUC(output_transform=from_engine([pred_key(n), Keys.LABEL]))
         if with_accuracy:
-            metrics[f"val_acc_{n}"] = Accuracy(output_transform=_stacked(n))
+            metrics[metric_name("acc", n)] = Accuracy(output_transform=_stacked(n))
     return metrics
 
 

@@ -18,6 +18,7 @@ from ignite.handlers import ProgressBar as _IgniteProgressBar
 
 from medkd.checkpoints import CheckpointError, load_checkpoint, load_network_weights, save_or_explain, set_aside
 from medkd.engines import iteration_losses
+from medkd.evaluators import metric_name
 from medkd.features import unwrap
 from medkd.fingerprint import fingerprint_changes
 
@@ -89,7 +90,8 @@ class ProgressBar(_IgniteProgressBar):
 class BestCheckpoints:
     """Keep the best checkpoint of each network by its own validation metric.
 
-    Attach to the validation evaluator. Whenever ``metrics[f"{metric_prefix}_{name}"]`` improves (non-finite values
+    Attach to the validation evaluator. Whenever ``metrics[metric_name(metric, name)]`` (e.g. ``val_mean_dice_sp``,
+    see :func:`medkd.evaluators.metric_name`) improves (non-finite values
     never count), network ``name`` is written atomically to ``{save_dir}/{name}.pt`` as
     ``{name: state_dict, "metric": value, "epoch": epoch, "fingerprint": fingerprint}``. Only rank 0 writes. The best
     values so far are part of :meth:`state_dict`, so a resumed run (:class:`ResumeCheckpoint`) does not overwrite a
@@ -99,7 +101,7 @@ class BestCheckpoints:
     Args:
         save_dir: checkpoint folder.
         networks: networks by name (DDP-wrapped networks are saved unwrapped).
-        metric_prefix: metric name prefix, e.g. ``"val_mean_dice"`` or ``"val_auc"``.
+        metric: the metric that ranks checkpoints, e.g. ``"mean_dice"`` or ``"auc"``.
         fingerprint: the run's fingerprint (:func:`medkd.fingerprint.run_fingerprint`), stored in every file.
     """
 
@@ -107,12 +109,12 @@ class BestCheckpoints:
         self,
         save_dir: str,
         networks: dict[str, torch.nn.Module],
-        metric_prefix: str,
+        metric: str,
         fingerprint: dict | None = None,
     ) -> None:
         self.save_dir = Path(save_dir)
         self.networks = networks
-        self.metric_prefix = metric_prefix
+        self.metric = metric
         self.fingerprint = fingerprint
         self.best: dict[str, float] = {}
 
@@ -130,7 +132,7 @@ class BestCheckpoints:
 
     def __call__(self, engine: Engine) -> None:
         for name, network in self.networks.items():
-            value = engine.state.metrics.get(f"{self.metric_prefix}_{name}")
+            value = engine.state.metrics.get(metric_name(self.metric, name))
             if value is None or not math.isfinite(value) or value <= self.best.get(name, float("-inf")):
                 continue
             self.best[name] = float(value)
@@ -183,7 +185,7 @@ class FinalValidation:
         """Warn (rank 0) about networks that ended training without a best checkpoint."""
         missing = self.best.missing() if self.best is not None else []
         if missing and idist.get_rank() == 0:
-            metrics = ", ".join(f"{self.best.metric_prefix}_{name}" for name in missing)
+            metrics = ", ".join(metric_name(self.best.metric, name) for name in missing)
             logging.getLogger("medkd").warning(
                 "training ended without a best checkpoint for %s in %s: the validation metric (%s) was never a "
                 "finite number. Check the validation list and the metric's name.",

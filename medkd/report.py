@@ -14,18 +14,11 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
-__all__ = ["ResultsTable", "NameClassColumns", "markdown_table", "split_metric_name"]
+from medkd.evaluators import split_metric_name
 
-METRIC_PREFIXES = ("val_mean_dice", "val_auc", "val_acc")
+__all__ = ["ResultsTable", "NameClassColumns", "markdown_table"]
+
 logger = logging.getLogger("medkd.report")
-
-
-def split_metric_name(name: str, prefixes: Sequence[str] = METRIC_PREFIXES) -> tuple[str, str] | None:
-    """``"val_mean_dice_sp"`` -> ``("mean_dice", "sp")``; ``None`` for a name without a known prefix."""
-    for prefix in prefixes:
-        if name.startswith(prefix + "_"):
-            return prefix.removeprefix("val_"), name[len(prefix) + 1 :]
-    return None
 
 
 def markdown_table(rows: Sequence[Mapping[str, object]]) -> str:

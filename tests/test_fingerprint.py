@@ -140,7 +140,7 @@ def test_every_training_stage_validates_its_last_epoch_before_saving_it(bundle, 
 
 
 def test_a_network_without_best_checkpoint_is_named(tmp_path, capsys):
-    run_stage("segmentation_2d", "train", tmp_path, routes_preset="dml", **{"best_checkpoints#metric_prefix": "val_x"})
+    run_stage("segmentation_2d", "train", tmp_path, routes_preset="dml", **{"best_checkpoints#metric": "x"})
     assert not (tmp_path / "models" / "sp.pt").exists()
     assert "training ended without a best checkpoint for sp, sf" in capsys.readouterr().out
 

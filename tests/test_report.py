@@ -42,3 +42,14 @@ def test_class_columns_of_metrics_saver_files_get_the_class_names(tmp_path):
     summary = (tmp_path / "val_mean_dice_sp_summary.csv").read_text().splitlines()
     assert summary == ["class;mean", "liver;0.5", "tumour;0.7", "mean;0.6"]
     assert (tmp_path / "metrics.csv").read_text() == "val_mean_dice_sp;0.6\n"
+
+
+def test_metric_names_are_built_and_read_by_one_rule():
+    from medkd.evaluators import classification_metrics, metric_name, segmentation_metrics, split_metric_name
+
+    built = [*segmentation_metrics(["teacher", "s_p"]), *classification_metrics(["sf"])]
+    assert built == ["val_mean_dice_teacher", "val_mean_dice_s_p", "val_auc_sf", "val_acc_sf"]
+    assert [split_metric_name(n) for n in built] == [
+        ("mean_dice", "teacher"), ("mean_dice", "s_p"), ("auc", "sf"), ("acc", "sf")
+    ]  # fmt: skip
+    assert split_metric_name(metric_name("auc", "")) is None and split_metric_name("loss/sp/total") is None
