@@ -20,21 +20,25 @@ def stage_files(bundle_dir: str | Path, stage: str) -> list[Path]:
     ``train.json`` is the base of every stage (model-zoo convention: ``evaluate.json`` etc. merge after it). A
     bundle whose ``train.json`` names ``"base_configs"`` (a folder, relative to the bundle) is an overlay: the base
     folder's ``train.json`` comes first, then the bundle's, then the stage file from the bundle if it has one,
-    else from the base.
+    else from the base. A bundle whose ``train.json`` names ``"shared_configs"`` takes the stage files it lacks from
+    that folder (e.g. the classification bundle uses the segmentation bundle's ``train_teacher.json`` and
+    ``multi_gpu_train.json``, which hold nothing task-specific) without merging its ``train.json``.
     """
     configs = Path(bundle_dir) / "configs"
     train = configs / "train.json"
     if not train.is_file():
         raise FileNotFoundError(f"{train} does not exist: {bundle_dir} is not a medkd bundle folder.")
-    base_name = json.loads(train.read_text()).get("base_configs")
-    base = (Path(bundle_dir) / base_name).resolve() if base_name else None
+    settings = json.loads(train.read_text())
+    base, shared = ((Path(bundle_dir) / settings[k]).resolve() if settings.get(k) else None
+                    for k in ("base_configs", "shared_configs"))  # fmt: skip
     files = ([base / "train.json"] if base else []) + [train]
     if stage == "train":
         return files
-    for folder in (configs, base):
-        if folder is not None and (folder / f"{stage}.json").is_file():
+    folders = [folder for folder in (configs, base, shared) if folder is not None]
+    for folder in folders:
+        if (folder / f"{stage}.json").is_file():
             return files + [folder / f"{stage}.json"]
-    raise FileNotFoundError(f"bundle {bundle_dir} has no configs/{stage}.json" + (f" (nor {base})" if base else ""))
+    raise FileNotFoundError(f"bundle {bundle_dir} has no {stage}.json in {', '.join(str(f) for f in folders)}")
 
 
 def stage_config(bundle_dir: str | Path, stage: str, overrides: Mapping[str, Any] | None = None) -> ConfigParser:

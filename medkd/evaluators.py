@@ -20,7 +20,7 @@ from monai.utils import ImageMetaKey
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
-from medkd.errors import UserErrorsFirst
+from medkd.errors import ConfigError, UserErrorsFirst
 
 __all__ = [
     "METRICS",
@@ -73,6 +73,8 @@ class MultiNetworkEvaluator(UserErrorsFirst, Evaluator):
         val_data_loader: validation data.
         networks: networks by name (teacher and students).
         inferer: e.g. ``SlidingWindowInferer`` for 3D volumes; default ``SimpleInferer``.
+        metrics: every metric by name (e.g. :func:`segmentation_metrics` of all networks); the first is MONAI's key
+            metric (``key_val_metric``), the others are additional. Give either this or the two MONAI arguments.
         Other arguments are those of ``monai.engines.SupervisedEvaluator``.
     """
 
@@ -86,6 +88,7 @@ class MultiNetworkEvaluator(UserErrorsFirst, Evaluator):
         prepare_batch: Callable = default_prepare_batch,
         iteration_update: Callable | None = None,
         inferer: Inferer | None = None,
+        metrics: Mapping[str, Any] | None = None,
         postprocessing: Callable | None = None,
         key_val_metric: dict | None = None,
         additional_metrics: dict | None = None,
@@ -99,6 +102,13 @@ class MultiNetworkEvaluator(UserErrorsFirst, Evaluator):
         to_kwargs: dict | None = None,
         amp_kwargs: dict | None = None,
     ) -> None:
+        if metrics:
+            if key_val_metric or additional_metrics:
+                raise ConfigError(
+                    "give the evaluator `metrics`, or `key_val_metric` and `additional_metrics`, not both."
+                )
+            first, *others = metrics
+            key_val_metric, additional_metrics = {first: metrics[first]}, {k: metrics[k] for k in others}
         super().__init__(
             device=device,
             val_data_loader=val_data_loader,

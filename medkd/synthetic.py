@@ -7,15 +7,23 @@ Bundles call these from their ``initialize`` step; an existing datalist is never
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 from monai.data import create_test_image_2d, create_test_image_3d
 from tqdm.auto import tqdm
 
-__all__ = ["SEGMENTATION_CLASSES", "ensure_segmentation_data", "ensure_classification_data"]
+__all__ = [
+    "SEGMENTATION_CLASSES",
+    "ensure_segmentation_data",
+    "ensure_classification_data",
+    "is_default_data",
+    "ensure_default_data",
+]
 
 SEGMENTATION_CLASSES = ("background", "dim_object", "bright_object")
 SPLITS = ("training", "validation", "test")
@@ -136,3 +144,25 @@ def ensure_classification_data(
 
     splits = _generate(counts, f"generating {sum(counts)} synthetic 2D images in {root}", make_case)
     return str(_write_datalist(root, "synthetic_lesion_cls2d", ("no_lesion", "lesion"), splits))
+
+
+def is_default_data(dataset_dir: str, bundle_root: str) -> bool:
+    """Whether ``dataset_dir`` is the bundle's own ``data`` folder, where its embedded default data lives."""
+    return os.path.abspath(dataset_dir) == os.path.abspath(os.path.join(bundle_root, "data"))
+
+
+def ensure_default_data(dataset_dir: str, bundle_root: str, default: Mapping[str, Any]) -> str:
+    """The datalist path of ``dataset_dir``, after generating the bundle's embedded default data there when
+    ``dataset_dir`` is the bundle's ``data`` folder (:func:`is_default_data`) and holds none yet.
+
+    ``default`` names the generator's ``task`` (``"segmentation"`` or ``"classification"``) and its other arguments
+    (see :func:`ensure_segmentation_data`, :func:`ensure_classification_data`); a user's own ``dataset_dir`` is
+    never written to.
+    """
+    if not is_default_data(dataset_dir, bundle_root):
+        return os.path.join(dataset_dir, "dataset.json")
+    settings = dict(default)
+    make = {"segmentation": ensure_segmentation_data, "classification": ensure_classification_data}[
+        settings.pop("task")
+    ]
+    return make(dataset_dir, **settings)

@@ -85,3 +85,21 @@ def test_predictions_under_bf16_autocast_are_scored_in_float32():
     evaluator.run()  # ROC-AUC converts the predictions to numpy, which has no bfloat16
     assert 0.0 <= evaluator.state.metrics["val_auc_sp"] <= 1.0
     assert evaluator.state.output[0]["pred_sp"].dtype == torch.float32
+
+
+def test_evaluator_metrics_first_is_the_key_metric():
+    from medkd.errors import ConfigError
+    from medkd.evaluators import segmentation_metrics, segmentation_postprocessing
+
+    data = [{"image": torch.rand(2, 1, 32, 32), "label": (torch.rand(2, 1, 32, 32) > 0.5).long()}]
+    networks = {"teacher": tiny_unet(seed=0), "sp": tiny_unet(seed=1)}
+    evaluator = MultiNetworkEvaluator(
+        "cpu", data, networks, postprocessing=segmentation_postprocessing(list(networks), 2),
+        metrics=segmentation_metrics(list(networks)),
+    )  # fmt: skip
+    evaluator.run()
+    assert evaluator.state.key_metric_name == "val_mean_dice_teacher"
+    assert {"val_mean_dice_teacher", "val_mean_dice_sp"} <= set(evaluator.state.metrics)
+    with pytest.raises(ConfigError, match="not both"):
+        MultiNetworkEvaluator("cpu", data, networks, metrics=segmentation_metrics(["sp"]),
+                              key_val_metric=segmentation_metrics(["teacher"]))  # fmt: skip
