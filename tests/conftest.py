@@ -30,6 +30,16 @@ def tiny_batches(n: int = 4, batch_size: int = 4, size: int = 32, seed: int = 0)
     return batches
 
 
+def texture(seed: int, size: int = 32) -> np.ndarray:
+    """A distinct uint8 image per seed, with the 1/f spectrum of natural and medical images."""
+    rng = np.random.default_rng(seed)
+    f = np.fft.fftfreq(size)
+    radius = np.hypot(f[:, None], f[None, :])
+    radius[0, 0] = 1.0
+    x = np.real(np.fft.ifft2(np.fft.fft2(rng.normal(size=(size, size))) / radius))
+    return (255 * (x - x.min()) / (x.max() - x.min())).astype(np.uint8)
+
+
 @pytest.fixture
 def batches() -> list[dict]:
     return tiny_batches()

@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import texture
 from PIL import Image
 
 from medkd.__main__ import main
@@ -21,16 +22,6 @@ from medkd.duplicates import (
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def texture(seed: int, size: int = 128) -> np.ndarray:
-    """A uint8 image with the 1/f spectrum of natural and medical images (distinct for each seed)."""
-    rng = np.random.default_rng(seed)
-    f = np.fft.fftfreq(size)
-    radius = np.hypot(f[:, None], f[None, :])
-    radius[0, 0] = 1.0
-    x = np.real(np.fft.ifft2(np.fft.fft2(rng.normal(size=(size, size))) / radius))
-    return (255 * (x - x.min()) / (x.max() - x.min())).astype(np.uint8)
 
 
 def altered(image: np.ndarray, seed: int = 0, size: int = 150) -> np.ndarray:
@@ -53,10 +44,10 @@ def datalist(tmp_path: Path, **lists) -> str:
 
 
 def test_hashes_find_exact_and_near_duplicates_only(tmp_path):
-    paths = [png(tmp_path / f"d{i}.png", texture(i)) for i in range(6)]
-    paths.append(png(tmp_path / "exact.png", texture(0)))
-    paths.append(png(tmp_path / "near.png", altered(texture(1))))
-    rgb = np.repeat(texture(2)[..., None], 3, axis=2)
+    paths = [png(tmp_path / f"d{i}.png", texture(i, size=128)) for i in range(6)]
+    paths.append(png(tmp_path / "exact.png", texture(0, size=128)))
+    paths.append(png(tmp_path / "near.png", altered(texture(1, size=128))))
+    rgb = np.repeat(texture(2, size=128)[..., None], 3, axis=2)
     paths.append(png(tmp_path / "rgb.png", np.concatenate([rgb, np.full_like(rgb[..., :1], 255)], axis=2)))  # RGBA
     hashes = hash_images(paths, progress=False)
     pairs = near_duplicate_pairs(hashes, max_distance=12)
@@ -89,8 +80,8 @@ def test_nifti_copy_of_a_png_is_an_exact_duplicate(tmp_path):
 
 
 def test_exact_duplicate_in_one_split_is_a_warning(tmp_path, capsys):
-    items = [{"image": png(tmp_path / f"img{i}.png", texture(i)), "label": i % 2} for i in range(4)]
-    items.append({"image": png(tmp_path / "copy.png", texture(0)), "label": 1})
+    items = [{"image": png(tmp_path / f"img{i}.png", texture(i, size=128)), "label": i % 2} for i in range(4)]
+    items.append({"image": png(tmp_path / "copy.png", texture(0, size=128)), "label": 1})
     path = datalist(tmp_path, training=items)
     assert main(["check-data", "--datalist", path]) == 0
     out = capsys.readouterr().out
@@ -103,9 +94,9 @@ def test_exact_duplicate_in_one_split_is_a_warning(tmp_path, capsys):
 
 
 def test_near_duplicate_across_splits_is_leakage(tmp_path, capsys):
-    train = [{"image": png(tmp_path / "train" / f"t{i}.png", texture(i)), "label": i % 2} for i in range(4)]
-    test = [{"image": png(tmp_path / "test" / "x.png", altered(texture(2), size=100)), "label": 0}]
-    test.append({"image": png(tmp_path / "test" / "y.png", texture(9)), "label": 1})
+    train = [{"image": png(tmp_path / "train" / f"t{i}.png", texture(i, size=128)), "label": i % 2} for i in range(4)]
+    test = [{"image": png(tmp_path / "test" / "x.png", altered(texture(2, size=128), size=100)), "label": 0}]
+    test.append({"image": png(tmp_path / "test" / "y.png", texture(9, size=128)), "label": 1})
     path = datalist(tmp_path, training=train, test=test)
     assert main(["check-data", "--datalist", path, "--key", "all"]) == 1
     out = capsys.readouterr().out
@@ -134,8 +125,8 @@ def test_near_duplicate_across_splits_is_leakage(tmp_path, capsys):
 
 
 def test_distinct_images_report_nothing(tmp_path, capsys):
-    train = [{"image": png(tmp_path / f"t{i}.png", texture(i)), "label": i % 2} for i in range(6)]
-    val = [{"image": png(tmp_path / f"v{i}.png", texture(10 + i)), "label": i % 2} for i in range(2)]
+    train = [{"image": png(tmp_path / f"t{i}.png", texture(i, size=128)), "label": i % 2} for i in range(6)]
+    val = [{"image": png(tmp_path / f"v{i}.png", texture(10 + i, size=128)), "label": i % 2} for i in range(2)]
     path = datalist(tmp_path, training=train, validation=val)
     assert main(["check-data", "--datalist", path, "--key", "all"]) == 0
     assert capsys.readouterr().out.splitlines() == [

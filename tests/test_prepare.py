@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import texture
 from PIL import Image
 
 from medkd.__main__ import main
@@ -21,16 +22,6 @@ from medkd.prepare.pairing import find_sidecar, group_of, pair_files
 from medkd.prepare.splits import Unit, hold_out, parse_split_spec
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def texture(seed: int, size: int = 32) -> np.ndarray:
-    """A distinct uint8 image per seed, with the 1/f spectrum of real images."""
-    rng = np.random.default_rng(seed)
-    f = np.fft.fftfreq(size)
-    radius = np.hypot(f[:, None], f[None, :])
-    radius[0, 0] = 1.0
-    x = np.real(np.fft.ifft2(np.fft.fft2(rng.normal(size=(size, size))) / radius))
-    return (255 * (x - x.min()) / (x.max() - x.min())).astype(np.uint8)
 
 
 def save(path: Path, array: np.ndarray) -> Path:
