@@ -24,6 +24,8 @@ from medkd.route_kinds import ROUTE_KINDS, RouteKind, StepOutputs, register_kind
 from medkd.route_kinds import number as _number
 
 __all__ = [
+    "WEIGHTS",
+    "weight_key",
     "TEACHER",
     "PRESETS",
     "ROUTE_KINDS",
@@ -105,20 +107,75 @@ class Route:
         return cls(**{k: v for k, v in route.items() if k in named}, options=options)
 
 
-def parse_routes(routes: Sequence[Route | Mapping] | str, students: Sequence[str]) -> list[Route]:
-    """Routes from a preset name, or from a list of :class:`Route` or dicts (as written in bundle JSON)."""
+WEIGHTS = {
+    "kd_weight": "teacher → student prediction terms",
+    "hint_weight": "teacher → student feature terms",
+    "peer_prediction_weight": "student ↔ student prediction terms",
+    "peer_feature_weight": "student ↔ student feature terms",
+}  # the named loss weights (α, β, γ, δ of METHOD.md), by the routes they weight
+
+
+def weight_key(source: str, kind: str) -> str:
+    """The named weight (:data:`WEIGHTS`) of a route from ``source`` of ``kind``: ``kd_weight`` or ``hint_weight``
+    from the teacher, ``peer_prediction_weight`` or ``peer_feature_weight`` from a student (prediction routes, or
+    any other kind: features, attention, a kind of one's own)."""
+    prediction = kind == "prediction"
+    if source == TEACHER:
+        return "kd_weight" if prediction else "hint_weight"
+    return "peer_prediction_weight" if prediction else "peer_feature_weight"
+
+
+def _named_weights(weights: Mapping[str, Any] | None) -> dict[str, float]:
+    weights = dict(weights or {})
+    unknown = sorted(set(weights) - set(WEIGHTS))
+    if unknown:
+        raise ConfigError(f"unknown route weight(s) {unknown}; the named weights are {list(WEIGHTS)}.")
+    return {key: _number(weights.get(key, 1.0), f"{key} (the weight of {WEIGHTS[key]})") for key in WEIGHTS}
+
+
+def parse_routes(
+    routes: str | Mapping[str, Any] | Sequence[Route | Mapping],
+    students: Sequence[str],
+    weights: Mapping[str, float] | None = None,
+    temperature: float | None = None,
+) -> list[Route]:
+    """Routes from a preset name, a ``{"preset": name, "weights": {...}, "temperature": t}`` dict, or a list of
+    :class:`Route` or dicts (as written in bundle JSON).
+
+    The named ``weights`` (:data:`WEIGHTS`, each 1 unless given) weight every route that does not set its own
+    ``weight``, by its role (:func:`weight_key`), and ``temperature`` applies to every prediction route that does
+    not set its own: so a bundle's ``kd_weight`` or ``temperature`` still means something when its routes are
+    listed. A preset dict's own ``weights`` and ``temperature`` take precedence over the arguments.
+    """
+    named = _named_weights(weights)
+    if isinstance(routes, Mapping):
+        unknown = sorted(set(routes) - {"preset", "weights", "temperature"})
+        if "preset" not in routes or unknown:
+            raise ConfigError(
+                f"routes {dict(routes)} must be a preset name, a list of routes, or a dict with 'preset' and "
+                f"optionally 'weights' and 'temperature'" + (f" (unknown keys: {unknown})." if unknown else ".")
+            )
+        named.update(routes.get("weights") or {})
+        return parse_routes(routes["preset"], students, named, routes.get("temperature", temperature))
     if isinstance(routes, str):
-        return preset_routes(routes, students)
-    return [r if isinstance(r, Route) else Route.from_dict(r) for r in routes]
+        return preset_routes(routes, students, **named, **({} if temperature is None else {"temperature": temperature}))
+    parsed = []
+    for route in routes:
+        if isinstance(route, Mapping) and {"source", "kind"} <= set(route):
+            route = {"weight": named[weight_key(route["source"], str(route["kind"]))], **route}
+            if route["kind"] == "prediction" and temperature is not None:
+                route.setdefault("temperature", temperature)
+        parsed.append(route if isinstance(route, Route) else Route.from_dict(route))
+    return parsed
 
 
 def preset_routes(
     preset: str,
     students: Sequence[str] = ("sp", "sf"),
-    alpha: float = 1.0,
-    beta: float = 1.0,
-    gamma: float = 1.0,
-    delta: float = 1.0,
+    kd_weight: float = 1.0,
+    hint_weight: float = 1.0,
+    peer_prediction_weight: float = 1.0,
+    peer_feature_weight: float = 1.0,
     temperature: float = 4.0,
 ) -> list[Route]:
     """The routes of a named method (see METHOD.md).
@@ -129,43 +186,43 @@ def preset_routes(
             ``diversified`` (teacher predictions to the first student, teacher features to the second, students
             exchange predictions and features).
         students: student names; ``diversified`` needs exactly two (prediction student first).
-        alpha: weight of teacher → student prediction terms.
-        beta: weight of teacher → student feature terms.
-        gamma: weight of peer prediction terms.
-        delta: weight of peer feature terms.
+        kd_weight: weight of teacher → student prediction terms (α).
+        hint_weight: weight of teacher → student feature terms (β).
+        peer_prediction_weight: weight of peer prediction terms (γ).
+        peer_feature_weight: weight of peer feature terms (δ).
         temperature: softmax temperature of every prediction term.
     """
     students = list(students)
-    meaning = {"alpha": "teacher prediction", "beta": "teacher feature", "gamma": "peer prediction",
-               "delta": "peer feature"}  # fmt: skip
-    for key, value in zip(meaning, (alpha, beta, gamma, delta), strict=True):
-        _number(value, f"{key} (the weight of {meaning[key]} terms)")
+    w = _named_weights(
+        dict(kd_weight=kd_weight, hint_weight=hint_weight, peer_prediction_weight=peer_prediction_weight,
+             peer_feature_weight=peer_feature_weight)
+    )  # fmt: skip
     _number(temperature, "temperature", positive=True)
     pred = dict(kind="prediction", temperature=temperature)
     peers = [(a, b) for a in students for b in students if a != b]
     if preset == "student":
         return []
     if preset == "kd":
-        return [Route(TEACHER, s, weight=alpha, **pred) for s in students]
+        return [Route(TEACHER, s, weight=w["kd_weight"], **pred) for s in students]
     if preset == "fitnets":
-        return [Route(TEACHER, s, "feature", weight=beta) for s in students]
+        return [Route(TEACHER, s, "feature", weight=w["hint_weight"]) for s in students]
     if preset == "dml":
-        return [Route(a, b, weight=gamma, **pred) for a, b in peers]
+        return [Route(a, b, weight=w["peer_prediction_weight"], **pred) for a, b in peers]
     if preset == "kd_dml":
-        return preset_routes("kd", students, alpha=alpha, temperature=temperature) + preset_routes(
-            "dml", students, gamma=gamma, temperature=temperature
+        return preset_routes("kd", students, **w, temperature=temperature) + preset_routes(
+            "dml", students, **w, temperature=temperature
         )
     if preset == "diversified":
         if len(students) != 2:
             raise ConfigError(f"the diversified preset needs exactly two students, got {students}.")
         sp, sf = students
         return [
-            Route(TEACHER, sp, weight=alpha, **pred),
-            Route(TEACHER, sf, "feature", weight=beta),
-            Route(sf, sp, weight=gamma, **pred),
-            Route(sp, sf, weight=gamma, **pred),
-            Route(sf, sp, "feature", weight=delta),
-            Route(sp, sf, "feature", weight=delta),
+            Route(TEACHER, sp, weight=w["kd_weight"], **pred),
+            Route(TEACHER, sf, "feature", weight=w["hint_weight"]),
+            Route(sf, sp, weight=w["peer_prediction_weight"], **pred),
+            Route(sp, sf, weight=w["peer_prediction_weight"], **pred),
+            Route(sf, sp, "feature", weight=w["peer_feature_weight"]),
+            Route(sp, sf, "feature", weight=w["peer_feature_weight"]),
         ]
     raise ConfigError(f"unknown routes preset {preset!r}; choose one of {', '.join(PRESETS)}.")
 

@@ -24,6 +24,7 @@ from medkd.errors import ConfigError
 
 __all__ = [
     "RUN_ARGUMENTS",
+    "RENAMED",
     "check_overrides",
     "check_command_line",
     "command_line_overrides",
@@ -40,6 +41,16 @@ RUN_ARGUMENTS = frozenset(
         "workflow_name", "workflow_type", "properties_path",
     }
 )  # fmt: skip
+
+
+# keys of earlier medkd versions, by the key that replaced them
+RENAMED = {
+    "alpha": "kd_weight",
+    "beta": "hint_weight",
+    "gamma": "peer_prediction_weight",
+    "delta": "peer_feature_weight",
+    "metric_prefix": "metric",
+}
 
 
 def _candidates(parser: ConfigParser, key: str) -> list[str]:
@@ -66,6 +77,10 @@ def check_overrides(config_files: Sequence[str | os.PathLike], keys: Iterable[st
     lines = []
     for key in keys:
         if key in RUN_ARGUMENTS or key in parser:
+            continue
+        parent, sep, leaf = key.rpartition("#")
+        if leaf in RENAMED and f"{parent}{sep}{RENAMED[leaf]}" in parser:
+            lines.append(f"--{key} (renamed --{parent}{sep}{RENAMED[leaf]})")
             continue
         close = difflib.get_close_matches(key, _candidates(parser, key), n=1, cutoff=0.6)
         lines.append(f"--{key}" + (f" (did you mean --{close[0]}?)" if close else ""))

@@ -38,7 +38,7 @@ def test_default_layer_for_classifiers_and_unknown():
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_presets_build_the_documented_graphs(preset):
-    routes = preset_routes(preset, ["sp", "sf"], alpha=0.5, beta=2.0)
+    routes = preset_routes(preset, ["sp", "sf"], kd_weight=0.5, hint_weight=2.0)
     edges = {(r.source, r.target, r.kind) for r in routes}
     expected = {
         "student": set(),
@@ -85,3 +85,24 @@ def test_parse_routes_from_json_dicts_and_errors():
 def test_route_endpoint_errors_are_clear(route, message):
     with pytest.raises(ValueError, match=message):
         KnowledgeRoutes([route], ["sp", "sf"], feature_layers={}).resolve_layers()
+
+
+def test_named_weights_apply_to_listed_routes_and_presets():
+    weights = {"kd_weight": 0.1, "hint_weight": 2.0, "peer_prediction_weight": 0.5, "peer_feature_weight": 3.0}
+    listed = [
+        {"source": "teacher", "target": "sp", "kind": "prediction"},
+        {"source": "teacher", "target": "sf", "kind": "feature"},
+        {"source": "teacher", "target": "sf", "kind": "attention"},
+        {"source": "sf", "target": "sp", "kind": "prediction", "temperature": 1.0},
+        {"source": "sp", "target": "sf", "kind": "feature", "weight": 7.0},  # its own weight wins
+    ]
+    routes = parse_routes(listed, ["sp", "sf"], weights=weights, temperature=2.0)
+    assert [r.weight for r in routes] == [0.1, 2.0, 2.0, 0.5, 7.0]
+    assert routes[0].temperature == 2.0 and routes[3].temperature == 1.0
+    preset = parse_routes({"preset": "diversified", "weights": {"kd_weight": 0.3}}, ["sp", "sf"], weights=weights)
+    assert {(r.source, r.kind): r.weight for r in preset}[("teacher", "prediction")] == 0.3
+    assert {(r.source, r.kind): r.weight for r in preset}[("teacher", "feature")] == 2.0
+    with pytest.raises(ConfigError, match=r"unknown route weight\(s\) \['alpha'\]"):
+        parse_routes("kd", ["sp"], weights={"alpha": 1.0})
+    with pytest.raises(ConfigError, match=r"unknown keys: \['weight'\]"):
+        parse_routes({"preset": "kd", "weight": 1.0}, ["sp"])

@@ -43,7 +43,7 @@ def test_fingerprint_changes_say_what_changed(tmp_path):
     base = fingerprint()
     assert fingerprint() == base and json.loads(json.dumps(base)) == base
     assert fingerprint_changes(base, fingerprint()) == []
-    kd, weights = preset_routes("kd", ["sp", "sf"]), preset_routes("diversified", ["sp", "sf"], alpha=0.5)
+    kd, weights = preset_routes("kd", ["sp", "sf"]), preset_routes("diversified", ["sp", "sf"], kd_weight=0.5)
     assert fingerprint_changes(base, fingerprint(routes=kd)) == ["routes: diversified → kd"]
     assert fingerprint_changes(base, fingerprint(routes=weights)) == [
         "route sp/prediction_from_teacher: weight 1.0 → 0.5"
@@ -75,7 +75,7 @@ def test_resume_of_another_run_stops_and_keeps_every_file(tmp_path):
     attempts = [
         ({"routes_preset": "student"}, "routes: dml → student"),
         ({"routes_preset": "dml", "seed": 1}, "seed 0 → 1"),
-        ({"routes_preset": "dml", "gamma": 0.5}, "route sf/prediction_from_sp: weight 1.0 → 0.5"),
+        ({"routes_preset": "dml", "peer_prediction_weight": 0.5}, "route sf/prediction_from_sp: weight 1.0 → 0.5"),
         ({"routes_preset": "dml", "datalist_file": str(copy)}, f"data list {datalist} → {copy}"),
     ]
     for overrides, change in attempts:

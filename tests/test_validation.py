@@ -28,13 +28,13 @@ SEG2D = BUNDLES / "segmentation_2d" / "configs"
 
 def test_unknown_override_names_the_nearest_key():
     with pytest.raises(ConfigError, match=r"--temprature \(did you mean --temperature\?\)"):
-        check_overrides([SEG2D / "train.json"], ["temprature", "alpha"])
+        check_overrides([SEG2D / "train.json"], ["temprature", "kd_weight"])
     with pytest.raises(
         ConfigError, match=r"--train#dataloader#batch_sise \(did you mean --train#dataloader#batch_size"
     ):
         check_overrides([SEG2D / "train.json"], ["train#dataloader#batch_sise"])
     check_overrides(
-        [SEG2D / "train.json", SEG2D / "evaluate.json"], ["alpha", "train#dataloader#num_workers", "tracking"]
+        [SEG2D / "train.json", SEG2D / "evaluate.json"], ["kd_weight", "train#dataloader#num_workers", "tracking"]
     )
 
 
@@ -50,8 +50,8 @@ def test_command_line_is_read_as_fire_reads_it():
 
 def test_command_line_check_applies_to_monai_bundle_run_only(tmp_path):
     main = str(next(p for p in sys.modules["monai"].__path__)) + "/bundle/__main__.py"
-    typo = ["run", "--config_file", str(SEG2D / "train.json"), "--alpah", "2"]
-    with pytest.raises(ConfigError, match="did you mean --alpha"):
+    typo = ["run", "--config_file", str(SEG2D / "train.json"), "--kd_wieght", "2"]
+    with pytest.raises(ConfigError, match="did you mean --kd_weight"):
         check_command_line([main, *typo])
     check_command_line(["pytest", *typo])  # another program: its caller checks its own overrides
     args = tmp_path / "args.json"
@@ -63,8 +63,11 @@ def test_command_line_check_applies_to_monai_bundle_run_only(tmp_path):
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda: preset_routes("kd", alpha=-1), r"alpha \(the weight of teacher prediction terms\) must be"),
-        (lambda: preset_routes("kd", alpha="abc"), "got 'abc'"),
+        (
+            lambda: preset_routes("kd", kd_weight=-1),
+            r"kd_weight \(the weight of teacher → student prediction terms\) must",
+        ),
+        (lambda: preset_routes("kd", kd_weight="abc"), "got 'abc'"),
         (lambda: preset_routes("kd", temperature=0), "temperature must be a finite number > 0"),
         (lambda: preset_routes("distill"), "unknown routes preset 'distill'"),
         (lambda: Route("teacher", "sp", "logits"), "kind 'logits'"),
@@ -138,7 +141,7 @@ def _assert_one_message(proc, *fragments):
     "stage, overrides, fragments",
     [
         ("train", {"temprature": 2}, ["--temprature (did you mean --temperature?)"]),
-        ("train", {"alpha": "abc"}, ["alpha (the weight of teacher prediction terms)", "'abc'"]),
+        ("train", {"kd_weight": "abc"}, ["kd_weight (the weight of teacher → student prediction terms)", "'abc'"]),
         ("train", {"patch_size": [30, 30]}, ["patch_size [30, 30] is not a multiple of [8, 8]"]),
     ],
 )
@@ -207,3 +210,12 @@ def test_bad_datalist_or_labels_map_is_named(content, fragment, tmp_path):
         run_stage("segmentation_2d", "train_teacher", tmp_path, dataset_dir=str(data), make_default_data=None)
     found = user_error(err.value)
     assert found is not None and str(data / "dataset.json") in str(found) and fragment in str(found), err.value
+
+
+def test_renamed_keys_name_their_new_name():
+    with pytest.raises(
+        ConfigError, match=r"--alpha \(renamed --kd_weight\); --delta \(renamed --peer_feature_weight\)"
+    ):
+        check_overrides([SEG2D / "train.json"], ["alpha", "delta"])
+    with pytest.raises(ConfigError, match=r"--best_checkpoints#metric_prefix \(renamed --best_checkpoints#metric\)"):
+        check_overrides([SEG2D / "train.json"], ["best_checkpoints#metric_prefix"])
