@@ -23,10 +23,18 @@ from medkd.routes import TEACHER, KnowledgeRoutes, Route
 from medkd.teacher import FrozenTeacher, Teacher
 from medkd.teacher_cache import TeacherCache
 
-__all__ = ["DistillationTrainer", "TeacherTrainer", "LOSSES", "iteration_losses"]
+__all__ = ["DistillationTrainer", "TeacherTrainer", "LOSSES", "iteration_losses", "student_optimizers"]
 
 LOSSES = "losses"  # engine output key of the per-term losses
 logger = logging.getLogger(__name__)
+
+
+def student_optimizers(
+    students: Mapping[str, nn.Module], make: Callable[[Iterable[nn.Parameter]], Optimizer]
+) -> dict[str, Optimizer]:
+    """One optimizer per student from one definition: ``make(parameters)``, e.g. a bundle's
+    ``{"_target_": "torch.optim.Adam", "lr": ..., "_mode_": "callable"}``."""
+    return {name: make(student.parameters()) for name, student in students.items()}
 
 
 def iteration_losses(output: Mapping | Sequence[Mapping]) -> Mapping[str, float | torch.Tensor]:
