@@ -56,6 +56,7 @@ from monai.engines import SupervisedTrainer
 from monai.inferers import SimpleInferer
 
 from medkd.engines import DistillationTrainer
+from medkd.features import default_feature_layer
 from medkd.routes import preset_routes
 
 SETTINGS = {  # which bundle, and how many steps to time
@@ -211,6 +212,74 @@ def floor_variant(cfg: dict, dev: Device, batch: dict, meta: bool = False) -> Va
     return Variant("a", "floor: plain loop, teacher fwd + 2 students fwd/bwd/step", run_block)
 
 
+def _hooked(network: torch.nn.Module, store: dict, key: str) -> torch.nn.Module:
+    """Record the output of ``network``'s default feature layer in ``store[key]`` at each forward."""
+    layer = dict(network.named_modules())[default_feature_layer(network)]
+    layer.register_forward_hook(lambda _m, _i, out: store.__setitem__(key, out))
+    return network
+
+
+def routes_floor_variant(cfg: dict, dev: Device, batch: dict, temperature: float = 4.0) -> Variant:
+    """a_routes: the floor loop plus the diversified preset's six distillation terms, written here in plain PyTorch
+    (what ``b`` computes, without the engine): teacher → sp pixel-wise KL at ``temperature``, teacher → sf hint
+    (1x1 adapter, per-sample-standardised MSE) at the default feature layers, sp ↔ sf KL and hints (no adapter:
+    same channels); every source detached, all weights 1, one backward of the two totals, each optimizer steps."""
+    sd = cfg["spatial_dims"]
+    feats: dict[str, torch.Tensor] = {}
+    teacher = _hooked(dev.network(make_network(cfg, "teacher", seed=0), sd).eval().requires_grad_(False), feats, "t")
+    sp, sf = (_hooked(dev.network(make_network(cfg, "student", seed=1 + i), sd).train(), feats, n)
+              for i, n in enumerate(STUDENTS))  # fmt: skip
+    inputs, targets = (dev.batch(plain_batch(batch))[k] for k in ("image", "label"))
+    with torch.no_grad():
+        teacher(inputs[:1]), sf(inputs[:1])
+    conv = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)[sd - 1]
+    adapter = dev.network(conv(feats["sf"].shape[1], feats["t"].shape[1], 1, bias=False), sd)
+    optimizers = [torch.optim.Adam(sp.parameters(), lr=cfg["lr"]),
+                  torch.optim.Adam([*sf.parameters(), *adapter.parameters()], lr=cfg["lr"])]  # fmt: skip
+    loss_function = make_loss(cfg)
+    tau2 = temperature * temperature
+
+    def kl(log_dst: torch.Tensor, log_src: torch.Tensor) -> torch.Tensor:  # τ²·KL per pixel, averaged
+        log_src = log_src.detach()
+        return tau2 * (log_src.exp() * (log_src - log_dst)).sum(dim=1).mean()
+
+    def hint(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        src = src.detach().float()
+        return torch.nn.functional.mse_loss(
+            torch.nn.functional.layer_norm(dst.float(), dst.shape[1:]),
+            torch.nn.functional.layer_norm(src, src.shape[1:]),
+        )
+
+    def step() -> None:
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        with dev.autocast():
+            with torch.no_grad():
+                logits_t = teacher(inputs)
+            logits_sp, logits_sf = sp(inputs), sf(inputs)
+            log_t, log_sp, log_sf = (torch.log_softmax(z.float() / temperature, dim=1)
+                                     for z in (logits_t, logits_sp, logits_sf))  # fmt: skip
+            total_sp = (loss_function(logits_sp, targets) + kl(log_sp, log_t) + kl(log_sp, log_sf)
+                        + hint(feats["sp"], feats["sf"]))  # fmt: skip
+            total_sf = (loss_function(logits_sf, targets) + hint(adapter(feats["sf"]), feats["t"])
+                        + kl(log_sf, log_sp) + hint(feats["sf"], feats["sp"]))  # fmt: skip
+        (total_sp + total_sf).backward()
+        for optimizer in optimizers:
+            optimizer.step()
+
+    def run_block(n: int) -> list[tuple[float, float]]:
+        stamps = []
+        dev.sync()
+        for _ in range(n):
+            stamps.append(_now())
+            step()
+            dev.sync()
+        stamps.append(_now())
+        return _diffs(stamps)
+
+    return Variant("a_routes", "floor + the diversified terms in plain PyTorch (no engine)", run_block)
+
+
 def _engine_block_runner(engine, dev: Device) -> Callable[[int], list[tuple[float, float]]]:
     """Time iterations of ``engine.run()``: one ``ITERATION_COMPLETED`` to the next, the first from ``STARTED``."""
     stamps: list[tuple[float, float]] = []
@@ -284,6 +353,7 @@ def measure(setting: str, dev: Device, repeats: int | None, warmup: int | None, 
     variants = [
         floor_variant(cfg, dev, batch),
         distillation_variant(cfg, dev, batch, meta=True),
+        routes_floor_variant(cfg, dev, batch),
         distillation_variant(cfg, dev, batch, meta=False),
         distillation_variant(cfg, dev, batch, meta=True, decollate=False),
         supervised_variant(cfg, dev, batch),
@@ -302,7 +372,8 @@ def measure(setting: str, dev: Device, repeats: int | None, warmup: int | None, 
     if profile:
         for v in variants[:2]:
             profile_variant(v, 2)
-    floor, sup = variants[0], variants[4]
+    by_name = {v.name: v for v in variants}
+    floor, sup, terms = by_name["a"], by_name["c"], by_name["a_routes"]
     rows = []
     for v in variants:
         wall_ms = statistics.median(v.wall) * 1e3
@@ -318,6 +389,7 @@ def measure(setting: str, dev: Device, repeats: int | None, warmup: int | None, 
                 # medians of the per-round ratios: paired steps, so load drift of the machine cancels
                 ratio_to_a=statistics.median(x / y for x, y in zip(v.wall, floor.wall, strict=True)),
                 ratio_to_c=statistics.median(x / y for x, y in zip(v.wall, sup.wall, strict=True)),
+                ratio_to_a_routes=statistics.median(x / y for x, y in zip(v.wall, terms.wall, strict=True)),
                 cpu_ratio_to_a=statistics.median(x / y for x, y in zip(v.cpu, floor.cpu, strict=True)),
                 images_per_s=cfg["batch_size"] / (wall_ms / 1e3),
                 peak_mb=None if math.isnan(v.peak_mb) else v.peak_mb,
@@ -356,13 +428,14 @@ def print_table(result: dict, dev: Device) -> None:
         f"students {result['student_channels']}; {result['warmup_steps']} warm-up + {result['measured_steps']} "
         "measured steps per variant, interleaved"
     )
-    print(f"| variant | median ms (IQR) | CPU ms | ×a | ×a (CPU) | ×c | images/s | {memory} | what |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    print(f"| variant | median ms (IQR) | CPU ms | ×a | ×a_routes | ×a (CPU) | ×c | images/s | {memory} | what |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in result["rows"]:
         peak = "n/a" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
         print(
             f"| {r['variant']} | {r['median_ms']:.0f} ({r['q1_ms']:.0f}–{r['q3_ms']:.0f}) | {r['median_cpu_ms']:.0f} "
-            f"| {r['ratio_to_a']:.3f} | {r['cpu_ratio_to_a']:.3f} | {r['ratio_to_c']:.2f} | {r['images_per_s']:.1f} "
+            f"| {r['ratio_to_a']:.3f} | {r['ratio_to_a_routes']:.3f} | {r['cpu_ratio_to_a']:.3f} "
+            f"| {r['ratio_to_c']:.2f} | {r['images_per_s']:.1f} "
             f"| {peak} | {r['what']} |"
         )
 

@@ -31,8 +31,8 @@ def test_step_cost_measures_every_variant_with_the_bundle_networks(tmp_path):
     assert result["student_channels"] == [c // 2 for c in defaults["teacher_channels"]] == [8, 16, 32, 64]
     assert result["size"] == defaults["patch_size"] and result["batch_size"] == defaults["batch_size"]
     rows = {r["variant"]: r for r in result["rows"]}
-    assert set(rows) == {"a", "b", "b_plain", "b_dict", "c", "a_meta"}
-    assert rows["a"]["ratio_to_a"] == 1.0
+    assert set(rows) == {"a", "a_routes", "b", "b_plain", "b_dict", "c", "a_meta"}
+    assert rows["a"]["ratio_to_a"] == 1.0 and rows["a_routes"]["ratio_to_a_routes"] == 1.0
     assert all(r["median_ms"] > 0 and math.isfinite(r["ratio_to_a"]) and r["steps"] == 2 for r in rows.values())
 
 
