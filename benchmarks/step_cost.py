@@ -173,6 +173,22 @@ def _diffs(stamps: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps, stamps[1:], strict=False)]
 
 
+def _loop_block_runner(step: Callable[[], None], dev: Device) -> Callable[[int], list[tuple[float, float]]]:
+    """Time ``n`` calls of a plain-loop ``step``, synchronising the device around each."""
+
+    def run_block(n: int) -> list[tuple[float, float]]:
+        stamps = []
+        dev.sync()
+        for _ in range(n):
+            stamps.append(_now())
+            step()
+            dev.sync()
+        stamps.append(_now())
+        return _diffs(stamps)
+
+    return run_block
+
+
 def floor_variant(cfg: dict, dev: Device, batch: dict, meta: bool = False) -> Variant:
     """a: teacher forward (no grad) + each student's forward, DiceCE, backward, optimizer step; nothing else.
 
@@ -197,19 +213,9 @@ def floor_variant(cfg: dict, dev: Device, batch: dict, meta: bool = False) -> Va
             loss.backward()
             optimizer.step()
 
-    def run_block(n: int) -> list[tuple[float, float]]:
-        stamps = []
-        dev.sync()
-        for _ in range(n):
-            stamps.append(_now())
-            step()
-            dev.sync()
-        stamps.append(_now())
-        return _diffs(stamps)
-
     if meta:
-        return Variant("a_meta", "the floor loop fed the MetaTensor batch", run_block)
-    return Variant("a", "floor: plain loop, teacher fwd + 2 students fwd/bwd/step", run_block)
+        return Variant("a_meta", "the floor loop fed the MetaTensor batch", _loop_block_runner(step, dev))
+    return Variant("a", "floor: plain loop, teacher fwd + 2 students fwd/bwd/step", _loop_block_runner(step, dev))
 
 
 def _hooked(network: torch.nn.Module, store: dict, key: str) -> torch.nn.Module:
@@ -267,17 +273,9 @@ def routes_floor_variant(cfg: dict, dev: Device, batch: dict, temperature: float
         for optimizer in optimizers:
             optimizer.step()
 
-    def run_block(n: int) -> list[tuple[float, float]]:
-        stamps = []
-        dev.sync()
-        for _ in range(n):
-            stamps.append(_now())
-            step()
-            dev.sync()
-        stamps.append(_now())
-        return _diffs(stamps)
-
-    return Variant("a_routes", "floor + the diversified terms in plain PyTorch (no engine)", run_block)
+    return Variant(
+        "a_routes", "floor + the diversified terms in plain PyTorch (no engine)", _loop_block_runner(step, dev)
+    )
 
 
 def _engine_block_runner(engine, dev: Device) -> Callable[[int], list[tuple[float, float]]]:
