@@ -1,4 +1,5 @@
-"""The embedded default data: small synthetic datasets written as NIfTI/PNG with a Decathlon-style datalist.
+"""The embedded default data: real data shipped with a bundle, or small synthetic datasets written as NIfTI/PNG
+with a Decathlon-style datalist.
 
 Bundles call these from their ``initialize`` step; an existing datalist is never overwritten, so pointing
 ``dataset_dir`` at real data is all a user changes.
@@ -23,6 +24,7 @@ __all__ = [
     "ensure_classification_data",
     "is_default_data",
     "ensure_default_data",
+    "ensure_shipped_data",
 ]
 
 SEGMENTATION_CLASSES = ("background", "dim_object", "bright_object")
@@ -151,18 +153,35 @@ def is_default_data(dataset_dir: str, bundle_root: str) -> bool:
     return os.path.abspath(dataset_dir) == os.path.abspath(os.path.join(bundle_root, "data"))
 
 
+def ensure_shipped_data(dataset_dir: str, name: str = "the bundle's embedded data") -> str:
+    """The datalist of data shipped in ``dataset_dir`` (real images committed with the bundle, with their licence),
+    or a :class:`medkd.data.DataError` saying how to restore it when it is missing."""
+    datalist = os.path.join(dataset_dir, "dataset.json")
+    if not os.path.isfile(datalist):
+        from medkd.data import DataError
+
+        raise DataError(
+            f"{name} is missing: '{datalist}' does not exist. It ships with medkd; restore the folder with "
+            f"`git checkout -- {dataset_dir}` (or a fresh clone), or pass --dataset_dir with data of your own."
+        )
+    return datalist
+
+
 def ensure_default_data(dataset_dir: str, bundle_root: str, default: Mapping[str, Any]) -> str:
     """The datalist path of ``dataset_dir``, after generating the bundle's embedded default data there when
     ``dataset_dir`` is the bundle's ``data`` folder (:func:`is_default_data`) and holds none yet.
 
     ``default`` names the generator's ``task`` (``"segmentation"`` or ``"classification"``) and its other arguments
-    (see :func:`ensure_segmentation_data`, :func:`ensure_classification_data`); a user's own ``dataset_dir`` is
-    never written to.
+    (see :func:`ensure_segmentation_data`, :func:`ensure_classification_data`), or ``"shipped"`` with an optional
+    ``name`` for real data committed in the bundle's ``data`` folder (:func:`ensure_shipped_data`); a user's own
+    ``dataset_dir`` is never written to.
     """
     if not is_default_data(dataset_dir, bundle_root):
         return os.path.join(dataset_dir, "dataset.json")
     settings = dict(default)
-    make = {"segmentation": ensure_segmentation_data, "classification": ensure_classification_data}[
-        settings.pop("task")
-    ]
+    make = {
+        "segmentation": ensure_segmentation_data,
+        "classification": ensure_classification_data,
+        "shipped": ensure_shipped_data,
+    }[settings.pop("task")]
     return make(dataset_dir, **settings)

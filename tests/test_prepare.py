@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 from collections import Counter
@@ -310,3 +311,25 @@ def test_pairing_rule_per_case_folders_and_recursive_patterns(tmp_path):
     assert find_sidecar(sidecar / "sub-r1_sample-2_SEM.png", tmp_path) == sidecar / "sub-r1_SEM.json"
     (tmp_path / "SEM.json").write_text("{}")
     assert find_sidecar(tmp_path / "sub-r2" / "micr" / "sub-r2_SEM.png", tmp_path) == tmp_path / "SEM.json"
+
+
+def sources(out: Path) -> list[dict]:
+    with open(out / "sources.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_segmentation_crop_keeps_the_central_pixels_then_tiles(tmp_path):
+    root = sem_like(tmp_path / "raw", {"r1": [0.1], "r2": [0.1]}, size=(40, 24))
+    argv = ["prepare", "segmentation", "--root", str(root), *SEG, "--mask-values", "0,127,255"]
+    argv += ["--group-by", r"sub-(r\d+)", "--split", "val=r2"]
+    assert main([*argv, "--output", str(tmp_path / "c"), "--crop", "16"]) == 0
+    source = LoadMedicalImage()(str(root / "sub-r1" / "micr" / "sub-r1_sample-0_SEM.png"))
+    row = next(r for r in sources(tmp_path / "c") if r["group"] == "r1")
+    assert (row["x0"], row["y0"], row["shape"]) == ("12", "4", "[16, 16]")
+    crop = nib.load(str(tmp_path / "c" / row["image"]))
+    assert np.array_equal(np.asarray(crop.dataobj), np.asarray(source)[12:28, 4:20])  # columns first, as MONAI
+    assert np.allclose(crop.affine[:2, 3], [1.2, 0.4])
+    assert main([*argv, "--output", str(tmp_path / "t"), "--crop", "20", "--tile", "10"]) == 0
+    tiles = [(int(r["x0"]), int(r["y0"])) for r in sources(tmp_path / "t") if r["group"] == "r1"]
+    assert sorted(tiles) == [(10, 2), (10, 12), (20, 2), (20, 12)]
+    assert main([*argv, "--output", str(tmp_path / "bad"), "--crop", "0"]) == 1

@@ -139,6 +139,9 @@ def add_prepare_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         help="pixel size of the images that have no sidecar with --pixel-size-key",
     )
+    s.add_argument(
+        "--crop", type=int, default=None, help="keep the central N x N pixels of each image (after resampling)"
+    )
     s.add_argument("--tile", type=int, default=None, help="cut square tiles of this many pixels (after resampling)")
     s.add_argument("--tile-overlap", type=int, default=0, help="pixels shared by neighbouring tiles (default 0)")
     s.add_argument(
@@ -183,6 +186,7 @@ def run_prepare(args: argparse.Namespace) -> Prepared:
         pixel_size=args.pixel_size,
         pixel_size_key=args.pixel_size_key,
         source_pixel_size=args.source_pixel_size,
+        crop=args.crop,
         tile=args.tile,
         tile_overlap=args.tile_overlap,
         file_format=args.format,

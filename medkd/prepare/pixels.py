@@ -131,6 +131,15 @@ def resample(
     return out, labels
 
 
+def central_span(length: int, size: int | None) -> tuple[int, int]:
+    """Start and end of the central ``size`` pixels of an axis of ``length`` (the whole axis when ``size`` is None or
+    not smaller)."""
+    if size is None or length <= size:
+        return 0, length
+    start = (length - size) // 2
+    return start, start + size
+
+
 def tile_origins(length: int, tile: int, overlap: int) -> list[int]:
     """Start positions of tiles of ``tile`` pixels along an axis of ``length``, ``overlap`` pixels apart at least;
     the last tile ends at the border (a shorter axis gives one tile, the whole axis)."""

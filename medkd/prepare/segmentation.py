@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from medkd.data import DataError
 from medkd.prepare.output import Prepared, output_folder, relative, shown, write_prepared
 from medkd.prepare.pairing import Pair, find_sidecar, group_of, pair_files, pixel_size_from_sidecar
-from medkd.prepare.pixels import map_mask_values, read_grey, resample, tile_origins, write_image
+from medkd.prepare.pixels import central_span, map_mask_values, read_grey, resample, tile_origins, write_image
 from medkd.prepare.splits import SPLITS, Unit, explicit_splits, parse_split_spec, random_splits
 
 __all__ = ["prepare_segmentation"]
@@ -123,6 +123,7 @@ def prepare_segmentation(
     pixel_size: Sequence[float] | None = None,
     pixel_size_key: str = "PixelSize",
     source_pixel_size: Sequence[float] | None = None,
+    crop: int | None = None,
     tile: int | None = None,
     tile_overlap: int = 0,
     file_format: str = "nifti",
@@ -135,7 +136,8 @@ def prepare_segmentation(
     one channel (alpha dropped, colour to luma); mask values become class indices (``mask_values[i]`` → ``i``, other
     values snapped to the nearest listed one unless ``snap`` is false); groups (``group_by`` regex over the image
     path) are split as wholes (``split`` lists or fractions); ``pixel_size`` resamples every image from its sidecar
-    (``pixel_size_key``) or ``source_pixel_size``; ``tile`` cuts square tiles after resampling.
+    (``pixel_size_key``) or ``source_pixel_size``; ``crop`` keeps the central ``crop`` x ``crop`` pixels of each image
+    after resampling (a smaller side is kept whole); ``tile`` then cuts square tiles.
 
     Writes the images, ``dataset.json``, ``prepare.json`` and ``sources.csv`` into ``output`` and returns what was
     decided.
@@ -146,6 +148,8 @@ def prepare_segmentation(
     root = Path(root).expanduser().absolute()
     if not root.is_dir():
         raise DataError(f"--root '{root}' is not a folder. Pass the folder the --images and --masks patterns start at.")
+    if crop is not None and crop < 1:
+        raise DataError(f"--crop {crop} must be a positive size in pixels (after resampling).")
     if tile is not None and (tile < 1 or not 0 <= tile_overlap < tile):
         raise DataError(f"--tile {tile} must be a positive size and --tile-overlap {tile_overlap} in 0..{tile - 1}.")
     if file_format not in ("nifti", "png"):
@@ -190,6 +194,7 @@ def prepare_segmentation(
         "pixel_size_key": pixel_size_key,
         "source_pixel_size": list(given) if given else None,
         "pixel_size_unit": unit or (sorted(units) if units else None),
+        "crop": crop,
         "tile": tile,
         "tile_overlap": tile_overlap,
         "format": file_format,
@@ -240,23 +245,25 @@ def prepare_segmentation(
         if target and source:
             image, labels = resample(image, labels, (source[0] / target[0], source[1] / target[1]), num_classes)
         rows, cols = image.shape
-        origins = [(0, 0)]
+        (left, right), (top, bottom) = central_span(cols, crop), central_span(rows, crop)
+        origins = [(left, top)]
         if tile:
-            xs, ys = tile_origins(cols, tile, tile_overlap), tile_origins(rows, tile, tile_overlap)
-            origins = [(x, y) for y in ys for x in xs]
+            xs, ys = tile_origins(right - left, tile, tile_overlap), tile_origins(bottom - top, tile, tile_overlap)
+            origins = [(left + x, top + y) for y in ys for x in xs]
         st = stats[where]
         st["images"] += 1
         st["groups"].add(group)
         for x0, y0 in origins:
-            y1, x1 = (y0 + tile, x0 + tile) if tile else (rows, cols)
-            name = out_names[pair.image] + (f"_x{x0:05d}_y{y0:05d}" if tile else "")
+            y1, x1 = (y0 + tile, x0 + tile) if tile else (bottom, right)
+            cut = tile or (right - left, bottom - top) != (cols, rows)
+            name = out_names[pair.image] + (f"_x{x0:05d}_y{y0:05d}" if cut else "")
             origin = (x0 * spacing[0], y0 * spacing[1])
-            crop, crop_labels = image[y0:y1, x0:x1], labels[y0:y1, x0:x1]
-            image_path = write_image(out / "images" / (name + suffix), crop, spacing, origin, unit)
-            label_path = write_image(out / "labels" / (name + suffix), crop_labels, spacing, origin, unit)
+            piece, piece_labels = image[y0:y1, x0:x1], labels[y0:y1, x0:x1]
+            image_path = write_image(out / "images" / (name + suffix), piece, spacing, origin, unit)
+            label_path = write_image(out / "labels" / (name + suffix), piece_labels, spacing, origin, unit)
             entry = {"image": relative(image_path, out), "label": relative(label_path, out)}
             prepared.entries[where].append(entry)
-            counts = np.bincount(crop_labels.ravel(), minlength=num_classes)
+            counts = np.bincount(piece_labels.ravel(), minlength=num_classes)
             st["items"] += 1
             st["present"] += counts > 0
             st["pixels"] += counts
@@ -271,10 +278,10 @@ def prepare_segmentation(
                     "y0": y0,
                     "source_pixel_size": list(source) if source else None,
                     "pixel_size_from": size_origin[pair.image],
-                    "shape": list(crop.shape[::-1]),
+                    "shape": list(piece.shape[::-1]),
                 }  # fmt: skip
             )
-    _summarise(prepared, stats, names, bool(tile))
+    _summarise(prepared, stats, names, bool(tile or crop))
     prepared.hints = _hints(out, spacing_hint=list(target) if target else None, png=file_format == "png")
     write_prepared(prepared)
     return prepared
