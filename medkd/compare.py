@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from medkd.bundles import stage_config, stage_files
 from medkd.checkpoints import set_aside
 from medkd.errors import ConfigError
-from medkd.evaluators import METRICS, split_metric_name
+from medkd.evaluators import ENSEMBLE, METRICS, ensemble_members, split_metric_name
 from medkd.fingerprint import datalist_digest, fingerprint_changes
 from medkd.jobs import Job, JobsFailed, run_jobs, threads_per_job, visible_gpus
 from medkd.report import markdown_table
@@ -230,6 +230,7 @@ def compare(
         rows += [{**r, "preset": preset, "seed": seed} for preset, seed in runs for r in results[(preset, seed)]]
     networks, shape = _bundle_networks(bundle, common)
     ms = inference_ms(networks, shape)
+    ms[ENSEMBLE] = sum(ms[name] for name in ensemble_members(networks))  # each student runs once
     for row in rows:
         row["ms_per_image"] = ms[row["network"]]
     _write(rows, output, presets, seeds)

@@ -1,4 +1,4 @@
-"""``DistillationTrainer``: one frozen teacher and N students trained together along knowledge routes."""
+"""``DistillationTrainer``: one teacher (frozen or online) and N students trained together along knowledge routes."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from torch.optim import Optimizer
 from medkd.errors import ConfigError, UserErrorsFirst
 from medkd.features import unwrap
 from medkd.routes import TEACHER, KnowledgeRoutes, Route
-from medkd.teacher import FrozenTeacher, Teacher
+from medkd.teacher import Teacher, check_teacher_mode, make_teacher
 from medkd.teacher_cache import TeacherCache
 
 __all__ = ["DistillationTrainer", "TeacherTrainer", "LOSSES", "iteration_losses", "student_optimizers"]
@@ -83,17 +83,19 @@ class TeacherTrainer(UserErrorsFirst, SupervisedTrainer):
 
 
 class DistillationTrainer(UserErrorsFirst, Trainer):
-    """Train students with a frozen teacher and with each other, along knowledge routes (see ``medkd.routes``).
+    """Train students with a teacher and with each other, along knowledge routes (see ``medkd.routes``).
 
-    One iteration (:meth:`_iteration`) runs the teacher once (no grad, see :class:`medkd.teacher.FrozenTeacher`),
-    every student forward, the supervised loss of each student plus the weighted terms of the routes that target it
-    (:meth:`medkd.routes.KnowledgeRoutes.losses`), one backward, and every student's optimizer. Peer signals are
-    detached, so each student is updated only by its own loss. It fires MONAI's ``IterationEvents`` like
-    ``SupervisedTrainer`` and returns in ``engine.state.output``: ``image``, ``label``, ``pred`` (logits per network
-    name), ``loss`` (sum of the students' totals) and ``losses`` (every term, detached: ``"<student>/sup"``,
-    ``"<student>/<kind>_from_<source>"`` unweighted, and ``"<student>/total"`` weighted). As in
-    ``SupervisedTrainer``, ``decollate=True`` (the default) turns that dict into a list of per-sample dicts with
-    ``loss`` and ``losses`` replicated as floats, so MONAI handlers configured the usual way
+    One iteration (:meth:`_iteration`) runs the teacher once (frozen: no grad, see
+    :class:`medkd.teacher.FrozenTeacher`; online: trained, see :class:`medkd.teacher.OnlineTeacher`), every student
+    forward, the supervised loss of each student plus the weighted terms of the routes that target it
+    (:meth:`medkd.routes.KnowledgeRoutes.losses`), an online teacher's supervised loss, one backward, and the
+    optimizer of every network trained (:attr:`trained_optimizers`). Sources are detached, so each network is
+    updated only by its own loss. It fires MONAI's ``IterationEvents`` like ``SupervisedTrainer`` and returns in
+    ``engine.state.output``: ``image``, ``label``, ``pred`` (logits per network name), ``loss`` (sum of the trained
+    networks' totals) and ``losses`` (every term, detached: ``"<student>/sup"``, ``"<student>/<kind>_from_<source>"``
+    unweighted, ``"<student>/total"`` weighted, and ``"teacher/sup"`` and ``"teacher/total"`` for an online
+    teacher). As in ``SupervisedTrainer``, ``decollate=True`` (the default) turns that dict into a list of
+    per-sample dicts with ``loss`` and ``losses`` replicated as floats, so MONAI handlers configured the usual way
     (``from_engine(["loss"], first=True)``, ``--tracking mlflow``) read it unchanged; :func:`iteration_losses`
     reads the terms from either form. See ``docs/architecture.md``.
 
@@ -105,9 +107,11 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
         optimizers: one optimizer per student, same names. Route adapters are added to the target student's
             optimizer as an extra parameter group.
         loss_function: supervised loss ``(logits, label) -> loss`` (e.g. ``DiceCELoss``, ``CrossEntropyLoss``).
-        teacher: the teacher network, frozen (eval mode, no gradients), or a :class:`medkd.teacher.Teacher`. Needed
-            when a route starts at it, ignored (not loaded, not run) otherwise.
-        teacher_checkpoint: optional path of the teacher network's weights, loaded before training.
+        teacher: the teacher network, in the role ``teacher_mode`` names, or a :class:`medkd.teacher.Teacher` (used
+            as it is). A frozen teacher is needed when a route starts at it, ignored (not loaded, not run)
+            otherwise; an online teacher is always trained.
+        teacher_checkpoint: optional path of the teacher network's weights, loaded before training (an online
+            teacher without one starts from scratch).
         routes: a preset name (``"diversified"``, ``"kd"``, ...), or a list of routes or route dicts.
         feature_layers: module names per network for routes that read features; networks not listed use
             :func:`medkd.features.default_feature_layer`.
@@ -115,8 +119,12 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
         teacher_cache: optional :class:`medkd.teacher_cache.TeacherCache`, to reuse teacher outputs across epochs
             when the teacher's inputs are deterministic (samples named by ``meta["filename_or_obj"]``). Its first
             hit is checked against a recomputed teacher forward (``verify=True``, the default).
-        nan_policy: ``"raise"`` stops on a non-finite loss naming the iteration and term, ``"skip"`` skips that
-            step with a warning, ``"ignore"`` does not check (no host sync).
+        nan_policy: ``"raise"`` stops on a non-finite loss (an online teacher's included) naming the iteration and
+            term, ``"skip"`` skips that step with a warning, ``"ignore"`` does not check (no host sync).
+        teacher_mode: ``"frozen"`` (the offline teacher, :class:`medkd.teacher.FrozenTeacher`) or ``"online"``
+            (trained with the students by its supervised loss, :class:`medkd.teacher.OnlineTeacher`; no
+            ``teacher_cache``).
+        teacher_optimizer: the online teacher's optimizer (required online), stepped with the students' ones.
         amp: autocast the forward passes; ``amp_kwargs={"dtype": torch.bfloat16}`` for bf16. A gradient scaler is
             used for float16 on CUDA only.
         Other arguments are those of ``monai.engines.SupervisedTrainer``.
@@ -137,6 +145,8 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
         example_batch: Any = None,
         teacher_cache: TeacherCache | None = None,
         nan_policy: str = "raise",
+        teacher_mode: str = "frozen",
+        teacher_optimizer: Optimizer | None = None,
         epoch_length: int | None = None,
         non_blocking: bool = False,
         prepare_batch: Callable = default_prepare_batch,
@@ -189,8 +199,10 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
         self.optim_set_to_none = optim_set_to_none
         self.scaler: torch.amp.GradScaler | None = None  # made by run(), for float16 on CUDA only
         self.routes = KnowledgeRoutes(routes, list(self.students), feature_layers)
-        # a teacher no route reads from (student alone, DML) is neither loaded nor run
-        self.teacher_role = self._teacher_role(teacher, teacher_checkpoint, teacher_cache)
+        # a frozen teacher no route reads from (student alone, DML) is neither loaded nor run
+        self.teacher_role = self._teacher_role(
+            teacher, teacher_mode, teacher_checkpoint, teacher_optimizer, teacher_cache
+        )
         self.networks: dict[str, nn.Module] = {TEACHER: self.teacher} if self.teacher is not None else {}
         self.networks.update(self.students)
         self.routes.setup(
@@ -211,30 +223,45 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
                 optimizer.add_param_group({"params": adapters})
 
     def _teacher_role(
-        self, teacher: nn.Module | Teacher | None, checkpoint: str | None, cache: TeacherCache | None
+        self,
+        teacher: nn.Module | Teacher | None,
+        mode: str,
+        checkpoint: str | None,
+        optimizer: Optimizer | None,
+        cache: TeacherCache | None,
     ) -> Teacher | None:
-        if not self.routes.needs_teacher:
+        if isinstance(teacher, Teacher):
+            trained = teacher.optimizer is not None
+            return teacher.to(self.state.device) if trained or self.routes.needs_teacher else None
+        check_teacher_mode(mode)
+        if mode != "online" and not self.routes.needs_teacher:
             return None
         if teacher is None:
             raise ConfigError(
                 "a route takes knowledge from the teacher, but no teacher network was given: give `teacher`, or "
                 "routes that do not start at it (e.g. the 'dml' or 'student' preset)."
+                if mode != "online"
+                else "teacher_mode 'online' trains the teacher, but no teacher network was given."
             )
-        if isinstance(teacher, Teacher):
-            return teacher.to(self.state.device)
-        return FrozenTeacher(teacher, checkpoint, cache, device=self.state.device)
+        return make_teacher(teacher, mode, checkpoint, optimizer, cache, device=self.state.device)
 
     @property
     def teacher(self) -> nn.Module | None:
-        """The teacher network (``None`` when no route reads from it)."""
+        """The teacher network (``None`` when no route reads from it and it is not trained online)."""
         return self.teacher_role.network if self.teacher_role is not None else None
+
+    @property
+    def trained_optimizers(self) -> dict[str, Optimizer]:
+        """The optimizer of every network trained in a step, by name: each student's, then an online teacher's."""
+        teacher = self.teacher_role.optimizer if self.teacher_role is not None else None
+        return {**self.optimizers, **({TEACHER: teacher} if teacher is not None else {})}
 
     def checkpoint_objects(self) -> dict[str, Any]:
         """What a resume checkpoint must hold besides the engine state, by name, each with ``state_dict`` and
         ``load_state_dict``: ``"routes"`` (the routes' adapters), ``"student_<name>"`` (unwrapped from DDP) and
-        ``"optimizer_<name>"`` for every student, what the teacher object trains (nothing for a frozen teacher), and
-        ``"scaler"`` while a float16 gradient scaler is in use (from :meth:`run` on, so ask at ``Events.STARTED``
-        or later)."""
+        ``"optimizer_<name>"`` for every student, what the teacher object trains (nothing for a frozen teacher;
+        ``"teacher"`` and ``"optimizer_teacher"`` for an online one), and ``"scaler"`` while a float16 gradient
+        scaler is in use (from :meth:`run` on, so ask at ``Events.STARTED`` or later)."""
         objects: dict[str, Any] = {"routes": self.routes}
         for name, student in self.students.items():
             objects[f"student_{name}"] = unwrap(student)
@@ -296,9 +323,11 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
         inputs, targets = batch[0], batch[1]
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}  # as given, metadata included
         inputs, targets = _plain(inputs), _plain(targets)  # the networks and losses run on plain tensors
-        for name, student in engine.students.items():
+        for student in engine.students.values():
             student.train()
-            engine.optimizers[name].zero_grad(set_to_none=engine.optim_set_to_none)
+        optimizers = engine.trained_optimizers
+        for optimizer in optimizers.values():
+            optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
 
         with engine._autocast():
             logits, features = {}, {}
@@ -311,9 +340,11 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
                 features[name] = engine.routes.pop_features(name)
             engine.state.output[Keys.PRED] = logits
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            supervised = {name: engine.loss_function(logits[name], targets).mean() for name in engine.students}
+            supervised = {name: engine.loss_function(logits[name], targets).mean() for name in optimizers}
             terms = engine.routes.losses(logits, features, supervised, targets)
-            loss = sum(terms[f"{name}/total"] for name in engine.students)
+            if TEACHER in supervised:  # an online teacher learns from the labels only: no route targets it
+                terms.update({f"{TEACHER}/sup": supervised[TEACHER], f"{TEACHER}/total": supervised[TEACHER]})
+            loss = sum(terms[f"{name}/total"] for name in optimizers)
             engine.state.output[Keys.LOSS] = loss.detach()
             engine.state.output[LOSSES] = {k: v.detach() for k, v in terms.items()}
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
@@ -323,7 +354,7 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
             (scaler.scale(loss) if scaler is not None else loss).backward()
             engine.routes.sync_gradients()  # DDP averages the students' gradients, not the adapters'
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            for optimizer in engine.optimizers.values():
+            for optimizer in optimizers.values():
                 scaler.step(optimizer) if scaler is not None else optimizer.step()
             if scaler is not None:
                 scaler.update()

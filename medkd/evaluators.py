@@ -1,9 +1,11 @@
-"""Evaluate the teacher and every student in one pass, each network's score under its own name."""
+"""Evaluate the teacher and every student in one pass, each network's score under its own name, and the students'
+ensemble (the mean of their softmax probabilities) as one more network, ``"ensemble"``."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,14 +23,19 @@ from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
 from medkd.errors import ConfigError, UserErrorsFirst
+from medkd.routes import TEACHER
 
 __all__ = [
     "METRICS",
+    "ENSEMBLE",
     "metric_name",
     "split_metric_name",
     "MultiNetworkEvaluator",
     "SingleNetworkEvaluator",
     "pred_key",
+    "ensemble_members",
+    "scored_networks",
+    "ensemble_logits",
     "segmentation_postprocessing",
     "segmentation_metrics",
     "classification_postprocessing",
@@ -38,6 +45,7 @@ __all__ = [
 
 
 METRICS = ("mean_dice", "auc", "acc")  # the metrics the bundles compute, as named in results tables
+ENSEMBLE = "ensemble"  # the name under which the students' ensemble is scored (metrics, predictions, tables)
 
 
 def metric_name(metric: str, network: str) -> str:
@@ -60,13 +68,37 @@ def pred_key(network: str) -> str:
     return f"pred_{network}"
 
 
+def ensemble_members(networks: Iterable[str], enabled: bool = True) -> list[str]:
+    """The networks averaged into the ensemble: every network of ``networks`` (names, or a mapping by name) but the
+    teacher, when ``enabled`` and there are at least two; else none (no ensemble)."""
+    members = [name for name in networks if name != TEACHER]
+    return members if enabled and len(members) >= 2 else []
+
+
+def scored_networks(networks: Iterable[str], members: Sequence[str] = ()) -> list[str]:
+    """The names scored by an evaluation: ``networks`` (names, or a mapping by name), then ``"ensemble"`` when it
+    has ``members`` (see :func:`ensemble_members`); for the postprocessing and metrics functions below."""
+    return [*networks, *([ENSEMBLE] if members else [])]
+
+
+def ensemble_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Logits of the ensemble of networks with these ``logits`` (class dimension 1): the log of the mean of their
+    softmax probabilities, computed stably, in float32. Their softmax is that mean and their argmax its argmax, so
+    the ensemble goes through the same postprocessing and metrics as a network."""
+    log_probs = torch.stack([x.float().log_softmax(dim=1) for x in logits])
+    return torch.logsumexp(log_probs, dim=0) - math.log(len(logits))
+
+
 class MultiNetworkEvaluator(UserErrorsFirst, Evaluator):
     """Run several networks on each validation batch; output ``pred_<name>`` per network plus image and label.
 
     The networks are moved to ``device`` (MONAI's evaluators leave that to the caller).
 
     Metrics read the prediction of one network each (see :func:`segmentation_metrics`,
-    :func:`classification_metrics`), so one pass scores the teacher and every student.
+    :func:`classification_metrics`), so one pass scores the teacher and every student. With ``ensemble``, the output
+    also holds ``pred_ensemble``, the logits of those networks' ensemble (:func:`ensemble_logits`: the mean of their
+    softmax probabilities), scored like a network when the postprocessing and metrics are made for
+    :func:`scored_networks`; it has no weights of its own, so no checkpoint.
 
     Args:
         device: device to run on.
@@ -75,6 +107,8 @@ class MultiNetworkEvaluator(UserErrorsFirst, Evaluator):
         inferer: e.g. ``SlidingWindowInferer`` for 3D volumes; default ``SimpleInferer``.
         metrics: every metric by name (e.g. :func:`segmentation_metrics` of all networks); the first is MONAI's key
             metric (``key_val_metric``), the others are additional. Give either this or the two MONAI arguments.
+        ensemble: names of the networks whose ensemble is scored as ``"ensemble"`` (at least two of ``networks``,
+            e.g. :func:`ensemble_members`); empty for none.
         Other arguments are those of ``monai.engines.SupervisedEvaluator``.
     """
 
@@ -101,7 +135,15 @@ class MultiNetworkEvaluator(UserErrorsFirst, Evaluator):
         decollate: bool = True,
         to_kwargs: dict | None = None,
         amp_kwargs: dict | None = None,
+        ensemble: Sequence[str] = (),
     ) -> None:
+        ensemble = list(ensemble)
+        if ENSEMBLE in networks:
+            raise ConfigError(f"'{ENSEMBLE}' is the name of the students' ensemble; rename that network.")
+        if ensemble and (len(ensemble) < 2 or not set(ensemble) <= set(networks)):
+            raise ConfigError(
+                f"the ensemble averages two or more of the evaluated networks {list(networks)}, got {ensemble}."
+            )
         if metrics:
             if key_val_metric or additional_metrics:
                 raise ConfigError(
@@ -131,6 +173,7 @@ class MultiNetworkEvaluator(UserErrorsFirst, Evaluator):
         )
         self.networks = {name: network.to(self.state.device) for name, network in networks.items()}
         self.inferer = SimpleInferer() if inferer is None else inferer
+        self.ensemble = ensemble
 
     def _iteration(self, engine: MultiNetworkEvaluator, batchdata: Any) -> dict:
         if batchdata is None:
@@ -146,6 +189,9 @@ class MultiNetworkEvaluator(UserErrorsFirst, Evaluator):
                     pred = engine.inferer(inputs, network)
                 # scored in float32: metrics (e.g. ROC-AUC through numpy) do not take bfloat16
                 engine.state.output[pred_key(name)] = pred.float()
+            if engine.ensemble:
+                members = [engine.state.output[pred_key(name)] for name in engine.ensemble]
+                engine.state.output[pred_key(ENSEMBLE)] = ensemble_logits(members)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output

@@ -2,9 +2,10 @@
 
 A fingerprint is a JSON-able dict: the data lists (path and a hash of the file's bytes; images are not read), the
 networks (class, parameter count, a hash of the state-dict shapes), the routes with their weights and temperatures
-(and the preset they form), the class names and the seed. :class:`medkd.handlers.ResumeCheckpoint` stores it in the
-resume checkpoint and refuses to resume a run whose fingerprint differs, listing :func:`fingerprint_changes`;
-``python -m medkd compare`` keeps one of its own in ``fingerprint.json``.
+(and the preset they form), the teacher's role (``teacher_mode``, ``teacher_init``), the class names and the seed.
+:class:`medkd.handlers.ResumeCheckpoint` stores it in the resume checkpoint and refuses to resume a run whose
+fingerprint differs, listing :func:`fingerprint_changes`; ``python -m medkd compare`` keeps one of its own in
+``fingerprint.json``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ __all__ = ["run_fingerprint", "datalist_digest", "describe_network", "fingerprin
 
 PathLike = str | os.PathLike
 _UNSET = "(not set)"
+# what a fingerprint written before a key existed meant by its absence
+_IMPLIED = {"teacher_mode": "frozen", "teacher_init": "checkpoint"}
 
 
 def _sha256(path: Path) -> str | None:
@@ -85,6 +88,8 @@ def run_fingerprint(
     routes: str | Sequence[Route | Mapping] | None = None,
     class_names: Sequence[str] | None = None,
     seed: int | None = None,
+    teacher_mode: str | None = None,
+    teacher_init: str | None = None,
 ) -> dict[str, Any]:
     """The fingerprint of a training run (see the module docstring).
 
@@ -94,6 +99,9 @@ def run_fingerprint(
         routes: the distillation routes (a preset name or routes); ``None`` for a run without routes.
         class_names: the class names.
         seed: the random seed.
+        teacher_mode: ``"frozen"`` or ``"online"`` (see :mod:`medkd.teacher`); ``None`` for a run without a
+            teacher role (the teacher stage).
+        teacher_init: ``"checkpoint"`` or ``"scratch"``; ``None`` as for ``teacher_mode``.
     """
     fingerprint: dict[str, Any] = {
         "data": datalist_digest(datalist),
@@ -108,6 +116,9 @@ def run_fingerprint(
         fingerprint["class_names"] = list(class_names)
     if seed is not None:
         fingerprint["seed"] = seed
+    for key, value in (("teacher_mode", teacher_mode), ("teacher_init", teacher_init)):
+        if value is not None:
+            fingerprint[key] = value
     return json.loads(json.dumps(fingerprint, default=str))  # tuples to lists: equal to itself after a round trip
 
 
@@ -160,7 +171,7 @@ def fingerprint_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[
     ``"data list /x/dataset.json content changed"``, ``"seed 0 → 1"``); empty when they are equal."""
     changes: list[str] = []
     for key in dict.fromkeys([*old, *new]):
-        a, b = old.get(key), new.get(key)
+        a, b = old.get(key, _IMPLIED.get(key)), new.get(key, _IMPLIED.get(key))
         if a == b:
             continue
         if key == "route_graph":

@@ -96,7 +96,8 @@ class BestCheckpoints:
     ``{name: state_dict, "metric": value, "epoch": epoch, "fingerprint": fingerprint}``. Only rank 0 writes. The best
     values so far are part of :meth:`state_dict`, so a resumed run (:class:`ResumeCheckpoint`) does not overwrite a
     better checkpoint with a worse one; a fresh start moves the old files aside (give :meth:`paths` to
-    :class:`ResumeCheckpoint`'s ``set_aside``).
+    :class:`ResumeCheckpoint`'s ``set_aside``). Scores of names not in ``networks`` are not checkpointed: the
+    students' ensemble (``val_mean_dice_ensemble``, see :func:`medkd.evaluators.ensemble_members`) has no weights.
 
     Args:
         save_dir: checkpoint folder.

@@ -14,7 +14,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
-from medkd.evaluators import split_metric_name
+from medkd.evaluators import ENSEMBLE, split_metric_name
 
 __all__ = ["ResultsTable", "NameClassColumns", "markdown_table"]
 
@@ -44,6 +44,8 @@ class ResultsTable:
             background: the foreground classes). Each network's per-image scores (``engine.state.metric_details``,
             shape ``(images, classes)``) are then averaged per class into columns ``"<metric>:<class>"``, e.g.
             ``"mean_dice:tumour"``; NaN scores (a class absent from an image and from its prediction) are skipped.
+        ensemble: the networks averaged into the ``"ensemble"`` row (see :func:`medkd.evaluators.ensemble_members`);
+            its parameter count is the sum of theirs.
     """
 
     def __init__(
@@ -52,9 +54,11 @@ class ResultsTable:
         networks: Mapping[str, nn.Module] | None = None,
         extra: Mapping | None = None,
         class_names: Sequence[str] | None = None,
+        ensemble: Sequence[str] = (),
     ) -> None:
         self.output_dir = Path(output_dir)
         self.networks = dict(networks or {})
+        self.ensemble = list(ensemble)
         self.extra = dict(extra or {})
         self.class_names = list(class_names or [])
 
@@ -79,8 +83,9 @@ class ResultsTable:
                     for cls, score in zip(self.class_names, per_image.nanmean(dim=0).tolist(), strict=True):
                         row[f"{metric}:{cls}"] = score
         for network, row in table.items():
-            if network in self.networks:
-                row["params"] = sum(p.numel() for p in self.networks[network].parameters())
+            members = self.ensemble if network == ENSEMBLE else [network]
+            if members and all(m in self.networks for m in members):
+                row["params"] = sum(p.numel() for m in members for p in self.networks[m].parameters())
         return list(table.values())
 
     def __call__(self, engine: Engine) -> None:

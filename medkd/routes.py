@@ -264,7 +264,8 @@ class KnowledgeRoutes(nn.Module):
                     )
             if r.target == TEACHER:
                 raise ConfigError(
-                    f"route {r.to_dict()} targets the teacher, which is frozen; targets must be students."
+                    f"route {r.to_dict()} targets the teacher; targets must be students (a frozen teacher is not "
+                    "trained, an online one learns from the labels only)."
                 )
             if r.source == r.target:
                 raise ConfigError(f"route {r.to_dict()} goes from a network to itself.")

@@ -1,21 +1,39 @@
 """The teacher's part in a distillation step: its network, how it is prepared, and its outputs for each batch.
 
-:class:`FrozenTeacher` is the offline teacher (trained first, then frozen); an online teacher, trained with the
-students, is another :class:`Teacher` with the same interface.
+Two roles (``teacher_mode``, :data:`TEACHER_MODES`): :class:`FrozenTeacher` is the offline teacher (trained first,
+then frozen); :class:`OnlineTeacher` is trained with the students, in the same step, by its own supervised loss and
+optimizer. Either starts from a checkpoint or, online only, from scratch (``teacher_init``, :data:`TEACHER_INITS`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.optim import Optimizer
 
 from medkd.checkpoints import load_network_weights
+from medkd.errors import ConfigError
+from medkd.features import unwrap
 from medkd.teacher_cache import TeacherCache
 
-__all__ = ["Teacher", "FrozenTeacher"]
+__all__ = [
+    "TEACHER_MODES",
+    "TEACHER_INITS",
+    "Teacher",
+    "FrozenTeacher",
+    "OnlineTeacher",
+    "make_teacher",
+    "check_teacher_mode",
+    "check_teacher_settings",
+]
+
+TEACHER_MODES = ("frozen", "online")  # offline (trained first, then frozen) or trained with the students
+TEACHER_INITS = ("checkpoint", "scratch")  # where the teacher's weights start from
 
 
 class Teacher:
@@ -23,9 +41,12 @@ class Teacher:
 
     Attributes:
         network: the teacher network (on the trainer's device after :meth:`to`).
+        optimizer: the teacher's optimizer when it is trained in the distillation step (an online teacher), stepped
+            by the trainer with the students' ones; ``None`` for a teacher that is not trained.
     """
 
     network: nn.Module
+    optimizer: Optimizer | None = None
 
     def to(self, device: str | torch.device) -> Teacher:
         """Put the network on ``device``; returns ``self``."""
@@ -85,3 +106,141 @@ class FrozenTeacher(Teacher):
         elif cache is not None:
             cache.put(batchdata, logits, features)
         return logits, features
+
+
+class OnlineTeacher(Teacher):
+    """The online teacher: trained with the students, in the same step, by its own supervised loss.
+
+    It runs in train mode with gradients; the trainer adds its supervised loss (``"teacher/sup"``, also its
+    ``"teacher/total"``) to the step's loss and steps :attr:`optimizer` with the students' optimizers. Routes from
+    the teacher detach its outputs (inside every route kind), so the students' terms send no gradient into it; no
+    route may target it (see :class:`medkd.routes.KnowledgeRoutes`). A teacher cache does not apply: its outputs
+    change every step.
+
+    Args:
+        network: the teacher network; wrapped in ``DistributedDataParallel`` when the students are (multi-process
+            training), or its copies would drift apart.
+        optimizer: the teacher's optimizer, over ``network``'s parameters (e.g. the bundle's one ``optimizer``
+            definition called on them).
+        checkpoint: optional path of the weights to start from (see
+            :func:`medkd.checkpoints.load_network_weights`); ``None`` starts from the network's initialisation.
+        device: device of the network (and of the loaded weights).
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        optimizer: Optimizer,
+        checkpoint: str | os.PathLike | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        owned = {id(p) for p in network.parameters()}
+        if not any(id(p) in owned for group in optimizer.param_groups for p in group["params"]):
+            raise ConfigError(
+                "the online teacher's optimizer holds none of the teacher network's parameters: make it from "
+                "that network's parameters (e.g. `$@optimizer(@teacher.parameters())`)."
+            )
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed and torch.distributed.get_world_size() > 1 and unwrap(network) is network:
+            raise ConfigError(
+                "an online teacher in multi-process training must be wrapped in DistributedDataParallel like the "
+                "students (medkd.distributed.wrap_ddp; multi_gpu_train.json does it for teacher_mode 'online'), or "
+                "its copies would drift apart."
+            )
+        if checkpoint:
+            load_network_weights(network, checkpoint, map_location=device, role="teacher")
+        self.network = network.to(device)
+        self.optimizer = optimizer
+
+    def __call__(
+        self, inputs: torch.Tensor, batchdata: Any = None, pop_features: Callable[[], dict] = dict
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self.network.train()
+        logits = self.network(inputs)
+        return logits, pop_features()
+
+    def checkpoint_objects(self) -> dict[str, Any]:
+        """``"teacher"`` (the network, unwrapped from DDP) and ``"optimizer_teacher"``."""
+        return {"teacher": unwrap(self.network), "optimizer_teacher": self.optimizer}
+
+
+def _check_choice(key: str, value: Any, accepted: Iterable[str]) -> None:
+    accepted = tuple(accepted)
+    if value not in accepted:
+        raise ConfigError(f"{key} must be {' or '.join(repr(a) for a in accepted)}, got {value!r}.")
+
+
+def check_teacher_mode(mode: str) -> None:
+    """Raise a :class:`~medkd.errors.ConfigError` naming ``teacher_mode`` and :data:`TEACHER_MODES` unless ``mode``
+    is one of them."""
+    _check_choice("teacher_mode", mode, TEACHER_MODES)
+
+
+def make_teacher(
+    network: nn.Module,
+    mode: str = "frozen",
+    checkpoint: str | os.PathLike | None = None,
+    optimizer: Optimizer | None = None,
+    cache: TeacherCache | None = None,
+    device: str | torch.device = "cpu",
+) -> Teacher:
+    """The :class:`Teacher` of ``mode`` (``teacher_mode``: ``"frozen"`` or ``"online"``) for ``network``.
+
+    Args:
+        network: the teacher network.
+        mode: ``"frozen"`` (:class:`FrozenTeacher`) or ``"online"`` (:class:`OnlineTeacher`).
+        checkpoint: optional path of the weights to start from.
+        optimizer: the online teacher's optimizer; required online, refused frozen.
+        cache: a frozen teacher's :class:`~medkd.teacher_cache.TeacherCache`; refused online.
+        device: device of the network.
+
+    Raises:
+        ConfigError: an unknown mode, or an optimizer or cache that the mode does not take.
+    """
+    check_teacher_mode(mode)
+    if mode == "frozen":
+        if optimizer is not None:
+            raise ConfigError("a teacher optimizer was given, but teacher_mode 'frozen' does not train the teacher.")
+        return FrozenTeacher(network, checkpoint, cache, device=device)
+    if cache is not None:
+        raise ConfigError(
+            "teacher_mode 'online' cannot use a teacher cache: the online teacher's outputs change every step."
+        )
+    if optimizer is None:
+        raise ConfigError("teacher_mode 'online' trains the teacher: give the teacher optimizer (teacher_optimizer).")
+    return OnlineTeacher(network, optimizer, checkpoint, device=device)
+
+
+def check_teacher_settings(
+    mode: str,
+    init: str,
+    checkpoint: str | os.PathLike | None = None,
+    written: Iterable[str | os.PathLike] = (),
+) -> None:
+    """Check a bundle's ``teacher_mode`` and ``teacher_init`` before anything runs.
+
+    Args:
+        mode: ``teacher_mode``, one of :data:`TEACHER_MODES`.
+        init: ``teacher_init``, one of :data:`TEACHER_INITS`; a frozen teacher needs ``"checkpoint"``.
+        checkpoint: ``teacher_ckpt``, the file an initialisation from ``"checkpoint"`` reads.
+        written: the files the run writes (e.g. ``BestCheckpoints.paths()``): an online teacher's start checkpoint
+            must not be among them, or its best checkpoint would replace it.
+
+    Raises:
+        ConfigError: naming the key, its accepted values, or the clash.
+    """
+    check_teacher_mode(mode)
+    _check_choice("teacher_init", init, TEACHER_INITS)
+    if mode == "frozen" and init == "scratch":
+        raise ConfigError(
+            "teacher_init 'scratch' needs teacher_mode 'online': a frozen teacher that was never trained would "
+            "teach its random outputs."
+        )
+    if mode == "online" and init == "checkpoint" and checkpoint is not None:
+        start = Path(checkpoint).expanduser().resolve()
+        if any(Path(p).expanduser().resolve() == start for p in written):
+            raise ConfigError(
+                f"teacher_ckpt {checkpoint} is also where this run saves the online teacher's best checkpoint, which "
+                "would replace it. Give the run its own folder (--ckpt_dir ...) and --teacher_ckpt the trained "
+                "teacher's file, or start from scratch (--teacher_init scratch)."
+            )

@@ -86,17 +86,23 @@ def test_evaluate_writes_auc_accuracy_and_probabilities(trained):
     root = trained[0]
     run_stage(BUNDLE, "evaluate", root)
     rows = json.loads((root / "eval" / "results.json").read_text())
-    assert [r["network"] for r in rows] == ["teacher", "sp", "sf"]
+    assert [r["network"] for r in rows] == ["teacher", "sp", "sf", "ensemble"]
     assert all(0.0 <= r["auc"] <= 1.0 and 0.0 <= r["acc"] <= 1.0 and r["params"] > 0 for r in rows)
-    assert rows[0]["params"] > rows[1]["params"]
+    assert rows[0]["params"] > rows[1]["params"] and rows[3]["params"] == rows[1]["params"] + rows[2]["params"]
     test = json.loads((root / "data" / "dataset.json").read_text())["test"]
     per_image = read_csv(root / "eval" / "probabilities.csv")
     assert len(per_image) == len(test)
     assert [r["label"] for r in per_image] == [str(case["label"]) for case in test]
     for row in per_image:
-        for net in ("teacher", "sp", "sf"):
+        for net in ("teacher", "sp", "sf", "ensemble"):
             assert_probabilities(row, [f"{net}_no_lesion", f"{net}_lesion"])
+        mean = (float(row["sp_lesion"]) + float(row["sf_lesion"])) / 2  # the ensemble: mean probabilities
+        assert float(row["ensemble_lesion"]) == pytest.approx(mean, abs=2e-6)
     assert "val_auc_teacher" in (root / "eval" / "metrics.csv").read_text()
+
+    run_stage(BUNDLE, "evaluate", root, ensemble=False, output_dir=str(root / "eval_no_ensemble"))
+    rows = json.loads((root / "eval_no_ensemble" / "results.json").read_text())
+    assert [r["network"] for r in rows] == ["teacher", "sp", "sf"]
 
 
 def test_inference_writes_one_row_per_image(trained):

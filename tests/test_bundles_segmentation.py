@@ -58,7 +58,7 @@ def test_all_stages_run_end_to_end(bundle, tmp_path):
 
     run_stage(bundle, "evaluate", tmp_path)
     rows = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert [r["network"] for r in rows] == ["teacher", "sp", "sf"]
+    assert [r["network"] for r in rows] == ["teacher", "sp", "sf", "ensemble"]  # the students' ensemble too
     assert all(0.0 <= r["mean_dice"] <= 1.0 and r["params"] > 0 for r in rows)
     assert rows[0]["params"] > rows[1]["params"]
     datalist = json.loads((tmp_path / "data" / "dataset.json").read_text())
@@ -129,7 +129,8 @@ def test_mlflow_tracking_logs_every_stage_to_a_local_store(tmp_path):
     assert any(expected <= metrics for metrics in runs), runs
     run_stage("segmentation_2d", "evaluate", tmp_path, tracking="mlflow", networks="@students")
     runs = mlflow_metrics(tmp_path)
-    assert len(runs) == 3 and {"val_mean_dice_sp", "val_mean_dice_sf"} in runs, runs  # + a run of the test scores
+    test_scores = {"val_mean_dice_sp", "val_mean_dice_sf", "val_mean_dice_ensemble"}
+    assert len(runs) == 3 and test_scores in runs, runs  # + a run of the test scores
 
 
 # ------------------------------------------------------------------------ NaN/Inf, inference inputs and outputs

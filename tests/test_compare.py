@@ -46,9 +46,10 @@ def test_compare_writes_csv_table_and_plot(tmp_path):
     )
     with (tmp_path / "out" / "results.csv").open() as f:
         table = list(csv.DictReader(f))
-    assert len(table) == len(rows) == 1 + 2 * 2  # teacher + 2 presets x 2 students
+    assert len(table) == len(rows) == 1 + 2 * 3  # teacher + 2 presets x (2 students and their ensemble)
     assert {(r["preset"], r["network"]) for r in table} == {
-        ("-", "teacher"), ("student", "sp"), ("student", "sf"), ("diversified", "sp"), ("diversified", "sf")
+        ("-", "teacher"), ("student", "sp"), ("student", "sf"), ("student", "ensemble"),
+        ("diversified", "sp"), ("diversified", "sf"), ("diversified", "ensemble"),
     }  # fmt: skip
     for r in table:
         for key in ("mean_dice", "params", "ms_per_image"):
@@ -58,6 +59,9 @@ def test_compare_writes_csv_table_and_plot(tmp_path):
     assert md.startswith("| method | network | seeds | mean_dice | mean_dice:dim_object | mean_dice:bright_object |")
     score = r"\d\.\d{4} ± 0\.0000"
     assert re.search(rf"\| diversified \| sp \| 1 \| {score} \| {score} \| {score} \| \d+ \| \d+\.\d\d \|", md), md
+    assert re.search(rf"\| diversified \| ensemble \| 1 \| {score} \| {score} \| {score} \| \d+ \| \d+\.\d\d \|", md), (
+        md
+    )
     png = (tmp_path / "out" / "comparison.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     fingerprint = json.loads((tmp_path / "out" / "fingerprint.json").read_text())  # what a rerun must match
@@ -103,7 +107,7 @@ def test_compare_with_two_jobs_gives_the_results_of_one_job(tmp_path):
     compare(BUNDLES / "segmentation_2d", output=tmp_path / "one", jobs=1, **settings)
     compare(BUNDLES / "segmentation_2d", output=tmp_path / "two", jobs=2, **settings)
     one, two = _scores(tmp_path / "one" / "results.csv"), _scores(tmp_path / "two" / "results.csv")
-    assert len(one) == 1 + 4 * 2 and [(r["preset"], r["seed"], r["network"]) for r in one][:3] == [
+    assert len(one) == 1 + 4 * 3 and [(r["preset"], r["seed"], r["network"]) for r in one][:3] == [
         ("-", "-", "teacher"), ("kd", "0", "sp"), ("kd", "0", "sf")
     ]  # fmt: skip
     assert two == one  # every metric, per class too, to the last digit written

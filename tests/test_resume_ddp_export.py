@@ -84,17 +84,19 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
 
 
-@pytest.mark.parametrize("bundle", ["segmentation_2d", "classification_2d"])
-def test_two_process_gloo_training_keeps_students_identical(bundle, tmp_path):
-    """The 2D segmentation bundle's multi_gpu_train.json also serves the classification bundle (config merging)."""
-    run_stage(bundle, "train_teacher", tmp_path)
-    overlay = tiny_overlay(bundle, tmp_path / "tiny.json", max_epochs=2, batch_size=2)
-    dump = tmp_path / "dump.json"
+def _two_process_training(bundle, root, **overrides):
+    """Run the ``train`` stage of ``bundle`` in 2 gloo processes (multi_gpu_train.json); each rank saves its
+    students, teacher (unwrapped, with the class of the network the trainer runs), routes and iteration counts.
+    Returns the two ranks' dumps."""
+    overlay = tiny_overlay(bundle, root / "tiny.json", max_epochs=2, batch_size=2, **overrides)
+    dump = root / "dump.json"
     dump.write_text(
         json.dumps(
             {
                 "finalize": [
                     "$torch.save({'students': {k: v.state_dict() for k, v in @students.items()}, "
+                    "'teacher': medkd.features.unwrap(@train#trainer.teacher).state_dict(), "
+                    "'teacher_class': type(@train#trainer.teacher).__name__, "
                     "'routes': @train#trainer.routes.state_dict(), 'iteration': @train#trainer.state.iteration, "
                     "'epoch_length': @train#trainer.state.epoch_length}, "
                     "@ckpt_dir + '/rank' + str(dist.get_rank()) + '.pt')",
@@ -103,21 +105,42 @@ def test_two_process_gloo_training_keeps_students_identical(bundle, tmp_path):
             }
         )
     )
-    cmd = stage_command(bundle, "train", tmp_path, overlay, BASE / "multi_gpu_train.json", dump)
+    cmd = stage_command(bundle, "train", root, overlay, BASE / "multi_gpu_train.json", dump)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731"]
     _run(torchrun + cmd[1:])
-    r0 = torch.load(tmp_path / "models" / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "models" / "rank1.pt", weights_only=True)
+    return [torch.load(root / "models" / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+
+
+def _assert_same_parameters(a, b):
+    params = [k for k in a if "running_" not in k and "num_batches" not in k]
+    assert len(params) > 10
+    for key in params:  # batch-norm buffers are rank-local until DDP broadcasts them at the next forward
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+@pytest.mark.parametrize("bundle", ["segmentation_2d", "classification_2d"])
+def test_two_process_gloo_training_keeps_students_identical(bundle, tmp_path):
+    """The 2D segmentation bundle's multi_gpu_train.json also serves the classification bundle (config merging)."""
+    run_stage(bundle, "train_teacher", tmp_path)
+    r0, r1 = _two_process_training(bundle, tmp_path)
+    assert r0["teacher_class"] != "DistributedDataParallel"  # a frozen teacher is only replicated
     datalist = json.loads((tmp_path / "data" / "dataset.json").read_text())
     per_rank = -(-len(datalist["training"]) // 2)  # DistributedSampler splits the training list over 2 ranks
     assert r0["epoch_length"] == r1["epoch_length"] == -(-per_rank // 2)  # batch size 2
     assert r0["iteration"] == r1["iteration"] == 2 * r0["epoch_length"]
     for name in ("sp", "sf"):
-        params = [k for k in r0["students"][name] if "running_" not in k and "num_batches" not in k]
-        assert len(params) > 10
-        for key in params:  # batch-norm buffers are rank-local until DDP broadcasts them at the next forward
-            assert torch.equal(r0["students"][name][key], r1["students"][name][key]), f"{name}.{key} differs"
+        _assert_same_parameters(r0["students"][name], r1["students"][name])
     assert r0["routes"].keys() and all(torch.equal(v, r1["routes"][k]) for k, v in r0["routes"].items())
+
+
+def test_two_process_gloo_training_keeps_an_online_teacher_identical(tmp_path):
+    """teacher_mode online: the teacher is wrapped in DDP like the students (unwrapped, each rank's copy would learn
+    from its own half of the data and drift apart; medkd.teacher.OnlineTeacher refuses it)."""
+    r0, r1 = _two_process_training("segmentation_2d", tmp_path, teacher_mode="online", routes_preset="kd")
+    assert r0["teacher_class"] == "DistributedDataParallel"
+    _assert_same_parameters(r0["teacher"], r1["teacher"])
+    for name in ("sp", "sf"):
+        _assert_same_parameters(r0["students"][name], r1["students"][name])
 
 
 def test_torchscript_export_matches_the_checkpoint(tmp_path):
