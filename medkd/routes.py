@@ -2,7 +2,8 @@
 
 A route is ``{source, target, kind, weight, temperature, layers, mode}``: ``source`` teaches ``target`` (each
 ``"teacher"`` or a student name) in the form its ``kind`` names: ``"prediction"`` (temperature-scaled KL),
-``"feature"`` (hint loss with an adapter) or ``"attention"`` (attention transfer), each a class of
+``"feature"`` (hint loss with an adapter), ``"attention"`` (attention transfer), ``"affinity"`` (pairwise
+affinities of positions) or ``"region"`` (class-region statistics), each a class of
 :mod:`medkd.route_kinds` found by name in a registry (:func:`register_kind`), or a class of one's own named by its
 dotted path. Any graph of routes over one teacher and N students is allowed; the presets (student alone, KD,
 FitNets, DML, KD+DML, diversified) are named graphs. :class:`KnowledgeRoutes` runs a graph: it chooses the layers,
@@ -19,8 +20,8 @@ import torch
 from torch import nn
 
 from medkd.errors import ConfigError
-from medkd.features import FeatureExtractor, default_feature_layer, unwrap
-from medkd.route_kinds import ROUTE_KINDS, RouteKind, StepOutputs, register_kind, resolve_kind
+from medkd.features import FeatureExtractor, unwrap
+from medkd.route_kinds import ROUTE_KINDS, LayerDefaults, RouteKind, StepOutputs, register_kind, resolve_kind
 from medkd.route_kinds import number as _number
 
 __all__ = [
@@ -53,9 +54,11 @@ class Route:
         kind: a registered kind (``"prediction"``, ``"feature"``, ``"attention"``, see :data:`ROUTE_KINDS`), the
             dotted path of a :class:`RouteKind` subclass, or the class.
         weight: multiplier of the term in the target's loss.
-        temperature: softmax temperature of a prediction route (default 4).
-        layers: for a feature or attention route, ``[[source_layer, target_layer], ...]`` module names; ``None``
-            pairs the networks' ``feature_layers`` (or default layers) in order.
+        temperature: softmax temperature of a prediction route (default 4) or a region route (default 1).
+        layers: for a route that reads feature maps (feature, attention, affinity, region), ``[[source_layer,
+            target_layer], ...]`` module names, or ``"multi"``, ``"encoder"``, ``"decoder"`` (layers at several
+            depths, :func:`medkd.features.feature_depths`); ``None`` pairs the networks' ``feature_layers`` (or
+            default layers) in order.
         mode: feature loss, ``"mse"`` (normalised hint, the default) or ``"attention"`` (attention transfer).
         options: options of a kind of one's own, beside those above.
 
@@ -68,7 +71,7 @@ class Route:
     kind: str | type[RouteKind]
     weight: float = 1.0
     temperature: float | None = None
-    layers: list[list[str]] | None = None
+    layers: str | list[list[str]] | None = None
     mode: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     kind_name: str = field(init=False, repr=False, compare=False)
@@ -94,7 +97,7 @@ class Route:
         kind = self.kind if isinstance(self.kind, str) else f"{self.kind.__module__}.{self.kind.__qualname__}"
         d = {"source": self.source, "target": self.target, "kind": kind, "weight": self.weight}
         d.update({k: getattr(self, k) for k in _OPTION_FIELDS if getattr(self, k) is not None})
-        return {**d, **self.options}
+        return {**d, **{k: v for k, v in self.options.items() if v is not None}}
 
     @classmethod
     def from_dict(cls, route: Mapping[str, Any]) -> Route:
@@ -289,16 +292,16 @@ class KnowledgeRoutes(nn.Module):
         """Whether any route takes knowledge from the teacher."""
         return any(r.source == TEACHER for r in self.routes)
 
-    def resolve_layers(self, networks: Mapping[str, nn.Module | None] | None = None) -> dict[str, list[str]]:
+    def resolve_layers(
+        self,
+        networks: Mapping[str, nn.Module | None] | None = None,
+        example_inputs: Callable[[], torch.Tensor] | None = None,
+    ) -> dict[str, list[str]]:
         """Ask every route which layers it reads; a network without ``feature_layers`` gets its default layer
-        (when ``networks`` has it). Returns the layers by network name."""
-
-        def defaults(network: str) -> list[str] | None:
-            if self.feature_layers.get(network):
-                return list(self.feature_layers[network])
-            net = (networks or {}).get(network)
-            return [default_feature_layer(net)] if net is not None else None
-
+        (when ``networks`` has it), and routes with ``layers: "multi"`` (or ``"encoder"``, ``"decoder"``) get
+        depths found by a probe forward on ``example_inputs()`` (:class:`~medkd.route_kinds.LayerDefaults`).
+        Returns the layers by network name."""
+        defaults = LayerDefaults(self.feature_layers, networks, example_inputs)
         layers: dict[str, list[str]] = {}
         for r in self.routes:
             for network, names in self.kind_of(r).layers(defaults).items():
@@ -331,8 +334,18 @@ class KnowledgeRoutes(nn.Module):
         """Prepare the routes to run on ``networks`` (by name, the teacher among them when a route reads it): choose
         the layers, hook a :class:`~medkd.features.FeatureExtractor` on each network read, and, when a route still
         needs its adapters, run every hooked network once (eval mode, no grad, first sample only) on
-        ``example_inputs`` (a batch of inputs, or a function giving one, called only then) to build them."""
-        layers = self.resolve_layers(networks)
+        ``example_inputs`` (a batch of inputs, or a function giving one, called only when needed and at most once;
+        routes with ``layers: "multi"`` probe their networks on it too) to build them."""
+        fetched: list[torch.Tensor] = []
+
+        def inputs() -> torch.Tensor:
+            if example_inputs is None:
+                raise ValueError("routes with adapters need example inputs to size them; pass example_inputs to setup.")
+            if not fetched:
+                fetched.append(example_inputs() if callable(example_inputs) else example_inputs)
+            return fetched[0]
+
+        layers = self.resolve_layers(networks, inputs if example_inputs is not None else None)
         absent = sorted(set(layers) - {name for name, net in networks.items() if net is not None})
         if absent:
             raise ConfigError(f"routes read feature maps of {absent}, but no such network was given.")
@@ -341,20 +354,18 @@ class KnowledgeRoutes(nn.Module):
         self.extractors = {name: FeatureExtractor(networks[name], names, name) for name, names in layers.items()}
         if self.built:
             return
-        if example_inputs is None:
-            raise ValueError("routes with adapters need example inputs to size them; pass example_inputs to setup.")
-        inputs = example_inputs() if callable(example_inputs) else example_inputs
+        probe = inputs()
         features = {}
         with torch.no_grad():
             for name, extractor in self.extractors.items():
                 network = unwrap(networks[name])  # no DDP collectives for a local probe
                 was_training = network.training
                 network.eval()
-                network(inputs[:1])
+                network(probe[:1])
                 network.train(was_training)
                 features[name] = extractor.pop()
-        self.build(features, spatial_dims=inputs.ndim - 2)
-        self.to(inputs.device)
+        self.build(features, spatial_dims=probe.ndim - 2)
+        self.to(probe.device)
 
     def parameters_of(self, student: str) -> list[nn.Parameter]:
         """Parameters (adapters) trained with ``student``: those of the routes that target it."""

@@ -111,9 +111,11 @@ def test_a_registered_kind_is_named_by_its_registry_name():
 @pytest.mark.parametrize(
     "kind, option, accepted",
     [
-        ("prediction", "mode", "['weight', 'temperature']"),
+        ("prediction", "mode", "['weight', 'temperature', 'class_weights']"),
         ("feature", "temperature", "['weight', 'layers', 'mode']"),
         ("attention", "mode", "['weight', 'layers']"),
+        ("affinity", "mode", "['weight', 'layers', 'grid']"),
+        ("region", "mode", "['weight', 'signal', 'regions', 'temperature', 'layers']"),
         ("test_route_kinds.LogitMSE", "scaling", "['weight', 'scale']"),
     ],
 )
