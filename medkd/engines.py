@@ -312,7 +312,7 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
             engine.state.output[Keys.PRED] = logits
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             supervised = {name: engine.loss_function(logits[name], targets).mean() for name in engine.students}
-            terms = engine.routes.losses(logits, features, supervised, targets)
+            terms = engine.routes.losses(logits, features, supervised, targets, epoch=engine.state.epoch)
             loss = sum(terms[f"{name}/total"] for name in engine.students)
             engine.state.output[Keys.LOSS] = loss.detach()
             engine.state.output[LOSSES] = {k: v.detach() for k, v in terms.items()}

@@ -183,7 +183,7 @@ class RouteKind(nn.Module):
         if unknown:
             raise ConfigError(
                 f"route {route}: unknown keys {unknown} do(es) nothing on a {kind} route, which accepts "
-                f"{['weight', *cls.options]}; remove them or fix the spelling."
+                f"{['weight', 'warmup_epochs', *cls.options]}; remove them or fix the spelling."
             )
         return cls.validate(route, {**cls.options, **given})
 

@@ -1,7 +1,7 @@
 """Knowledge routes: who teaches whom, in which form, and the named presets built from them.
 
-A route is ``{source, target, kind, weight, temperature, layers, mode}``: ``source`` teaches ``target`` (each
-``"teacher"`` or a student name) in the form its ``kind`` names: ``"prediction"`` (temperature-scaled KL),
+A route is ``{source, target, kind, weight, warmup_epochs, temperature, layers, mode}``: ``source`` teaches ``target``
+(each ``"teacher"`` or a student name) in the form its ``kind`` names: ``"prediction"`` (temperature-scaled KL),
 ``"feature"`` (hint loss with an adapter), ``"attention"`` (attention transfer), ``"affinity"`` (pairwise
 affinities of positions) or ``"region"`` (class-region statistics), each a class of
 :mod:`medkd.route_kinds` found by name in a registry (:func:`register_kind`), or a class of one's own named by its
@@ -21,7 +21,7 @@ from torch import nn
 
 from medkd.errors import ConfigError
 from medkd.features import FeatureExtractor, unwrap
-from medkd.route_kinds import ROUTE_KINDS, LayerDefaults, RouteKind, StepOutputs, register_kind, resolve_kind
+from medkd.route_kinds import ROUTE_KINDS, LayerDefaults, RouteKind, StepOutputs, integer, register_kind, resolve_kind
 from medkd.route_kinds import number as _number
 
 __all__ = [
@@ -54,6 +54,8 @@ class Route:
         kind: a registered kind (``"prediction"``, ``"feature"``, ``"attention"``, see :data:`ROUTE_KINDS`), the
             dotted path of a :class:`RouteKind` subclass, or the class.
         weight: multiplier of the term in the target's loss.
+        warmup_epochs: the weight ramps linearly from 0 over the first ``warmup_epochs`` epochs
+            (:meth:`weight_at`); 0 (the default) is off.
         temperature: softmax temperature of a prediction route (default 4) or a region route (default 1).
         layers: for a route that reads feature maps (feature, attention, affinity, region), ``[[source_layer,
             target_layer], ...]`` module names, or ``"multi"``, ``"encoder"``, ``"decoder"`` (layers at several
@@ -70,6 +72,7 @@ class Route:
     target: str
     kind: str | type[RouteKind]
     weight: float = 1.0
+    warmup_epochs: int = 0
     temperature: float | None = None
     layers: str | list[list[str]] | None = None
     mode: str | None = None
@@ -80,6 +83,7 @@ class Route:
     def __post_init__(self) -> None:
         self.kind_name, self.kind_class = resolve_kind(self.kind, f"route {self.source} -> {self.target}")
         self.weight = _number(self.weight, f"the weight of route {self.name}")
+        self.warmup_epochs = integer(self.warmup_epochs, f"the warmup_epochs of route {self.name}")
         given = {k: getattr(self, k) for k in _OPTION_FIELDS if getattr(self, k) is not None}
         values = self.kind_class.check_options(self.name, self.kind_name, {**given, **self.options})
         for key in _OPTION_FIELDS:
@@ -92,10 +96,21 @@ class Route:
         ``"sp/prediction_from_teacher"``."""
         return f"{self.target}/{self.kind_name}_from_{self.source}"
 
+    def weight_at(self, epoch: int | None) -> float:
+        """The weight in epoch ``epoch`` (1 for the first, as ``engine.state.epoch`` counts):
+        ``weight · min(1, (epoch - 1) / warmup_epochs)``, so 0 in the first epoch and ``weight`` from epoch
+        ``warmup_epochs + 1`` on; ``weight`` without warm-up or when ``epoch`` is ``None``."""
+        if not self.warmup_epochs or epoch is None:
+            return self.weight
+        return self.weight * min(1.0, max(epoch - 1, 0) / self.warmup_epochs)
+
     def to_dict(self) -> dict:
-        """JSON-serialisable form (the keys accepted by :func:`parse_routes`; options left at ``None`` omitted)."""
+        """JSON-serialisable form (the keys accepted by :func:`parse_routes`; options left at ``None`` and a
+        ``warmup_epochs`` of 0 omitted)."""
         kind = self.kind if isinstance(self.kind, str) else f"{self.kind.__module__}.{self.kind.__qualname__}"
         d = {"source": self.source, "target": self.target, "kind": kind, "weight": self.weight}
+        if self.warmup_epochs:
+            d["warmup_epochs"] = self.warmup_epochs
         d.update({k: getattr(self, k) for k in _OPTION_FIELDS if getattr(self, k) is not None})
         return {**d, **{k: v for k, v in self.options.items() if v is not None}}
 
@@ -105,7 +120,7 @@ class Route:
         kind of one's own."""
         if not isinstance(route, Mapping) or not {"source", "target", "kind"} <= set(route):
             raise ConfigError(f"route {route!r} is malformed: it needs 'source', 'target' and 'kind'.")
-        named = ("source", "target", "kind", "weight", *_OPTION_FIELDS)
+        named = ("source", "target", "kind", "weight", "warmup_epochs", *_OPTION_FIELDS)
         options = {k: v for k, v in route.items() if k not in named}
         return cls(**{k: v for k, v in route.items() if k in named}, options=options)
 
@@ -141,33 +156,45 @@ def parse_routes(
     students: Sequence[str],
     weights: Mapping[str, float] | None = None,
     temperature: float | None = None,
+    warmup_epochs: int | None = None,
 ) -> list[Route]:
-    """Routes from a preset name, a ``{"preset": name, "weights": {...}, "temperature": t}`` dict, or a list of
-    :class:`Route` or dicts (as written in bundle JSON).
+    """Routes from a preset name, a ``{"preset": name, "weights": {...}, "temperature": t, "warmup_epochs": n}``
+    dict, or a list of :class:`Route` or dicts (as written in bundle JSON).
 
     The named ``weights`` (:data:`WEIGHTS`, each 1 unless given) weight every route that does not set its own
-    ``weight``, by its role (:func:`weight_key`), and ``temperature`` applies to every prediction route that does
-    not set its own: so a bundle's ``kd_weight`` or ``temperature`` still means something when its routes are
-    listed. A preset dict's own ``weights`` and ``temperature`` take precedence over the arguments.
+    ``weight``, by its role (:func:`weight_key`), ``temperature`` applies to every prediction route and
+    ``warmup_epochs`` to every route that does not set its own: so a bundle's ``kd_weight``, ``temperature`` or
+    ``warmup_epochs`` still means something when its routes are listed. A preset dict's own ``weights``,
+    ``temperature`` and ``warmup_epochs`` take precedence over the arguments.
     """
     named = _named_weights(weights)
     if isinstance(routes, Mapping):
-        unknown = sorted(set(routes) - {"preset", "weights", "temperature"})
+        unknown = sorted(set(routes) - {"preset", "weights", "temperature", "warmup_epochs"})
         if "preset" not in routes or unknown:
             raise ConfigError(
                 f"routes {dict(routes)} must be a preset name, a list of routes, or a dict with 'preset' and "
-                f"optionally 'weights' and 'temperature'" + (f" (unknown keys: {unknown})." if unknown else ".")
+                "optionally 'weights', 'temperature' and 'warmup_epochs'"
+                + (f" (unknown keys: {unknown})." if unknown else ".")
             )
         named.update(routes.get("weights") or {})
-        return parse_routes(routes["preset"], students, named, routes.get("temperature", temperature))
+        return parse_routes(
+            routes["preset"],
+            students,
+            named,
+            routes.get("temperature", temperature),
+            routes.get("warmup_epochs", warmup_epochs),
+        )
     if isinstance(routes, str):
-        return preset_routes(routes, students, **named, **({} if temperature is None else {"temperature": temperature}))
+        given = {"temperature": temperature, "warmup_epochs": warmup_epochs}
+        return preset_routes(routes, students, **named, **{k: v for k, v in given.items() if v is not None})
     parsed = []
     for route in routes:
         if isinstance(route, Mapping) and {"source", "kind"} <= set(route):
             route = {"weight": named[weight_key(route["source"], str(route["kind"]))], **route}
             if route["kind"] == "prediction" and temperature is not None:
                 route.setdefault("temperature", temperature)
+            if warmup_epochs is not None:
+                route.setdefault("warmup_epochs", warmup_epochs)
         parsed.append(route if isinstance(route, Route) else Route.from_dict(route))
     return parsed
 
@@ -180,6 +207,7 @@ def preset_routes(
     peer_prediction_weight: float = 1.0,
     peer_feature_weight: float = 1.0,
     temperature: float = 4.0,
+    warmup_epochs: int = 0,
 ) -> list[Route]:
     """The routes of a named method (see METHOD.md).
 
@@ -194,6 +222,7 @@ def preset_routes(
         peer_prediction_weight: weight of peer prediction terms (γ).
         peer_feature_weight: weight of peer feature terms (δ).
         temperature: softmax temperature of every prediction term.
+        warmup_epochs: epochs over which every route's weight ramps up from 0 (:meth:`Route.weight_at`; 0: off).
     """
     students = list(students)
     w = _named_weights(
@@ -201,19 +230,21 @@ def preset_routes(
              peer_feature_weight=peer_feature_weight)
     )  # fmt: skip
     _number(temperature, "temperature", positive=True)
-    pred = dict(kind="prediction", temperature=temperature)
+    warmup_epochs = integer(warmup_epochs, "warmup_epochs")
+    pred = dict(kind="prediction", temperature=temperature, warmup_epochs=warmup_epochs)
+    feat = dict(kind="feature", warmup_epochs=warmup_epochs)
     peers = [(a, b) for a in students for b in students if a != b]
     if preset == "student":
         return []
     if preset == "kd":
         return [Route(TEACHER, s, weight=w["kd_weight"], **pred) for s in students]
     if preset == "fitnets":
-        return [Route(TEACHER, s, "feature", weight=w["hint_weight"]) for s in students]
+        return [Route(TEACHER, s, weight=w["hint_weight"], **feat) for s in students]
     if preset == "dml":
         return [Route(a, b, weight=w["peer_prediction_weight"], **pred) for a, b in peers]
     if preset == "kd_dml":
-        return preset_routes("kd", students, **w, temperature=temperature) + preset_routes(
-            "dml", students, **w, temperature=temperature
+        return preset_routes("kd", students, **w, temperature=temperature, warmup_epochs=warmup_epochs) + (
+            preset_routes("dml", students, **w, temperature=temperature, warmup_epochs=warmup_epochs)
         )
     if preset == "diversified":
         if len(students) != 2:
@@ -221,11 +252,11 @@ def preset_routes(
         sp, sf = students
         return [
             Route(TEACHER, sp, weight=w["kd_weight"], **pred),
-            Route(TEACHER, sf, "feature", weight=w["hint_weight"]),
+            Route(TEACHER, sf, weight=w["hint_weight"], **feat),
             Route(sf, sp, weight=w["peer_prediction_weight"], **pred),
             Route(sp, sf, weight=w["peer_prediction_weight"], **pred),
-            Route(sf, sp, "feature", weight=w["peer_feature_weight"]),
-            Route(sp, sf, "feature", weight=w["peer_feature_weight"]),
+            Route(sf, sp, weight=w["peer_feature_weight"], **feat),
+            Route(sp, sf, weight=w["peer_feature_weight"], **feat),
         ]
     raise ConfigError(f"unknown routes preset {preset!r}; choose one of {', '.join(PRESETS)}.")
 
@@ -392,14 +423,16 @@ class KnowledgeRoutes(nn.Module):
         features: Mapping[str, Mapping[str, torch.Tensor]],
         supervised: Mapping[str, torch.Tensor],
         targets: torch.Tensor | None = None,
+        epoch: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """Every term of one step: ``"<student>/sup"`` (the ``supervised`` loss of each student), each route's
-        unweighted term (:meth:`forward`) and ``"<student>/total"``, the supervised loss plus the weighted terms of
-        the routes that target the student."""
+        unweighted term (:meth:`forward`) and ``"<student>/total"``, the supervised loss plus the terms of the
+        routes that target the student, each weighted by its weight in ``epoch`` (:meth:`Route.weight_at`: warm-up;
+        ``None``, the full weights)."""
         route_terms = self(logits, features, targets)
         totals = {s: supervised[s] for s in self.students}
         for route in self.routes:
-            totals[route.target] = totals[route.target] + route.weight * route_terms[route.name]
+            totals[route.target] = totals[route.target] + route.weight_at(epoch) * route_terms[route.name]
         return {
             **{f"{s}/sup": supervised[s] for s in self.students},
             **route_terms,

@@ -1,15 +1,18 @@
-"""Learning styles beyond the paper's two: hints at several depths, affinity and class-region kinds, class
-weights; each checked, on tiny 2D and 3D U-Nets."""
+"""Learning styles beyond the paper's two: hints at several depths, affinity and class-region kinds, per-route
+warm-up and class weights; each from bundle JSON, checked, on tiny 2D and 3D U-Nets."""
 
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from bundle_utils import BUNDLES
 from conftest import tiny_batches, tiny_batches3d, tiny_unet, tiny_unet3d
+from ignite.engine import Events
 from monai.losses import DiceCELoss
 from monai.networks.nets import DenseNet
 
+from medkd.bundles import stage_config
 from medkd.engines import DistillationTrainer, iteration_losses
 from medkd.errors import ConfigError
 from medkd.losses import (
@@ -224,6 +227,54 @@ def test_class_weights_are_checked(value):
         parse_routes([{"source": "teacher", "target": "sp", "kind": "prediction", "class_weights": value}], ["sp"])
 
 
+# ------------------------------------------------------------------------------------------------- warm-up
+
+
+def test_warmup_ramps_each_weight_linearly_from_zero():
+    route = Route("teacher", "sp", "prediction", weight=2.0, warmup_epochs=4)
+    assert [route.weight_at(epoch) for epoch in range(1, 7)] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.0]
+    assert route.weight_at(None) == 2.0
+    assert [Route("teacher", "sp", "feature", weight=2.0).weight_at(e) for e in (1, 2)] == [2.0, 2.0]
+    assert Route("teacher", "sp", "feature", warmup_epochs=1).weight_at(2) == 1.0
+    assert route.to_dict()["warmup_epochs"] == 4 and Route.from_dict(route.to_dict()) == route
+    assert "warmup_epochs" not in Route("teacher", "sp", "prediction").to_dict()  # fingerprints of before unchanged
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "3", None])
+def test_warmup_epochs_are_checked(value):
+    with pytest.raises(ConfigError, match=r"the warmup_epochs of route sp/\w+_from_teacher must be a whole number"):
+        parse_routes([{"source": "teacher", "target": "sp", "kind": "prediction", "warmup_epochs": value}], ["sp"])
+    with pytest.raises(ConfigError, match=r"warmup_epochs must be a whole number"):
+        parse_routes("kd", ["sp"], warmup_epochs=value if value is not None else -1)
+
+
+def test_a_bundle_level_warmup_reaches_presets_and_listed_routes():
+    assert {r.warmup_epochs for r in parse_routes("diversified", STUDENTS, warmup_epochs=3)} == {3}
+    assert {r.warmup_epochs for r in parse_routes({"preset": "kd", "warmup_epochs": 2}, STUDENTS, warmup_epochs=3)} == {
+        2
+    }
+    listed = [{"source": "teacher", "target": "sp", "kind": "region"},
+              {"source": "teacher", "target": "sf", "kind": "feature", "warmup_epochs": 0}]  # fmt: skip
+    assert [r.warmup_epochs for r in parse_routes(listed, STUDENTS, warmup_epochs=5)] == [5, 0]
+    assert {r.warmup_epochs for r in parse_routes("diversified", STUDENTS)} == {0}
+    config = stage_config(BUNDLES / "segmentation_2d", "train", {"class_names": ["bg", "a"], "warmup_epochs": 3})
+    assert {r.warmup_epochs for r in config.get_parsed_content("route_graph")} == {3}
+
+
+def test_the_trainer_weighs_each_epoch_by_its_warmup():
+    trainer = make_trainer([{"source": "teacher", "target": "sp", "kind": "prediction", "weight": 2.0,
+                             "warmup_epochs": 2}], max_epochs=3, n=1)  # fmt: skip
+    seen = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(iteration_losses(e.state.output)))
+    trainer.run()
+    for epoch, terms in enumerate(seen, start=1):
+        factor = min(1.0, (epoch - 1) / 2)
+        expected = terms["sp/sup"] + 2.0 * factor * terms["sp/prediction_from_teacher"]
+        assert float(terms["sp/total"]) == pytest.approx(float(expected), rel=1e-6), epoch
+        assert float(terms["sp/prediction_from_teacher"]) > 0
+    assert float(seen[0]["sp/total"]) == float(seen[0]["sp/sup"])  # weight 0 in the first epoch
+
+
 # ------------------------------------------------------------------ every new kind: gradients and a short run
 
 NEW_ROUTES = {
@@ -285,7 +336,7 @@ def test_a_short_run_with_each_new_kind(route):
 
 
 def test_a_short_3d_run_with_the_new_kinds():
-    routes = [{"source": "teacher", "target": "sf", "kind": "feature", "layers": "multi"},
+    routes = [{"source": "teacher", "target": "sf", "kind": "feature", "layers": "multi", "warmup_epochs": 1},
               {"source": "teacher", "target": "sp", "kind": "affinity", "layers": "multi"},
               {"source": "sf", "target": "sp", "kind": "region", "signal": "features", "regions": "labels"},
               {"source": "teacher", "target": "sp", "kind": "prediction", "class_weights": [0.2, 1.0]}]  # fmt: skip
@@ -293,4 +344,5 @@ def test_a_short_3d_run_with_the_new_kinds():
     trainer.run()
     terms = {k: float(v) for k, v in iteration_losses(trainer.state.output).items()}
     assert len(terms) == 8 and all(math.isfinite(v) and v >= 0 for v in terms.values())
+    assert terms["sf/total"] == pytest.approx(terms["sf/sup"], rel=1e-6)  # warm-up: weight 0 in epoch 1
     assert terms["sp/affinity_from_teacher"] > 0 and terms["sp/region_from_sf"] > 0
