@@ -1,7 +1,9 @@
 """Learning styles beyond the paper's two: hints at several depths, affinity and class-region kinds, per-route
 warm-up and class weights; each from bundle JSON, checked, on tiny 2D and 3D U-Nets."""
 
+import json
 import math
+import re
 
 import pytest
 import torch
@@ -346,3 +348,19 @@ def test_a_short_3d_run_with_the_new_kinds():
     assert len(terms) == 8 and all(math.isfinite(v) and v >= 0 for v in terms.values())
     assert terms["sf/total"] == pytest.approx(terms["sf/sup"], rel=1e-6)  # warm-up: weight 0 in epoch 1
     assert terms["sp/affinity_from_teacher"] > 0 and terms["sp/region_from_sf"] > 0
+
+
+def test_the_bundle_readme_routes_example_builds_and_runs_on_the_bundle_networks():
+    readme = (BUNDLES / "segmentation_2d" / "docs" / "README.md").read_text(encoding="utf-8")
+    routes = json.loads(re.search(r"```json\n(\{\"routes\": \[.*?\n\]\})\n```", readme, re.S).group(1))["routes"]
+    config = stage_config(BUNDLES / "segmentation_2d", "train", {"class_names": ["bg", "a", "b"], "routes": routes})
+    graph = KnowledgeRoutes(config.get_parsed_content("route_graph"), STUDENTS)
+    assert {r.kind_name for r in graph.routes} == {"prediction", "feature", "affinity", "region", "attention"}
+    nets = {"teacher": config.get_parsed_content("teacher"), **config.get_parsed_content("students")}
+    x, labels = torch.randn(2, 1, 32, 32), torch.randint(0, 3, (2, 1, 32, 32))
+    graph.setup(nets, x)
+    assert len(graph.parameters_of("sf")) == 5  # one adapter per depth of the teacher -> sf feature route
+    logits = {name: net(x) for name, net in nets.items()}
+    features = {name: graph.pop_features(name) for name in nets}
+    terms = graph.losses(logits, features, {"sp": torch.tensor(0.0), "sf": torch.tensor(0.0)}, labels, epoch=1)
+    assert all(math.isfinite(v.item()) and v.item() >= 0 for v in terms.values())
