@@ -341,7 +341,7 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
             engine.state.output[Keys.PRED] = logits
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             supervised = {name: engine.loss_function(logits[name], targets).mean() for name in optimizers}
-            terms = engine.routes.losses(logits, features, supervised, targets)
+            terms = engine.routes.losses(logits, features, supervised, targets, epoch=engine.state.epoch)
             if TEACHER in supervised:  # an online teacher learns from the labels only: no route targets it
                 terms.update({f"{TEACHER}/sup": supervised[TEACHER], f"{TEACHER}/total": supervised[TEACHER]})
             loss = sum(terms[f"{name}/total"] for name in optimizers)

@@ -6,11 +6,26 @@ segmentation terms are computed per pixel/voxel and averaged.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PredictionDistillationLoss", "FeatureDistillationLoss", "attention_map", "normalize_per_sample"]
+__all__ = [
+    "PredictionDistillationLoss",
+    "FeatureDistillationLoss",
+    "AffinityDistillationLoss",
+    "RegionPredictionLoss",
+    "RegionFeatureLoss",
+    "affinity_matrix",
+    "attention_map",
+    "class_pixel_weights",
+    "inverse_frequency",
+    "label_indices",
+    "normalize_per_sample",
+    "region_means",
+]
 
 
 class _KLSum(torch.autograd.Function):
@@ -176,3 +191,159 @@ class FeatureDistillationLoss(nn.Module):
         if self.normalize:
             dst, src = normalize_per_sample(dst), normalize_per_sample(src)
         return F.mse_loss(dst, src)
+
+
+def _pool(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``(B, C, *spatial)`` average-pooled to ``size`` (adaptive: each output element is the mean of its area)."""
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    return (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[x.ndim - 3](x, tuple(size))
+
+
+def affinity_matrix(x: torch.Tensor) -> torch.Tensor:
+    """Pairwise affinity of the positions of a feature map: cosine similarity of the channel vectors of every two
+    positions. ``(B, C, *spatial)`` -> ``(B, N, N)``, ``N = prod(spatial)``."""
+    v = F.normalize(x.float().flatten(2), dim=1)  # (B, C, N), unit channel vectors
+    return v.transpose(1, 2) @ v
+
+
+class AffinityDistillationLoss(nn.Module):
+    """Pairwise affinity distillation (structured KD for segmentation, Liu et al. 2019): both feature maps are
+    average-pooled to a grid of at most ``grid`` positions per axis, and the MSE is taken between their affinity
+    matrices (:func:`affinity_matrix`). It compares how positions relate, not the features themselves, so the
+    networks may have any channel counts (no adapter) and spatial sizes (each is pooled to the common grid).
+
+    Memory is bounded by the grid: ``B · N²`` floats per map with ``N = grid ** spatial_dims`` at most.
+
+    Args:
+        grid: positions per spatial axis after pooling (>= 1); a map smaller than that keeps its size.
+
+    Shapes:
+        - ``dst``: ``(B, C_dst, *spatial_dst)``; ``src``: ``(B, C_src, *spatial_src)``, detached here.
+        - output: scalar, ``>= 0``, zero when the maps relate their positions alike.
+    """
+
+    def __init__(self, grid: int = 8) -> None:
+        super().__init__()
+        if grid < 1:
+            raise ValueError(f"grid must be >= 1, got {grid}.")
+        self.grid = int(grid)
+
+    def forward(self, dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        size = [min(self.grid, a, b) for a, b in zip(dst.shape[2:], src.shape[2:], strict=True)]
+        a_dst = affinity_matrix(_pool(dst.float(), size))
+        a_src = affinity_matrix(_pool(src.detach().float(), size))
+        return F.mse_loss(a_dst, a_src)
+
+
+def label_indices(targets: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """The class index of every pixel (or sample) of ``targets``, ``-1`` where it is not one of the ``C`` classes
+    of ``logits`` (e.g. an ignore label).
+
+    Shapes:
+        - ``targets``: class indices ``(B, 1, *spatial)`` or ``(B, *spatial)`` (``(B,)`` for classification), or
+          one-hot ``(B, C, *spatial)``; ``logits``: ``(B, C, *spatial)``.
+        - output: ``(B, 1, *spatial)``, long.
+    """
+    num_classes = logits.shape[1]
+    if targets.ndim == logits.ndim and targets.shape[1] == num_classes and num_classes > 1:
+        targets = targets.argmax(dim=1, keepdim=True)  # one-hot
+    elif targets.ndim == logits.ndim - 1:
+        targets = targets.unsqueeze(1)
+    expected = (logits.shape[0], 1, *logits.shape[2:])
+    if tuple(targets.shape) != expected:
+        raise ValueError(
+            f"labels of shape {tuple(targets.shape)} do not match logits {tuple(logits.shape)}: expected class "
+            f"indices {expected} or one-hot {tuple(logits.shape)}."
+        )
+    labels = targets.detach().round().long()
+    return labels.masked_fill((labels < 0) | (labels >= num_classes), -1)
+
+
+def inverse_frequency(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class weights ``c_k = 1 / n_k``, ``n_k`` the number of pixels of class ``k`` in ``labels`` (``0`` for a class
+    without pixels). ``labels``: class indices from :func:`label_indices`; output: ``(num_classes,)``."""
+    counts = torch.bincount(labels[labels >= 0].flatten(), minlength=num_classes)[:num_classes].float()
+    return torch.where(counts > 0, 1.0 / counts.clamp_min(1.0), torch.zeros_like(counts))
+
+
+def class_pixel_weights(labels: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
+    """Per-pixel weights ``w(x) = c_{y(x)} · N / Σ_x' c_{y(x')}`` from the class ``y(x)`` of each of the ``N``
+    pixels (or samples) of the batch: weighted by class, normalised to mean 1 (all zeros when every weight is zero).
+    Pixels of no class (``-1``) weigh 0.
+
+    Shapes:
+        - ``labels``: ``(B, 1, *spatial)`` from :func:`label_indices`; ``class_weights``: ``(C,)``.
+        - output: ``(B, 1, *spatial)``, float.
+    """
+    c = torch.cat([class_weights.to(labels.device, torch.float32), torch.zeros(1, device=labels.device)])
+    w = c[labels]  # index -1: the appended zero
+    total = w.sum()
+    return w * (w.numel() / total) if total > 0 else w
+
+
+def region_means(x: torch.Tensor, regions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean of ``x`` over each of ``K`` soft regions, and each region's mass: the regions are average-pooled to
+    ``x``'s spatial size, then ``mean_k = Σ_x r_k(x) · x(x) / Σ_x r_k(x)``.
+
+    Shapes:
+        - ``x``: ``(B, C, *spatial_x)``; ``regions``: ``(B, K, *spatial_r)``, ``>= 0`` (soft or one-hot).
+        - output: means ``(B, K, C)`` (zeros for an empty region) and masses ``(B, K)``.
+    """
+    r = _pool(regions.float(), x.shape[2:]).flatten(2)  # (B, K, N)
+    mass = r.sum(dim=2)
+    means = r @ x.float().flatten(2).transpose(1, 2)  # (B, K, C)
+    return means / mass.clamp_min(1e-6).unsqueeze(2), mass
+
+
+class RegionPredictionLoss(nn.Module):
+    """Class-region distillation of predictions: in each class region ``k`` (soft weights ``r_k``, from the labels
+    or the source's prediction), the mean predicted distribution ``P_k = Σ_x r_k(x) σ(z(x)/τ) / Σ_x r_k(x)``; the
+    loss is ``τ² · KL(P_k^src ‖ P_k^dst)``, averaged over the regions with pixels in each sample. It asks the
+    student to confuse the classes of each region the way the source does, a small structure weighing as much as
+    the background.
+
+    Args:
+        temperature: softmax temperature ``τ`` (> 0).
+
+    Shapes:
+        - ``dst_logits``, ``src_logits``: ``(B, C, *spatial)`` (the source detached here).
+        - ``regions``: ``(B, K, *spatial_r)``, ``>= 0``.
+        - output: scalar, ``>= 0``, zero when the predictions are equal.
+    """
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        self.temperature = float(temperature)
+
+    def forward(self, dst_logits: torch.Tensor, src_logits: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+        tau = self.temperature
+        p_dst, mass = region_means(F.softmax(dst_logits.float() / tau, dim=1), regions)
+        p_src, _ = region_means(F.softmax(src_logits.detach().float() / tau, dim=1), regions)
+        kl = (p_src * (p_src.clamp_min(1e-8).log() - p_dst.clamp_min(1e-8).log())).sum(dim=2)  # (B, K)
+        present = (mass > 1e-6).float()
+        return tau * tau * (kl * present).sum() / present.sum().clamp_min(1.0)
+
+
+class RegionFeatureLoss(nn.Module):
+    """Class-region distillation of features: the mean feature vector of each class region (a class prototype,
+    :func:`region_means`) of each network, and the MSE between the two networks' matrices of cosine similarity
+    between the prototypes of the classes present in the sample. It compares how the classes relate in feature
+    space, so the networks may have any channel counts (no adapter).
+
+    Shapes:
+        - ``dst``: ``(B, C_dst, *spatial_dst)``; ``src``: ``(B, C_src, *spatial_src)``, detached here.
+        - ``regions``: ``(B, K, *spatial_r)``, ``>= 0``.
+        - output: scalar, ``>= 0``, zero when the prototypes relate alike.
+    """
+
+    def forward(self, dst: torch.Tensor, src: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+        proto_dst, mass_dst = region_means(dst, regions)
+        proto_src, mass_src = region_means(src.detach(), regions)
+        present = ((mass_dst > 1e-6) & (mass_src > 1e-6)).float()  # (B, K)
+        pairs = present.unsqueeze(2) * present.unsqueeze(1)  # (B, K, K)
+        relation_dst = affinity_matrix(proto_dst.transpose(1, 2))  # (B, K, K)
+        relation_src = affinity_matrix(proto_src.transpose(1, 2))
+        return ((relation_dst - relation_src).pow(2) * pairs).sum() / pairs.sum().clamp_min(1.0)

@@ -1,8 +1,9 @@
 """Knowledge routes: who teaches whom, in which form, and the named presets built from them.
 
-A route is ``{source, target, kind, weight, temperature, layers, mode}``: ``source`` teaches ``target`` (each
-``"teacher"`` or a student name) in the form its ``kind`` names: ``"prediction"`` (temperature-scaled KL),
-``"feature"`` (hint loss with an adapter) or ``"attention"`` (attention transfer), each a class of
+A route is ``{source, target, kind, weight, warmup_epochs, temperature, layers, mode}``: ``source`` teaches ``target``
+(each ``"teacher"`` or a student name) in the form its ``kind`` names: ``"prediction"`` (temperature-scaled KL),
+``"feature"`` (hint loss with an adapter), ``"attention"`` (attention transfer), ``"affinity"`` (pairwise
+affinities of positions) or ``"region"`` (class-region statistics), each a class of
 :mod:`medkd.route_kinds` found by name in a registry (:func:`register_kind`), or a class of one's own named by its
 dotted path. Any graph of routes over one teacher and N students is allowed; the presets (student alone, KD,
 FitNets, DML, KD+DML, diversified) are named graphs. :class:`KnowledgeRoutes` runs a graph: it chooses the layers,
@@ -19,8 +20,8 @@ import torch
 from torch import nn
 
 from medkd.errors import ConfigError
-from medkd.features import FeatureExtractor, default_feature_layer, unwrap
-from medkd.route_kinds import ROUTE_KINDS, RouteKind, StepOutputs, register_kind, resolve_kind
+from medkd.features import FeatureExtractor, unwrap
+from medkd.route_kinds import ROUTE_KINDS, LayerDefaults, RouteKind, StepOutputs, integer, register_kind, resolve_kind
 from medkd.route_kinds import number as _number
 
 __all__ = [
@@ -53,9 +54,13 @@ class Route:
         kind: a registered kind (``"prediction"``, ``"feature"``, ``"attention"``, see :data:`ROUTE_KINDS`), the
             dotted path of a :class:`RouteKind` subclass, or the class.
         weight: multiplier of the term in the target's loss.
-        temperature: softmax temperature of a prediction route (default 4).
-        layers: for a feature or attention route, ``[[source_layer, target_layer], ...]`` module names; ``None``
-            pairs the networks' ``feature_layers`` (or default layers) in order.
+        warmup_epochs: the weight ramps linearly from 0 over the first ``warmup_epochs`` epochs
+            (:meth:`weight_at`); 0 (the default) is off.
+        temperature: softmax temperature of a prediction route (default 4) or a region route (default 1).
+        layers: for a route that reads feature maps (feature, attention, affinity, region), ``[[source_layer,
+            target_layer], ...]`` module names, or ``"multi"``, ``"encoder"``, ``"decoder"`` (layers at several
+            depths, :func:`medkd.features.feature_depths`); ``None`` pairs the networks' ``feature_layers`` (or
+            default layers) in order.
         mode: feature loss, ``"mse"`` (normalised hint, the default) or ``"attention"`` (attention transfer).
         options: options of a kind of one's own, beside those above.
 
@@ -67,8 +72,9 @@ class Route:
     target: str
     kind: str | type[RouteKind]
     weight: float = 1.0
+    warmup_epochs: int = 0
     temperature: float | None = None
-    layers: list[list[str]] | None = None
+    layers: str | list[list[str]] | None = None
     mode: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     kind_name: str = field(init=False, repr=False, compare=False)
@@ -77,6 +83,7 @@ class Route:
     def __post_init__(self) -> None:
         self.kind_name, self.kind_class = resolve_kind(self.kind, f"route {self.source} -> {self.target}")
         self.weight = _number(self.weight, f"the weight of route {self.name}")
+        self.warmup_epochs = integer(self.warmup_epochs, f"the warmup_epochs of route {self.name}")
         given = {k: getattr(self, k) for k in _OPTION_FIELDS if getattr(self, k) is not None}
         values = self.kind_class.check_options(self.name, self.kind_name, {**given, **self.options})
         for key in _OPTION_FIELDS:
@@ -89,12 +96,23 @@ class Route:
         ``"sp/prediction_from_teacher"``."""
         return f"{self.target}/{self.kind_name}_from_{self.source}"
 
+    def weight_at(self, epoch: int | None) -> float:
+        """The weight in epoch ``epoch`` (1 for the first, as ``engine.state.epoch`` counts):
+        ``weight · min(1, (epoch - 1) / warmup_epochs)``, so 0 in the first epoch and ``weight`` from epoch
+        ``warmup_epochs + 1`` on; ``weight`` without warm-up or when ``epoch`` is ``None``."""
+        if not self.warmup_epochs or epoch is None:
+            return self.weight
+        return self.weight * min(1.0, max(epoch - 1, 0) / self.warmup_epochs)
+
     def to_dict(self) -> dict:
-        """JSON-serialisable form (the keys accepted by :func:`parse_routes`; options left at ``None`` omitted)."""
+        """JSON-serialisable form (the keys accepted by :func:`parse_routes`; options left at ``None`` and a
+        ``warmup_epochs`` of 0 omitted)."""
         kind = self.kind if isinstance(self.kind, str) else f"{self.kind.__module__}.{self.kind.__qualname__}"
         d = {"source": self.source, "target": self.target, "kind": kind, "weight": self.weight}
+        if self.warmup_epochs:
+            d["warmup_epochs"] = self.warmup_epochs
         d.update({k: getattr(self, k) for k in _OPTION_FIELDS if getattr(self, k) is not None})
-        return {**d, **self.options}
+        return {**d, **{k: v for k, v in self.options.items() if v is not None}}
 
     @classmethod
     def from_dict(cls, route: Mapping[str, Any]) -> Route:
@@ -102,7 +120,7 @@ class Route:
         kind of one's own."""
         if not isinstance(route, Mapping) or not {"source", "target", "kind"} <= set(route):
             raise ConfigError(f"route {route!r} is malformed: it needs 'source', 'target' and 'kind'.")
-        named = ("source", "target", "kind", "weight", *_OPTION_FIELDS)
+        named = ("source", "target", "kind", "weight", "warmup_epochs", *_OPTION_FIELDS)
         options = {k: v for k, v in route.items() if k not in named}
         return cls(**{k: v for k, v in route.items() if k in named}, options=options)
 
@@ -138,33 +156,45 @@ def parse_routes(
     students: Sequence[str],
     weights: Mapping[str, float] | None = None,
     temperature: float | None = None,
+    warmup_epochs: int | None = None,
 ) -> list[Route]:
-    """Routes from a preset name, a ``{"preset": name, "weights": {...}, "temperature": t}`` dict, or a list of
-    :class:`Route` or dicts (as written in bundle JSON).
+    """Routes from a preset name, a ``{"preset": name, "weights": {...}, "temperature": t, "warmup_epochs": n}``
+    dict, or a list of :class:`Route` or dicts (as written in bundle JSON).
 
     The named ``weights`` (:data:`WEIGHTS`, each 1 unless given) weight every route that does not set its own
-    ``weight``, by its role (:func:`weight_key`), and ``temperature`` applies to every prediction route that does
-    not set its own: so a bundle's ``kd_weight`` or ``temperature`` still means something when its routes are
-    listed. A preset dict's own ``weights`` and ``temperature`` take precedence over the arguments.
+    ``weight``, by its role (:func:`weight_key`), ``temperature`` applies to every prediction route and
+    ``warmup_epochs`` to every route that does not set its own: so a bundle's ``kd_weight``, ``temperature`` or
+    ``warmup_epochs`` still means something when its routes are listed. A preset dict's own ``weights``,
+    ``temperature`` and ``warmup_epochs`` take precedence over the arguments.
     """
     named = _named_weights(weights)
     if isinstance(routes, Mapping):
-        unknown = sorted(set(routes) - {"preset", "weights", "temperature"})
+        unknown = sorted(set(routes) - {"preset", "weights", "temperature", "warmup_epochs"})
         if "preset" not in routes or unknown:
             raise ConfigError(
                 f"routes {dict(routes)} must be a preset name, a list of routes, or a dict with 'preset' and "
-                f"optionally 'weights' and 'temperature'" + (f" (unknown keys: {unknown})." if unknown else ".")
+                "optionally 'weights', 'temperature' and 'warmup_epochs'"
+                + (f" (unknown keys: {unknown})." if unknown else ".")
             )
         named.update(routes.get("weights") or {})
-        return parse_routes(routes["preset"], students, named, routes.get("temperature", temperature))
+        return parse_routes(
+            routes["preset"],
+            students,
+            named,
+            routes.get("temperature", temperature),
+            routes.get("warmup_epochs", warmup_epochs),
+        )
     if isinstance(routes, str):
-        return preset_routes(routes, students, **named, **({} if temperature is None else {"temperature": temperature}))
+        given = {"temperature": temperature, "warmup_epochs": warmup_epochs}
+        return preset_routes(routes, students, **named, **{k: v for k, v in given.items() if v is not None})
     parsed = []
     for route in routes:
         if isinstance(route, Mapping) and {"source", "kind"} <= set(route):
             route = {"weight": named[weight_key(route["source"], str(route["kind"]))], **route}
             if route["kind"] == "prediction" and temperature is not None:
                 route.setdefault("temperature", temperature)
+            if warmup_epochs is not None:
+                route.setdefault("warmup_epochs", warmup_epochs)
         parsed.append(route if isinstance(route, Route) else Route.from_dict(route))
     return parsed
 
@@ -177,6 +207,7 @@ def preset_routes(
     peer_prediction_weight: float = 1.0,
     peer_feature_weight: float = 1.0,
     temperature: float = 4.0,
+    warmup_epochs: int = 0,
 ) -> list[Route]:
     """The routes of a named method (see METHOD.md).
 
@@ -191,6 +222,7 @@ def preset_routes(
         peer_prediction_weight: weight of peer prediction terms (γ).
         peer_feature_weight: weight of peer feature terms (δ).
         temperature: softmax temperature of every prediction term.
+        warmup_epochs: epochs over which every route's weight ramps up from 0 (:meth:`Route.weight_at`; 0: off).
     """
     students = list(students)
     w = _named_weights(
@@ -198,19 +230,21 @@ def preset_routes(
              peer_feature_weight=peer_feature_weight)
     )  # fmt: skip
     _number(temperature, "temperature", positive=True)
-    pred = dict(kind="prediction", temperature=temperature)
+    warmup_epochs = integer(warmup_epochs, "warmup_epochs")
+    pred = dict(kind="prediction", temperature=temperature, warmup_epochs=warmup_epochs)
+    feat = dict(kind="feature", warmup_epochs=warmup_epochs)
     peers = [(a, b) for a in students for b in students if a != b]
     if preset == "student":
         return []
     if preset == "kd":
         return [Route(TEACHER, s, weight=w["kd_weight"], **pred) for s in students]
     if preset == "fitnets":
-        return [Route(TEACHER, s, "feature", weight=w["hint_weight"]) for s in students]
+        return [Route(TEACHER, s, weight=w["hint_weight"], **feat) for s in students]
     if preset == "dml":
         return [Route(a, b, weight=w["peer_prediction_weight"], **pred) for a, b in peers]
     if preset == "kd_dml":
-        return preset_routes("kd", students, **w, temperature=temperature) + preset_routes(
-            "dml", students, **w, temperature=temperature
+        return preset_routes("kd", students, **w, temperature=temperature, warmup_epochs=warmup_epochs) + (
+            preset_routes("dml", students, **w, temperature=temperature, warmup_epochs=warmup_epochs)
         )
     if preset == "diversified":
         if len(students) != 2:
@@ -218,11 +252,11 @@ def preset_routes(
         sp, sf = students
         return [
             Route(TEACHER, sp, weight=w["kd_weight"], **pred),
-            Route(TEACHER, sf, "feature", weight=w["hint_weight"]),
+            Route(TEACHER, sf, weight=w["hint_weight"], **feat),
             Route(sf, sp, weight=w["peer_prediction_weight"], **pred),
             Route(sp, sf, weight=w["peer_prediction_weight"], **pred),
-            Route(sf, sp, "feature", weight=w["peer_feature_weight"]),
-            Route(sp, sf, "feature", weight=w["peer_feature_weight"]),
+            Route(sf, sp, weight=w["peer_feature_weight"], **feat),
+            Route(sp, sf, weight=w["peer_feature_weight"], **feat),
         ]
     raise ConfigError(f"unknown routes preset {preset!r}; choose one of {', '.join(PRESETS)}.")
 
@@ -290,16 +324,16 @@ class KnowledgeRoutes(nn.Module):
         """Whether any route takes knowledge from the teacher."""
         return any(r.source == TEACHER for r in self.routes)
 
-    def resolve_layers(self, networks: Mapping[str, nn.Module | None] | None = None) -> dict[str, list[str]]:
+    def resolve_layers(
+        self,
+        networks: Mapping[str, nn.Module | None] | None = None,
+        example_inputs: Callable[[], torch.Tensor] | None = None,
+    ) -> dict[str, list[str]]:
         """Ask every route which layers it reads; a network without ``feature_layers`` gets its default layer
-        (when ``networks`` has it). Returns the layers by network name."""
-
-        def defaults(network: str) -> list[str] | None:
-            if self.feature_layers.get(network):
-                return list(self.feature_layers[network])
-            net = (networks or {}).get(network)
-            return [default_feature_layer(net)] if net is not None else None
-
+        (when ``networks`` has it), and routes with ``layers: "multi"`` (or ``"encoder"``, ``"decoder"``) get
+        depths found by a probe forward on ``example_inputs()`` (:class:`~medkd.route_kinds.LayerDefaults`).
+        Returns the layers by network name."""
+        defaults = LayerDefaults(self.feature_layers, networks, example_inputs)
         layers: dict[str, list[str]] = {}
         for r in self.routes:
             for network, names in self.kind_of(r).layers(defaults).items():
@@ -332,8 +366,18 @@ class KnowledgeRoutes(nn.Module):
         """Prepare the routes to run on ``networks`` (by name, the teacher among them when a route reads it): choose
         the layers, hook a :class:`~medkd.features.FeatureExtractor` on each network read, and, when a route still
         needs its adapters, run every hooked network once (eval mode, no grad, first sample only) on
-        ``example_inputs`` (a batch of inputs, or a function giving one, called only then) to build them."""
-        layers = self.resolve_layers(networks)
+        ``example_inputs`` (a batch of inputs, or a function giving one, called only when needed and at most once;
+        routes with ``layers: "multi"`` probe their networks on it too) to build them."""
+        fetched: list[torch.Tensor] = []
+
+        def inputs() -> torch.Tensor:
+            if example_inputs is None:
+                raise ValueError("routes with adapters need example inputs to size them; pass example_inputs to setup.")
+            if not fetched:
+                fetched.append(example_inputs() if callable(example_inputs) else example_inputs)
+            return fetched[0]
+
+        layers = self.resolve_layers(networks, inputs if example_inputs is not None else None)
         absent = sorted(set(layers) - {name for name, net in networks.items() if net is not None})
         if absent:
             raise ConfigError(f"routes read feature maps of {absent}, but no such network was given.")
@@ -342,20 +386,18 @@ class KnowledgeRoutes(nn.Module):
         self.extractors = {name: FeatureExtractor(networks[name], names, name) for name, names in layers.items()}
         if self.built:
             return
-        if example_inputs is None:
-            raise ValueError("routes with adapters need example inputs to size them; pass example_inputs to setup.")
-        inputs = example_inputs() if callable(example_inputs) else example_inputs
+        probe = inputs()
         features = {}
         with torch.no_grad():
             for name, extractor in self.extractors.items():
                 network = unwrap(networks[name])  # no DDP collectives for a local probe
                 was_training = network.training
                 network.eval()
-                network(inputs[:1])
+                network(probe[:1])
                 network.train(was_training)
                 features[name] = extractor.pop()
-        self.build(features, spatial_dims=inputs.ndim - 2)
-        self.to(inputs.device)
+        self.build(features, spatial_dims=probe.ndim - 2)
+        self.to(probe.device)
 
     def parameters_of(self, student: str) -> list[nn.Parameter]:
         """Parameters (adapters) trained with ``student``: those of the routes that target it."""
@@ -382,14 +424,16 @@ class KnowledgeRoutes(nn.Module):
         features: Mapping[str, Mapping[str, torch.Tensor]],
         supervised: Mapping[str, torch.Tensor],
         targets: torch.Tensor | None = None,
+        epoch: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """Every term of one step: ``"<student>/sup"`` (the ``supervised`` loss of each student), each route's
-        unweighted term (:meth:`forward`) and ``"<student>/total"``, the supervised loss plus the weighted terms of
-        the routes that target the student."""
+        unweighted term (:meth:`forward`) and ``"<student>/total"``, the supervised loss plus the terms of the
+        routes that target the student, each weighted by its weight in ``epoch`` (:meth:`Route.weight_at`: warm-up;
+        ``None``, the full weights)."""
         route_terms = self(logits, features, targets)
         totals = {s: supervised[s] for s in self.students}
         for route in self.routes:
-            totals[route.target] = totals[route.target] + route.weight * route_terms[route.name]
+            totals[route.target] = totals[route.target] + route.weight_at(epoch) * route_terms[route.name]
         return {
             **{f"{s}/sup": supervised[s] for s in self.students},
             **route_terms,

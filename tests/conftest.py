@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny 2D segmentation data and tiny MONAI U-Nets."""
+"""Shared fixtures: tiny 2D and 3D segmentation data and tiny MONAI U-Nets."""
 
 from __future__ import annotations
 
@@ -27,6 +27,25 @@ def tiny_batches(n: int = 4, batch_size: int = 4, size: int = 32, seed: int = 0)
         image = torch.as_tensor(np.stack([p[0] for p in pairs]))[:, None].float()
         label = (torch.as_tensor(np.stack([p[1] for p in pairs]))[:, None] > 0).long()
         batches.append({"image": image, "label": label})
+    return batches
+
+
+def tiny_unet3d(channels=(4, 8, 16), seed: int = 0) -> UNet:
+    """A small 3D U-Net with 2 output classes."""
+    torch.manual_seed(seed)
+    return UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=channels, strides=(2, 2), num_res_units=1)
+
+
+def tiny_batches3d(n: int = 2, batch_size: int = 2, size: int = 16, seed: int = 0) -> list[dict]:
+    """``n`` batches of noisy 3D balls and their binary labels."""
+    rng = np.random.RandomState(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"))
+    batches = []
+    for _ in range(n):
+        centres = rng.uniform(4, size - 4, size=(batch_size, 3, 1, 1, 1))
+        label = (np.sqrt(((grid[None] - centres) ** 2).sum(axis=1)) < 4)[:, None]
+        image = label + 0.3 * rng.normal(size=label.shape)
+        batches.append({"image": torch.as_tensor(image).float(), "label": torch.as_tensor(label).long()})
     return batches
 
 

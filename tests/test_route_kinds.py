@@ -111,10 +111,12 @@ def test_a_registered_kind_is_named_by_its_registry_name():
 @pytest.mark.parametrize(
     "kind, option, accepted",
     [
-        ("prediction", "mode", "['weight', 'temperature']"),
-        ("feature", "temperature", "['weight', 'layers', 'mode']"),
-        ("attention", "mode", "['weight', 'layers']"),
-        ("test_route_kinds.LogitMSE", "scaling", "['weight', 'scale']"),
+        ("prediction", "mode", "['weight', 'warmup_epochs', 'temperature', 'class_weights']"),
+        ("feature", "temperature", "['weight', 'warmup_epochs', 'layers', 'mode']"),
+        ("attention", "mode", "['weight', 'warmup_epochs', 'layers']"),
+        ("affinity", "mode", "['weight', 'warmup_epochs', 'layers', 'grid']"),
+        ("region", "mode", "['weight', 'warmup_epochs', 'signal', 'regions', 'temperature', 'layers']"),
+        ("test_route_kinds.LogitMSE", "scaling", "['weight', 'warmup_epochs', 'scale']"),
     ],
 )
 def test_each_kind_names_the_options_it_accepts(kind, option, accepted):
