@@ -26,13 +26,15 @@ class PolyLR:
 
     Args:
         optimizers: one optimizer or a mapping of them (e.g. one per student); all follow the same schedule.
+            Default: the engine's, i.e. every network a ``DistillationTrainer`` trains (``trained_optimizers``: the
+            students and an online teacher) or a ``TeacherTrainer``'s ``optimizer``.
         power: the exponent; 0.9 as nnU-Net.
         max_epochs: epochs the schedule spans (default: the engine's ``max_epochs``).
     """
 
     def __init__(
         self,
-        optimizers: torch.optim.Optimizer | Mapping[str, torch.optim.Optimizer],
+        optimizers: torch.optim.Optimizer | Mapping[str, torch.optim.Optimizer] | None = None,
         power: float = 0.9,
         max_epochs: int | None = None,
     ) -> None:
@@ -40,7 +42,7 @@ class PolyLR:
             from medkd.errors import ConfigError
 
             raise ConfigError(f"lr_decay_power must be a number >= 0 (0 keeps the learning rate), got {power!r}.")
-        self.optimizers = list(optimizers.values()) if isinstance(optimizers, Mapping) else [optimizers]
+        self.optimizers = optimizers
         self.power = float(power)
         self.max_epochs = max_epochs
 
@@ -51,6 +53,10 @@ class PolyLR:
     def __call__(self, engine: Engine) -> None:
         """Apply the rate of the epoch that starts (``engine.state.epoch`` is already 1-based here)."""
         factor = poly_factor(engine.state.epoch - 1, self.max_epochs or engine.state.max_epochs, self.power)
-        for optimizer in self.optimizers:
+        optimizers = self.optimizers
+        if optimizers is None:  # the engine's, known once it is built (handlers attach in its constructor)
+            optimizers = getattr(engine, "trained_optimizers", None) or engine.optimizer
+        optimizers = optimizers.values() if isinstance(optimizers, Mapping) else [optimizers]
+        for optimizer in optimizers:
             for group in optimizer.param_groups:  # groups added after construction (adapters) included
                 group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor

@@ -157,23 +157,25 @@ def parse_routes(
     weights: Mapping[str, float] | None = None,
     temperature: float | None = None,
     warmup_epochs: int | None = None,
+    hint_layers: str | None = None,
 ) -> list[Route]:
-    """Routes from a preset name, a ``{"preset": name, "weights": {...}, "temperature": t, "warmup_epochs": n}``
-    dict, or a list of :class:`Route` or dicts (as written in bundle JSON).
+    """Routes from a preset name, a ``{"preset": name, "weights": {...}, "temperature": t, "warmup_epochs": n,
+    "hint_layers": "multi"}`` dict, or a list of :class:`Route` or dicts (as written in bundle JSON).
 
     The named ``weights`` (:data:`WEIGHTS`, each 1 unless given) weight every route that does not set its own
-    ``weight``, by its role (:func:`weight_key`), ``temperature`` applies to every prediction route and
-    ``warmup_epochs`` to every route that does not set its own: so a bundle's ``kd_weight``, ``temperature`` or
-    ``warmup_epochs`` still means something when its routes are listed. A preset dict's own ``weights``,
-    ``temperature`` and ``warmup_epochs`` take precedence over the arguments.
+    ``weight``, by its role (:func:`weight_key`), ``temperature`` applies to every prediction route,
+    ``warmup_epochs`` to every route and ``hint_layers`` (``"multi"``, ``"encoder"``, ``"decoder"``; ``None``: the
+    bottleneck) to every feature route that does not set its own: so a bundle's ``kd_weight``, ``temperature``,
+    ``warmup_epochs`` or ``hint_layers`` still means something when its routes are listed. A preset dict's own
+    values take precedence over the arguments.
     """
     named = _named_weights(weights)
     if isinstance(routes, Mapping):
-        unknown = sorted(set(routes) - {"preset", "weights", "temperature", "warmup_epochs"})
+        unknown = sorted(set(routes) - {"preset", "weights", "temperature", "warmup_epochs", "hint_layers"})
         if "preset" not in routes or unknown:
             raise ConfigError(
                 f"routes {dict(routes)} must be a preset name, a list of routes, or a dict with 'preset' and "
-                "optionally 'weights', 'temperature' and 'warmup_epochs'"
+                "optionally 'weights', 'temperature', 'warmup_epochs' and 'hint_layers'"
                 + (f" (unknown keys: {unknown})." if unknown else ".")
             )
         named.update(routes.get("weights") or {})
@@ -183,9 +185,10 @@ def parse_routes(
             named,
             routes.get("temperature", temperature),
             routes.get("warmup_epochs", warmup_epochs),
+            routes.get("hint_layers", hint_layers),
         )
     if isinstance(routes, str):
-        given = {"temperature": temperature, "warmup_epochs": warmup_epochs}
+        given = {"temperature": temperature, "warmup_epochs": warmup_epochs, "hint_layers": hint_layers}
         return preset_routes(routes, students, **named, **{k: v for k, v in given.items() if v is not None})
     parsed = []
     for route in routes:
@@ -195,6 +198,8 @@ def parse_routes(
                 route.setdefault("temperature", temperature)
             if warmup_epochs is not None:
                 route.setdefault("warmup_epochs", warmup_epochs)
+            if route["kind"] == "feature" and hint_layers is not None:
+                route.setdefault("layers", hint_layers)
         parsed.append(route if isinstance(route, Route) else Route.from_dict(route))
     return parsed
 
@@ -208,6 +213,7 @@ def preset_routes(
     peer_feature_weight: float = 1.0,
     temperature: float = 4.0,
     warmup_epochs: int = 0,
+    hint_layers: str | None = None,
 ) -> list[Route]:
     """The routes of a named method (see METHOD.md).
 
@@ -223,6 +229,8 @@ def preset_routes(
         peer_feature_weight: weight of peer feature terms (δ).
         temperature: softmax temperature of every prediction term.
         warmup_epochs: epochs over which every route's weight ramps up from 0 (:meth:`Route.weight_at`; 0: off).
+        hint_layers: the layers of every feature route: ``None`` the bottleneck (or the networks' ``feature_layers``),
+            ``"multi"``, ``"encoder"`` or ``"decoder"`` layers at several depths (:attr:`Route.layers`).
     """
     students = list(students)
     w = _named_weights(
@@ -232,7 +240,7 @@ def preset_routes(
     _number(temperature, "temperature", positive=True)
     warmup_epochs = integer(warmup_epochs, "warmup_epochs")
     pred = dict(kind="prediction", temperature=temperature, warmup_epochs=warmup_epochs)
-    feat = dict(kind="feature", warmup_epochs=warmup_epochs)
+    feat = dict(kind="feature", warmup_epochs=warmup_epochs, layers=hint_layers)
     peers = [(a, b) for a in students for b in students if a != b]
     if preset == "student":
         return []
@@ -245,7 +253,7 @@ def preset_routes(
     if preset == "kd_dml":
         return preset_routes("kd", students, **w, temperature=temperature, warmup_epochs=warmup_epochs) + (
             preset_routes("dml", students, **w, temperature=temperature, warmup_epochs=warmup_epochs)
-        )
+        )  # no feature routes: hint_layers does not apply
     if preset == "diversified":
         if len(students) != 2:
             raise ConfigError(f"the diversified preset needs exactly two students, got {students}.")

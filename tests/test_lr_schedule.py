@@ -50,6 +50,20 @@ def test_resumed_optimizer_keeps_its_schedule():
     assert resumed.param_groups[0]["lr"] == pytest.approx(0.0025)
 
 
+def test_default_optimizers_are_the_engines():
+    net = torch.nn.Linear(2, 2)
+    engine = Engine(lambda e, batch: None)
+    engine.optimizer = torch.optim.SGD(net.parameters(), lr=0.1)  # a TeacherTrainer's
+    PolyLR(power=1.0).attach(engine)
+    engine.run([0], max_epochs=2)
+    assert engine.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+    engine = Engine(lambda e, batch: None)
+    engine.trained_optimizers = {"sp": torch.optim.SGD(net.parameters(), lr=0.1)}  # a DistillationTrainer's
+    PolyLR(power=1.0).attach(engine)
+    engine.run([0], max_epochs=4)
+    assert engine.trained_optimizers["sp"].param_groups[0]["lr"] == pytest.approx(0.025)
+
+
 def test_negative_power_is_a_config_error():
     with pytest.raises(ConfigError, match="lr_decay_power"):
         PolyLR(torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1), power=-1)
