@@ -312,23 +312,25 @@ def accept_missing_classes(
 
 
 def check_before_run(
-    datalist_file: str | os.PathLike,
+    datalists: str | os.PathLike | Mapping[str, str | os.PathLike],
     keys: Sequence[str] = ("training", "validation"),
     num_classes: int | None = None,
     task: str = "segmentation",
     base_dir: str | os.PathLike | None = None,
     allow_missing_classes: bool = False,
 ) -> None:
-    """Check the ``keys`` lists of a datalist before a bundle run; on any problem print them all and exit with
-    status 1 (``SystemExit`` passes through MONAI's config parser, so the user sees the report, not a traceback).
+    """Check the ``keys`` lists before a bundle run; on any problem print them all and exit with status 1
+    (``SystemExit`` passes through MONAI's config parser, so the user sees the report, not a traceback).
 
+    ``datalists`` is one datalist file holding every list, or a file per list (a bundle's ``datalists``).
     ``allow_missing_classes`` (the bundle key of that name) turns "class N never appears" in every list but
     ``training`` into a logged warning, for a small validation split that lacks a rare class; a class absent from
     the training list stays an error.
     """
-    source = str(datalist_file)
+    files = {key: datalists[key] if isinstance(datalists, Mapping) else datalists for key in keys}
     errors = []
-    for key in keys:
+    for key, datalist_file in files.items():
+        source = str(datalist_file)
         try:
             items = load_datalist(datalist_file, key=key, base_dir=base_dir)
         except DataError as e:
@@ -349,7 +351,7 @@ def check_before_run(
     if errors:
         print("\n".join(errors), file=sys.stderr, flush=True)
         raise SystemExit(1)
-    logger.info("data check passed for %s (%s)", datalist_file, ", ".join(keys))
+    logger.info("data check passed for %s", ", ".join(f"{key} ({file})" for key, file in files.items()))
 
 
 # ------------------------------------------------------------------------------------------ inference skipping

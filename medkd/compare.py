@@ -96,8 +96,7 @@ def inference_ms(networks: Mapping[str, torch.nn.Module], input_shape: Sequence[
 def _bundle_networks(bundle: Path, overrides: Mapping[str, Any]) -> tuple[dict[str, torch.nn.Module], list[int]]:
     parser = stage_config(bundle, "train", overrides)
     networks = {"teacher": parser.get_parsed_content("teacher_def"), **parser.get_parsed_content("students")}
-    size_key = "patch_size" if "patch_size" in parser else "image_size"  # segmentation / classification bundles
-    shape = [1, parser.get_parsed_content("in_channels"), *parser.get_parsed_content(size_key)]
+    shape = [1, parser.get_parsed_content("in_channels"), *parser.get_parsed_content("patch_size")]
     return {k: v.cpu() for k, v in networks.items()}, shape
 
 
@@ -108,7 +107,7 @@ def compare_fingerprint(bundle: str | Path, overrides: Mapping[str, Any] | None 
     overrides = dict(overrides or {})
     parser = stage_config(Path(bundle).resolve(), "train", overrides)
     parser.get_parsed_content("make_default_data")
-    datalist = parser.get_parsed_content("datalists" if "datalists" in parser else "datalist_file")
+    datalist = parser.get_parsed_content("datalists")
     fingerprint = {
         "bundle": str(Path(bundle).resolve()),
         "dataset_dir": str(Path(parser.get_parsed_content("dataset_dir")).expanduser().resolve()),

@@ -38,7 +38,7 @@ TINY = {
     },
     "classification_2d": {
         "make_default_data": "$medkd.synthetic.ensure_classification_data(@dataset_dir, size=32, counts=(16, 8, 8))",
-        "image_size": [32, 32],
+        "patch_size": [32, 32],
         "batch_size": 4,
     },
 }

@@ -288,3 +288,17 @@ def test_allow_missing_classes_in_validation_only(tmp_path, seg_items, caplog, c
         "validation Dice leaves it out of the mean",
         "OK: 1 items checked",
     ]
+
+
+def test_check_before_run_reads_a_file_per_list(tmp_path, seg_items, capsys):
+    training = write_datalist(tmp_path, seg_items, test=seg_items)
+    validation = tmp_path / "validation.csv"
+    validation.write_text(f"image,label\n{seg_items[0]['image']},{seg_items[0]['label']}\n{tmp_path / 'gone.nii.gz'},"
+                          f"{seg_items[0]['label']}\n")  # fmt: skip
+    datalists = {"training": training, "validation": validation, "test": training}
+    with pytest.raises(SystemExit):
+        check_before_run(datalists, num_classes=3)
+    report = capsys.readouterr().err
+    assert f"[validation] Data check failed: 1 problem(s) in {validation}:" in report and "gone.nii.gz" in report
+    assert "[training]" not in report
+    check_before_run(datalists, keys=["training", "test"], num_classes=3)  # no exit

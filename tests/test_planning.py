@@ -353,7 +353,7 @@ def test_plan_command_writes_the_plan_and_prints_a_summary(tmp_path, capsys):
     assert read_plan(root / "medkd_plan.json")["device"] == "cuda"
 
 
-def test_classification_plan_image_size_and_lateral_findings(tmp_path):
+def test_classification_plan_patch_size_and_lateral_findings(tmp_path):
     rng = np.random.default_rng(0)
     (tmp_path / "img").mkdir()
     entries = []
@@ -365,7 +365,7 @@ def test_classification_plan_image_size_and_lateral_findings(tmp_path):
     datalist = {"labels": labels, "training": entries[:9], "validation": entries[9:], "test": entries[9:]}
     (tmp_path / "dataset.json").write_text(json.dumps(datalist))
     parser = stage_config(BUNDLES / "classification_2d", "train", {"dataset_dir": str(tmp_path)})
-    assert parser.get_parsed_content("image_size") == [64, 64]  # 70 x 60 to a multiple of 32
+    assert parser.get_parsed_content("patch_size") == [64, 64]  # 70 x 60 to a multiple of 32
     assert parser.get_parsed_content("lateral") is True  # 'effusion_left' / 'effusion_right'
     assert parser.get_parsed_content("flip_axes") == [1] and parser.get_parsed_content("rot90_axes") is None
     plan = read_plan(tmp_path / "medkd_plan.json")
@@ -373,6 +373,11 @@ def test_classification_plan_image_size_and_lateral_findings(tmp_path):
     parser = stage_config(BUNDLES / "classification_2d", "train", {"dataset_dir": str(tmp_path), "lateral": False})
     assert parser.get_parsed_content("flip_axes") == [0, 1]
     assert parser.get_parsed_content("normalization") == {"scheme": "zscore"}
+    # a plan file of medkd 0.2 names the size image_size: still read, under the current name
+    plan["settings"] = {"image_size": [96, 96], **{k: v for k, v in plan["settings"].items() if k != "patch_size"}}
+    (tmp_path / "medkd_plan.json").write_text(json.dumps(plan))
+    parser = stage_config(BUNDLES / "classification_2d", "train", {"dataset_dir": str(tmp_path)})
+    assert parser.get_parsed_content("patch_size") == [96, 96]
 
 
 def test_a_bundle_stage_runs_on_a_plan(tmp_path):

@@ -33,6 +33,7 @@ __all__ = [
     "show_plan",
     "summary",
     "lateral_flips",
+    "current_keys",
 ]
 
 PLAN_FILE = "medkd_plan.json"
@@ -305,7 +306,7 @@ def bundle_plan(
     if not use:
         return BundlePlan(default, source="the bundle's default_plan (auto_plan false)", planned=False)
     plan = load_or_make(plan_file, datalist, task=task, spatial_dims=spatial_dims, **options)
-    settings = dict(plan["settings"])
+    settings = current_keys(plan["settings"])
     missing = [k for k in default if k not in settings]
     if missing:
         logger.warning("the plan %s has no %s: the bundle's defaults are used for them", plan_file, missing)
@@ -314,6 +315,15 @@ def bundle_plan(
         settings, source=f"{Path(plan_file).expanduser()} (made for {plan.get('device', '?')})", planned=True,
         reasons=plan.get("reasons", {}),
     )  # fmt: skip
+
+
+def current_keys(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` with the keys of earlier medkd versions (:data:`medkd.validation.RENAMED`, e.g. a plan file's
+    ``image_size``) under their current name; a current key wins over its old name."""
+    from medkd.validation import RENAMED
+
+    old = {RENAMED[k]: v for k, v in settings.items() if k in RENAMED}
+    return {**old, **{k: v for k, v in settings.items() if k not in RENAMED}}
 
 
 def _fmt(value: Any) -> str:

@@ -1,0 +1,75 @@
+"""Every bundle names the same concept with the same key; old names are rejected with the new one."""
+
+import pytest
+from bundle_utils import BUNDLES, STAGES
+
+from medkd.bundles import stage_config
+from medkd.errors import ConfigError
+from medkd.validation import RENAMED, check_overrides
+
+# keys every bundle defines in every stage, for the same thing (see docs/architecture.md#bundle-keys)
+SHARED = {
+    # folders and data
+    "imports", "bundle_root", "ckpt_dir", "output_dir", "log_dir", "dataset_dir", "datalist_file", "datalists",
+    "default_data", "make_default_data", "allow_missing_classes", "check_data", "check_settings", "class_names",
+    "num_classes",
+    # planned settings
+    "spatial_dims", "auto_plan", "plan_file", "plan_options", "default_plan", "plan", "plan_used", "show_plan",
+    "in_channels", "patch_size", "batch_size", "max_epochs", "iterations_per_epoch", "val_interval", "normalization",
+    "flip_axes", "rot90_axes", "rotate_degrees", "scale_range", "intensity_augmentation",
+    # run
+    "num_workers", "learning_rate", "seed", "amp", "amp_kwargs", "device", "is_not_rank0", "resume", "nan_policy",
+    "resume_file", "history_file",
+    # networks and knowledge
+    "teacher_def", "student_def", "teacher", "students", "train_students", "teacher_ckpt", "routes_preset",
+    "kd_weight", "hint_weight", "peer_prediction_weight", "peer_feature_weight", "temperature", "routes",
+    "route_graph", "feature_layers", "loss", "optimizer", "optimizers",
+    # transforms and engines
+    "load_keys", "load", "augment", "inferer", "fingerprint", "best_checkpoints", "resume_checkpoint", "train",
+    "validate", "initialize", "run",
+}  # fmt: skip
+STAGE_KEYS = {
+    "train": set(),
+    "train_teacher": {"teacher_train_network", "teacher_optimizer"},
+    "evaluate": {"networks", "test_datalist", "dataset", "dataloader", "handlers", "evaluator"},
+    "inference": {
+        "network_name", "input_dir", "input_pattern", "network", "infer_datalist", "preprocessing", "dataset",
+        "dataloader", "postprocessing", "handlers", "evaluator",
+    },
+}  # fmt: skip
+# what only one task has: the segmentation bundles resample, crop patches and slide windows over U-Nets; the
+# classification bundle knows lateral findings; the 3D bundle samples several patches per volume
+SEGMENTATION = {
+    "axcodes", "pixdim", "interp_modes", "crop", "strides", "teacher_channels", "compression", "student_channels",
+    "sw_overlap", "sw_batch_size",
+}  # fmt: skip
+OWN = {
+    "segmentation_2d": SEGMENTATION,
+    "segmentation_3d": SEGMENTATION | {"base_configs", "samples_per_volume"},
+    "classification_2d": {"shared_configs", "lateral"},
+}
+
+
+def top_level_keys(bundle: str, stage: str) -> set[str]:
+    return set(stage_config(BUNDLES / bundle, stage).get()) - {"_meta_"}
+
+
+@pytest.mark.parametrize("stage", list(STAGE_KEYS))
+@pytest.mark.parametrize("bundle", list(OWN))
+def test_bundles_share_the_names_of_shared_concepts(bundle, stage):
+    keys = top_level_keys(bundle, stage)
+    assert not (SHARED | STAGE_KEYS[stage]) - keys, f"{bundle} lacks shared keys"
+    assert keys - SHARED - STAGE_KEYS[stage] == OWN[bundle], f"{bundle} has keys of its own not listed in OWN"
+
+
+def test_renamed_keys_are_not_used_by_any_bundle():
+    for bundle, stages in STAGES.items():
+        for stage in stages:
+            assert not set(RENAMED) & top_level_keys(bundle, stage), (bundle, stage)
+
+
+@pytest.mark.parametrize("old, new", [("image_size", "patch_size"), ("data_keys", "load_keys")])
+@pytest.mark.parametrize("bundle", list(OWN))
+def test_old_key_names_the_new_one(bundle, old, new):
+    with pytest.raises(ConfigError, match=rf"--{old} \(renamed --{new}\)"):
+        check_overrides(STAGES[bundle]["train"], [old])
