@@ -29,6 +29,7 @@ from monai.data.utils import affine_to_spacing
 from monai.utils import ensure_tuple
 
 from medkd.data import DataError, LoadMedicalImage, load_datalist
+from medkd.distributed import is_not_rank0
 from medkd.duplicates import DEFAULT_MAX_DISTANCE, find_duplicates
 from medkd.nonfinite import count_nonfinite
 
@@ -325,8 +326,10 @@ def check_before_run(
     ``datalists`` is one datalist file holding every list, or a file per list (a bundle's ``datalists``).
     ``allow_missing_classes`` (the bundle key of that name) turns "class N never appears" in every list but
     ``training`` into a logged warning, for a small validation split that lacks a rare class; a class absent from
-    the training list stays an error.
+    the training list stays an error. In a ``torchrun`` run, rank 0 checks and the other processes go on.
     """
+    if is_not_rank0():
+        return
     files = {key: datalists[key] if isinstance(datalists, Mapping) else datalists for key in keys}
     errors = []
     for key, datalist_file in files.items():

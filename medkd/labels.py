@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from medkd.data import DataError
 
-__all__ = ["datalist_class_names"]
+__all__ = ["datalist_class_names", "foreground"]
 
 
 def datalist_class_names(datalist_file: str) -> list[str]:
@@ -42,3 +43,8 @@ def datalist_class_names(datalist_file: str) -> list[str]:
     if indices != list(range(len(indices))):
         raise DataError(f"the 'labels' map of {path} must number the classes 0..N-1, got {indices}.")
     return [str(labels[str(i)]) for i in indices]
+
+
+def foreground(class_names: Sequence[str]) -> list[str]:
+    """The class names but the background (index 0), in order: the classes a Dice without background scores."""
+    return list(class_names[1:])

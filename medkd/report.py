@@ -16,7 +16,7 @@ from torch import nn
 
 from medkd.evaluators import split_metric_name
 
-__all__ = ["ResultsTable", "NameClassColumns", "markdown_table"]
+__all__ = ["ResultsTable", "NameClassColumns", "markdown_table", "image_meta"]
 
 logger = logging.getLogger("medkd.report")
 
@@ -31,6 +31,12 @@ def markdown_table(rows: Sequence[Mapping[str, object]]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def image_meta(batch: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The image metadata of each sample of a decollated batch: MONAI's ``MetricsSaver`` names its per-case rows by
+    the file in it (its ``batch_transform``)."""
+    return [sample["image"].meta for sample in batch]
 
 
 class ResultsTable:

@@ -17,6 +17,8 @@ import numpy as np
 from monai.data import create_test_image_2d, create_test_image_3d
 from tqdm.auto import tqdm
 
+from medkd.distributed import rank0_first
+
 __all__ = [
     "SEGMENTATION_CLASSES",
     "ensure_segmentation_data",
@@ -157,7 +159,7 @@ def ensure_default_data(dataset_dir: str, bundle_root: str, default: Mapping[str
 
     ``default`` names the generator's ``task`` (``"segmentation"`` or ``"classification"``) and its other arguments
     (see :func:`ensure_segmentation_data`, :func:`ensure_classification_data`); a user's own ``dataset_dir`` is
-    never written to.
+    never written to. In a ``torchrun`` run, rank 0 writes the data and the other processes find it.
     """
     if not is_default_data(dataset_dir, bundle_root):
         return os.path.join(dataset_dir, "dataset.json")
@@ -165,4 +167,5 @@ def ensure_default_data(dataset_dir: str, bundle_root: str, default: Mapping[str
     make = {"segmentation": ensure_segmentation_data, "classification": ensure_classification_data}[
         settings.pop("task")
     ]
-    return make(dataset_dir, **settings)
+    with rank0_first():
+        return make(dataset_dir, **settings)

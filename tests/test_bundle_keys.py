@@ -1,4 +1,8 @@
-"""Every bundle names the same concept with the same key; old names are rejected with the new one."""
+"""Every bundle names the same concept with the same key (old names are rejected with the new one), and its
+expressions hold no Python logic of their own."""
+
+import json
+import re
 
 import pytest
 from bundle_utils import BUNDLES, STAGES
@@ -73,3 +77,21 @@ def test_renamed_keys_are_not_used_by_any_bundle():
 def test_old_key_names_the_new_one(bundle, old, new):
     with pytest.raises(ConfigError, match=rf"--{old} \(renamed --{new}\)"):
         check_overrides(STAGES[bundle]["train"], [old])
+
+
+def expressions(node):
+    """Every ``$`` expression in a config."""
+    if isinstance(node, dict):
+        return [e for v in node.values() for e in expressions(v)]
+    if isinstance(node, list):
+        return [e for v in node for e in expressions(v)]
+    return [node] if isinstance(node, str) and node.startswith("$") else []
+
+
+LOGIC = re.compile(r"\b(if|else|for|lambda|and|or|not)\b|\[[^\]]*:")  # conditionals, loops, lambdas, slices
+
+
+@pytest.mark.parametrize("config", sorted(p for p in BUNDLES.glob("*/configs/*.json") if p.name != "metadata.json"))
+def test_bundle_expressions_call_named_functions_instead_of_inline_logic(config):
+    found = [e for e in expressions(json.loads(config.read_text())) if LOGIC.search(e)]
+    assert not found, f"{config}: move into a named medkd function: {found}"

@@ -22,6 +22,9 @@ from medkd.errors import ConfigError, user_error
 from medkd.planning import (
     NormalizeIntensityd,
     augmentations,
+    auto_plan,
+    lateral_flips,
+    lateral_rot90,
     load_or_make,
     make_plan,
     make_settings,
@@ -400,3 +403,29 @@ def test_a_bundle_stage_runs_on_a_plan(tmp_path):
         run_stage("segmentation_2d", "train_teacher", tmp_path / "run2d", dataset_dir=str(root), **plan_keys)
     found = user_error(err.value)
     assert found is not None and "spatial_dims=2" in str(found), err.value
+
+
+def test_lateral_findings_drop_left_right_flips_and_90_degree_rotations():
+    assert lateral_flips([0, 1], lateral=True) == [1] and lateral_flips([0, 1], lateral=False) == [0, 1]
+    assert lateral_rot90([0, 1], lateral=True) is None and lateral_rot90((0, 1), lateral=False) == [0, 1]
+    assert lateral_rot90(None, lateral=False) is None
+
+
+def test_auto_plan_for_any_data_but_the_embedded_default(tmp_path):
+    assert not auto_plan(tmp_path / "bundle" / "data", tmp_path / "bundle")
+    assert not auto_plan(f"{tmp_path}/bundle/./data/", f"{tmp_path}/bundle")
+    assert auto_plan(tmp_path / "mine", tmp_path / "bundle")
+
+
+def test_show_plan_marks_what_follows_lateral_and_what_was_overridden(caplog):
+    from medkd.planning import show_plan
+
+    plan = {"lateral": False, "flip_axes": [0, 1], "rot90_axes": [0, 1], "batch_size": 8}
+    used = {"lateral": True, "flip_axes": [1], "rot90_axes": None, "batch_size": 4}
+    with caplog.at_level("INFO", logger="medkd.planning"):
+        show_plan(plan, used)
+    lines = {line.split()[0]: line for line in caplog.text.splitlines()[1:]}
+    assert lines["flip_axes"].endswith("(follows lateral; planned [0, 1])")
+    assert lines["rot90_axes"].endswith("(follows lateral; planned [0, 1])")
+    assert lines["batch_size"].endswith("(override; planned 8)")
+    assert lines["lateral"].endswith("(override; planned false)")

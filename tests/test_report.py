@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from medkd.report import NameClassColumns, ResultsTable, markdown_table
+from medkd.labels import foreground
+from medkd.report import NameClassColumns, ResultsTable, image_meta, markdown_table
 
 
 def test_rows_per_network_with_named_per_class_means_skipping_nan(tmp_path):
@@ -53,3 +54,11 @@ def test_metric_names_are_built_and_read_by_one_rule():
         ("mean_dice", "teacher"), ("mean_dice", "s_p"), ("auc", "sf"), ("acc", "sf")
     ]  # fmt: skip
     assert split_metric_name(metric_name("auc", "")) is None and split_metric_name("loss/sp/total") is None
+
+
+def test_per_case_rows_are_named_by_the_image_and_classes_by_the_foreground():
+    from monai.data import MetaTensor
+
+    batch = [{"image": MetaTensor(torch.zeros(1, 2, 2), meta={"filename_or_obj": f"{name}.nii"})} for name in "ab"]
+    assert [m["filename_or_obj"] for m in image_meta(batch)] == ["a.nii", "b.nii"]
+    assert foreground(["background", "liver", "tumour"]) == ["liver", "tumour"]

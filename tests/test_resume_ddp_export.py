@@ -97,8 +97,8 @@ def test_two_process_gloo_training_keeps_students_identical(bundle, tmp_path):
                     "$torch.save({'students': {k: v.state_dict() for k, v in @students.items()}, "
                     "'routes': @train#trainer.routes.state_dict(), 'iteration': @train#trainer.state.iteration, "
                     "'epoch_length': @train#trainer.state.epoch_length}, "
-                    "@ckpt_dir + '/rank' + str(dist.get_rank()) + '.pt')",
-                    "$dist.destroy_process_group()",
+                    "@ckpt_dir + '/rank' + str(torch.distributed.get_rank()) + '.pt')",
+                    "$medkd.distributed.destroy_process_group()",
                 ]
             }
         )

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from medkd.data import DataError, load_datalist
+from medkd.distributed import rank0_first
 from medkd.errors import ConfigError
 from medkd.planning.fingerprint import fingerprint_dataset
 from medkd.planning.plan import BUDGETS, device_kind, make_settings, validation_interval
@@ -33,6 +34,8 @@ __all__ = [
     "show_plan",
     "summary",
     "lateral_flips",
+    "lateral_rot90",
+    "auto_plan",
     "current_keys",
 ]
 
@@ -242,9 +245,20 @@ def load_or_make(
 
     An existing file is used as it is (it may have been edited); it must be of the same task and dimensionality
     (else :class:`ConfigError`). A plan made from another version of the data lists is used too, with a warning
-    saying how to plan again.
+    saying how to plan again. In a ``torchrun`` run, rank 0 plans and the other processes read its file.
     """
-    path = Path(plan_file).expanduser()
+    with rank0_first():
+        return _load_or_make(Path(plan_file).expanduser(), datalist, task, spatial_dims, remake, **options)
+
+
+def _load_or_make(
+    path: Path,
+    datalist: PathLike | Mapping[str, PathLike],
+    task: str | None,
+    spatial_dims: int | None,
+    remake: bool,
+    **options: Any,
+) -> dict[str, Any]:
     if path.is_file() and not remake:
         plan = read_plan(path)
         if task and plan.get("task", task) != task:
@@ -346,7 +360,7 @@ def show_plan(plan: Mapping[str, Any], used: Mapping[str, Any], networks: Mappin
             why = "override"
             if key == "val_interval" and value == validation_interval(plan, used.get("max_epochs", 0)):
                 why = "follows max_epochs"
-            elif key == "flip_axes" and used.get("lateral") and _same(value, lateral_flips(plan[key], True)):
+            elif key in LATERAL and used.get("lateral") and _same(value, LATERAL[key](plan[key], True)):
                 why = "follows lateral"
             line += f"   ({why}; planned {_fmt(plan[key])})"
         lines.append(line)
@@ -368,6 +382,24 @@ def _same(a: Any, b: Any) -> bool:
 def lateral_flips(flip_axes: Sequence[int] | None, lateral: bool, axis: int = 0) -> list[int]:
     """``flip_axes`` without the left-right ``axis`` when the findings are ``lateral`` (classification bundle)."""
     return [int(a) for a in (flip_axes or []) if not (lateral and int(a) == axis)]
+
+
+def lateral_rot90(rot90_axes: Sequence[int] | None, lateral: bool) -> list[int] | None:
+    """``rot90_axes``, or none when the findings are ``lateral``: a 90° rotation moves a left finding up or right
+    (classification bundle)."""
+    return None if lateral or not rot90_axes else [int(a) for a in rot90_axes]
+
+
+# the augmentation keys that a classification bundle's ``lateral`` changes, by the function that changes them
+LATERAL = {"flip_axes": lateral_flips, "rot90_axes": lateral_rot90}
+
+
+def auto_plan(dataset_dir: PathLike, bundle_root: PathLike) -> bool:
+    """Whether a bundle plans its settings from the data (its ``auto_plan``): for any ``dataset_dir`` but the
+    bundle's embedded synthetic data, which keeps the bundle's ``default_plan``."""
+    from medkd.synthetic import is_default_data
+
+    return not is_default_data(str(dataset_dir), str(bundle_root))
 
 
 def summary(plan: Mapping[str, Any], path: PathLike | None = None) -> str:
