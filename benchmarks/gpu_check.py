@@ -105,8 +105,7 @@ def command_line_checks(output: Path) -> list[dict]:
         "cli evaluate --amp True": [sys.executable, *base, "--amp", "True"],
         "torchrun multi_gpu_train": [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "-m", "monai.bundle", "run",
-            "--config_file", json.dumps([str(p) for p in stage_files(BUNDLES / bundle, "train")]
-                                        + [str(BUNDLES / bundle / "configs" / "multi_gpu_train.json")]),
+            "--config_file", json.dumps([str(p) for p in stage_files(BUNDLES / bundle, "multi_gpu_train")]),
             "--bundle_root", str(output / "ddp"), "--max_epochs", "2", "--amp", "True",
             "--teacher_ckpt", str(root / "models" / "teacher.pt"),
         ],

@@ -1,17 +1,27 @@
-"""Locate the config files of a bundle's stages, including bundles that overlay another bundle's configs."""
+"""Locate the config files of a bundle's stages, including bundles that overlay another bundle's configs.
+
+One policy serves every bundle: a bundle holds only its own configs, and a stage's config list is generated
+(:func:`stage_files`) instead of copying another bundle's files. ``python -m medkd compare``, the tests and the
+benchmarks build their lists here, and each bundle's ``docs/README.md`` shows the plain ``python -m monai.bundle run``
+command of every stage (:func:`run_command`; a test keeps them equal).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from monai.bundle import ConfigParser
 
-__all__ = ["STAGES", "stage_files", "stage_config"]
+__all__ = ["STAGES", "stage_files", "stage_config", "run_arguments", "run_command"]
 
 STAGES = ("train_teacher", "train", "evaluate", "inference", "multi_gpu_train")
+# how a user starts a stage from the bundle folder; the multi-GPU stage is started by torchrun (here on 2 GPUs)
+LAUNCHERS = {"multi_gpu_train": "torchrun --nproc_per_node=2 -m monai.bundle run"}
+LAUNCHER = "python -m monai.bundle run"
 
 
 def stage_files(bundle_dir: str | Path, stage: str) -> list[Path]:
@@ -50,3 +60,28 @@ def stage_config(bundle_dir: str | Path, stage: str, overrides: Mapping[str, Any
     for key, value in (overrides or {}).items():
         parser[key] = value
     return parser
+
+
+def _relative(path: Path, start: Path) -> str:
+    return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
+
+
+def run_arguments(bundle_dir: str | Path, stage: str) -> list[str]:
+    """The arguments that name the config files of ``stage`` to ``python -m monai.bundle run``, with paths relative
+    to the bundle folder: ``--config_file`` (a list when there are several files), and ``--meta_file`` when the first
+    file is another bundle's (MONAI would otherwise read the metadata next to it)."""
+    bundle = Path(bundle_dir)
+    files = [_relative(p, bundle) for p in stage_files(bundle, stage)]
+    listed = files[0] if len(files) == 1 else "[" + ",".join(f"'{f}'" for f in files) + "]"
+    arguments = ["--config_file", listed]
+    if not files[0].startswith("configs/"):
+        arguments += ["--meta_file", "configs/metadata.json"]
+    return arguments
+
+
+def run_command(bundle_dir: str | Path, stage: str) -> str:
+    """The command a user types in the bundle folder to run ``stage``, e.g. ``python -m monai.bundle run
+    --config_file "['configs/train.json','configs/evaluate.json']"`` (the bundles' READMEs show these)."""
+    arguments = run_arguments(bundle_dir, stage)
+    quoted = [f'"{a}"' if a.startswith("[") else a for a in arguments]
+    return " ".join([LAUNCHERS.get(stage, LAUNCHER), *quoted])
