@@ -2,8 +2,9 @@
 
 The bundles call these instead of writing conditionals in their JSON (``multi_gpu_train.json``): a process picks its
 device (:func:`local_device`) and backend (:func:`default_backend`), joins the group (:func:`init_process_group`),
-writes shared files once (:func:`rank0_first`), wraps its students (:func:`wrap_ddp`) and leaves the group
-(:func:`destroy_process_group`). Each is a no-op, or the single-process answer, without a process group.
+writes shared files once (:func:`rank0_first`), wraps its students (:func:`wrap_ddp`; :func:`unwrap` finds the
+network inside) and leaves the group (:func:`destroy_process_group`). Each is a no-op, or the single-process answer,
+without a process group.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ __all__ = [
     "is_distributed",
     "is_not_rank0",
     "rank0_first",
+    "unwrap",
     "wrap_ddp",
 ]
 
@@ -82,6 +84,18 @@ def rank0_first() -> Iterator[None]:
     yield
     if is_distributed() and not is_not_rank0():
         torch.distributed.barrier()
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The network inside a ``DistributedDataParallel``/``DataParallel`` wrapper or a ``torch.compile`` module (also
+    nested), or the network itself: what a checkpoint, a fingerprint or a layer name refers to."""
+    while True:
+        if isinstance(network, DistributedDataParallel | nn.DataParallel):
+            network = network.module
+        elif isinstance(getattr(network, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            network = network._orig_mod
+        else:
+            return network
 
 
 def wrap_ddp(

@@ -12,14 +12,10 @@ import torch
 from monai.networks.layers import SkipConnection
 from torch import nn
 
+from medkd.distributed import unwrap
 from medkd.errors import ConfigError
 
-__all__ = ["FeatureExtractor", "default_feature_layer", "unwrap"]
-
-
-def unwrap(network: nn.Module) -> nn.Module:
-    """The module inside a ``DistributedDataParallel``/``DataParallel`` wrapper (or the network itself)."""
-    return network.module if isinstance(network, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else network
+__all__ = ["FeatureExtractor", "default_feature_layer"]
 
 
 def _resolve(network: nn.Module, name: str, network_name: str) -> nn.Module:

@@ -1,4 +1,4 @@
-"""Handlers for distillation runs: loss-term logging, progress, best and resume checkpoints, skipped files."""
+"""Handlers for distillation runs: loss-term logging, progress, best and resume checkpoints, metrics history."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar as _IgniteProgressBar
 
 from medkd.checkpoints import CheckpointError, load_checkpoint, load_network_weights, save_or_explain, set_aside
+from medkd.distributed import unwrap
 from medkd.engines import iteration_losses
 from medkd.evaluators import metric_name
-from medkd.features import unwrap
 from medkd.fingerprint import fingerprint_changes
 
 __all__ = [
@@ -31,8 +31,6 @@ __all__ = [
     "FinalValidation",
     "ResumeCheckpoint",
     "LoadNetworks",
-    "skip_empty_batches",
-    "SkippedFilesReport",
     "MetricsHistory",
 ]
 
@@ -355,27 +353,6 @@ class LoadNetworks:
     def __call__(self, engine: Engine) -> None:
         for name, network in self.networks.items():
             load_network_weights(network, f"{self.load_dir}/{name}.pt", map_location=self.map_location, role=name)
-
-
-def skip_empty_batches(engine: Engine, batchdata: Any) -> dict:
-    """``iteration_update`` for evaluators fed through :func:`medkd.checks.skip_none_collate`: a batch whose files
-    were all unreadable (``None``) is skipped instead of stopping the run."""
-    return {} if batchdata is None else engine._iteration(engine, batchdata)
-
-
-class SkippedFilesReport:
-    """At the end of a run, log which files a :class:`medkd.checks.SafeDataset` skipped (or that none was)."""
-
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
-
-    def attach(self, engine: Engine) -> None:
-        """Report when ``engine`` completes."""
-        engine.add_event_handler(Events.COMPLETED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        level = logging.WARNING if self.dataset.skipped else logging.INFO
-        logging.getLogger("medkd").log(level, "%s (list: %s)", self.dataset.summary(), self.dataset.report_file)
 
 
 class MetricsHistory:

@@ -4,7 +4,7 @@
   :func:`medkd.checks.check_datalist` report them per file).
 * :class:`CheckFinited` stops a pipeline with a :class:`~medkd.data.DataError` naming the file when a loaded image
   holds NaN/Inf; :func:`with_finite_check` inserts it after the loader of a bundle's ``load`` list. Inference's
-  :class:`~medkd.checks.SafeDataset` then skips the file and lists it in ``skipped.tsv``; evaluation stops.
+  :class:`~medkd.skipping.SafeDataset` then skips the file and lists it in ``skipped.tsv``; evaluation stops.
 * :class:`NonFiniteLoss` gives MONAI's ``SupervisedTrainer`` (the teacher stage) the ``nan_policy`` of
   :class:`medkd.engines.DistillationTrainer`: ``raise``, ``skip`` or ``ignore``.
 * :class:`NonFiniteOutputs` stops an evaluator when an input or a network's output is non-finite, naming the image

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from medkd.distributed import unwrap
 from medkd.errors import ConfigError
-from medkd.features import FeatureExtractor, default_feature_layer, unwrap
+from medkd.features import FeatureExtractor, default_feature_layer
 from medkd.route_kinds import ROUTE_KINDS, RouteKind, StepOutputs, register_kind, resolve_kind
 from medkd.route_kinds import number as _number
 

@@ -65,3 +65,20 @@ def _rank0_writes_first(rank: int, port: int, folder: str) -> None:
 def test_rank0_first_makes_the_other_ranks_wait(tmp_path):
     mp.start_processes(_rank0_writes_first, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="fork")
     assert (tmp_path / "rank0").read_text() == (tmp_path / "rank1").read_text() == "True"
+
+
+def test_unwrap_finds_the_network_inside_wrappers_and_compiled_modules(tmp_path):
+    from medkd.checkpoints import load_network_weights
+
+    class Compiled(torch.nn.Module):  # as torch.compile wraps a module (without compiling anything here)
+        def __init__(self, module):
+            super().__init__()
+            self._orig_mod = module
+
+    net = torch.nn.Linear(2, 3)
+    compiled = Compiled(torch.nn.DataParallel(net))
+    assert distributed.unwrap(net) is net and distributed.unwrap(torch.nn.DataParallel(net)) is net
+    assert distributed.unwrap(compiled) is net
+    torch.save({"network": torch.nn.Linear(2, 3).state_dict()}, tmp_path / "w.pt")
+    load_network_weights(compiled, tmp_path / "w.pt")  # the weights of the network, not of its wrappers
+    assert torch.equal(net.weight, torch.load(tmp_path / "w.pt")["network"]["weight"])

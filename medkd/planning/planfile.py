@@ -20,6 +20,7 @@ from typing import Any
 from medkd.data import DataError, load_datalist
 from medkd.distributed import rank0_first
 from medkd.errors import ConfigError
+from medkd.labels import optional_class_names
 from medkd.planning.fingerprint import fingerprint_dataset
 from medkd.planning.plan import BUDGETS, device_kind, make_settings, validation_interval
 
@@ -91,16 +92,6 @@ def _json_field(datalist: PathLike | Mapping[str, PathLike], field: str) -> Any:
         return None
 
 
-def _class_names(datalist: PathLike | Mapping[str, PathLike]) -> list[str] | None:
-    labels = _json_field(datalist, "labels")
-    if not isinstance(labels, Mapping):
-        return None
-    try:
-        return [str(labels[str(i)]) for i in range(len(labels))]
-    except KeyError:
-        return None
-
-
 def _modality(datalist: PathLike | Mapping[str, PathLike]) -> list[str] | None:
     modality = _json_field(datalist, "modality")
     if isinstance(modality, Mapping):
@@ -146,7 +137,7 @@ def make_plan(
     task = task or infer_task(lists.get("training", []))
     if task not in ("segmentation", "classification"):
         raise ConfigError(f"task {task!r} must be 'segmentation' or 'classification'.")
-    names = list(class_names) if class_names else _class_names(datalist)
+    names = list(class_names) if class_names else optional_class_names(datalist)
     if axcodes == "auto" and (task == "classification" or spatial_dims):
         axcodes = None if task == "classification" else "RAS" if spatial_dims == 3 else "RA"
     if axcodes == "auto":  # dimensionality unknown: from the first image
