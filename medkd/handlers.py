@@ -16,6 +16,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar as _IgniteProgressBar
 
+from medkd.bundles import checkpoint_file
 from medkd.checkpoints import CheckpointError, load_checkpoint, load_network_weights, save_or_explain, set_aside
 from medkd.distributed import unwrap
 from medkd.engines import iteration_losses
@@ -122,7 +123,7 @@ class BestCheckpoints:
 
     def paths(self) -> list[Path]:
         """The files this handler writes, one per network."""
-        return [self.save_dir / f"{name}.pt" for name in self.networks]
+        return [self.save_dir / checkpoint_file(name) for name in self.networks]
 
     def missing(self) -> list[str]:
         """The networks without a best checkpoint yet."""
@@ -138,7 +139,7 @@ class BestCheckpoints:
                 state = {name: unwrap(network).state_dict(), "metric": float(value), "epoch": engine.state.epoch}
                 if self.fingerprint is not None:
                     state["fingerprint"] = self.fingerprint
-                save_or_explain(state, self.save_dir / f"{name}.pt")
+                save_or_explain(state, self.save_dir / checkpoint_file(name))
 
     def state_dict(self) -> dict:
         """The best metric of each network so far."""
@@ -352,7 +353,8 @@ class LoadNetworks:
 
     def __call__(self, engine: Engine) -> None:
         for name, network in self.networks.items():
-            load_network_weights(network, f"{self.load_dir}/{name}.pt", map_location=self.map_location, role=name)
+            path = Path(self.load_dir) / checkpoint_file(name)
+            load_network_weights(network, path, map_location=self.map_location, role=name)
 
 
 class MetricsHistory:

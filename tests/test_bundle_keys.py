@@ -3,11 +3,13 @@ expressions hold no Python logic of their own."""
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from bundle_utils import BUNDLES, STAGES
 
-from medkd.bundles import stage_config
+from medkd import bundles
+from medkd.bundles import run_folders, stage_config
 from medkd.errors import ConfigError
 from medkd.validation import RENAMED, check_overrides
 
@@ -95,3 +97,22 @@ LOGIC = re.compile(r"\b(if|else|for|lambda|and|or|not)\b|\[[^\]]*:")  # conditio
 def test_bundle_expressions_call_named_functions_instead_of_inline_logic(config):
     found = [e for e in expressions(json.loads(config.read_text())) if LOGIC.search(e)]
     assert not found, f"{config}: move into a named medkd function: {found}"
+
+
+def test_the_keys_medkd_reads_are_shared_keys():
+    keys = [bundles.CKPT_DIR, bundles.OUTPUT_DIR, bundles.LOG_DIR, bundles.DATASET_DIR, bundles.DATALISTS,
+            bundles.MAKE_DEFAULT_DATA, bundles.TEACHER_CKPT, bundles.ROUTES_PRESET, bundles.SEED, bundles.MAX_EPOCHS,
+            bundles.DEVICE, bundles.TEACHER_DEF, bundles.STUDENTS, bundles.IN_CHANNELS, bundles.PATCH_SIZE]  # fmt: skip
+    assert set(keys) <= SHARED and bundles.NETWORKS in STAGE_KEYS["evaluate"]
+
+
+@pytest.mark.parametrize("bundle", list(OWN))
+def test_bundles_write_the_files_medkd_reads(bundle, tmp_path):
+    folders = run_folders(tmp_path)
+    train = stage_config(BUNDLES / bundle, "train", {"bundle_root": str(tmp_path)})
+    assert {key: train.get_parsed_content(key) for key in folders} == folders
+    checkpoints, output = Path(folders[bundles.CKPT_DIR]), Path(folders[bundles.OUTPUT_DIR])
+    assert train.get_parsed_content(bundles.TEACHER_CKPT) == str(checkpoints / bundles.TEACHER_CHECKPOINT)
+    assert train.get_parsed_content("history_file") == str(output / bundles.STUDENTS_HISTORY)
+    teacher = stage_config(BUNDLES / bundle, "train_teacher", {"bundle_root": str(tmp_path)})
+    assert teacher.get_parsed_content("history_file") == str(output / bundles.TEACHER_HISTORY)

@@ -62,3 +62,21 @@ def test_per_case_rows_are_named_by_the_image_and_classes_by_the_foreground():
     batch = [{"image": MetaTensor(torch.zeros(1, 2, 2), meta={"filename_or_obj": f"{name}.nii"})} for name in "ab"]
     assert [m["filename_or_obj"] for m in image_meta(batch)] == ["a.nii", "b.nii"]
     assert foreground(["background", "liver", "tumour"]) == ["liver", "tumour"]
+
+
+def test_comparison_summary_plot_and_files_without_running_anything(tmp_path, capsys):
+    from medkd.report import summarize, write_comparison
+
+    rows = [{"preset": "-", "seed": "-", "network": "teacher", "auc": 0.9, "params": 10, "ms_per_image": 2.0}]
+    rows += [{"preset": "kd", "seed": s, "network": "sp", "auc": v, "params": 3, "ms_per_image": 1.0}
+             for s, v in ((0, 0.6), (1, 0.8))]  # fmt: skip
+    assert summarize(rows).splitlines()[2:] == [
+        "| teacher | teacher | 1 | 0.9000 ± 0.0000 | 10 | 2.00 |",
+        "| kd | sp | 2 | 0.7000 ± 0.1414 | 3 | 1.00 |",
+    ]
+    history = tmp_path / "history.csv"
+    history.write_text("epoch,val_auc_sp\n1,0.5\n2,0.7\n")
+    table = write_comparison(rows, {("kd", 0): history}, tmp_path)
+    assert (tmp_path / "results.md").read_text() == table + "\n" and table in capsys.readouterr().out
+    assert (tmp_path / "results.csv").read_text().splitlines()[0] == "preset,seed,network,auc,params,ms_per_image"
+    assert (tmp_path / "comparison.png").read_bytes().startswith(b"\x89PNG")
