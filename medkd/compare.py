@@ -80,7 +80,7 @@ def _run_dir(output: Path, preset: str, seed: int | str) -> Path:
 
 
 def _results(root: Path) -> list[dict]:
-    return json.loads((root / EVAL_DIR / RESULTS_JSON).read_text())
+    return json.loads((root / EVAL_DIR / RESULTS_JSON).read_text(encoding="utf-8"))
 
 
 def _train_and_evaluate(bundle: Path, run_dir: Path, settings: Mapping[str, Any]) -> list[dict]:

@@ -106,9 +106,9 @@ class ResultsTable:
     def __call__(self, engine: Engine) -> None:
         rows = self.rows(engine.state.metrics, getattr(engine.state, "metric_details", None))
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / RESULTS_JSON).write_text(json.dumps(rows, indent=2))
+        (self.output_dir / RESULTS_JSON).write_text(json.dumps(rows, indent=2), encoding="utf-8")
         table = markdown_table(rows)
-        (self.output_dir / RESULTS_MD).write_text(table + "\n")
+        (self.output_dir / RESULTS_MD).write_text(table + "\n", encoding="utf-8")
         print(f"\nResults ({self.output_dir / RESULTS_MD}):\n{table}\n", flush=True)
 
 
@@ -138,7 +138,7 @@ class NameClassColumns:
         if idist.get_rank() != 0:  # MetricsSaver writes on rank 0
             return
         for path in sorted(self.output_dir.glob("*_raw.csv")) + sorted(self.output_dir.glob("*_summary.csv")):
-            with path.open(newline="") as f:
+            with path.open(newline="", encoding="utf-8") as f:
                 rows = list(csv.reader(f, delimiter=self.delimiter))
             if not rows:
                 continue
@@ -146,7 +146,7 @@ class NameClassColumns:
                 rows[0] = [self.names.get(c, c) for c in rows[0]]
             else:  # one row per class: class0, class1, ..., mean
                 rows = [[self.names.get(r[0], r[0]), *r[1:]] if r else r for r in rows]
-            with path.open("w", newline="") as f:
+            with path.open("w", newline="", encoding="utf-8") as f:
                 csv.writer(f, delimiter=self.delimiter, lineterminator="\n").writerows(rows)
 
 
@@ -177,12 +177,12 @@ def write_comparison(rows: Sequence[Mapping], curves: Mapping[tuple[str, int], P
     (``comparison.png``, :func:`plot_comparison`)."""
     output = Path(output)
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    with (output / RESULTS_CSV).open("w", newline="") as f:
+    with (output / RESULTS_CSV).open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
     table = summarize(rows)
-    (output / RESULTS_MD).write_text(table + "\n")
+    (output / RESULTS_MD).write_text(table + "\n", encoding="utf-8")
     plot_comparison(rows, curves, output / COMPARISON_PNG)
     print(f"\nMethod comparison ({output / RESULTS_MD}, plot {output / COMPARISON_PNG}):\n{table}\n", flush=True)
     return table
@@ -254,7 +254,7 @@ def plot_comparison(rows: Sequence[Mapping], curves: Mapping[tuple[str, int], Pa
     bars.legend(fontsize=8)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for (preset, _seed), csv_path in sorted(curves.items()):
-        with csv_path.open(newline="") as f:
+        with csv_path.open(newline="", encoding="utf-8") as f:
             history = list(csv.DictReader(f))
         color = colors[presets.index(preset) % len(colors)]
         for student, style in zip(students, ("-", "--", ":", "-."), strict=False):

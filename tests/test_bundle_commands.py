@@ -26,7 +26,7 @@ COMMAND = re.compile(r"-m monai\.bundle run (.+)$", re.M)
 def documented_arguments(doc: str) -> list[list[str]]:
     """The arguments after ``monai.bundle run`` of each command in ``doc`` (continued lines joined, comments left
     out)."""
-    text = (REPO / doc).read_text().replace("\\\n", " ")
+    text = (REPO / doc).read_text(encoding="utf-8").replace("\\\n", " ")
     return [shlex.split(found, comments=True) for found in COMMAND.findall(text)]
 
 
@@ -37,7 +37,7 @@ def option(arguments: list[str], name: str) -> str | None:
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("bundle", NAMES)
 def test_each_bundle_readme_shows_the_command_of_every_stage(bundle, stage):
-    assert run_command(BUNDLES / bundle, stage) in (BUNDLES / bundle / "docs" / "README.md").read_text()
+    assert run_command(BUNDLES / bundle, stage) in (BUNDLES / bundle / "docs" / "README.md").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("doc", DOCS)

@@ -95,7 +95,7 @@ LOGIC = re.compile(r"\b(if|else|for|lambda|and|or|not)\b|\[[^\]]*:")  # conditio
 
 @pytest.mark.parametrize("config", sorted(p for p in BUNDLES.glob("*/configs/*.json") if p.name != "metadata.json"))
 def test_bundle_expressions_call_named_functions_instead_of_inline_logic(config):
-    found = [e for e in expressions(json.loads(config.read_text())) if LOGIC.search(e)]
+    found = [e for e in expressions(json.loads(config.read_text(encoding="utf-8"))) if LOGIC.search(e)]
     assert not found, f"{config}: move into a named medkd function: {found}"
 
 

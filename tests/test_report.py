@@ -1,5 +1,6 @@
 """The evaluation results table: one row per network, per-class columns named by the classes."""
 
+import locale
 import math
 
 import pytest
@@ -76,7 +77,12 @@ def test_comparison_summary_plot_and_files_without_running_anything(tmp_path, ca
     ]
     history = tmp_path / "history.csv"
     history.write_text("epoch,val_auc_sp\n1,0.5\n2,0.7\n")
-    table = write_comparison(rows, {("kd", 0): history}, tmp_path)
-    assert (tmp_path / "results.md").read_text() == table + "\n" and table in capsys.readouterr().out
+    previous = locale.setlocale(locale.LC_ALL)
+    locale.setlocale(locale.LC_ALL, "C")  # ASCII by default, as after reading DICOM through ITK
+    try:
+        table = write_comparison(rows, {("kd", 0): history}, tmp_path)  # "±" written in utf-8 all the same
+    finally:
+        locale.setlocale(locale.LC_ALL, previous)
+    assert (tmp_path / "results.md").read_text(encoding="utf-8") == table + "\n" and table in capsys.readouterr().out
     assert (tmp_path / "results.csv").read_text().splitlines()[0] == "preset,seed,network,auc,params,ms_per_image"
     assert (tmp_path / "comparison.png").read_bytes().startswith(b"\x89PNG")
