@@ -13,13 +13,14 @@ from medkd.synthetic import SEGMENTATION_CLASSES
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 
 
-def bundle_setting(bundle: str) -> dict:
-    """A parser of ``bundles/<bundle>``'s distillation config and its batch geometry and learning rate.
+def bundle_setting(bundle: str, **overrides) -> dict:
+    """A parser of ``bundles/<bundle>``'s distillation config (with ``overrides``) and its batch geometry and
+    learning rate.
 
-    The classes are those of the embedded default data (3), so no datalist is read. ``batch_size`` counts patches:
+    The classes are those of the synthetic data (3), so no datalist is read. ``batch_size`` counts patches:
     the bundle's batch size times ``samples_per_volume`` where it samples several patches per volume.
     """
-    parser = stage_config(BUNDLES / bundle, "train", {"class_names": list(SEGMENTATION_CLASSES)})
+    parser = stage_config(BUNDLES / bundle, "train", {"class_names": list(SEGMENTATION_CLASSES), **overrides})
     per_volume = parser.get_parsed_content("samples_per_volume") if "samples_per_volume" in parser else 1
     return dict(
         parser=parser,

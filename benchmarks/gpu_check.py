@@ -18,9 +18,16 @@ import traceback
 from pathlib import Path
 
 import torch
-from monai.bundle import ConfigWorkflow
 
-from medkd.bundles import stage_files
+from medkd.bundles import (
+    EVAL_DIR,
+    MODELS_DIR,
+    RESULTS_JSON,
+    TEACHER_CHECKPOINT,
+    checkpoint_file,
+    stage_files,
+    stage_workflow,
+)
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 STAGES = ("train_teacher", "train", "evaluate", "inference")
@@ -30,9 +37,9 @@ PRECISIONS = {
     "fp16": {"amp": True, "amp_kwargs": "${'dtype': torch.float16}"},
 }
 OUTPUTS = {
-    "train_teacher": ["models/teacher.pt"],
-    "train": ["models/sp.pt", "models/sf.pt"],
-    "evaluate": ["eval/results.json"],
+    "train_teacher": [f"{MODELS_DIR}/{TEACHER_CHECKPOINT}"],
+    "train": [f"{MODELS_DIR}/{checkpoint_file(name)}" for name in ("sp", "sf")],
+    "evaluate": [f"{EVAL_DIR}/{RESULTS_JSON}"],
 }
 ENGINES = {
     "train_teacher": "train#trainer",
@@ -51,14 +58,7 @@ def _networks(engine) -> dict[str, torch.nn.Module]:
 def run_stage(bundle: str, stage: str, root: Path, overrides: dict) -> dict:
     """Run one stage; return its row (seconds, networks' devices, outputs found)."""
     start = time.perf_counter()
-    workflow = ConfigWorkflow(
-        config_file=[str(p) for p in stage_files(BUNDLES / bundle, stage)],
-        meta_file=str(BUNDLES / bundle / "configs" / "metadata.json"),
-        logging_file=str(BUNDLES / bundle / "configs" / "logging.conf"),
-        workflow_type="train" if stage.startswith("train") else "infer",
-        bundle_root=str(root),
-        **overrides,
-    )
+    workflow = stage_workflow(BUNDLES / bundle, stage, bundle_root=str(root), **overrides)
     workflow.initialize()
     workflow.run()
     engine = workflow.parser.get_parsed_content(ENGINES[stage])
@@ -66,7 +66,7 @@ def run_stage(bundle: str, stage: str, root: Path, overrides: dict) -> dict:
     workflow.finalize()
     missing = [f for f in OUTPUTS.get(stage, []) if not (root / f).is_file()]
     if stage == "inference":
-        outputs = [p for p in (root / "eval").rglob("*") if p.is_file() and p.suffix in (".gz", ".csv", ".nii")]
+        outputs = [p for p in (root / EVAL_DIR).rglob("*") if p.is_file() and p.suffix in (".gz", ".csv", ".nii")]
         missing += [] if outputs else ["inference outputs"]
     ok = devices == [str(torch.device("cuda", 0))] and not missing
     return {"seconds": round(time.perf_counter() - start, 1), "devices": devices, "missing": missing, "ok": ok}
@@ -87,7 +87,7 @@ def check(output: Path, epochs: int, bundles: list[str], precisions: list[str], 
                     row.update(ok=False, error=f"{type(e).__name__}: {e}"[-800:])
                     traceback.print_exc()
                 if stage == "evaluate" and row.get("ok"):
-                    results = json.loads((root / "eval" / "results.json").read_text())
+                    results = json.loads((root / EVAL_DIR / RESULTS_JSON).read_text())
                     metric = "mean_dice" if "mean_dice" in results[0] else "auc"
                     row["metric"] = {r["network"]: round(float(r[metric]), 4) for r in results}
                 print(json.dumps(row), flush=True)
@@ -105,10 +105,9 @@ def command_line_checks(output: Path) -> list[dict]:
         "cli evaluate --amp True": [sys.executable, *base, "--amp", "True"],
         "torchrun multi_gpu_train": [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "-m", "monai.bundle", "run",
-            "--config_file", json.dumps([str(p) for p in stage_files(BUNDLES / bundle, "train")]
-                                        + [str(BUNDLES / bundle / "configs" / "multi_gpu_train.json")]),
+            "--config_file", json.dumps([str(p) for p in stage_files(BUNDLES / bundle, "multi_gpu_train")]),
             "--bundle_root", str(output / "ddp"), "--max_epochs", "2", "--amp", "True",
-            "--teacher_ckpt", str(root / "models" / "teacher.pt"),
+            "--teacher_ckpt", str(root / MODELS_DIR / TEACHER_CHECKPOINT),
         ],
     }  # fmt: skip
     rows = []

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # Orientationd's default-labels notice
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = bundle_setting("segmentation_2d")
+        cfg = bundle_setting("segmentation_2d", pixdim=[0.8, 0.8])  # the generated images' spacing
         loader = make_loader(cfg, tmp, args.cases, args.size, args.batch_size, args.seed)
         batch = next(iter(loader))
         print(

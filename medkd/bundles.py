@@ -1,17 +1,78 @@
-"""Locate the config files of a bundle's stages, including bundles that overlay another bundle's configs."""
+"""Bundles: the config files, workflow and command of each stage, and the names medkd shares with the bundles.
+
+One policy serves every bundle: a bundle holds only its own configs, and a stage's config list is generated
+(:func:`stage_files`) instead of copying another bundle's files. ``python -m medkd compare``, the tests and the
+benchmarks build their lists here, and each bundle's ``docs/README.md`` shows the plain ``python -m monai.bundle run``
+command of every stage (:func:`run_command`; a test keeps them equal).
+
+It also owns the names that medkd's code shares with the bundles: the bundle keys it reads or overrides and the
+files a run writes (``python -m medkd compare`` reads them, ``tests/test_bundle_keys.py`` checks the bundles agree).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from monai.bundle import ConfigParser
+from monai.bundle import ConfigParser, ConfigWorkflow
 
-__all__ = ["STAGES", "stage_files", "stage_config"]
+from medkd.routes import TEACHER
+
+__all__ = [
+    "STAGES",
+    "stage_files",
+    "stage_config",
+    "stage_workflow",
+    "run_arguments",
+    "run_command",
+    "checkpoint_file",
+    "run_folders",
+]
+
+# a bundle's metadata and logging configuration, in its configs folder
+METADATA = "configs/metadata.json"
+LOGGING_CONF = "configs/logging.conf"
+
+# bundle keys that medkd reads or overrides
+CKPT_DIR = "ckpt_dir"  # checkpoints
+OUTPUT_DIR = "output_dir"  # metrics history, evaluation results
+LOG_DIR = "log_dir"  # TensorBoard
+DATASET_DIR = "dataset_dir"
+DATALISTS = "datalists"  # the data list file of each list
+MAKE_DEFAULT_DATA = "make_default_data"
+TEACHER_CKPT = "teacher_ckpt"  # the teacher checkpoint the distillation reads
+ROUTES_PRESET = "routes_preset"
+SEED = "seed"
+MAX_EPOCHS = "max_epochs"
+DEVICE = "device"
+NETWORKS = "networks"  # the networks the evaluate stage scores
+TEACHER_DEF = "teacher_def"
+STUDENTS = "students"
+IN_CHANNELS = "in_channels"
+PATCH_SIZE = "patch_size"  # the spatial size the networks are fed
+
+# the folders a run writes under its bundle_root (the defaults of CKPT_DIR, OUTPUT_DIR and LOG_DIR)
+MODELS_DIR = "models"
+EVAL_DIR = "eval"
+RUNS_DIR = "runs"
+# files in OUTPUT_DIR: the validation metrics of each epoch, and the evaluate stage's table (medkd.report)
+STUDENTS_HISTORY = "history_students.csv"
+TEACHER_HISTORY = "history_teacher.csv"
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+# files of a comparison (python -m medkd compare) in its output folder, and in each run's folder
+RESULTS_CSV = "results.csv"
+COMPARISON_PNG = "comparison.png"
+COMPARE_FINGERPRINT = "fingerprint.json"
+COMPARE_LOG = "compare.log"
 
 STAGES = ("train_teacher", "train", "evaluate", "inference", "multi_gpu_train")
+# how a user starts a stage from the bundle folder; the multi-GPU stage is started by torchrun (here on 2 GPUs)
+LAUNCHERS = {"multi_gpu_train": "torchrun --nproc_per_node=2 -m monai.bundle run"}
+LAUNCHER = "python -m monai.bundle run"
 
 
 def stage_files(bundle_dir: str | Path, stage: str) -> list[Path]:
@@ -50,3 +111,58 @@ def stage_config(bundle_dir: str | Path, stage: str, overrides: Mapping[str, Any
     for key, value in (overrides or {}).items():
         parser[key] = value
     return parser
+
+
+def stage_workflow(bundle_dir: str | Path, stage: str, **overrides: Any) -> ConfigWorkflow:
+    """The MONAI workflow of ``stage`` (what ``python -m monai.bundle run`` builds from :func:`run_command`), with
+    the bundle's metadata and logging configuration, ``bundle_root`` the bundle folder unless overridden; not
+    initialised yet."""
+    bundle = Path(bundle_dir)
+    return ConfigWorkflow(
+        config_file=[str(p) for p in stage_files(bundle, stage)],
+        meta_file=str(bundle / METADATA),
+        logging_file=str(bundle / LOGGING_CONF),
+        workflow_type="train" if stage.startswith("train") else "infer",
+        **{"bundle_root": str(bundle), **overrides},
+    )
+
+
+def _relative(path: Path, start: Path) -> str:
+    return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
+
+
+def run_arguments(bundle_dir: str | Path, stage: str) -> list[str]:
+    """The arguments that name the config files of ``stage`` to ``python -m monai.bundle run``, with paths relative
+    to the bundle folder: ``--config_file`` (a list when there are several files), and ``--meta_file`` when the first
+    file is another bundle's (MONAI would otherwise read the metadata next to it)."""
+    bundle = Path(bundle_dir)
+    files = [_relative(p, bundle) for p in stage_files(bundle, stage)]
+    listed = files[0] if len(files) == 1 else "[" + ",".join(f"'{f}'" for f in files) + "]"
+    arguments = ["--config_file", listed]
+    if not files[0].startswith("configs/"):
+        arguments += ["--meta_file", METADATA]
+    return arguments
+
+
+def run_command(bundle_dir: str | Path, stage: str) -> str:
+    """The command a user types in the bundle folder to run ``stage``, e.g. ``python -m monai.bundle run
+    --config_file "['configs/train.json','configs/evaluate.json']"`` (the bundles' READMEs show these)."""
+    arguments = run_arguments(bundle_dir, stage)
+    quoted = [f'"{a}"' if a.startswith("[") else a for a in arguments]
+    return " ".join([LAUNCHERS.get(stage, LAUNCHER), *quoted])
+
+
+def checkpoint_file(network: str) -> str:
+    """The file name of a network's best checkpoint in ``ckpt_dir`` (``sp.pt``; the teacher's is
+    :data:`TEACHER_CHECKPOINT`)."""
+    return f"{network}.pt"
+
+
+TEACHER_CHECKPOINT = checkpoint_file(TEACHER)
+
+
+def run_folders(root: str | Path) -> dict[str, str]:
+    """The overrides that put a run's checkpoints, results and logs under ``root``, as the bundles put them under
+    their ``bundle_root``."""
+    root = Path(root)
+    return {CKPT_DIR: str(root / MODELS_DIR), OUTPUT_DIR: str(root / EVAL_DIR), LOG_DIR: str(root / RUNS_DIR)}

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from medkd.distributed import unwrap
 from medkd.errors import MedkdError
 
 __all__ = [
@@ -59,7 +60,7 @@ def load_network_weights(
             obj = obj[key]
             break
     obj = {k: v for k, v in obj.items() if k != "checkpointer"}  # ignite's saver state, kept beside the weights
-    target = network.module if hasattr(network, "module") else network
+    target = unwrap(network)
     try:
         target.load_state_dict(obj)
     except RuntimeError as e:

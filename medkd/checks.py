@@ -1,10 +1,9 @@
-"""Input checks run before training, and a dataset wrapper that skips unreadable files during inference.
+"""Input checks run before training and evaluation, and ``python -m medkd check-data``.
 
 * :func:`check_datalist` returns every problem of a datalist at once (missing or corrupt files, NaN/Inf pixels,
   image/label mismatch, out-of-range labels, classes without samples).
 * :func:`assert_valid_datalist` raises one :class:`~medkd.data.DataError` listing them all; call it from a bundle's
   ``initialize`` list so a bad dataset stops the run before any DataLoader worker starts.
-* :class:`SafeDataset` + :func:`skip_none_collate` let inference skip a corrupt file, report it and go on.
 * :func:`check_data_command` backs ``python -m medkd check-data``, which also finds exact and near-duplicate images
   within and across the lists of a datalist (:mod:`medkd.duplicates`).
 """
@@ -16,7 +15,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,26 +22,26 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import Dataset, list_data_collate
 from monai.data.utils import affine_to_spacing
 from monai.utils import ensure_tuple
 
 from medkd.data import DataError, LoadMedicalImage, load_datalist
+from medkd.distributed import is_not_rank0
 from medkd.duplicates import DEFAULT_MAX_DISTANCE, find_duplicates
+from medkd.labels import optional_class_names
 from medkd.nonfinite import count_nonfinite
 
 __all__ = [
     "Problem",
-    "SafeDataset",
     "accept_missing_classes",
     "add_check_data_parser",
     "assert_valid_datalist",
     "check_before_run",
     "check_data_command",
     "check_datalist",
+    "error_reason",
     "format_problems",
     "infer_task",
-    "skip_none_collate",
 ]
 
 logger = logging.getLogger(__name__)
@@ -69,7 +67,7 @@ class Problem:
         return f"{self.path}: {self.reason}"
 
 
-def _reason(error: BaseException) -> str:
+def error_reason(error: BaseException) -> str:
     """Most useful one-line message of an exception chain: the first DataError, else the innermost error."""
     chain = [error]
     while chain[-1].__cause__ is not None and len(chain) < 20:
@@ -91,7 +89,7 @@ def _load(loader: LoadMedicalImage, paths: Any, problems: list[Problem]) -> Any:
         return loader(paths)
     except DataError as e:
         cause = e.__cause__
-        reason = f"unreadable or corrupt file ({_reason(cause)})" if cause is not None else str(e)
+        reason = f"unreadable or corrupt file ({error_reason(cause)})" if cause is not None else str(e)
         problems.append(Problem(names[0] if len(names) == 1 else str(names), reason))
         return None
 
@@ -312,23 +310,27 @@ def accept_missing_classes(
 
 
 def check_before_run(
-    datalist_file: str | os.PathLike,
+    datalists: str | os.PathLike | Mapping[str, str | os.PathLike],
     keys: Sequence[str] = ("training", "validation"),
     num_classes: int | None = None,
     task: str = "segmentation",
     base_dir: str | os.PathLike | None = None,
     allow_missing_classes: bool = False,
 ) -> None:
-    """Check the ``keys`` lists of a datalist before a bundle run; on any problem print them all and exit with
-    status 1 (``SystemExit`` passes through MONAI's config parser, so the user sees the report, not a traceback).
+    """Check the ``keys`` lists before a bundle run; on any problem print them all and exit with status 1
+    (``SystemExit`` passes through MONAI's config parser, so the user sees the report, not a traceback).
 
+    ``datalists`` is one datalist file holding every list, or a file per list (a bundle's ``datalists``).
     ``allow_missing_classes`` (the bundle key of that name) turns "class N never appears" in every list but
     ``training`` into a logged warning, for a small validation split that lacks a rare class; a class absent from
-    the training list stays an error.
+    the training list stays an error. In a ``torchrun`` run, rank 0 checks and the other processes go on.
     """
-    source = str(datalist_file)
+    if is_not_rank0():
+        return
+    files = {key: datalists[key] if isinstance(datalists, Mapping) else datalists for key in keys}
     errors = []
-    for key in keys:
+    for key, datalist_file in files.items():
+        source = str(datalist_file)
         try:
             items = load_datalist(datalist_file, key=key, base_dir=base_dir)
         except DataError as e:
@@ -349,75 +351,7 @@ def check_before_run(
     if errors:
         print("\n".join(errors), file=sys.stderr, flush=True)
         raise SystemExit(1)
-    logger.info("data check passed for %s (%s)", datalist_file, ", ".join(keys))
-
-
-# ------------------------------------------------------------------------------------------ inference skipping
-
-
-class SafeDataset(Dataset):
-    """:class:`monai.data.Dataset` whose items are ``None`` when loading or transforming them fails.
-
-    Each failure is logged with the file path and appended to ``report_file`` (a tab-separated file shared
-    by DataLoader workers), so :attr:`skipped` and :meth:`summary` work with any ``num_workers``.
-    Use with :func:`skip_none_collate`, and skip a batch that collates to ``None`` (all its items failed).
-    """
-
-    def __init__(
-        self,
-        data: Sequence,
-        transform: Callable | None = None,
-        image_key: str = "image",
-        report_file: str | os.PathLike | None = None,
-    ) -> None:
-        super().__init__(data, transform)
-        self.image_key = image_key
-        if report_file is None:
-            fd, report_file = tempfile.mkstemp(prefix="medkd_skipped_", suffix=".tsv")
-            os.close(fd)
-        else:
-            Path(report_file).parent.mkdir(parents=True, exist_ok=True)
-            Path(report_file).write_text("")
-        self.report_file = str(report_file)
-
-    def _path(self, index: int) -> str:
-        item = self.data[index]
-        if isinstance(item, Mapping) and self.image_key in item:
-            return str(item[self.image_key])
-        return str(item) if isinstance(item, str | os.PathLike) else f"item {index}"
-
-    def _transform(self, index: int) -> Any:
-        try:
-            return super()._transform(index)
-        except Exception as e:  # noqa: BLE001 - any failure of one item must not stop the run
-            path, reason = self._path(index), _reason(e)
-            logger.warning("Skipping %s: %s", path, reason)
-            with open(self.report_file, "a") as f:
-                f.write(f"{path}\t{reason}\n")
-            return None
-
-    @property
-    def skipped(self) -> list[Problem]:
-        """Items skipped so far (in any worker), each path once."""
-        found: dict[str, Problem] = {}
-        with open(self.report_file) as f:
-            for line in f:
-                path, _, reason = line.rstrip("\n").partition("\t")
-                found.setdefault(path, Problem(path, reason))
-        return list(found.values())
-
-    def summary(self) -> str:
-        """One line when nothing was skipped, else the number and list of skipped files."""
-        skipped = self.skipped
-        if not skipped:
-            return f"All {len(self)} item(s) loaded; none skipped."
-        return "\n".join([f"Skipped {len(skipped)} of {len(self)} item(s):", *[f"  - {p}" for p in skipped]])
-
-
-def skip_none_collate(batch: Sequence[Any]) -> Any:
-    """``list_data_collate`` without the ``None`` items of :class:`SafeDataset`; ``None`` when none is left."""
-    kept = [item for item in batch if item is not None]
-    return list_data_collate(kept) if kept else None
+    logger.info("data check passed for %s", ", ".join(f"{key} ({file})" for key, file in files.items()))
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
@@ -468,17 +402,6 @@ def add_check_data_parser(subparsers: Any) -> argparse.ArgumentParser:
     dup.add_argument("--duplicates-report", default=None, help="write every duplicate pair to this .tsv file")
     p.set_defaults(handler=check_data_command)
     return p
-
-
-def _decathlon_class_names(path: str) -> list[str] | None:
-    """Class names from a Decathlon JSON ``"labels": {"0": "background", ...}``, if present."""
-    if not path.lower().endswith(".json"):
-        return None
-    try:
-        labels = json.loads(Path(path).read_text()).get("labels")
-        return [str(labels[str(i)]) for i in range(len(labels))] if isinstance(labels, dict) else None
-    except (ValueError, KeyError, AttributeError, TypeError):
-        return None
 
 
 def infer_task(items: Sequence[Mapping[str, Any]], label_key: str = "label") -> str:
@@ -556,7 +479,7 @@ def check_data_command(args: argparse.Namespace) -> int:
             print("Task: classification (every label is an integer class index; pass --task to override)")
     names = args.class_names.split(",") if args.class_names else None
     if names is None:
-        names = _decathlon_class_names(args.datalist)
+        names = optional_class_names(args.datalist)
         if names is not None and args.num_classes is not None and len(names) != args.num_classes:
             names = None
     for key, items in lists.items():

@@ -16,10 +16,8 @@ N) and, on a machine with several GPUs, its own GPU (round-robin); each run's ou
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
-import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -27,78 +25,83 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.bundle import ConfigWorkflow
 from tqdm.auto import tqdm
 
-from medkd.bundles import stage_config, stage_files
+from medkd.bundles import (
+    COMPARE_FINGERPRINT,
+    COMPARE_LOG,
+    DATALISTS,
+    DATASET_DIR,
+    DEVICE,
+    EVAL_DIR,
+    IN_CHANNELS,
+    MAKE_DEFAULT_DATA,
+    MAX_EPOCHS,
+    MODELS_DIR,
+    NETWORKS,
+    PATCH_SIZE,
+    RESULTS_CSV,
+    RESULTS_JSON,
+    ROUTES_PRESET,
+    SEED,
+    STUDENTS,
+    STUDENTS_HISTORY,
+    TEACHER_CHECKPOINT,
+    TEACHER_CKPT,
+    TEACHER_DEF,
+    run_folders,
+    stage_config,
+    stage_files,
+    stage_workflow,
+)
 from medkd.checkpoints import set_aside
 from medkd.errors import ConfigError
-from medkd.evaluators import ENSEMBLE, METRICS, ensemble_members, split_metric_name
+from medkd.evaluators import ENSEMBLE, ensemble_members
 from medkd.fingerprint import datalist_digest, fingerprint_changes
 from medkd.jobs import Job, JobsFailed, run_jobs, threads_per_job, visible_gpus
-from medkd.report import markdown_table
-from medkd.routes import PRESETS
+from medkd.report import inference_ms, write_comparison
+from medkd.routes import PRESETS, TEACHER
 from medkd.validation import check_overrides
 
-__all__ = ["compare", "compare_fingerprint", "claim_output", "summarize", "plot_comparison", "add_compare_parser"]
+__all__ = ["compare", "compare_fingerprint", "claim_output", "add_compare_parser"]
 
 logger = logging.getLogger("medkd.compare")
 
 
-def _run_stage(bundle: Path, stage: str, overrides: Mapping[str, Any]) -> ConfigWorkflow:
-    workflow = ConfigWorkflow(
-        config_file=[str(p) for p in stage_files(bundle, stage)],
-        meta_file=str(bundle / "configs" / "metadata.json"),
-        logging_file=str(bundle / "configs" / "logging.conf"),
-        workflow_type="train" if stage.startswith("train") else "infer",
-        bundle_root=str(bundle),
-        **overrides,
-    )
+def _run_stage(bundle: Path, stage: str, overrides: Mapping[str, Any]) -> None:
+    workflow = stage_workflow(bundle, stage, **overrides)
     workflow.initialize()
     workflow.run()
     workflow.finalize()
-    return workflow
 
 
-def _dirs(root: Path) -> dict[str, str]:
-    return {"ckpt_dir": str(root / "models"), "output_dir": str(root / "eval"), "log_dir": str(root / "runs")}
+def _run_dir(output: Path, preset: str, seed: int | str) -> Path:
+    """The folder of one (preset, seed) run of a comparison."""
+    return output / preset / f"seed{seed}"
 
 
 def _results(root: Path) -> list[dict]:
-    return json.loads((root / "eval" / "results.json").read_text())
+    return json.loads((root / EVAL_DIR / RESULTS_JSON).read_text(encoding="utf-8"))
 
 
 def _train_and_evaluate(bundle: Path, run_dir: Path, settings: Mapping[str, Any]) -> list[dict]:
     """One (preset, seed) run: the ``train`` stage, then the ``evaluate`` stage of its students; their results."""
     _run_stage(bundle, "train", settings)
-    _run_stage(bundle, "evaluate", {**settings, "networks": "@students"})
+    _run_stage(bundle, "evaluate", {**settings, NETWORKS: f"@{STUDENTS}"})
     return _results(run_dir)
-
-
-def inference_ms(networks: Mapping[str, torch.nn.Module], input_shape: Sequence[int], repeats: int = 20) -> dict:
-    """Median CPU/GPU forward time in ms of each network on one input of ``input_shape`` (batch 1)."""
-    times = {}
-    x = torch.rand(*input_shape)
-    for name, net in networks.items():
-        net.eval()
-        with torch.no_grad():
-            for _ in range(3):
-                net(x)
-            samples = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                net(x)
-                samples.append((time.perf_counter() - start) * 1000)
-        times[name] = statistics.median(samples)
-    return times
 
 
 def _bundle_networks(bundle: Path, overrides: Mapping[str, Any]) -> tuple[dict[str, torch.nn.Module], list[int]]:
     parser = stage_config(bundle, "train", overrides)
-    networks = {"teacher": parser.get_parsed_content("teacher_def"), **parser.get_parsed_content("students")}
-    size_key = "patch_size" if "patch_size" in parser else "image_size"  # segmentation / classification bundles
-    shape = [1, parser.get_parsed_content("in_channels"), *parser.get_parsed_content(size_key)]
+    networks = {TEACHER: parser.get_parsed_content(TEACHER_DEF), **parser.get_parsed_content(STUDENTS)}
+    shape = [1, parser.get_parsed_content(IN_CHANNELS), *parser.get_parsed_content(PATCH_SIZE)]
     return {k: v.cpu() for k, v in networks.items()}, shape
+
+
+def _curves(output: Path, runs: Sequence[tuple[str, int]]) -> dict[tuple[str, int], Path]:
+    """The students' validation history of each run that wrote one."""
+    paths = {run: _run_dir(output, *run) / EVAL_DIR / STUDENTS_HISTORY for run in runs}
+    return {run: path for run, path in paths.items() if path.is_file()}
 
 
 def compare_fingerprint(bundle: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -107,13 +110,13 @@ def compare_fingerprint(bundle: str | Path, overrides: Mapping[str, Any] | None 
     bundle's default data is generated first if it is used and missing (as its first stage would)."""
     overrides = dict(overrides or {})
     parser = stage_config(Path(bundle).resolve(), "train", overrides)
-    parser.get_parsed_content("make_default_data")
-    datalist = parser.get_parsed_content("datalists" if "datalists" in parser else "datalist_file")
+    parser.get_parsed_content(MAKE_DEFAULT_DATA)
+    datalist = parser.get_parsed_content(DATALISTS)
     fingerprint = {
         "bundle": str(Path(bundle).resolve()),
-        "dataset_dir": str(Path(parser.get_parsed_content("dataset_dir")).expanduser().resolve()),
+        "dataset_dir": str(Path(parser.get_parsed_content(DATASET_DIR)).expanduser().resolve()),
         "data": datalist_digest(datalist, keys=("training", "validation", "test")),
-        "settings": {k: v for k, v in overrides.items() if k != "dataset_dir"},
+        "settings": {k: v for k, v in overrides.items() if k != DATASET_DIR},
     }
     return json.loads(json.dumps(fingerprint, default=str))
 
@@ -126,8 +129,8 @@ def claim_output(output: str | Path, fingerprint: Mapping[str, Any], fresh: bool
     with a timestamp (``results`` -> ``results.20261126-101500``) and a new one started.
     """
     output = Path(output).resolve()
-    path = output / "fingerprint.json"
-    used = path.is_file() or (output / "teacher").exists() or (output / "results.csv").is_file()
+    path = output / COMPARE_FINGERPRINT
+    used = path.is_file() or (output / TEACHER).exists() or (output / RESULTS_CSV).is_file()
     if used and fresh:
         cwd = Path.cwd().resolve()
         if output == cwd or output in cwd.parents:
@@ -198,34 +201,34 @@ def compare(
     common = dict(overrides or {})
     check_overrides(stage_files(bundle, "evaluate"), common)
     claim_output(output, compare_fingerprint(bundle, common), fresh=fresh)
-    teacher_dir = output / "teacher"
-    teacher_ckpt = str(teacher_dir / "models" / "teacher.pt")
+    teacher_dir = output / TEACHER
+    teacher_ckpt = str(teacher_dir / MODELS_DIR / TEACHER_CHECKPOINT)
     runs = [(preset, seed) for seed in seeds for preset in presets]
     rows: list[dict] = []
     with tqdm(total=len(runs) + 1, desc="compare", unit="run") as bar:
         bar.set_postfix_str("teacher")
-        epochs = {"max_epochs": teacher_epochs} if teacher_epochs else {}
-        _run_stage(bundle, "train_teacher", {**common, **_dirs(teacher_dir), **epochs})
-        teacher_eval = {**common, **_dirs(teacher_dir), "networks": "${'teacher': @teacher}"}
+        epochs = {MAX_EPOCHS: teacher_epochs} if teacher_epochs else {}
+        _run_stage(bundle, "train_teacher", {**common, **run_folders(teacher_dir), **epochs})
+        teacher_eval = {**common, **run_folders(teacher_dir), NETWORKS: "${'teacher': @teacher}"}
         _run_stage(bundle, "evaluate", teacher_eval)
         rows += [{**r, "preset": "-", "seed": "-"} for r in _results(teacher_dir)]
         bar.update()
         todo = []
         for preset, seed in runs:
-            run_dir = output / preset / f"seed{seed}"
-            settings = {**common, **_dirs(run_dir), "routes_preset": preset, "seed": seed, "teacher_ckpt": teacher_ckpt}
+            run_dir = _run_dir(output, preset, seed)
+            settings = {**common, **run_folders(run_dir), ROUTES_PRESET: preset, SEED: seed, TEACHER_CKPT: teacher_ckpt}
             if max_epochs:
-                settings["max_epochs"] = max_epochs
+                settings[MAX_EPOCHS] = max_epochs
             name, args = f"{preset} seed {seed}", (bundle, run_dir, settings)
-            todo.append(Job((preset, seed), name, _train_and_evaluate, args, run_dir / "compare.log"))
+            todo.append(Job((preset, seed), name, _train_and_evaluate, args, run_dir / COMPARE_LOG))
         start = time.perf_counter()
         if jobs > 1:
             threads = threads or threads_per_job(jobs)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the teacher's cached memory, for the workers
-            logs = output / "<preset>" / "seed<k>" / "compare.log"
+            logs = _run_dir(output, "<preset>", "<k>") / COMPARE_LOG
             bar.write(f"{len(todo)} runs, {jobs} at a time, {threads} threads each; their output: {logs}")
-        results = run_jobs(todo, jobs, threads, visible_gpus("device" in common), bar)
+        results = run_jobs(todo, jobs, threads, visible_gpus(DEVICE in common), bar)
         logger.info("%d runs took %.1f s (%d at a time)", len(todo), time.perf_counter() - start, jobs)
         rows += [{**r, "preset": preset, "seed": seed} for preset, seed in runs for r in results[(preset, seed)]]
     networks, shape = _bundle_networks(bundle, common)
@@ -233,114 +236,8 @@ def compare(
     ms[ENSEMBLE] = sum(ms[name] for name in ensemble_members(networks))  # each student runs once
     for row in rows:
         row["ms_per_image"] = ms[row["network"]]
-    _write(rows, output, presets, seeds)
+    write_comparison(rows, _curves(output, runs), output)
     return rows
-
-
-def _write(rows: list[dict], output: Path, presets: Sequence[str], seeds: Sequence[int]) -> None:
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    with (output / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    table = summarize(rows)
-    (output / "results.md").write_text(table + "\n")
-    curves = {
-        (p, s): output / p / f"seed{s}" / "eval" / "history_students.csv"
-        for p in presets
-        for s in seeds
-        if (output / p / f"seed{s}" / "eval" / "history_students.csv").is_file()
-    }
-    plot_comparison(rows, curves, output / "comparison.png")
-    print(f"\nMethod comparison ({output / 'results.md'}, plot {output / 'comparison.png'}):\n{table}\n", flush=True)
-
-
-def _metric(rows: Sequence[Mapping]) -> str:
-    return next(m for m in METRICS if any(m in r for r in rows))
-
-
-def _mean_std(values: Sequence[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {std:.4f}"
-
-
-def _score_columns(rows: Sequence[Mapping]) -> list[str]:
-    """The metrics found in ``rows``, then their per-class columns (``"mean_dice:<class>"``), in first-seen order."""
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    metrics = [m for m in METRICS if m in keys]
-    return metrics + [k for k in keys if ":" in k and k.split(":")[0] in metrics]
-
-
-def summarize(rows: Sequence[Mapping]) -> str:
-    """Markdown table: per preset and network, mean ± std over seeds of each metric (and of each class's score, where
-    the evaluation reported them), parameters, ms per image."""
-    metrics = _score_columns(rows)
-    groups: dict[tuple[str, str], list[Mapping]] = {}
-    for r in rows:
-        groups.setdefault((str(r["preset"]), str(r["network"])), []).append(r)
-    table = []
-    for (preset, network), group in groups.items():
-        line: dict[str, Any] = {"method": "teacher" if preset == "-" else preset, "network": network}
-        line["seeds"] = len(group)
-        for m in metrics:
-            values = [float(r[m]) for r in group if r.get(m) not in (None, "")]
-            line[m] = _mean_std(values) if values else None
-        line["params"] = group[0].get("params")
-        line["ms/image"] = f"{float(group[0]['ms_per_image']):.2f}" if "ms_per_image" in group[0] else None
-        table.append(line)
-    return markdown_table(table)
-
-
-def plot_comparison(rows: Sequence[Mapping], curves: Mapping[tuple[str, int], Path], path: Path) -> None:
-    """Bar chart (mean ± std per preset and student, teacher as a line) and validation curves, as one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metric = _metric(rows)
-    students = list(dict.fromkeys(str(r["network"]) for r in rows if r["preset"] != "-"))
-    presets = list(dict.fromkeys(str(r["preset"]) for r in rows if r["preset"] != "-"))
-    fig, (bars, lines) = plt.subplots(1, 2, figsize=(13, 4.8))
-    width = 0.8 / max(len(students), 1)
-    for i, student in enumerate(students):
-        values = [[float(r[metric]) for r in rows if r["preset"] == p and r["network"] == student] for p in presets]
-        means = [statistics.mean(v) if v else 0.0 for v in values]
-        stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
-        xs = [j + (i - (len(students) - 1) / 2) * width for j in range(len(presets))]
-        bars.bar(xs, means, width, yerr=stds, capsize=3, label=student)
-    for r in rows:
-        if r["preset"] == "-":
-            bars.axhline(float(r[metric]), color="black", linestyle="--", label=f"teacher ({float(r[metric]):.3f})")
-    scores = [float(r[metric]) for r in rows]
-    span = max(scores) - min(scores)
-    bars.set_ylim(max(0.0, min(scores) - max(span, 0.02)), min(1.0, max(scores) + max(span, 0.02)))
-    bars.set_xticks(range(len(presets)), presets, rotation=20)
-    bars.set_ylabel(f"test {metric}")
-    bars.set_title("test score, mean ± std over seeds")
-    bars.legend(fontsize=8)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for (preset, _seed), csv_path in sorted(curves.items()):
-        with csv_path.open(newline="") as f:
-            history = list(csv.DictReader(f))
-        color = colors[presets.index(preset) % len(colors)]
-        for student, style in zip(students, ("-", "--", ":", "-."), strict=False):
-            key = next((k for k in history[0] if (split_metric_name(k) or ("", ""))[1] == student), None)
-            if key:
-                epochs = [int(h["epoch"]) for h in history]
-                lines.plot(epochs, [float(h[key]) for h in history], style, color=color, alpha=0.8, linewidth=1)
-    for preset in presets:
-        lines.plot([], [], color=colors[presets.index(preset) % len(colors)], label=preset)
-    for student, style in zip(students, ("-", "--", ":", "-."), strict=False):
-        lines.plot([], [], style, color="gray", label=student)
-    lines.set_xlabel("epoch")
-    lines.set_ylabel(f"validation {metric}")
-    lines.set_title("validation curves (every seed)")
-    lines.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _parse_set(items: Sequence[str]) -> dict[str, Any]:
@@ -359,7 +256,7 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
 def _compare_command(args: argparse.Namespace) -> int:
     overrides = _parse_set(args.set)
     if args.dataset_dir:
-        overrides["dataset_dir"] = args.dataset_dir
+        overrides[DATASET_DIR] = args.dataset_dir
     try:
         compare(
             args.bundle,

@@ -17,8 +17,8 @@ from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 from torch.optim import Optimizer
 
+from medkd.distributed import unwrap
 from medkd.errors import ConfigError, UserErrorsFirst
-from medkd.features import unwrap
 from medkd.routes import TEACHER, KnowledgeRoutes, Route
 from medkd.teacher import Teacher, check_teacher_mode, make_teacher
 from medkd.teacher_cache import TeacherCache

@@ -16,20 +16,16 @@ import torch
 from monai.networks.layers import SkipConnection
 from torch import nn
 
+from medkd.distributed import unwrap
 from medkd.errors import ConfigError
 
-__all__ = ["DEPTHS", "Depth", "FeatureExtractor", "default_feature_layer", "feature_depths", "match_depths", "unwrap"]
+__all__ = ["DEPTHS", "Depth", "FeatureExtractor", "default_feature_layer", "feature_depths", "match_depths"]
 
 DEPTHS = {
     "multi": ("encoder", "bottleneck", "decoder"),
     "encoder": ("encoder", "bottleneck"),
     "decoder": ("decoder",),
 }  # the names a route's "layers" may give instead of module names, by the roles of the depths they take
-
-
-def unwrap(network: nn.Module) -> nn.Module:
-    """The module inside a ``DistributedDataParallel``/``DataParallel`` wrapper (or the network itself)."""
-    return network.module if isinstance(network, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else network
 
 
 def _resolve(network: nn.Module, name: str, network_name: str) -> nn.Module:

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from medkd.features import unwrap
+from medkd.distributed import unwrap
 from medkd.routes import PRESETS, TEACHER, Route, parse_routes, preset_routes
 
 __all__ = ["run_fingerprint", "datalist_digest", "describe_network", "fingerprint_changes"]

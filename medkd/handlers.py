@@ -1,4 +1,4 @@
-"""Handlers for distillation runs: loss-term logging, progress, best and resume checkpoints, skipped files."""
+"""Handlers for distillation runs: loss-term logging, progress, best and resume checkpoints, metrics history."""
 
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar as _IgniteProgressBar
 
+from medkd.bundles import checkpoint_file
 from medkd.checkpoints import CheckpointError, load_checkpoint, load_network_weights, save_or_explain, set_aside
+from medkd.distributed import unwrap
 from medkd.engines import iteration_losses
 from medkd.evaluators import metric_name
-from medkd.features import unwrap
 from medkd.fingerprint import fingerprint_changes
 
 __all__ = [
@@ -31,8 +32,6 @@ __all__ = [
     "FinalValidation",
     "ResumeCheckpoint",
     "LoadNetworks",
-    "skip_empty_batches",
-    "SkippedFilesReport",
     "MetricsHistory",
 ]
 
@@ -125,7 +124,7 @@ class BestCheckpoints:
 
     def paths(self) -> list[Path]:
         """The files this handler writes, one per network."""
-        return [self.save_dir / f"{name}.pt" for name in self.networks]
+        return [self.save_dir / checkpoint_file(name) for name in self.networks]
 
     def missing(self) -> list[str]:
         """The networks without a best checkpoint yet."""
@@ -141,7 +140,7 @@ class BestCheckpoints:
                 state = {name: unwrap(network).state_dict(), "metric": float(value), "epoch": engine.state.epoch}
                 if self.fingerprint is not None:
                     state["fingerprint"] = self.fingerprint
-                save_or_explain(state, self.save_dir / f"{name}.pt")
+                save_or_explain(state, self.save_dir / checkpoint_file(name))
 
     def state_dict(self) -> dict:
         """The best metric of each network so far."""
@@ -355,28 +354,8 @@ class LoadNetworks:
 
     def __call__(self, engine: Engine) -> None:
         for name, network in self.networks.items():
-            load_network_weights(network, f"{self.load_dir}/{name}.pt", map_location=self.map_location, role=name)
-
-
-def skip_empty_batches(engine: Engine, batchdata: Any) -> dict:
-    """``iteration_update`` for evaluators fed through :func:`medkd.checks.skip_none_collate`: a batch whose files
-    were all unreadable (``None``) is skipped instead of stopping the run."""
-    return {} if batchdata is None else engine._iteration(engine, batchdata)
-
-
-class SkippedFilesReport:
-    """At the end of a run, log which files a :class:`medkd.checks.SafeDataset` skipped (or that none was)."""
-
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
-
-    def attach(self, engine: Engine) -> None:
-        """Report when ``engine`` completes."""
-        engine.add_event_handler(Events.COMPLETED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        level = logging.WARNING if self.dataset.skipped else logging.INFO
-        logging.getLogger("medkd").log(level, "%s (list: %s)", self.dataset.summary(), self.dataset.report_file)
+            path = Path(self.load_dir) / checkpoint_file(name)
+            load_network_weights(network, path, map_location=self.map_location, role=name)
 
 
 class MetricsHistory:

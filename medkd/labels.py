@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from medkd.data import DataError
 
-__all__ = ["datalist_class_names"]
+__all__ = ["datalist_class_names", "optional_class_names", "foreground"]
 
 
 def datalist_class_names(datalist_file: str) -> list[str]:
@@ -42,3 +44,21 @@ def datalist_class_names(datalist_file: str) -> list[str]:
     if indices != list(range(len(indices))):
         raise DataError(f"the 'labels' map of {path} must number the classes 0..N-1, got {indices}.")
     return [str(labels[str(i)]) for i in indices]
+
+
+def optional_class_names(datalist: str | os.PathLike | Mapping[str, str | os.PathLike]) -> list[str] | None:
+    """The class names of :func:`datalist_class_names`, or ``None`` where the datalist has no usable ``labels`` map
+    (a CSV file, a missing or broken file): for tools to which the names are optional. ``datalist`` is a datalist
+    file, or a file per list (the ``training`` list's is read)."""
+    path = datalist.get("training") if isinstance(datalist, Mapping) else datalist
+    if path is None:
+        return None
+    try:
+        return datalist_class_names(str(path))
+    except DataError:
+        return None
+
+
+def foreground(class_names: Sequence[str]) -> list[str]:
+    """The class names but the background (index 0), in order: the classes a Dice without background scores."""
+    return list(class_names[1:])

@@ -4,7 +4,7 @@
   :func:`medkd.checks.check_datalist` report them per file).
 * :class:`CheckFinited` stops a pipeline with a :class:`~medkd.data.DataError` naming the file when a loaded image
   holds NaN/Inf; :func:`with_finite_check` inserts it after the loader of a bundle's ``load`` list. Inference's
-  :class:`~medkd.checks.SafeDataset` then skips the file and lists it in ``skipped.tsv``; evaluation stops.
+  :class:`~medkd.skipping.SafeDataset` then skips the file and lists it in ``skipped.tsv``; evaluation stops.
 * :class:`NonFiniteLoss` gives MONAI's ``SupervisedTrainer`` (the teacher stage) the ``nan_policy`` of
   :class:`medkd.engines.DistillationTrainer`: ``raise``, ``skip`` or ``ignore``.
 * :class:`NonFiniteOutputs` stops an evaluator when an input or a network's output is non-finite, naming the image
@@ -34,6 +34,7 @@ from monai.transforms import LoadImaged, MapTransform
 from monai.utils import ImageMetaKey
 from monai.utils.enums import CommonKeys as Keys
 
+from medkd.bundles import checkpoint_file
 from medkd.data import DataError, LoadMedicalImaged
 from medkd.errors import ConfigError, MedkdError
 
@@ -276,7 +277,7 @@ class NonFiniteOutputs:
             name = str(key)[len(Keys.PRED) + 1 :] if key != Keys.PRED else self.network_name or "the network"
             bad = _nonfinite_samples(value)
             if bad:
-                ckpt = f"{self.ckpt_dir}/{name}.pt" if self.ckpt_dir else "its checkpoint"
+                ckpt = f"{self.ckpt_dir}/{checkpoint_file(name)}" if self.ckpt_dir else "its checkpoint"
                 raise NonFiniteOutputError(
                     f"network '{name}' gave non-finite output (NaN or Inf) for image '{files[bad[0]]}', whose input "
                     f"is finite: its weights ({ckpt}) hold NaN/Inf (a diverged training run: retrain it, with "

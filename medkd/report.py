@@ -1,10 +1,13 @@
-"""The results table of an evaluation: one row per network, one column per metric."""
+"""Reports: the results table of an evaluation (one row per network, one column per metric), and the summary,
+timing and plot of a method comparison (:mod:`medkd.compare` runs it, this module writes it)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import logging
+import statistics
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,9 +17,19 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
-from medkd.evaluators import ENSEMBLE, split_metric_name
+from medkd.bundles import COMPARISON_PNG, RESULTS_CSV, RESULTS_JSON, RESULTS_MD
+from medkd.evaluators import ENSEMBLE, METRICS, split_metric_name
 
-__all__ = ["ResultsTable", "NameClassColumns", "markdown_table"]
+__all__ = [
+    "ResultsTable",
+    "NameClassColumns",
+    "markdown_table",
+    "image_meta",
+    "inference_ms",
+    "summarize",
+    "plot_comparison",
+    "write_comparison",
+]
 
 logger = logging.getLogger("medkd.report")
 
@@ -33,8 +46,15 @@ def markdown_table(rows: Sequence[Mapping[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def image_meta(batch: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The image metadata of each sample of a decollated batch: MONAI's ``MetricsSaver`` names its per-case rows by
+    the file in it (its ``batch_transform``)."""
+    return [sample["image"].meta for sample in batch]
+
+
 class ResultsTable:
-    """At the end of an evaluation, write ``results.json`` and ``results.md`` and print the table.
+    """At the end of an evaluation, write ``results.json`` and ``results.md`` (:data:`medkd.bundles.RESULTS_JSON`,
+    :data:`~medkd.bundles.RESULTS_MD`) and print the table.
 
     Args:
         output_dir: folder of the results files.
@@ -91,10 +111,10 @@ class ResultsTable:
     def __call__(self, engine: Engine) -> None:
         rows = self.rows(engine.state.metrics, getattr(engine.state, "metric_details", None))
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "results.json").write_text(json.dumps(rows, indent=2))
+        (self.output_dir / RESULTS_JSON).write_text(json.dumps(rows, indent=2), encoding="utf-8")
         table = markdown_table(rows)
-        (self.output_dir / "results.md").write_text(table + "\n")
-        print(f"\nResults ({self.output_dir / 'results.md'}):\n{table}\n", flush=True)
+        (self.output_dir / RESULTS_MD).write_text(table + "\n", encoding="utf-8")
+        print(f"\nResults ({self.output_dir / RESULTS_MD}):\n{table}\n", flush=True)
 
 
 class NameClassColumns:
@@ -123,7 +143,7 @@ class NameClassColumns:
         if idist.get_rank() != 0:  # MetricsSaver writes on rank 0
             return
         for path in sorted(self.output_dir.glob("*_raw.csv")) + sorted(self.output_dir.glob("*_summary.csv")):
-            with path.open(newline="") as f:
+            with path.open(newline="", encoding="utf-8") as f:
                 rows = list(csv.reader(f, delimiter=self.delimiter))
             if not rows:
                 continue
@@ -131,5 +151,131 @@ class NameClassColumns:
                 rows[0] = [self.names.get(c, c) for c in rows[0]]
             else:  # one row per class: class0, class1, ..., mean
                 rows = [[self.names.get(r[0], r[0]), *r[1:]] if r else r for r in rows]
-            with path.open("w", newline="") as f:
+            with path.open("w", newline="", encoding="utf-8") as f:
                 csv.writer(f, delimiter=self.delimiter, lineterminator="\n").writerows(rows)
+
+
+# ------------------------------------------------------------------------------------------ method comparison
+
+
+def inference_ms(networks: Mapping[str, torch.nn.Module], input_shape: Sequence[int], repeats: int = 20) -> dict:
+    """Median CPU/GPU forward time in ms of each network on one input of ``input_shape`` (batch 1)."""
+    times = {}
+    x = torch.rand(*input_shape)
+    for name, net in networks.items():
+        net.eval()
+        with torch.no_grad():
+            for _ in range(3):
+                net(x)
+            samples = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                net(x)
+                samples.append((time.perf_counter() - start) * 1000)
+        times[name] = statistics.median(samples)
+    return times
+
+
+def write_comparison(rows: Sequence[Mapping], curves: Mapping[tuple[str, int], Path], output: str | Path) -> str:
+    """Write a comparison's files to ``output``: every row (``results.csv``), the summary table (``results.md``,
+    :func:`summarize`, also returned and printed) and the plot of test scores and validation ``curves``
+    (``comparison.png``, :func:`plot_comparison`)."""
+    output = Path(output)
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with (output / RESULTS_CSV).open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    table = summarize(rows)
+    (output / RESULTS_MD).write_text(table + "\n", encoding="utf-8")
+    plot_comparison(rows, curves, output / COMPARISON_PNG)
+    print(f"\nMethod comparison ({output / RESULTS_MD}, plot {output / COMPARISON_PNG}):\n{table}\n", flush=True)
+    return table
+
+
+def _metric(rows: Sequence[Mapping]) -> str:
+    return next(m for m in METRICS if any(m in r for r in rows))
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4f} ± {std:.4f}"
+
+
+def _score_columns(rows: Sequence[Mapping]) -> list[str]:
+    """The metrics found in ``rows``, then their per-class columns (``"mean_dice:<class>"``), in first-seen order."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    metrics = [m for m in METRICS if m in keys]
+    return metrics + [k for k in keys if ":" in k and k.split(":")[0] in metrics]
+
+
+def summarize(rows: Sequence[Mapping]) -> str:
+    """Markdown table: per preset and network, mean ± std over seeds of each metric (and of each class's score, where
+    the evaluation reported them), parameters, ms per image."""
+    metrics = _score_columns(rows)
+    groups: dict[tuple[str, str], list[Mapping]] = {}
+    for r in rows:
+        groups.setdefault((str(r["preset"]), str(r["network"])), []).append(r)
+    table = []
+    for (preset, network), group in groups.items():
+        line: dict[str, Any] = {"method": "teacher" if preset == "-" else preset, "network": network}
+        line["seeds"] = len(group)
+        for m in metrics:
+            values = [float(r[m]) for r in group if r.get(m) not in (None, "")]
+            line[m] = _mean_std(values) if values else None
+        line["params"] = group[0].get("params")
+        line["ms/image"] = f"{float(group[0]['ms_per_image']):.2f}" if "ms_per_image" in group[0] else None
+        table.append(line)
+    return markdown_table(table)
+
+
+def plot_comparison(rows: Sequence[Mapping], curves: Mapping[tuple[str, int], Path], path: Path) -> None:
+    """Bar chart (mean ± std per preset and student, teacher as a line) and validation curves, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = _metric(rows)
+    students = list(dict.fromkeys(str(r["network"]) for r in rows if r["preset"] != "-"))
+    presets = list(dict.fromkeys(str(r["preset"]) for r in rows if r["preset"] != "-"))
+    fig, (bars, lines) = plt.subplots(1, 2, figsize=(13, 4.8))
+    width = 0.8 / max(len(students), 1)
+    for i, student in enumerate(students):
+        values = [[float(r[metric]) for r in rows if r["preset"] == p and r["network"] == student] for p in presets]
+        means = [statistics.mean(v) if v else 0.0 for v in values]
+        stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+        xs = [j + (i - (len(students) - 1) / 2) * width for j in range(len(presets))]
+        bars.bar(xs, means, width, yerr=stds, capsize=3, label=student)
+    for r in rows:
+        if r["preset"] == "-":
+            bars.axhline(float(r[metric]), color="black", linestyle="--", label=f"teacher ({float(r[metric]):.3f})")
+    scores = [float(r[metric]) for r in rows]
+    span = max(scores) - min(scores)
+    bars.set_ylim(max(0.0, min(scores) - max(span, 0.02)), min(1.0, max(scores) + max(span, 0.02)))
+    bars.set_xticks(range(len(presets)), presets, rotation=20)
+    bars.set_ylabel(f"test {metric}")
+    bars.set_title("test score, mean ± std over seeds")
+    bars.legend(fontsize=8)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (preset, _seed), csv_path in sorted(curves.items()):
+        with csv_path.open(newline="", encoding="utf-8") as f:
+            history = list(csv.DictReader(f))
+        color = colors[presets.index(preset) % len(colors)]
+        for student, style in zip(students, ("-", "--", ":", "-."), strict=False):
+            key = next((k for k in history[0] if (split_metric_name(k) or ("", ""))[1] == student), None)
+            if key:
+                epochs = [int(h["epoch"]) for h in history]
+                lines.plot(epochs, [float(h[key]) for h in history], style, color=color, alpha=0.8, linewidth=1)
+    for preset in presets:
+        lines.plot([], [], color=colors[presets.index(preset) % len(colors)], label=preset)
+    for student, style in zip(students, ("-", "--", ":", "-."), strict=False):
+        lines.plot([], [], style, color="gray", label=student)
+    lines.set_xlabel("epoch")
+    lines.set_ylabel(f"validation {metric}")
+    lines.set_title("validation curves (every seed)")
+    lines.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from medkd.distributed import unwrap
 from medkd.errors import ConfigError
-from medkd.features import DEPTHS, Depth, default_feature_layer, feature_depths, match_depths, unwrap
+from medkd.features import DEPTHS, Depth, default_feature_layer, feature_depths, match_depths
 from medkd.losses import (
     AffinityDistillationLoss,
     FeatureDistillationLoss,

@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from medkd.distributed import unwrap
 from medkd.errors import ConfigError
-from medkd.features import FeatureExtractor, unwrap
+from medkd.features import FeatureExtractor
 from medkd.route_kinds import ROUTE_KINDS, LayerDefaults, RouteKind, StepOutputs, integer, register_kind, resolve_kind
 from medkd.route_kinds import number as _number
 

@@ -18,6 +18,8 @@ import numpy as np
 from monai.data import create_test_image_2d, create_test_image_3d
 from tqdm.auto import tqdm
 
+from medkd.distributed import rank0_first
+
 __all__ = [
     "SEGMENTATION_CLASSES",
     "ensure_segmentation_data",
@@ -174,7 +176,8 @@ def ensure_default_data(dataset_dir: str, bundle_root: str, default: Mapping[str
     ``default`` names the generator's ``task`` (``"segmentation"`` or ``"classification"``) and its other arguments
     (see :func:`ensure_segmentation_data`, :func:`ensure_classification_data`), or ``"shipped"`` with an optional
     ``name`` for real data committed in the bundle's ``data`` folder (:func:`ensure_shipped_data`); a user's own
-    ``dataset_dir`` is never written to.
+    ``dataset_dir`` is never written to. In a ``torchrun`` run, rank 0 writes the data and the other processes find
+    it.
     """
     if not is_default_data(dataset_dir, bundle_root):
         return os.path.join(dataset_dir, "dataset.json")
@@ -184,4 +187,5 @@ def ensure_default_data(dataset_dir: str, bundle_root: str, default: Mapping[str
         "classification": ensure_classification_data,
         "shipped": ensure_shipped_data,
     }[settings.pop("task")]
-    return make(dataset_dir, **settings)
+    with rank0_first():
+        return make(dataset_dir, **settings)

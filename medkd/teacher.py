@@ -8,7 +8,7 @@ optimizer. Either starts from a checkpoint or, online only, from scratch (``teac
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from medkd.checkpoints import load_network_weights
+from medkd.distributed import unwrap
 from medkd.errors import ConfigError
-from medkd.features import unwrap
 from medkd.teacher_cache import TeacherCache
 
 __all__ = [
@@ -30,6 +30,11 @@ __all__ = [
     "make_teacher",
     "check_teacher_mode",
     "check_teacher_settings",
+    "default_init",
+    "start_checkpoint",
+    "online_optimizer",
+    "validated_networks",
+    "trained_teacher",
 ]
 
 TEACHER_MODES = ("frozen", "online")  # offline (trained first, then frozen) or trained with the students
@@ -244,3 +249,40 @@ def check_teacher_settings(
                 "would replace it. Give the run its own folder (--ckpt_dir ...) and --teacher_ckpt the trained "
                 "teacher's file, or start from scratch (--teacher_init scratch)."
             )
+
+
+def default_init(mode: str) -> str:
+    """The ``teacher_init`` a ``teacher_mode`` implies: a frozen teacher starts from its checkpoint, an online one
+    from scratch."""
+    check_teacher_mode(mode)
+    return "checkpoint" if mode == "frozen" else "scratch"
+
+
+def start_checkpoint(checkpoint: str | os.PathLike, init: str) -> str | os.PathLike | None:
+    """The checkpoint the teacher's weights are loaded from: ``checkpoint`` when ``init`` is ``"checkpoint"``, else
+    ``None`` (a teacher trained from scratch)."""
+    _check_choice("teacher_init", init, TEACHER_INITS)
+    return checkpoint if init == "checkpoint" else None
+
+
+def online_optimizer(mode: str, optimizer: Callable[..., Optimizer], teacher: nn.Module) -> Optimizer | None:
+    """The optimizer of an online teacher (``optimizer``, the bundle's one definition, over its parameters), or
+    ``None`` for a frozen teacher, which no optimizer steps."""
+    check_teacher_mode(mode)
+    return optimizer(teacher.parameters()) if mode == "online" else None
+
+
+def validated_networks(mode: str, teacher: nn.Module, students: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
+    """The networks validated during the distillation: the students, and an online teacher first (a frozen teacher
+    was validated in its own stage)."""
+    check_teacher_mode(mode)
+    return {"teacher": teacher, **students} if mode == "online" else dict(students)
+
+
+def trained_teacher(mode: str, teacher: nn.Module, device: torch.device | str) -> nn.Module:
+    """The teacher a multi-process run trains: an online teacher wrapped in ``DistributedDataParallel`` like the
+    students (its copies would drift apart otherwise); a frozen teacher as it is (replicated)."""
+    from medkd.distributed import wrap_ddp
+
+    check_teacher_mode(mode)
+    return wrap_ddp({"teacher": teacher}, device)["teacher"] if mode == "online" else teacher

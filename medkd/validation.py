@@ -50,6 +50,8 @@ RENAMED = {
     "gamma": "peer_prediction_weight",
     "delta": "peer_feature_weight",
     "metric_prefix": "metric",
+    "image_size": "patch_size",  # the spatial size the networks are fed, in every bundle
+    "data_keys": "load_keys",  # the keys of the ``load`` transforms, in every bundle
 }
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from monai.bundle import ConfigWorkflow
 
-from medkd.bundles import stage_files
+from medkd.bundles import METADATA, stage_files, stage_workflow
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
@@ -29,6 +29,7 @@ TINY = {
         "counts=(4, 2, 2))",
         "patch_size": [32, 32],
         "batch_size": 2,
+        "iterations_per_epoch": None,
     },
     "segmentation_3d": {
         "make_default_data": "$medkd.synthetic.ensure_segmentation_data(@dataset_dir, spatial_dims=3, size=32, "
@@ -38,7 +39,7 @@ TINY = {
     },
     "classification_2d": {
         "make_default_data": "$medkd.synthetic.ensure_classification_data(@dataset_dir, size=32, counts=(16, 8, 8))",
-        "image_size": [32, 32],
+        "patch_size": [32, 32],
         "batch_size": 4,
     },
 }
@@ -54,7 +55,7 @@ def stage_command(bundle: str, stage: str, root: Path, *extra_configs: Path, **o
     """The ``python -m monai.bundle run`` command line of a stage, as a user types it (for subprocess tests)."""
     files = [str(p) for p in STAGES[bundle][stage]] + [str(p) for p in extra_configs]
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(files), "--bundle_root", str(root)]
-    cmd += ["--meta_file", str(BUNDLES / bundle / "configs" / "metadata.json")]
+    cmd += ["--meta_file", str(BUNDLES / bundle / METADATA)]
     for key, value in overrides.items():
         cmd += [f"--{key}", json.dumps(value)]
     return cmd
@@ -62,14 +63,8 @@ def stage_command(bundle: str, stage: str, root: Path, *extra_configs: Path, **o
 
 def run_stage(bundle: str, stage: str, root: Path, **overrides) -> ConfigWorkflow:
     """Initialise and run one stage of ``bundle`` with ``bundle_root=root``; return the workflow."""
-    workflow = ConfigWorkflow(
-        config_file=[str(p) for p in STAGES[bundle][stage]],
-        meta_file=str(BUNDLES / bundle / "configs" / "metadata.json"),
-        logging_file=str(BUNDLES / bundle / "configs" / "logging.conf"),
-        workflow_type="infer" if stage in ("evaluate", "inference") else "train",
-        bundle_root=str(root),
-        **{**TINY[bundle], "max_epochs": 1, **overrides},
-    )
+    settings = {**TINY[bundle], "max_epochs": 1, **overrides}
+    workflow = stage_workflow(BUNDLES / bundle, stage, bundle_root=str(root), **settings)
     workflow.initialize()
     workflow.run()
     workflow.finalize()

@@ -7,6 +7,8 @@ import sys
 
 from bundle_utils import REPO
 
+from medkd.planning import scale_channels
+
 
 def _load(name: str):
     sys.path.insert(0, str(REPO / "benchmarks"))  # as when run as a script: its sibling modules import
@@ -28,7 +30,7 @@ def test_step_cost_measures_every_variant_with_the_bundle_networks(tmp_path):
     train = json.loads((REPO / "bundles" / "segmentation_2d" / "configs" / "train.json").read_text())
     defaults = train["default_plan"]  # the embedded data's settings (no plan is made for it)
     assert result["teacher_channels"] == defaults["teacher_channels"]
-    assert result["student_channels"] == [c // 2 for c in defaults["teacher_channels"]] == [8, 16, 32, 64]
+    assert result["student_channels"] == scale_channels(defaults["teacher_channels"], train["compression"])
     assert result["size"] == defaults["patch_size"] and result["batch_size"] == defaults["batch_size"]
     rows = {r["variant"]: r for r in result["rows"]}
     assert set(rows) == {"a", "a_routes", "b", "b_plain", "b_dict", "c", "a_meta"}

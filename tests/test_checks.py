@@ -12,18 +12,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from monai.data import DataLoader
 
 from medkd.__main__ import main
-from medkd.checks import (
-    Problem,
-    SafeDataset,
-    assert_valid_datalist,
-    check_before_run,
-    check_datalist,
-    skip_none_collate,
-)
-from medkd.data import DataError, LoadMedicalImaged
+from medkd.checks import Problem, assert_valid_datalist, check_before_run, check_datalist
+from medkd.data import DataError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 REPO = Path(__file__).resolve().parents[1]
@@ -196,37 +188,6 @@ def test_cli_module_entry_point(tmp_path, seg_items):
     assert "Traceback" not in result.stderr
 
 
-# ------------------------------------------------------------------------------------------ corrupt-file skipping
-
-
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_safe_dataset_skips_corrupt_files(tmp_path, seg_items, num_workers, caplog):
-    corrupt = tmp_path / "corrupt.nii.gz"
-    corrupt.write_bytes(b"not a nifti")
-    data = [{"image": it["image"]} for it in seg_items]
-    data.insert(1, {"image": str(corrupt)})
-    report = tmp_path / "out" / "skipped.tsv"
-    dataset = SafeDataset(data, LoadMedicalImaged("image", ensure_channel_first=True), report_file=report)
-    loader = DataLoader(dataset, batch_size=2, num_workers=num_workers, collate_fn=skip_none_collate)
-    seen = [name for batch in loader if batch is not None for name in batch["image"].meta["filename_or_obj"]]
-    assert seen == [it["image"] for it in seg_items]
-    assert [p.path for p in dataset.skipped] == [str(corrupt)]
-    assert "cannot be read as NIFTI" in dataset.skipped[0].reason
-    assert dataset.summary().splitlines() == ["Skipped 1 of 4 item(s):", f"  - {dataset.skipped[0]}"]
-    assert report.read_text().startswith(f"{corrupt}\t")
-    if num_workers == 0:
-        assert f"Skipping {corrupt}" in caplog.text
-
-
-def test_safe_dataset_all_skipped_batch_is_none(tmp_path):
-    dataset = SafeDataset(
-        [{"image": str(tmp_path / "gone.nii.gz")}], LoadMedicalImaged("image"), report_file=tmp_path / "r"
-    )
-    assert [skip_none_collate([dataset[0]])] == [None]
-    assert "not found" in dataset.skipped[0].reason
-    assert SafeDataset([], None).summary() == "All 0 item(s) loaded; none skipped."
-
-
 # ----------------------------------------------------------------------------------- NaN/Inf, task, missing classes
 
 
@@ -288,3 +249,33 @@ def test_allow_missing_classes_in_validation_only(tmp_path, seg_items, caplog, c
         "validation Dice leaves it out of the mean",
         "OK: 1 items checked",
     ]
+
+
+def test_check_before_run_reads_a_file_per_list(tmp_path, seg_items, capsys):
+    training = write_datalist(tmp_path, seg_items, test=seg_items)
+    validation = tmp_path / "validation.csv"
+    validation.write_text(f"image,label\n{seg_items[0]['image']},{seg_items[0]['label']}\n{tmp_path / 'gone.nii.gz'},"
+                          f"{seg_items[0]['label']}\n")  # fmt: skip
+    datalists = {"training": training, "validation": validation, "test": training}
+    with pytest.raises(SystemExit):
+        check_before_run(datalists, num_classes=3)
+    report = capsys.readouterr().err
+    assert f"[validation] Data check failed: 1 problem(s) in {validation}:" in report and "gone.nii.gz" in report
+    assert "[training]" not in report
+    check_before_run(datalists, keys=["training", "test"], num_classes=3)  # no exit
+
+
+def test_class_names_have_one_reader_strict_or_optional(tmp_path):
+    from medkd.labels import datalist_class_names, optional_class_names
+
+    good = tmp_path / "dataset.json"
+    good.write_text(json.dumps({"labels": {"1": "liver", "0": "background"}, "training": []}))
+    gap = tmp_path / "gap.json"
+    gap.write_text(json.dumps({"labels": {"0": "background", "2": "liver"}}))
+    (tmp_path / "list.csv").write_text("image,label\n")
+    assert datalist_class_names(str(good)) == optional_class_names(good) == ["background", "liver"]
+    assert optional_class_names({"training": good, "test": gap}) == ["background", "liver"]  # the training list's
+    for unusable in (gap, tmp_path / "list.csv", tmp_path / "missing.json", {"test": good}):
+        assert optional_class_names(unusable) is None
+    with pytest.raises(DataError, match="must number the classes 0..N-1"):
+        datalist_class_names(str(gap))

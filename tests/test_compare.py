@@ -23,12 +23,12 @@ from medkd.routes import KnowledgeRoutes, parse_routes
 from medkd.synthetic import ensure_segmentation_data
 
 
-def test_timing_input_is_the_bundles_patch_or_image_size():
+def test_timing_input_is_the_bundles_patch_size():
     classes = ["background", "a", "b"]  # instead of reading a datalist (none in a fresh clone)
     nets, shape = _bundle_networks(BUNDLES / "segmentation_3d", {"patch_size": [24, 24, 16], "class_names": classes})
     assert shape == [1, 1, 24, 24, 16] and {"teacher", "sp", "sf"} <= set(nets)
-    overrides = {"image_size": [48, 40], "class_names": classes[:2]}
-    _, shape = _bundle_networks(BUNDLES / "classification_2d", overrides)  # no patch_size there
+    overrides = {"patch_size": [48, 40], "class_names": classes[:2]}
+    _, shape = _bundle_networks(BUNDLES / "classification_2d", overrides)  # the size images are resized to
     assert shape == [1, 1, 48, 40]
 
 

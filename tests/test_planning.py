@@ -22,6 +22,9 @@ from medkd.errors import ConfigError, user_error
 from medkd.planning import (
     NormalizeIntensityd,
     augmentations,
+    auto_plan,
+    lateral_flips,
+    lateral_rot90,
     load_or_make,
     make_plan,
     make_settings,
@@ -308,7 +311,9 @@ def test_bundle_reads_the_plan_and_overrides_win(tmp_path):
     settings = plan["settings"]
     for key in ("pixdim", "batch_size", "max_epochs", "flip_axes", "strides", "teacher_channels"):
         assert parser.get_parsed_content(key) == settings[key], key
-    assert parser.get_parsed_content("student_channels") == scale_channels(settings["teacher_channels"], 0.5)
+    assert parser.get_parsed_content("student_channels") == scale_channels(
+        settings["teacher_channels"], parser.get_parsed_content("compression")
+    )
     assert list(parser.get_parsed_content("teacher_def").channels) == settings["teacher_channels"]
     flips = [t for t in parser.get_parsed_content("augment") if isinstance(t, RandFlipd)]
     assert [t.flipper.spatial_axis for t in flips] == [1]  # none across the lungs' axis
@@ -317,7 +322,7 @@ def test_bundle_reads_the_plan_and_overrides_win(tmp_path):
     flips = [t for t in parser.get_parsed_content("augment") if isinstance(t, RandFlipd)]
     assert [t.flipper.spatial_axis for t in flips] == [0, 1]
     parser = stage_config(BUNDLES / "segmentation_2d", "train", {"dataset_dir": str(root), "auto_plan": False})
-    assert parser.get_parsed_content("patch_size") == [96, 96]
+    assert parser.get_parsed_content("patch_size") == parser.get_parsed_content("default_plan")["patch_size"]
     # an edited plan file is used as it is, by every stage
     settings["patch_size"] = [24, 24]
     (root / "medkd_plan.json").write_text(json.dumps({**plan, "settings": settings}))
@@ -353,7 +358,7 @@ def test_plan_command_writes_the_plan_and_prints_a_summary(tmp_path, capsys):
     assert read_plan(root / "medkd_plan.json")["device"] == "cuda"
 
 
-def test_classification_plan_image_size_and_lateral_findings(tmp_path):
+def test_classification_plan_patch_size_and_lateral_findings(tmp_path):
     rng = np.random.default_rng(0)
     (tmp_path / "img").mkdir()
     entries = []
@@ -365,7 +370,7 @@ def test_classification_plan_image_size_and_lateral_findings(tmp_path):
     datalist = {"labels": labels, "training": entries[:9], "validation": entries[9:], "test": entries[9:]}
     (tmp_path / "dataset.json").write_text(json.dumps(datalist))
     parser = stage_config(BUNDLES / "classification_2d", "train", {"dataset_dir": str(tmp_path)})
-    assert parser.get_parsed_content("image_size") == [64, 64]  # 70 x 60 to a multiple of 32
+    assert parser.get_parsed_content("patch_size") == [64, 64]  # 70 x 60 to a multiple of 32
     assert parser.get_parsed_content("lateral") is True  # 'effusion_left' / 'effusion_right'
     assert parser.get_parsed_content("flip_axes") == [1] and parser.get_parsed_content("rot90_axes") is None
     plan = read_plan(tmp_path / "medkd_plan.json")
@@ -373,6 +378,11 @@ def test_classification_plan_image_size_and_lateral_findings(tmp_path):
     parser = stage_config(BUNDLES / "classification_2d", "train", {"dataset_dir": str(tmp_path), "lateral": False})
     assert parser.get_parsed_content("flip_axes") == [0, 1]
     assert parser.get_parsed_content("normalization") == {"scheme": "zscore"}
+    # a plan file of medkd 0.2 names the size image_size: still read, under the current name
+    plan["settings"] = {"image_size": [96, 96], **{k: v for k, v in plan["settings"].items() if k != "patch_size"}}
+    (tmp_path / "medkd_plan.json").write_text(json.dumps(plan))
+    parser = stage_config(BUNDLES / "classification_2d", "train", {"dataset_dir": str(tmp_path)})
+    assert parser.get_parsed_content("patch_size") == [96, 96]
 
 
 def test_a_bundle_stage_runs_on_a_plan(tmp_path):
@@ -395,3 +405,29 @@ def test_a_bundle_stage_runs_on_a_plan(tmp_path):
         run_stage("segmentation_2d", "train_teacher", tmp_path / "run2d", dataset_dir=str(root), **plan_keys)
     found = user_error(err.value)
     assert found is not None and "spatial_dims=2" in str(found), err.value
+
+
+def test_lateral_findings_drop_left_right_flips_and_90_degree_rotations():
+    assert lateral_flips([0, 1], lateral=True) == [1] and lateral_flips([0, 1], lateral=False) == [0, 1]
+    assert lateral_rot90([0, 1], lateral=True) is None and lateral_rot90((0, 1), lateral=False) == [0, 1]
+    assert lateral_rot90(None, lateral=False) is None
+
+
+def test_auto_plan_for_any_data_but_the_embedded_default(tmp_path):
+    assert not auto_plan(tmp_path / "bundle" / "data", tmp_path / "bundle")
+    assert not auto_plan(f"{tmp_path}/bundle/./data/", f"{tmp_path}/bundle")
+    assert auto_plan(tmp_path / "mine", tmp_path / "bundle")
+
+
+def test_show_plan_marks_what_follows_lateral_and_what_was_overridden(caplog):
+    from medkd.planning import show_plan
+
+    plan = {"lateral": False, "flip_axes": [0, 1], "rot90_axes": [0, 1], "batch_size": 8}
+    used = {"lateral": True, "flip_axes": [1], "rot90_axes": None, "batch_size": 4}
+    with caplog.at_level("INFO", logger="medkd.planning"):
+        show_plan(plan, used)
+    lines = {line.split()[0]: line for line in caplog.text.splitlines()[1:]}
+    assert lines["flip_axes"].endswith("(follows lateral; planned [0, 1])")
+    assert lines["rot90_axes"].endswith("(follows lateral; planned [0, 1])")
+    assert lines["batch_size"].endswith("(override; planned 8)")
+    assert lines["lateral"].endswith("(override; planned false)")

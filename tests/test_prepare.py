@@ -11,10 +11,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from bundle_utils import BUNDLES
 from conftest import texture
 from PIL import Image
 
 from medkd.__main__ import main
+from medkd.bundles import run_command
 from medkd.checks import check_datalist
 from medkd.data import DataError, LoadMedicalImage, load_datalist
 from medkd.labels import datalist_class_names
@@ -89,6 +91,7 @@ def test_classification_split_folders_labels_map_and_check(tmp_path, capsys):
     assert "Training/cat/notes.txt: not an image format the loaders read" in printed
     report = json.loads((out / "prepare.json").read_text())
     assert report["layout"] == "classification" and report["splits"]["test"]["items"] == 3
+    assert f"cd bundles/classification_2d && {run_command(BUNDLES / 'classification_2d', 'train_teacher')}" in printed
     assert report["duplicates"]["groups"] == 0
     for key in ("training", "validation", "test"):  # what a bundle checks before training
         items = load_datalist(out / "dataset.json", key=key)
@@ -236,6 +239,7 @@ def test_segmentation_explicit_groups_values_resampling_alpha(tmp_path, capsys):
     assert report["mask_values"] == {"0": 0, "127": 1, "255": 2}
     assert report["settings"]["pixel_size_unit"] == "um"
     assert '--pixdim "[0.1, 0.1]"' in printed
+    assert f"cd bundles/segmentation_2d && {run_command(BUNDLES / 'segmentation_2d', 'train_teacher')}" in printed
 
 
 def test_segmentation_fraction_split_keeps_groups_and_tiles(tmp_path):

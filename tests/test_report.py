@@ -1,12 +1,14 @@
 """The evaluation results table: one row per network, per-class columns named by the classes."""
 
+import locale
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from medkd.report import NameClassColumns, ResultsTable, markdown_table
+from medkd.labels import foreground
+from medkd.report import NameClassColumns, ResultsTable, image_meta, markdown_table
 
 
 def test_rows_per_network_with_named_per_class_means_skipping_nan(tmp_path):
@@ -53,3 +55,34 @@ def test_metric_names_are_built_and_read_by_one_rule():
         ("mean_dice", "teacher"), ("mean_dice", "s_p"), ("auc", "sf"), ("acc", "sf")
     ]  # fmt: skip
     assert split_metric_name(metric_name("auc", "")) is None and split_metric_name("loss/sp/total") is None
+
+
+def test_per_case_rows_are_named_by_the_image_and_classes_by_the_foreground():
+    from monai.data import MetaTensor
+
+    batch = [{"image": MetaTensor(torch.zeros(1, 2, 2), meta={"filename_or_obj": f"{name}.nii"})} for name in "ab"]
+    assert [m["filename_or_obj"] for m in image_meta(batch)] == ["a.nii", "b.nii"]
+    assert foreground(["background", "liver", "tumour"]) == ["liver", "tumour"]
+
+
+def test_comparison_summary_plot_and_files_without_running_anything(tmp_path, capsys):
+    from medkd.report import summarize, write_comparison
+
+    rows = [{"preset": "-", "seed": "-", "network": "teacher", "auc": 0.9, "params": 10, "ms_per_image": 2.0}]
+    rows += [{"preset": "kd", "seed": s, "network": "sp", "auc": v, "params": 3, "ms_per_image": 1.0}
+             for s, v in ((0, 0.6), (1, 0.8))]  # fmt: skip
+    assert summarize(rows).splitlines()[2:] == [
+        "| teacher | teacher | 1 | 0.9000 ± 0.0000 | 10 | 2.00 |",
+        "| kd | sp | 2 | 0.7000 ± 0.1414 | 3 | 1.00 |",
+    ]
+    history = tmp_path / "history.csv"
+    history.write_text("epoch,val_auc_sp\n1,0.5\n2,0.7\n")
+    previous = locale.setlocale(locale.LC_ALL)
+    locale.setlocale(locale.LC_ALL, "C")  # ASCII by default, as after reading DICOM through ITK
+    try:
+        table = write_comparison(rows, {("kd", 0): history}, tmp_path)  # "±" written in utf-8 all the same
+    finally:
+        locale.setlocale(locale.LC_ALL, previous)
+    assert (tmp_path / "results.md").read_text(encoding="utf-8") == table + "\n" and table in capsys.readouterr().out
+    assert (tmp_path / "results.csv").read_text().splitlines()[0] == "preset,seed,network,auc,params,ms_per_image"
+    assert (tmp_path / "comparison.png").read_bytes().startswith(b"\x89PNG")

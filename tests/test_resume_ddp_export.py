@@ -99,8 +99,8 @@ def _two_process_training(bundle, root, **overrides):
                     "'teacher_class': type(@train#trainer.teacher).__name__, "
                     "'routes': @train#trainer.routes.state_dict(), 'iteration': @train#trainer.state.iteration, "
                     "'epoch_length': @train#trainer.state.epoch_length}, "
-                    "@ckpt_dir + '/rank' + str(dist.get_rank()) + '.pt')",
-                    "$dist.destroy_process_group()",
+                    "@ckpt_dir + '/rank' + str(torch.distributed.get_rank()) + '.pt')",
+                    "$medkd.distributed.destroy_process_group()",
                 ]
             }
         )

@@ -359,7 +359,8 @@ def test_the_bundle_readme_routes_example_builds_and_runs_on_the_bundle_networks
     nets = {"teacher": config.get_parsed_content("teacher"), **config.get_parsed_content("students")}
     x, labels = torch.randn(2, 1, 32, 32), torch.randint(0, 3, (2, 1, 32, 32))
     graph.setup(nets, x)
-    assert len(graph.parameters_of("sf")) == 5  # one adapter per depth of the teacher -> sf feature route
+    depths = 2 * len(config.get_parsed_content("strides")) - 1  # encoder levels, bottleneck, decoder levels
+    assert len(graph.parameters_of("sf")) == depths  # one adapter per depth of the teacher -> sf feature route
     logits = {name: net(x) for name, net in nets.items()}
     features = {name: graph.pop_features(name) for name in nets}
     terms = graph.losses(logits, features, {"sp": torch.tensor(0.0), "sf": torch.tensor(0.0)}, labels, epoch=1)

@@ -142,7 +142,7 @@ def _assert_one_message(proc, *fragments):
     [
         ("train", {"temprature": 2}, ["--temprature (did you mean --temperature?)"]),
         ("train", {"kd_weight": "abc"}, ["kd_weight (the weight of teacher → student prediction terms)", "'abc'"]),
-        ("train", {"patch_size": [30, 30]}, ["patch_size [30, 30] is not a multiple of [8, 8]"]),
+        ("train", {"patch_size": [30, 30]}, ["patch_size [30, 30] is not a multiple of [16, 16]"]),
     ],
 )
 def test_bundle_mistakes_end_in_one_message(stage, overrides, fragments, tmp_path):

@@ -310,13 +310,13 @@ def _classification(fingerprint, budget, n_train, kind, lateral, reasons) -> dic
     max_pixels = budget["voxels"] / 8  # at least 8 images per batch
     while math.prod(size) > max_pixels:
         size = [s * 0.9 for s in size]
-    image_size = [max(32, int(round(s / 32)) * 32) for s in size]
-    reasons["image_size"] = (
+    patch_size = [max(32, int(round(s / 32)) * 32) for s in size]
+    reasons["patch_size"] = (
         f"median image {'x'.join(str(round(s)) for s in median)}, scaled to fit {budget['voxels']} pixels per batch "
         "of at least 8 and rounded to a multiple of 32 (the networks downsample by 32)"
     )
-    batch = int(min(64, max(8, budget["voxels"] // math.prod(image_size)), max(8, n_train // 4)))
-    reasons["batch_size"] = f"{budget['voxels']} pixels per batch / {math.prod(image_size)} per image, 8 to 64"
+    batch = int(min(64, max(8, budget["voxels"] // math.prod(patch_size)), max(8, n_train // 4)))
+    reasons["batch_size"] = f"{budget['voxels']} pixels per batch / {math.prod(patch_size)} per image, 8 to 64"
     named = [e for e in fingerprint.get("lateral", [])]
     if lateral is None:
         lateral = bool(named)
@@ -334,7 +334,7 @@ def _classification(fingerprint, budget, n_train, kind, lateral, reasons) -> dic
     reasons["rotate_degrees"] = "small rotations (up to 15 degrees) and scaling (0.9-1.1), probability 0.2 each"
     epochs, reasons["max_epochs"] = _epochs(n_train, batch, "classification", budget)
     return {
-        "image_size": image_size,
+        "patch_size": patch_size,
         "batch_size": batch,
         **epochs,
         "lateral": bool(lateral),

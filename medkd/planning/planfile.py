@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from medkd.data import DataError, load_datalist
+from medkd.distributed import rank0_first
 from medkd.errors import ConfigError
+from medkd.labels import optional_class_names
 from medkd.planning.fingerprint import fingerprint_dataset
 from medkd.planning.plan import BUDGETS, device_kind, make_settings, validation_interval
 
@@ -33,6 +35,9 @@ __all__ = [
     "show_plan",
     "summary",
     "lateral_flips",
+    "lateral_rot90",
+    "auto_plan",
+    "current_keys",
 ]
 
 PLAN_FILE = "medkd_plan.json"
@@ -87,16 +92,6 @@ def _json_field(datalist: PathLike | Mapping[str, PathLike], field: str) -> Any:
         return None
 
 
-def _class_names(datalist: PathLike | Mapping[str, PathLike]) -> list[str] | None:
-    labels = _json_field(datalist, "labels")
-    if not isinstance(labels, Mapping):
-        return None
-    try:
-        return [str(labels[str(i)]) for i in range(len(labels))]
-    except KeyError:
-        return None
-
-
 def _modality(datalist: PathLike | Mapping[str, PathLike]) -> list[str] | None:
     modality = _json_field(datalist, "modality")
     if isinstance(modality, Mapping):
@@ -142,7 +137,7 @@ def make_plan(
     task = task or infer_task(lists.get("training", []))
     if task not in ("segmentation", "classification"):
         raise ConfigError(f"task {task!r} must be 'segmentation' or 'classification'.")
-    names = list(class_names) if class_names else _class_names(datalist)
+    names = list(class_names) if class_names else optional_class_names(datalist)
     if axcodes == "auto" and (task == "classification" or spatial_dims):
         axcodes = None if task == "classification" else "RAS" if spatial_dims == 3 else "RA"
     if axcodes == "auto":  # dimensionality unknown: from the first image
@@ -241,9 +236,20 @@ def load_or_make(
 
     An existing file is used as it is (it may have been edited); it must be of the same task and dimensionality
     (else :class:`ConfigError`). A plan made from another version of the data lists is used too, with a warning
-    saying how to plan again.
+    saying how to plan again. In a ``torchrun`` run, rank 0 plans and the other processes read its file.
     """
-    path = Path(plan_file).expanduser()
+    with rank0_first():
+        return _load_or_make(Path(plan_file).expanduser(), datalist, task, spatial_dims, remake, **options)
+
+
+def _load_or_make(
+    path: Path,
+    datalist: PathLike | Mapping[str, PathLike],
+    task: str | None,
+    spatial_dims: int | None,
+    remake: bool,
+    **options: Any,
+) -> dict[str, Any]:
     if path.is_file() and not remake:
         plan = read_plan(path)
         if task and plan.get("task", task) != task:
@@ -305,7 +311,7 @@ def bundle_plan(
     if not use:
         return BundlePlan(default, source="the bundle's default_plan (auto_plan false)", planned=False)
     plan = load_or_make(plan_file, datalist, task=task, spatial_dims=spatial_dims, **options)
-    settings = dict(plan["settings"])
+    settings = current_keys(plan["settings"])
     missing = [k for k in default if k not in settings]
     if missing:
         logger.warning("the plan %s has no %s: the bundle's defaults are used for them", plan_file, missing)
@@ -314,6 +320,15 @@ def bundle_plan(
         settings, source=f"{Path(plan_file).expanduser()} (made for {plan.get('device', '?')})", planned=True,
         reasons=plan.get("reasons", {}),
     )  # fmt: skip
+
+
+def current_keys(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` with the keys of earlier medkd versions (:data:`medkd.validation.RENAMED`, e.g. a plan file's
+    ``image_size``) under their current name; a current key wins over its old name."""
+    from medkd.validation import RENAMED
+
+    old = {RENAMED[k]: v for k, v in settings.items() if k in RENAMED}
+    return {**old, **{k: v for k, v in settings.items() if k not in RENAMED}}
 
 
 def _fmt(value: Any) -> str:
@@ -336,7 +351,7 @@ def show_plan(plan: Mapping[str, Any], used: Mapping[str, Any], networks: Mappin
             why = "override"
             if key == "val_interval" and value == validation_interval(plan, used.get("max_epochs", 0)):
                 why = "follows max_epochs"
-            elif key == "flip_axes" and used.get("lateral") and _same(value, lateral_flips(plan[key], True)):
+            elif key in LATERAL and used.get("lateral") and _same(value, LATERAL[key](plan[key], True)):
                 why = "follows lateral"
             line += f"   ({why}; planned {_fmt(plan[key])})"
         lines.append(line)
@@ -358,6 +373,24 @@ def _same(a: Any, b: Any) -> bool:
 def lateral_flips(flip_axes: Sequence[int] | None, lateral: bool, axis: int = 0) -> list[int]:
     """``flip_axes`` without the left-right ``axis`` when the findings are ``lateral`` (classification bundle)."""
     return [int(a) for a in (flip_axes or []) if not (lateral and int(a) == axis)]
+
+
+def lateral_rot90(rot90_axes: Sequence[int] | None, lateral: bool) -> list[int] | None:
+    """``rot90_axes``, or none when the findings are ``lateral``: a 90° rotation moves a left finding up or right
+    (classification bundle)."""
+    return None if lateral or not rot90_axes else [int(a) for a in rot90_axes]
+
+
+# the augmentation keys that a classification bundle's ``lateral`` changes, by the function that changes them
+LATERAL = {"flip_axes": lateral_flips, "rot90_axes": lateral_rot90}
+
+
+def auto_plan(dataset_dir: PathLike, bundle_root: PathLike) -> bool:
+    """Whether a bundle plans its settings from the data (its ``auto_plan``): for any ``dataset_dir`` but the
+    bundle's embedded synthetic data, which keeps the bundle's ``default_plan``."""
+    from medkd.synthetic import is_default_data
+
+    return not is_default_data(str(dataset_dir), str(bundle_root))
 
 
 def summary(plan: Mapping[str, Any], path: PathLike | None = None) -> str:

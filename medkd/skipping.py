@@ -1,0 +1,113 @@
+"""Inference that skips the files it cannot use: unreadable or corrupt files, and images holding NaN/Inf.
+
+An inference stage reads its images through :class:`SafeDataset` (an item whose loading or transforms fail becomes
+``None``, and the file and the reason go to ``report_file``, the stage's ``skipped.tsv``), batches them with
+:func:`skip_none_collate`, lets its evaluator pass over a batch of unusable files only (:func:`skip_empty_batches`)
+and logs what was skipped at the end (:class:`SkippedFilesReport`). Non-finite images fail in the loading chain
+through :func:`medkd.nonfinite.with_finite_check`, so they are skipped the same way. Evaluation does not skip: its
+test list is checked before it starts (:func:`medkd.checks.check_before_run`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ignite.engine import Engine, Events
+from monai.data import Dataset, list_data_collate
+
+from medkd.checks import Problem, error_reason
+
+__all__ = ["SafeDataset", "skip_none_collate", "skip_empty_batches", "SkippedFilesReport"]
+
+logger = logging.getLogger(__name__)
+
+
+class SafeDataset(Dataset):
+    """:class:`monai.data.Dataset` whose items are ``None`` when loading or transforming them fails.
+
+    Each failure is logged with the file path and appended to ``report_file`` (a tab-separated file shared
+    by DataLoader workers), so :attr:`skipped` and :meth:`summary` work with any ``num_workers``.
+    Use with :func:`skip_none_collate`, and skip a batch that collates to ``None`` (all its items failed).
+    """
+
+    def __init__(
+        self,
+        data: Sequence,
+        transform: Callable | None = None,
+        image_key: str = "image",
+        report_file: str | os.PathLike | None = None,
+    ) -> None:
+        super().__init__(data, transform)
+        self.image_key = image_key
+        if report_file is None:
+            fd, report_file = tempfile.mkstemp(prefix="medkd_skipped_", suffix=".tsv")
+            os.close(fd)
+        else:
+            Path(report_file).parent.mkdir(parents=True, exist_ok=True)
+            Path(report_file).write_text("")
+        self.report_file = str(report_file)
+
+    def _path(self, index: int) -> str:
+        item = self.data[index]
+        if isinstance(item, Mapping) and self.image_key in item:
+            return str(item[self.image_key])
+        return str(item) if isinstance(item, str | os.PathLike) else f"item {index}"
+
+    def _transform(self, index: int) -> Any:
+        try:
+            return super()._transform(index)
+        except Exception as e:  # noqa: BLE001 - any failure of one item must not stop the run
+            path, reason = self._path(index), error_reason(e)
+            logger.warning("Skipping %s: %s", path, reason)
+            with open(self.report_file, "a") as f:
+                f.write(f"{path}\t{reason}\n")
+            return None
+
+    @property
+    def skipped(self) -> list[Problem]:
+        """Items skipped so far (in any worker), each path once."""
+        found: dict[str, Problem] = {}
+        with open(self.report_file) as f:
+            for line in f:
+                path, _, reason = line.rstrip("\n").partition("\t")
+                found.setdefault(path, Problem(path, reason))
+        return list(found.values())
+
+    def summary(self) -> str:
+        """One line when nothing was skipped, else the number and list of skipped files."""
+        skipped = self.skipped
+        if not skipped:
+            return f"All {len(self)} item(s) loaded; none skipped."
+        return "\n".join([f"Skipped {len(skipped)} of {len(self)} item(s):", *[f"  - {p}" for p in skipped]])
+
+
+def skip_none_collate(batch: Sequence[Any]) -> Any:
+    """``list_data_collate`` without the ``None`` items of :class:`SafeDataset`; ``None`` when none is left."""
+    kept = [item for item in batch if item is not None]
+    return list_data_collate(kept) if kept else None
+
+
+def skip_empty_batches(engine: Engine, batchdata: Any) -> dict:
+    """``iteration_update`` for evaluators fed through :func:`skip_none_collate`: a batch whose files
+    were all unreadable (``None``) is skipped instead of stopping the run."""
+    return {} if batchdata is None else engine._iteration(engine, batchdata)
+
+
+class SkippedFilesReport:
+    """At the end of a run, log which files a :class:`SafeDataset` skipped (or that none was)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def attach(self, engine: Engine) -> None:
+        """Report when ``engine`` completes."""
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        level = logging.WARNING if self.dataset.skipped else logging.INFO
+        logger.log(level, "%s (list: %s)", self.dataset.summary(), self.dataset.report_file)

@@ -1,0 +1,85 @@
+"""The documented ``python -m monai.bundle run`` commands are those medkd.bundles generates, and they run."""
+
+import ast
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+from bundle_utils import BUNDLES, REPO
+
+from medkd.bundles import STAGES, run_command, stage_files
+
+NAMES = ("segmentation_2d", "segmentation_3d", "classification_2d")
+# documents showing stage commands, by the bundle folder they are typed in
+DOCS = {
+    **{f"bundles/{name}/docs/README.md": name for name in NAMES},
+    "README.md": "segmentation_2d",
+    "docs/planning.md": "segmentation_2d",
+}
+COMMAND = re.compile(r"-m monai\.bundle run (.+)$", re.M)
+
+
+def documented_arguments(doc: str) -> list[list[str]]:
+    """The arguments after ``monai.bundle run`` of each command in ``doc`` (continued lines joined, comments left
+    out)."""
+    text = (REPO / doc).read_text(encoding="utf-8").replace("\\\n", " ")
+    return [shlex.split(found, comments=True) for found in COMMAND.findall(text)]
+
+
+def option(arguments: list[str], name: str) -> str | None:
+    return arguments[arguments.index(name) + 1] if name in arguments else None
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("bundle", NAMES)
+def test_each_bundle_readme_shows_the_command_of_every_stage(bundle, stage):
+    assert run_command(BUNDLES / bundle, stage) in (BUNDLES / bundle / "docs" / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_documented_command_merges_the_files_of_a_stage(doc):
+    bundle = BUNDLES / DOCS[doc]
+    stages = {stage: [p.resolve() for p in stage_files(bundle, stage)] for stage in STAGES}
+    commands = documented_arguments(doc)
+    assert commands, f"{doc} shows no stage command"
+    for arguments in commands:
+        listed = option(arguments, "--config_file")
+        files = [(bundle / f).resolve() for f in (ast.literal_eval(listed) if listed.startswith("[") else [listed])]
+        assert all(f.is_file() for f in files), f"{doc}: {listed} names a missing file"
+        assert files in stages.values(), f"{doc}: {listed} is no stage's list: {stages}"
+        if files[0].parent != (bundle / "configs").resolve():
+            assert option(arguments, "--meta_file") == "configs/metadata.json", f"{doc}: {listed} needs --meta_file"
+
+
+def test_the_3d_teacher_stage_runs_through_its_plain_command(tmp_path):
+    """The README's command of the 3D bundle (three files from two bundles, this bundle's metadata), typed in the
+    bundle folder on tiny data."""
+    command = shlex.split(run_command(BUNDLES / "segmentation_3d", "train_teacher"))
+    assert command[:4] == ["python", "-m", "monai.bundle", "run"]
+    tiny = {
+        "bundle_root": str(tmp_path),
+        "make_default_data": "$medkd.synthetic.ensure_segmentation_data(@dataset_dir, spatial_dims=3, size=24, "
+        "counts=(2, 1, 1))",
+        "patch_size": [16, 16, 16],
+        "samples_per_volume": 1,
+        "max_epochs": 1,
+    }
+    overrides = [token for key, value in tiny.items() for token in (f"--{key}", json.dumps(value))]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, *command[1:], *overrides],
+        cwd=BUNDLES / "segmentation_3d",
+        env=env,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "models" / "teacher.pt").is_file()
+    assert "meta_file: 'configs/metadata.json'" in done.stdout + done.stderr  # this bundle's, not the 2D one
