@@ -12,6 +12,7 @@ from ignite.engine import Events
 from monai.engines.utils import IterationEvents
 from test_engine import make_trainer
 
+from medkd import teacher as teacher_roles
 from medkd.engines import iteration_losses
 from medkd.errors import ConfigError, user_error
 from medkd.handlers import ResumeCheckpoint
@@ -211,3 +212,20 @@ def test_bundle_trains_validates_and_checkpoints_an_online_teacher(tmp_path):
     with pytest.raises(Exception) as info:  # resuming it as a frozen-teacher run is another run
         run_stage("segmentation_2d", "train", tmp_path, max_epochs=2)
     assert "teacher mode online → frozen" in str(user_error(info.value))
+
+
+def test_bundle_choices_follow_the_teacher_mode():
+    """The helpers the bundle JSON calls instead of inline conditionals."""
+    net, students = tiny_unet(), {"sp": tiny_unet(seed=1)}
+    assert teacher_roles.default_init("frozen") == "checkpoint" and teacher_roles.default_init("online") == "scratch"
+    assert teacher_roles.start_checkpoint("t.pt", "checkpoint") == "t.pt"
+    assert teacher_roles.start_checkpoint("t.pt", "scratch") is None
+    assert teacher_roles.online_optimizer("frozen", torch.optim.SGD, net) is None
+    optimizer = teacher_roles.online_optimizer("online", lambda p: torch.optim.SGD(p, lr=0.1), net)
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in net.parameters()}
+    assert list(teacher_roles.validated_networks("frozen", net, students)) == ["sp"]
+    assert list(teacher_roles.validated_networks("online", net, students)) == ["teacher", "sp"]
+    assert teacher_roles.trained_teacher("frozen", net, "cpu") is net  # replicated, not wrapped
+    for bad in (lambda: teacher_roles.default_init("offline"), lambda: teacher_roles.start_checkpoint("t.pt", "x")):
+        with pytest.raises(ConfigError, match="teacher_"):
+            bad()
