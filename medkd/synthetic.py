@@ -1,4 +1,4 @@
-"""The embedded default data: real data shipped with a bundle, or small synthetic datasets written as NIfTI/PNG
+"""The embedded default data: real data shipped with medkd, or small synthetic datasets written as NIfTI/PNG
 with a Decathlon-style datalist.
 
 Bundles call these from their ``initialize`` step; an existing datalist is never overwritten, so pointing
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ __all__ = [
 ]
 
 SEGMENTATION_CLASSES = ("background", "dim_object", "bright_object")
+SAMPLE_DATA = Path(__file__).parent / "sample_data"  # real data shipped with medkd, by name
 SPLITS = ("training", "validation", "test")
 
 
@@ -155,17 +157,21 @@ def is_default_data(dataset_dir: str, bundle_root: str) -> bool:
     return os.path.abspath(dataset_dir) == os.path.abspath(os.path.join(bundle_root, "data"))
 
 
-def ensure_shipped_data(dataset_dir: str, name: str = "the bundle's embedded data") -> str:
-    """The datalist of data shipped in ``dataset_dir`` (real images committed with the bundle, with their licence),
-    or a :class:`medkd.data.DataError` saying how to restore it when it is missing."""
+def ensure_shipped_data(dataset_dir: str, name: str) -> str:
+    """The datalist of real data shipped with medkd (``medkd/sample_data/<name>``: images, labels, ``dataset.json``,
+    licence and citation), copied into ``dataset_dir`` unless a datalist is already there."""
     datalist = os.path.join(dataset_dir, "dataset.json")
-    if not os.path.isfile(datalist):
+    if os.path.isfile(datalist):
+        return datalist
+    source = SAMPLE_DATA / name
+    if not (source / "dataset.json").is_file():
         from medkd.data import DataError
 
         raise DataError(
-            f"{name} is missing: '{datalist}' does not exist. It ships with medkd; restore the folder with "
-            f"`git checkout -- {dataset_dir}` (or a fresh clone), or pass --dataset_dir with data of your own."
+            f"medkd's embedded data '{name}' is missing from {source}: reinstall medkd (pip install -e .), or pass "
+            "--dataset_dir with data of your own."
         )
+    shutil.copytree(source, dataset_dir, dirs_exist_ok=True)
     return datalist
 
 
@@ -174,8 +180,8 @@ def ensure_default_data(dataset_dir: str, bundle_root: str, default: Mapping[str
     ``dataset_dir`` is the bundle's ``data`` folder (:func:`is_default_data`) and holds none yet.
 
     ``default`` names the generator's ``task`` (``"segmentation"`` or ``"classification"``) and its other arguments
-    (see :func:`ensure_segmentation_data`, :func:`ensure_classification_data`), or ``"shipped"`` with an optional
-    ``name`` for real data committed in the bundle's ``data`` folder (:func:`ensure_shipped_data`); a user's own
+    (see :func:`ensure_segmentation_data`, :func:`ensure_classification_data`), or ``"shipped"`` with the
+    ``name`` of real data shipped with medkd, copied there (:func:`ensure_shipped_data`); a user's own
     ``dataset_dir`` is never written to. In a ``torchrun`` run, rank 0 writes the data and the other processes find
     it.
     """
