@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from medkd.bundles import stage_config
-from medkd.synthetic import SEGMENTATION_CLASSES
+from medkd.data.synthetic import SEGMENTATION_CLASSES
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 

@@ -55,9 +55,9 @@ from monai.data import MetaTensor, list_data_collate
 from monai.engines import SupervisedTrainer
 from monai.inferers import SimpleInferer
 
-from medkd.engines import DistillationTrainer
-from medkd.features import default_feature_layer
-from medkd.routes import preset_routes
+from medkd.knowledge.features import default_feature_layer
+from medkd.knowledge.routes import preset_routes
+from medkd.training.engines import DistillationTrainer
 
 SETTINGS = {  # which bundle, and how many steps to time
     "2d": dict(bundle="segmentation_2d", repeats=20, warmup=3),

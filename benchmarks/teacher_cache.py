@@ -1,4 +1,4 @@
-"""Epoch time of the diversified preset with and without ``medkd.teacher_cache.TeacherCache``, and whether the
+"""Epoch time of the diversified preset with and without ``medkd.knowledge.teacher_cache.TeacherCache``, and whether the
 students end the same.
 
 The data are the 2D bundle's synthetic default cases (NIfTI, written to a temporary folder) loaded as the bundle
@@ -29,9 +29,9 @@ from ignite.engine import Events
 from monai.data import CacheDataset, DataLoader, load_decathlon_datalist
 from monai.transforms import Compose
 
-from medkd.engines import DistillationTrainer, iteration_losses
-from medkd.synthetic import ensure_segmentation_data
-from medkd.teacher_cache import TeacherCache
+from medkd.data.synthetic import ensure_segmentation_data
+from medkd.knowledge.teacher_cache import TeacherCache
+from medkd.training.engines import DistillationTrainer, iteration_losses
 
 
 def make_loader(cfg: dict, dataset_dir: str, cases: int, size: int, batch_size: int, seed: int) -> DataLoader:

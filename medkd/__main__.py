@@ -10,11 +10,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from medkd.checks import add_check_data_parser
-from medkd.compare import add_compare_parser
+from medkd.data.checks import add_check_data_parser
 from medkd.errors import install_excepthook
 from medkd.planning.cli import add_plan_parser
 from medkd.prepare import add_prepare_parser
+from medkd.tools.compare import add_compare_parser
 
 
 def build_parser() -> argparse.ArgumentParser:

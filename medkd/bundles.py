@@ -19,7 +19,7 @@ from typing import Any
 
 from monai.bundle import ConfigParser, ConfigWorkflow
 
-from medkd.routes import TEACHER
+from medkd.knowledge.routes import TEACHER
 
 __all__ = [
     "STAGES",
@@ -58,7 +58,7 @@ PATCH_SIZE = "patch_size"  # the spatial size the networks are fed
 MODELS_DIR = "models"
 EVAL_DIR = "eval"
 RUNS_DIR = "runs"
-# files in OUTPUT_DIR: the validation metrics of each epoch, and the evaluate stage's table (medkd.report)
+# files in OUTPUT_DIR: the validation metrics of each epoch, and the evaluate stage's table (medkd.tools.report)
 STUDENTS_HISTORY = "history_students.csv"
 TEACHER_HISTORY = "history_teacher.csv"
 RESULTS_JSON = "results.json"

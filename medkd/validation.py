@@ -186,7 +186,7 @@ def check_inputs(datalists: Mapping[str, Sequence[Mapping]], in_channels: int, s
     """Raise :class:`ConfigError` when the first image of a list has another number of channels or spatial
     dimensions than the bundle's ``in_channels`` / ``spatial_dims`` (e.g. RGB images into a 1-channel bundle, 3D
     volumes into a 2D bundle), naming the file and the fix."""
-    from medkd.data import LoadMedicalImage
+    from medkd.data.loading import LoadMedicalImage
 
     loader = LoadMedicalImage(image_only=True, dtype=None)
     for key, items in datalists.items():

@@ -25,20 +25,22 @@ STAGES = {
 
 TINY = {
     "segmentation_2d": {
-        "make_default_data": "$medkd.synthetic.ensure_segmentation_data(@dataset_dir, spatial_dims=2, size=48, "
+        "make_default_data": "$medkd.data.synthetic.ensure_segmentation_data(@dataset_dir, spatial_dims=2, size=48, "
         "counts=(4, 2, 2))",
         "patch_size": [32, 32],
         "batch_size": 2,
         "iterations_per_epoch": None,
     },
     "segmentation_3d": {
-        "make_default_data": "$medkd.synthetic.ensure_segmentation_data(@dataset_dir, spatial_dims=3, size=32, "
+        "make_default_data": "$medkd.data.synthetic.ensure_segmentation_data(@dataset_dir, spatial_dims=3, size=32, "
         "counts=(2, 1, 1))",
         "patch_size": [16, 16, 16],
         "samples_per_volume": 1,
     },
     "classification_2d": {
-        "make_default_data": "$medkd.synthetic.ensure_classification_data(@dataset_dir, size=32, counts=(16, 8, 8))",
+        "make_default_data": (
+            "$medkd.data.synthetic.ensure_classification_data(@dataset_dir, size=32, counts=(16, 8, 8))"
+        ),
         "patch_size": [32, 32],
         "batch_size": 4,
     },

@@ -62,7 +62,7 @@ def test_the_3d_teacher_stage_runs_through_its_plain_command(tmp_path):
     assert command[:4] == ["python", "-m", "monai.bundle", "run"]
     tiny = {
         "bundle_root": str(tmp_path),
-        "make_default_data": "$medkd.synthetic.ensure_segmentation_data(@dataset_dir, spatial_dims=3, size=24, "
+        "make_default_data": "$medkd.data.synthetic.ensure_segmentation_data(@dataset_dir, spatial_dims=3, size=24, "
         "counts=(2, 1, 1))",
         "patch_size": [16, 16, 16],
         "samples_per_volume": 1,

@@ -9,7 +9,7 @@ import torch
 from bundle_utils import BUNDLES, SCHEMA, STAGES, mlflow_metrics, run_stage
 from monai.bundle import verify_metadata, verify_net_in_out
 
-from medkd.engines import iteration_losses
+from medkd.training.engines import iteration_losses
 
 BUNDLE = "classification_2d"
 CONFIGS = BUNDLES / BUNDLE / "configs"

@@ -14,10 +14,10 @@ import torch
 from bundle_utils import BUNDLES, REPO, SCHEMA, STAGES, mlflow_metrics, run_stage, stage_command
 from monai.bundle import verify_metadata, verify_net_in_out
 
-from medkd.engines import iteration_losses
+from medkd.data.synthetic import ensure_segmentation_data
 from medkd.errors import user_error
-from medkd.nonfinite import NonFiniteLossError, NonFiniteOutputError
-from medkd.synthetic import ensure_segmentation_data
+from medkd.training.engines import iteration_losses
+from medkd.training.nonfinite import NonFiniteLossError, NonFiniteOutputError
 
 SEGMENTATION = ["segmentation_2d", "segmentation_3d"]
 

@@ -1,4 +1,4 @@
-"""Tests for medkd.checks: datalist checks, the check-data CLI and skipping corrupt files at inference."""
+"""Tests for medkd.data.checks: datalist checks, the check-data CLI and skipping corrupt files at inference."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from medkd.__main__ import main
-from medkd.checks import Problem, assert_valid_datalist, check_before_run, check_datalist
-from medkd.data import DataError
+from medkd.data.checks import Problem, assert_valid_datalist, check_before_run, check_datalist
+from medkd.data.loading import DataError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 REPO = Path(__file__).resolve().parents[1]
@@ -135,9 +135,9 @@ def test_assert_valid_datalist_from_bundle_config(tmp_path, seg_items):
 
     path = write_datalist(tmp_path, seg_items)
     config = {
-        "imports": ["$import medkd", "$import medkd.checks"],
-        "train_files": f"$medkd.checks.assert_valid_datalist('{path}', num_classes=3)",
-        "initialize": [f"$medkd.checks.assert_valid_datalist('{path}', num_classes=4)"],
+        "imports": ["$import medkd", "$import medkd.data.checks"],
+        "train_files": f"$medkd.data.checks.assert_valid_datalist('{path}', num_classes=3)",
+        "initialize": [f"$medkd.data.checks.assert_valid_datalist('{path}', num_classes=4)"],
     }
     parser = ConfigParser(config)
     assert len(parser.get_parsed_content("train_files")) == 3
@@ -233,7 +233,7 @@ def test_allow_missing_classes_in_validation_only(tmp_path, seg_items, caplog, c
     report = capsys.readouterr().err
     assert f"[validation] Data check failed: 1 problem(s) in {path}:" in report
     assert "class 2 never appears in any label map" in report and "--allow_missing_classes true" in report
-    with caplog.at_level(logging.WARNING, logger="medkd.checks"):
+    with caplog.at_level(logging.WARNING, logger="medkd.data.checks"):
         check_before_run(path, num_classes=3, allow_missing_classes=True)  # no exit
     assert f"{path} ['validation']: class 2 never appears in any label map; accepted (allow_missing_classes)" in (
         caplog.text
@@ -266,7 +266,7 @@ def test_check_before_run_reads_a_file_per_list(tmp_path, seg_items, capsys):
 
 
 def test_class_names_have_one_reader_strict_or_optional(tmp_path):
-    from medkd.labels import datalist_class_names, optional_class_names
+    from medkd.data.labels import datalist_class_names, optional_class_names
 
     good = tmp_path / "dataset.json"
     good.write_text(json.dumps({"labels": {"1": "liver", "0": "background"}, "training": []}))

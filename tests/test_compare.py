@@ -16,11 +16,11 @@ from monai.networks.nets import UNet
 
 from medkd.__main__ import build_parser
 from medkd.bundles import stage_config
-from medkd.compare import _bundle_networks, compare
-from medkd.features import FeatureExtractor, default_feature_layer
-from medkd.jobs import Job, JobsFailed, run_jobs
-from medkd.routes import KnowledgeRoutes, parse_routes
-from medkd.synthetic import ensure_segmentation_data
+from medkd.data.synthetic import ensure_segmentation_data
+from medkd.knowledge.features import FeatureExtractor, default_feature_layer
+from medkd.knowledge.routes import KnowledgeRoutes, parse_routes
+from medkd.tools.compare import _bundle_networks, compare
+from medkd.tools.jobs import Job, JobsFailed, run_jobs
 
 
 def test_timing_input_is_the_bundles_patch_size():

@@ -1,4 +1,4 @@
-"""Tests for medkd.data: datalists and loading NIfTI, DICOM (real pydicom test files) and PNG through MONAI."""
+"""Tests for medkd.data.loading: datalists and loading NIfTI, DICOM (real pydicom test files) and PNG through MONAI."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 from pydicom.data import get_testdata_file
 
-from medkd.data import (
+from medkd.data.loading import (
     DataError,
     DicomReader,
     LoadMedicalImage,
@@ -330,9 +330,16 @@ def test_bundle_config_can_build_loaders(tmp_path):
     image = write_nifti(tmp_path / "img.nii.gz", np.zeros((4, 4), np.float32))
     parser = ConfigParser(
         {
-            "imports": ["$import medkd", "$import medkd.data"],  # the 2nd makes `medkd.data` an attribute
-            "expr": "$medkd.data.image_loader(['image'])",
-            "target": {"_target_": "medkd.data.LoadMedicalImaged", "keys": ["image"], "ensure_channel_first": True},
+            "imports": [
+                "$import medkd",
+                "$import medkd.data.loading",
+            ],  # the 2nd makes `medkd.data.loading` an attribute
+            "expr": "$medkd.data.loading.image_loader(['image'])",
+            "target": {
+                "_target_": "medkd.data.loading.LoadMedicalImaged",
+                "keys": ["image"],
+                "ensure_channel_first": True,
+            },
         }
     )
     for key in ("expr", "target"):

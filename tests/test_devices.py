@@ -13,8 +13,8 @@ from monai.handlers import ValidationHandler
 from monai.losses import DiceCELoss
 
 from medkd.bundles import stage_config
-from medkd.engines import DistillationTrainer, TeacherTrainer
-from medkd.evaluators import MultiNetworkEvaluator, SingleNetworkEvaluator
+from medkd.training.engines import DistillationTrainer, TeacherTrainer
+from medkd.training.evaluators import MultiNetworkEvaluator, SingleNetworkEvaluator
 
 META = torch.device("meta")
 
@@ -61,7 +61,7 @@ def test_bundle_stage_engines_hold_networks_on_their_device(bundle, stage, engin
 
 
 def test_classification_labels_follow_the_predictions_device():
-    from medkd.evaluators import classification_postprocessing
+    from medkd.training.evaluators import classification_postprocessing
 
     # MONAI's decollation makes each class index a Python number: its one-hot would be made on the CPU
     item = {"pred_teacher": torch.zeros(3, device=META), "pred_sp": torch.zeros(3, device=META), "label": 2}
@@ -72,7 +72,7 @@ def test_classification_labels_follow_the_predictions_device():
 def test_predictions_under_bf16_autocast_are_scored_in_float32():
     from monai.networks.nets import DenseNet
 
-    from medkd.evaluators import classification_metrics, classification_postprocessing
+    from medkd.training.evaluators import classification_metrics, classification_postprocessing
 
     torch.manual_seed(0)
     images = torch.rand(8, 1, 16, 16)
@@ -89,7 +89,7 @@ def test_predictions_under_bf16_autocast_are_scored_in_float32():
 
 def test_evaluator_metrics_first_is_the_key_metric():
     from medkd.errors import ConfigError
-    from medkd.evaluators import segmentation_metrics, segmentation_postprocessing
+    from medkd.training.evaluators import segmentation_metrics, segmentation_postprocessing
 
     data = [{"image": torch.rand(2, 1, 32, 32), "label": (torch.rand(2, 1, 32, 32) > 0.5).long()}]
     networks = {"teacher": tiny_unet(seed=0), "sp": tiny_unet(seed=1)}

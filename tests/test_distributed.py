@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from medkd import distributed
-from medkd.checks import check_before_run
+from medkd.data.checks import check_before_run
+from medkd.training import distributed
 
 
 def test_devices_and_backend_follow_the_visible_gpus(monkeypatch):
@@ -32,7 +32,7 @@ def test_without_a_process_group_every_guard_is_a_no_op(tmp_path):
 
 
 def test_data_checks_run_on_rank0_only(monkeypatch, tmp_path):
-    monkeypatch.setattr("medkd.checks.is_not_rank0", lambda: True)
+    monkeypatch.setattr("medkd.data.checks.is_not_rank0", lambda: True)
     check_before_run(tmp_path / "missing.json")  # another rank: no check, no exit
     monkeypatch.undo()
     with pytest.raises(SystemExit):
@@ -68,7 +68,7 @@ def test_rank0_first_makes_the_other_ranks_wait(tmp_path):
 
 
 def test_unwrap_finds_the_network_inside_wrappers_and_compiled_modules(tmp_path):
-    from medkd.checkpoints import load_network_weights
+    from medkd.training.checkpoints import load_network_weights
 
     class Compiled(torch.nn.Module):  # as torch.compile wraps a module (without compiling anything here)
         def __init__(self, module):

@@ -1,4 +1,4 @@
-"""Tests for medkd.duplicates and check-data's duplicate and leakage report."""
+"""Tests for medkd.data.duplicates and check-data's duplicate and leakage report."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from conftest import texture
 from PIL import Image
 
 from medkd.__main__ import main
-from medkd.duplicates import (
+from medkd.data.duplicates import (
     _popcount,
     duplicate_groups,
     find_duplicates,

@@ -9,10 +9,10 @@ from ignite.engine import Events
 from monai.handlers import from_engine
 from monai.losses import DiceCELoss
 
-from medkd.engines import DistillationTrainer, iteration_losses
 from medkd.errors import ConfigError
-from medkd.handlers import EpochLossTerms
-from medkd.routes import PRESETS, Route
+from medkd.knowledge.routes import PRESETS, Route
+from medkd.training.engines import DistillationTrainer, iteration_losses
+from medkd.training.handlers import EpochLossTerms
 
 
 def make_trainer(batches, routes="diversified", epochs=1, lr=1e-2, **kwargs) -> DistillationTrainer:

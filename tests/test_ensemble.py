@@ -9,7 +9,8 @@ from monai.networks.nets import UNet
 from torch import nn
 
 from medkd.errors import ConfigError
-from medkd.evaluators import (
+from medkd.tools.report import ResultsTable
+from medkd.training.evaluators import (
     MultiNetworkEvaluator,
     classification_metrics,
     classification_postprocessing,
@@ -20,8 +21,7 @@ from medkd.evaluators import (
     segmentation_metrics,
     segmentation_postprocessing,
 )
-from medkd.handlers import BestCheckpoints
-from medkd.report import ResultsTable
+from medkd.training.handlers import BestCheckpoints
 
 
 def evaluate(networks, batches, postprocessing, metrics, **kwargs) -> MultiNetworkEvaluator:

@@ -7,7 +7,7 @@ from conftest import tiny_unet, tiny_unet3d
 from monai.networks.nets import BasicUNet, DenseNet, DynUNet, SegResNet, UNet, resnet10
 
 from medkd.errors import ConfigError
-from medkd.features import Depth, default_feature_layer, feature_depths, match_depths
+from medkd.knowledge.features import Depth, default_feature_layer, feature_depths, match_depths
 
 
 def _roles(depths: list[Depth]) -> list[tuple[str, tuple[int, ...], str]]:

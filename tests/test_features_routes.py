@@ -6,8 +6,8 @@ from conftest import tiny_unet
 from monai.networks.nets import DenseNet121
 
 from medkd.errors import ConfigError
-from medkd.features import FeatureExtractor, default_feature_layer
-from medkd.routes import PRESETS, KnowledgeRoutes, Route, parse_routes, preset_routes
+from medkd.knowledge.features import FeatureExtractor, default_feature_layer
+from medkd.knowledge.routes import PRESETS, KnowledgeRoutes, Route, parse_routes, preset_routes
 
 
 def test_extractor_captures_named_module_outputs():

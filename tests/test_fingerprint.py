@@ -11,12 +11,12 @@ from monai.networks.nets import UNet
 
 from medkd.__main__ import build_parser
 from medkd.bundles import stage_config
-from medkd.checkpoints import CheckpointError
-from medkd.compare import claim_output, compare, compare_fingerprint
+from medkd.data.synthetic import ensure_segmentation_data
 from medkd.errors import ConfigError, user_error
-from medkd.fingerprint import fingerprint_changes, run_fingerprint
-from medkd.routes import preset_routes
-from medkd.synthetic import ensure_segmentation_data
+from medkd.knowledge.routes import preset_routes
+from medkd.tools.compare import claim_output, compare, compare_fingerprint
+from medkd.training.checkpoints import CheckpointError
+from medkd.training.run_fingerprint import fingerprint_changes, run_fingerprint
 
 
 def _files(root):
@@ -130,7 +130,7 @@ def test_the_last_epoch_is_validated_when_val_interval_skips_it(tmp_path):
 def test_every_training_stage_validates_its_last_epoch_before_saving_it(bundle, stage):
     parser = stage_config(BUNDLES / bundle, stage)
     handlers = [h if isinstance(h, str) else h["_target_"] for h in parser["train"]["handlers"]]
-    final = handlers.index("medkd.handlers.FinalValidation")
+    final = handlers.index("medkd.training.handlers.FinalValidation")
     assert handlers.index("ValidationHandler") < final < handlers.index("@resume_checkpoint"), handlers
     for key in ("best_checkpoints", "resume_checkpoint"):
         assert parser[key]["fingerprint"] == "@fingerprint"

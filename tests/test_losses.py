@@ -5,7 +5,12 @@ import math
 import pytest
 import torch
 
-from medkd.losses import FeatureDistillationLoss, PredictionDistillationLoss, attention_map, normalize_per_sample
+from medkd.knowledge.losses import (
+    FeatureDistillationLoss,
+    PredictionDistillationLoss,
+    attention_map,
+    normalize_per_sample,
+)
 
 
 def _kl_by_hand(src: list[float], dst: list[float], tau: float) -> float:

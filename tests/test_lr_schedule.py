@@ -7,7 +7,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from medkd.errors import ConfigError
-from medkd.lr_schedule import PolyLR, poly_factor
+from medkd.training.lr_schedule import PolyLR, poly_factor
 
 
 def test_poly_factor_starts_at_one_and_decays_to_the_last_epoch():

@@ -1,4 +1,4 @@
-"""Tests for medkd.nonfinite: NaN/Inf in images, in the teacher stage's loss and in network outputs."""
+"""Tests for medkd.training.nonfinite: NaN/Inf in images, in the teacher stage's loss and in network outputs."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from monai.engines import SupervisedTrainer
 from monai.networks.nets import UNet
 from monai.transforms import Compose, EnsureTyped, ScaleIntensityd
 
-from medkd.data import DataError, LoadMedicalImaged
+from medkd.data.loading import DataError, LoadMedicalImaged
 from medkd.errors import ConfigError, MedkdError
-from medkd.evaluators import MultiNetworkEvaluator
-from medkd.nonfinite import (
+from medkd.training.evaluators import MultiNetworkEvaluator
+from medkd.training.nonfinite import (
     CheckFinited,
     NonFiniteLoss,
     NonFiniteLossError,

@@ -12,13 +12,13 @@ from ignite.engine import Events
 from monai.engines.utils import IterationEvents
 from test_engine import make_trainer
 
-from medkd import teacher as teacher_roles
-from medkd.engines import iteration_losses
 from medkd.errors import ConfigError, user_error
-from medkd.handlers import ResumeCheckpoint
-from medkd.routes import Route
-from medkd.teacher import FrozenTeacher, OnlineTeacher, check_teacher_settings, make_teacher
-from medkd.teacher_cache import TeacherCache
+from medkd.knowledge import teacher as teacher_roles
+from medkd.knowledge.routes import Route
+from medkd.knowledge.teacher import FrozenTeacher, OnlineTeacher, check_teacher_settings, make_teacher
+from medkd.knowledge.teacher_cache import TeacherCache
+from medkd.training.engines import iteration_losses
+from medkd.training.handlers import ResumeCheckpoint
 
 
 def online_trainer(batches, teacher_seed=0, lr=1e-2, **kwargs):

@@ -17,9 +17,9 @@ from PIL import Image
 
 from medkd.__main__ import main
 from medkd.bundles import run_command
-from medkd.checks import check_datalist
-from medkd.data import DataError, LoadMedicalImage, load_datalist
-from medkd.labels import datalist_class_names
+from medkd.data.checks import check_datalist
+from medkd.data.labels import datalist_class_names
+from medkd.data.loading import DataError, LoadMedicalImage, load_datalist
 from medkd.prepare import prepare_classification, prepare_segmentation
 from medkd.prepare.pairing import find_sidecar, group_of, pair_files
 from medkd.prepare.splits import Unit, hold_out, parse_split_spec

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from medkd.labels import foreground
-from medkd.report import NameClassColumns, ResultsTable, image_meta, markdown_table
+from medkd.data.labels import foreground
+from medkd.tools.report import NameClassColumns, ResultsTable, image_meta, markdown_table
 
 
 def test_rows_per_network_with_named_per_class_means_skipping_nan(tmp_path):
@@ -47,7 +47,7 @@ def test_class_columns_of_metrics_saver_files_get_the_class_names(tmp_path):
 
 
 def test_metric_names_are_built_and_read_by_one_rule():
-    from medkd.evaluators import classification_metrics, metric_name, segmentation_metrics, split_metric_name
+    from medkd.training.evaluators import classification_metrics, metric_name, segmentation_metrics, split_metric_name
 
     built = [*segmentation_metrics(["teacher", "s_p"]), *classification_metrics(["sf"])]
     assert built == ["val_mean_dice_teacher", "val_mean_dice_s_p", "val_auc_sf", "val_acc_sf"]
@@ -66,7 +66,7 @@ def test_per_case_rows_are_named_by_the_image_and_classes_by_the_foreground():
 
 
 def test_comparison_summary_plot_and_files_without_running_anything(tmp_path, capsys):
-    from medkd.report import summarize, write_comparison
+    from medkd.tools.report import summarize, write_comparison
 
     rows = [{"preset": "-", "seed": "-", "network": "teacher", "auc": 0.9, "params": 10, "ms_per_image": 2.0}]
     rows += [{"preset": "kd", "seed": s, "network": "sp", "auc": v, "params": 3, "ms_per_image": 1.0}

@@ -14,7 +14,7 @@ from bundle_utils import BASE, BUNDLES, run_stage, stage_command, tiny_overlay
 from monai.bundle import ckpt_export
 
 from medkd.bundles import stage_config
-from medkd.checkpoints import CheckpointError, load_network_weights, save_or_explain
+from medkd.training.checkpoints import CheckpointError, load_network_weights, save_or_explain
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -95,12 +95,12 @@ def _two_process_training(bundle, root, **overrides):
             {
                 "finalize": [
                     "$torch.save({'students': {k: v.state_dict() for k, v in @students.items()}, "
-                    "'teacher': medkd.features.unwrap(@train#trainer.teacher).state_dict(), "
+                    "'teacher': medkd.knowledge.features.unwrap(@train#trainer.teacher).state_dict(), "
                     "'teacher_class': type(@train#trainer.teacher).__name__, "
                     "'routes': @train#trainer.routes.state_dict(), 'iteration': @train#trainer.state.iteration, "
                     "'epoch_length': @train#trainer.state.epoch_length}, "
                     "@ckpt_dir + '/rank' + str(torch.distributed.get_rank()) + '.pt')",
-                    "$medkd.distributed.destroy_process_group()",
+                    "$medkd.training.distributed.destroy_process_group()",
                 ]
             }
         )
@@ -135,7 +135,7 @@ def test_two_process_gloo_training_keeps_students_identical(bundle, tmp_path):
 
 def test_two_process_gloo_training_keeps_an_online_teacher_identical(tmp_path):
     """teacher_mode online: the teacher is wrapped in DDP like the students (unwrapped, each rank's copy would learn
-    from its own half of the data and drift apart; medkd.teacher.OnlineTeacher refuses it)."""
+    from its own half of the data and drift apart; medkd.knowledge.teacher.OnlineTeacher refuses it)."""
     r0, r1 = _two_process_training("segmentation_2d", tmp_path, teacher_mode="online", routes_preset="kd")
     assert r0["teacher_class"] == "DistributedDataParallel"
     _assert_same_parameters(r0["teacher"], r1["teacher"])

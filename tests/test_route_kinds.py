@@ -10,11 +10,11 @@ from conftest import tiny_batches, tiny_unet
 from monai.bundle import ConfigParser
 from monai.losses import DiceCELoss
 
-from medkd.engines import DistillationTrainer, iteration_losses
 from medkd.errors import ConfigError
-from medkd.losses import FeatureDistillationLoss
-from medkd.routes import ROUTE_KINDS, KnowledgeRoutes, Route, RouteKind, parse_routes, register_kind
-from medkd.teacher import FrozenTeacher
+from medkd.knowledge.losses import FeatureDistillationLoss
+from medkd.knowledge.routes import ROUTE_KINDS, KnowledgeRoutes, Route, RouteKind, parse_routes, register_kind
+from medkd.knowledge.teacher import FrozenTeacher
+from medkd.training.engines import DistillationTrainer, iteration_losses
 
 
 class LogitMSE(RouteKind):
@@ -40,7 +40,7 @@ def bundle_trainer(routes: list) -> DistillationTrainer:
         "students": {"sp": "%student_def", "sf": "%student_def"},
         "routes": routes,
         "trainer": {
-            "_target_": "medkd.engines.DistillationTrainer",
+            "_target_": "medkd.training.engines.DistillationTrainer",
             "device": "cpu",
             "max_epochs": 1,
             "train_data_loader": "$conftest.tiny_batches(n=2, batch_size=2)",

@@ -15,16 +15,16 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import DenseNet
 
 from medkd.bundles import stage_config
-from medkd.engines import DistillationTrainer, iteration_losses
 from medkd.errors import ConfigError
-from medkd.losses import (
+from medkd.knowledge.losses import (
     AffinityDistillationLoss,
     FeatureDistillationLoss,
     RegionFeatureLoss,
     RegionPredictionLoss,
     affinity_matrix,
 )
-from medkd.routes import KnowledgeRoutes, Route, parse_routes
+from medkd.knowledge.routes import KnowledgeRoutes, Route, parse_routes
+from medkd.training.engines import DistillationTrainer, iteration_losses
 
 STUDENTS = ("sp", "sf")
 

@@ -12,9 +12,9 @@ import pytest
 import tomllib
 from bundle_utils import REPO
 
-from medkd.checks import check_datalist
-from medkd.data import DataError, load_datalist
-from medkd.synthetic import SAMPLE_DATA, ensure_default_data, ensure_shipped_data
+from medkd.data.checks import check_datalist
+from medkd.data.loading import DataError, load_datalist
+from medkd.data.synthetic import SAMPLE_DATA, ensure_default_data, ensure_shipped_data
 
 
 def test_the_bundle_copies_the_sem_subset_and_it_passes_the_data_check(tmp_path):

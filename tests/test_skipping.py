@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from monai.data import DataLoader
 
-from medkd.data import LoadMedicalImaged
-from medkd.skipping import SafeDataset, SkippedFilesReport, skip_empty_batches, skip_none_collate
+from medkd.data.loading import LoadMedicalImaged
+from medkd.data.skipping import SafeDataset, SkippedFilesReport, skip_empty_batches, skip_none_collate
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -51,7 +51,7 @@ def test_a_batch_of_unusable_files_only_is_passed_over_and_reported(tmp_path, ca
     assert SafeDataset([], None).summary() == "All 0 item(s) loaded; none skipped."
     engine = SimpleNamespace(_iteration=lambda engine, batch: {"pred": batch})
     assert skip_empty_batches(engine, None) == {} and skip_empty_batches(engine, [1]) == {"pred": [1]}
-    with caplog.at_level(logging.INFO, logger="medkd.skipping"):
+    with caplog.at_level(logging.INFO, logger="medkd.data.skipping"):
         SkippedFilesReport(dataset)(engine)
     assert caplog.records[-1].levelno == logging.WARNING
     assert caplog.records[-1].getMessage().startswith(f"Skipped 1 of 1 item(s):\n  - {tmp_path / 'gone.nii.gz'}: ")

@@ -6,8 +6,8 @@ from conftest import tiny_batches, tiny_unet
 from monai.data import DataLoader, Dataset, MetaTensor
 from monai.losses import DiceCELoss
 
-from medkd.engines import DistillationTrainer, iteration_losses
-from medkd.teacher_cache import TeacherCache, sample_ids_from_meta
+from medkd.knowledge.teacher_cache import TeacherCache, sample_ids_from_meta
+from medkd.training.engines import DistillationTrainer, iteration_losses
 
 EPOCHS = 3
 

@@ -13,7 +13,7 @@ from monai.networks.nets import UNet
 from PIL import Image
 
 from medkd.errors import ConfigError, MedkdError, user_error
-from medkd.routes import Route, parse_routes, preset_routes
+from medkd.knowledge.routes import Route, parse_routes, preset_routes
 from medkd.validation import (
     check_command_line,
     check_inputs,
@@ -182,7 +182,7 @@ def test_missing_or_truncated_checkpoint_and_bad_test_list_end_in_one_message(tm
 
 
 def test_compare_rejects_a_mistyped_set_key_before_any_run(tmp_path):
-    from medkd.compare import compare
+    from medkd.tools.compare import compare
 
     with pytest.raises(ConfigError, match=r"--pach_size \(did you mean --patch_size\?\)"):
         compare(

@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from medkd.checkpoints import set_aside
 from medkd.planning.planfile import PLAN_FILE, make_plan, summary, write_plan
+from medkd.training.checkpoints import set_aside
 
 __all__ = ["add_plan_parser", "plan_command"]
 

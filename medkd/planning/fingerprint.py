@@ -1,7 +1,8 @@
 """Data fingerprint: what a dataset is made of, measured once from its datalist (nnU-Net's dataset fingerprint).
 
 :func:`fingerprint_dataset` loads every image (and label map) of the training and validation lists the way the
-bundles do (:class:`medkd.data.LoadMedicalImage`, channel first, reoriented to the bundle's ``axcodes``) and records:
+bundles do (:class:`medkd.data.loading.LoadMedicalImage`, channel first, reoriented to the bundle's ``axcodes``) and
+records:
 
 * dimensionality and channels; spacing and size (median, min, max; per case at the end);
 * intensity statistics per channel: percentiles 0.5 / 99.5, mean, std, min, max, over the foreground (label > 0)
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from medkd.data import DataError, LoadMedicalImage
+from medkd.data.loading import DataError, LoadMedicalImage
 
 __all__ = ["fingerprint_dataset", "name_side", "lateral_by_name", "lateral_by_position", "is_ct_like"]
 
@@ -210,7 +211,7 @@ def fingerprint_dataset(
 
     Args:
         lists: the datalist's lists, e.g. ``{"training": [...], "validation": [...]}`` (entries with absolute paths,
-            as :func:`medkd.data.load_datalist` returns them).
+            as :func:`medkd.data.loading.load_datalist` returns them).
         task: ``"segmentation"`` (labels are label-map paths) or ``"classification"`` (integer class indices).
         class_names: class names by index (background first for segmentation); used for lateral names.
         axcodes: orientation the bundle reorients to (``"RA"``, ``"RAS"``); positions and axes are measured after it.

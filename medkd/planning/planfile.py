@@ -17,12 +17,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from medkd.data import DataError, load_datalist
-from medkd.distributed import rank0_first
+from medkd.data.labels import optional_class_names
+from medkd.data.loading import DataError, load_datalist
 from medkd.errors import ConfigError
-from medkd.labels import optional_class_names
 from medkd.planning.fingerprint import fingerprint_dataset
 from medkd.planning.plan import BUDGETS, device_kind, make_settings, validation_interval
+from medkd.training.distributed import rank0_first
 
 __all__ = [
     "PLAN_FILE",
@@ -130,8 +130,8 @@ def make_plan(
         max_cases: read at most this many cases (evenly spread).
         voxel_budget, total_iterations, samples_per_volume, lateral: see :func:`medkd.planning.plan.make_settings`.
     """
-    from medkd.checks import infer_task
-    from medkd.fingerprint import datalist_digest
+    from medkd.data.checks import infer_task
+    from medkd.training.run_fingerprint import datalist_digest
 
     lists = _lists(datalist, base_dir)
     task = task or infer_task(lists.get("training", []))
@@ -141,7 +141,7 @@ def make_plan(
     if axcodes == "auto" and (task == "classification" or spatial_dims):
         axcodes = None if task == "classification" else "RAS" if spatial_dims == 3 else "RA"
     if axcodes == "auto":  # dimensionality unknown: from the first image
-        from medkd.data import LoadMedicalImage
+        from medkd.data.loading import LoadMedicalImage
 
         first = LoadMedicalImage(ensure_channel_first=True, dtype=None)(lists["training"][0]["image"])
         axcodes = "RAS" if first.ndim - 1 == 3 else "RA"
@@ -271,7 +271,7 @@ def _load_or_make(
 
 
 def _warn_if_data_changed(plan: Mapping[str, Any], path: Path, datalist: Any) -> None:
-    from medkd.fingerprint import datalist_digest
+    from medkd.training.run_fingerprint import datalist_digest
 
     recorded = plan.get("data")
     if not isinstance(recorded, Mapping):
@@ -338,7 +338,7 @@ def _fmt(value: Any) -> str:
 def show_plan(plan: Mapping[str, Any], used: Mapping[str, Any], networks: Mapping[str, Any] | None = None) -> None:
     """Log the settings a run uses: each planned key's value, marked where an override replaced the plan's, and
     each network's parameter count."""
-    from medkd.distributed import is_not_rank0
+    from medkd.training.distributed import is_not_rank0
 
     if is_not_rank0():
         return
@@ -388,7 +388,7 @@ LATERAL = {"flip_axes": lateral_flips, "rot90_axes": lateral_rot90}
 def auto_plan(dataset_dir: PathLike, bundle_root: PathLike) -> bool:
     """Whether a bundle plans its settings from the data (its ``auto_plan``): for any ``dataset_dir`` but the
     bundle's embedded synthetic data, which keeps the bundle's ``default_plan``."""
-    from medkd.synthetic import is_default_data
+    from medkd.data.synthetic import is_default_data
 
     return not is_default_data(str(dataset_dir), str(bundle_root))
 

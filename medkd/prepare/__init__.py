@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from medkd.data import DataError
-from medkd.duplicates import DEFAULT_MAX_DISTANCE
+from medkd.data.duplicates import DEFAULT_MAX_DISTANCE
+from medkd.data.loading import DataError
 from medkd.prepare.classification import prepare_classification
 from medkd.prepare.output import Prepared, report_lines
 from medkd.prepare.segmentation import prepare_segmentation

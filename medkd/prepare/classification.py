@@ -14,8 +14,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from medkd.data import IMAGE_SUFFIXES, PIL_SUFFIXES, DataError
-from medkd.duplicates import DEFAULT_MAX_DISTANCE, find_duplicates
+from medkd.data.duplicates import DEFAULT_MAX_DISTANCE, find_duplicates
+from medkd.data.loading import IMAGE_SUFFIXES, PIL_SUFFIXES, DataError
 from medkd.prepare.output import Prepared, output_folder, relative, shown, write_prepared
 from medkd.prepare.pairing import group_of
 from medkd.prepare.pixels import GREY_MODES, to_grey

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medkd.data import DataError
+from medkd.data.loading import DataError
 from medkd.prepare.splits import SPLITS
 
 __all__ = ["Prepared", "output_folder", "relative", "write_prepared", "report_lines"]

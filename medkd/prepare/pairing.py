@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medkd.data import DataError
+from medkd.data.loading import DataError
 
 __all__ = ["Pair", "find_sidecar", "group_of", "pair_files", "pattern_regex", "pixel_size_from_sidecar"]
 

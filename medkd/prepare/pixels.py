@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
-from medkd.data import DataError
+from medkd.data.loading import DataError
 
 __all__ = [
     "GREY_MODES",

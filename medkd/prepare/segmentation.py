@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from medkd.data import DataError
+from medkd.data.loading import DataError
 from medkd.prepare.output import Prepared, output_folder, relative, shown, write_prepared
 from medkd.prepare.pairing import Pair, find_sidecar, group_of, pair_files, pixel_size_from_sidecar
 from medkd.prepare.pixels import central_span, map_mask_values, read_grey, resample, tile_origins, write_image

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medkd.data import DataError
+from medkd.data.loading import DataError
 
 __all__ = ["SPLITS", "Unit", "explicit_splits", "hold_out", "parse_split_spec", "random_splits", "split_of"]
 

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from medkd.data import PIL_SUFFIXES, DataError, LoadMedicalImage
+from medkd.data.loading import PIL_SUFFIXES, DataError, LoadMedicalImage
 
 __all__ = [
     "DEFAULT_MAX_DISTANCE",
@@ -359,7 +359,7 @@ def find_duplicates(
     """Hash the images of every list (``{"training": entries, "test": entries}``) and find their duplicates.
 
     Args:
-        lists: datalist entries by list name (e.g. from :func:`medkd.data.load_datalist` per key).
+        lists: datalist entries by list name (e.g. from :func:`medkd.data.loading.load_datalist` per key).
         max_distance: largest perceptual-hash distance (of 256 bits) of a near-duplicate; ``-1``: exact only.
         class_names: names of integer labels, for the note on duplicates whose labels differ.
     """

@@ -19,7 +19,7 @@ import numpy as np
 from monai.data import create_test_image_2d, create_test_image_3d
 from tqdm.auto import tqdm
 
-from medkd.distributed import rank0_first
+from medkd.training.distributed import rank0_first
 
 __all__ = [
     "SEGMENTATION_CLASSES",
@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 SEGMENTATION_CLASSES = ("background", "dim_object", "bright_object")
-SAMPLE_DATA = Path(__file__).parent / "sample_data"  # real data shipped with medkd, by name
+SAMPLE_DATA = Path(__file__).parents[1] / "sample_data"  # real data shipped with medkd, by name
 SPLITS = ("training", "validation", "test")
 
 
@@ -165,7 +165,7 @@ def ensure_shipped_data(dataset_dir: str, name: str) -> str:
         return datalist
     source = SAMPLE_DATA / name
     if not (source / "dataset.json").is_file():
-        from medkd.data import DataError
+        from medkd.data.loading import DataError
 
         raise DataError(
             f"medkd's embedded data '{name}' is missing from {source}: reinstall medkd (pip install -e .), or pass "

@@ -1,6 +1,6 @@
 """Route kinds: the forms knowledge takes along a route, one class each, found by name in a registry.
 
-A kind is an ``nn.Module`` made for one :class:`medkd.routes.Route`. It says which options it accepts (besides
+A kind is an ``nn.Module`` made for one :class:`medkd.knowledge.routes.Route`. It says which options it accepts (besides
 ``weight``, which every route has), which layers it reads from which network, how it builds its adapters from one
 probe forward, and computes the route's unweighted loss term from :class:`StepOutputs`. Its parameters (adapters)
 are trained with the route's target student. A new kind is one subclass of :class:`RouteKind` plus one
@@ -18,10 +18,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
-from medkd.distributed import unwrap
 from medkd.errors import ConfigError
-from medkd.features import DEPTHS, Depth, default_feature_layer, feature_depths, match_depths
-from medkd.losses import (
+from medkd.knowledge.features import DEPTHS, Depth, default_feature_layer, feature_depths, match_depths
+from medkd.knowledge.losses import (
     AffinityDistillationLoss,
     FeatureDistillationLoss,
     PredictionDistillationLoss,
@@ -31,9 +30,10 @@ from medkd.losses import (
     inverse_frequency,
     label_indices,
 )
+from medkd.training.distributed import unwrap
 
 if TYPE_CHECKING:
-    from medkd.routes import Route
+    from medkd.knowledge.routes import Route
 
 __all__ = [
     "ROUTE_KINDS",
@@ -74,7 +74,8 @@ def integer(value: object, what: str, minimum: int = 0) -> int:
 
 
 def labels_of(outputs: StepOutputs, logits: torch.Tensor, route: str, key: str) -> torch.Tensor:
-    """The batch's class indices ``(B, 1, *spatial)`` (:func:`medkd.losses.label_indices`), once per step, or a
+    """The batch's class indices ``(B, 1, *spatial)`` (:func:`medkd.knowledge.losses.label_indices`), once per step, or
+    a
     :class:`ConfigError` naming the option ``key`` of ``route`` that needs them when the step has no labels."""
     if outputs.targets is None:
         raise ConfigError(f"route {route}: {key} needs the batch labels, but the step gave none.")
@@ -106,11 +107,12 @@ class StepOutputs:
 
 class LayerDefaults:
     """What :meth:`RouteKind.layers` may ask about a network, by name: ``defaults(network)``, its default layers
-    (its ``feature_layers``, else :func:`medkd.features.default_feature_layer`), and ``defaults.depths(network)``,
-    its layers at several depths (:func:`medkd.features.feature_depths`, from one probe forward, made once).
+    (its ``feature_layers``, else :func:`medkd.knowledge.features.default_feature_layer`), and
+    ``defaults.depths(network)``,
+    its layers at several depths (:func:`medkd.knowledge.features.feature_depths`, from one probe forward, made once).
 
     Args:
-        feature_layers: module names per network, as given to :class:`medkd.routes.KnowledgeRoutes`.
+        feature_layers: module names per network, as given to :class:`medkd.knowledge.routes.KnowledgeRoutes`.
         networks: the networks by name (``None`` or missing: defaults unknown, ``defaults(network)`` is ``None``).
         example_inputs: a function giving a batch of inputs for the probe (called at most once), or ``None``.
     """
@@ -219,7 +221,9 @@ def register_kind(name: str, kind: type[RouteKind] | None = None) -> Any:
 
     def add(cls: type[RouteKind]) -> type[RouteKind]:
         if not (isinstance(cls, type) and issubclass(cls, RouteKind)):
-            raise ConfigError(f"route kind {name!r} must be a subclass of medkd.routes.RouteKind, got {cls!r}.")
+            raise ConfigError(
+                f"route kind {name!r} must be a subclass of medkd.knowledge.routes.RouteKind, got {cls!r}."
+            )
         if not name.isidentifier():
             raise ConfigError(f"route kind name {name!r} must be an identifier (it is part of the term names).")
         if ROUTE_KINDS.get(name, cls) is not cls:
@@ -235,7 +239,7 @@ def resolve_kind(kind: str | type[RouteKind], route: str = "route") -> tuple[str
     (``"mypackage.LogitMSE"``) or the class itself; the name is the registered one, else the class's ``name``."""
     if isinstance(kind, str) and kind in ROUTE_KINDS:
         return kind, ROUTE_KINDS[kind]
-    accepted = f"use one of {sorted(ROUTE_KINDS)} or the dotted path of a medkd.routes.RouteKind subclass"
+    accepted = f"use one of {sorted(ROUTE_KINDS)} or the dotted path of a medkd.knowledge.routes.RouteKind subclass"
     cls: Any = kind
     if isinstance(kind, str) and "." in kind:
         module, _, attr = kind.rpartition(".")
@@ -274,7 +278,7 @@ class PredictionKind(RouteKind):
     small structures from being drowned by the background: a list ``[c_0, ..., c_{C-1}]`` or
     ``"inverse_frequency"`` (``c_k = 1 / n_k``, ``n_k`` the pixels of class ``k`` in the batch's labels). The term
     is then the weighted mean ``τ² · Σ_x w(x) KL_x / Σ_x w(x)`` with ``w(x) = c_{y(x)}``, ``y(x)`` the label of
-    pixel ``x`` (:func:`medkd.losses.class_pixel_weights`; labels outside the classes weigh 0): with inverse
+    pixel ``x`` (:func:`medkd.knowledge.losses.class_pixel_weights`; labels outside the classes weigh 0): with inverse
     frequencies, the mean over the classes present of each class's mean KL.
 
     Routes at one temperature share each network's log-softmax (one per network and temperature per step)."""
@@ -326,7 +330,8 @@ class PredictionKind(RouteKind):
 
 
 def _layer_pairs(value: object, route: str) -> str | list[list[str]] | None:
-    """A route's ``layers``: ``None``, a name of :data:`medkd.features.DEPTHS` or ``[[source, target], ...]``."""
+    """A route's ``layers``: ``None``, a name of :data:`medkd.knowledge.features.DEPTHS` or ``[[source, target],
+    ...]``."""
     if value is None or (isinstance(value, str) and value in DEPTHS):
         return value
     ok = isinstance(value, Sequence) and not isinstance(value, str) and len(value) > 0
@@ -345,8 +350,8 @@ class LayerPairsKind(RouteKind):
 
     Option ``layers``: ``[[source_layer, target_layer], ...]`` module names; ``"multi"`` (encoder, bottleneck and
     decoder layers at the resolutions both networks have), ``"encoder"`` (encoder and bottleneck) or
-    ``"decoder"``, found by :func:`medkd.features.feature_depths` and paired by
-    :func:`medkd.features.match_depths`; default (``None``): each network's ``feature_layers``, or its default
+    ``"decoder"``, found by :func:`medkd.knowledge.features.feature_depths` and paired by
+    :func:`medkd.knowledge.features.match_depths`; default (``None``): each network's ``feature_layers``, or its default
     layer (the bottleneck), paired in order.
     """
 
@@ -458,7 +463,7 @@ MAX_AFFINITY_NODES = 4096  # positions of a pooled map in AffinityKind: at most 
 
 
 class AffinityKind(LayerPairsKind):
-    """Pairwise affinity distillation for segmentation (:class:`medkd.losses.AffinityDistillationLoss`): each
+    """Pairwise affinity distillation for segmentation (:class:`medkd.knowledge.losses.AffinityDistillationLoss`): each
     paired feature map is average-pooled to a grid of ``grid`` positions per axis, and the target learns the
     source's cosine similarities between every two positions (MSE). Structure, not values: no adapter, any channel
     counts, 2D or 3D; memory bounded by ``grid ** spatial_dims`` positions (at most 4096).
@@ -497,10 +502,12 @@ class RegionKind(LayerPairsKind):
     prediction (``regions: "source"``, its softmax at temperature 1, detached) or by the labels (``"labels"``).
 
     - ``signal: "predictions"`` (default): the mean predicted distribution of each region,
-      ``τ² · KL(P_k^src ‖ P_k^dst)`` averaged over the regions present (:class:`medkd.losses.RegionPredictionLoss`);
+      ``τ² · KL(P_k^src ‖ P_k^dst)`` averaged over the regions present
+      (:class:`medkd.knowledge.losses.RegionPredictionLoss`);
       reads no feature maps.
     - ``signal: "features"``: the mean feature vector of each region (class prototypes) of the paired layers, MSE
-      between the networks' cosine-similarity matrices of the prototypes (:class:`medkd.losses.RegionFeatureLoss`);
+      between the networks' cosine-similarity matrices of the prototypes
+      (:class:`medkd.knowledge.losses.RegionFeatureLoss`);
       no adapter; ``layers`` as in :class:`LayerPairsKind`, the term the mean over the pairs.
 
     Options: ``signal``, ``regions``, ``temperature`` (default 1, predictions only), ``layers`` (features only).

@@ -4,7 +4,8 @@ A route is ``{source, target, kind, weight, warmup_epochs, temperature, layers, 
 (each ``"teacher"`` or a student name) in the form its ``kind`` names: ``"prediction"`` (temperature-scaled KL),
 ``"feature"`` (hint loss with an adapter), ``"attention"`` (attention transfer), ``"affinity"`` (pairwise
 affinities of positions) or ``"region"`` (class-region statistics), each a class of
-:mod:`medkd.route_kinds` found by name in a registry (:func:`register_kind`), or a class of one's own named by its
+:mod:`medkd.knowledge.route_kinds` found by name in a registry (:func:`register_kind`), or a class of one's own named by
+its
 dotted path. Any graph of routes over one teacher and N students is allowed; the presets (student alone, KD,
 FitNets, DML, KD+DML, diversified) are named graphs. :class:`KnowledgeRoutes` runs a graph: it chooses the layers,
 hooks the networks, builds the adapters from one probe forward and computes each student's weighted total.
@@ -19,11 +20,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from medkd.distributed import unwrap
 from medkd.errors import ConfigError
-from medkd.features import FeatureExtractor
-from medkd.route_kinds import ROUTE_KINDS, LayerDefaults, RouteKind, StepOutputs, integer, register_kind, resolve_kind
-from medkd.route_kinds import number as _number
+from medkd.knowledge.features import FeatureExtractor
+from medkd.knowledge.route_kinds import (
+    ROUTE_KINDS,
+    LayerDefaults,
+    RouteKind,
+    StepOutputs,
+    integer,
+    register_kind,
+    resolve_kind,
+)
+from medkd.knowledge.route_kinds import number as _number
+from medkd.training.distributed import unwrap
 
 __all__ = [
     "WEIGHTS",
@@ -60,7 +69,8 @@ class Route:
         temperature: softmax temperature of a prediction route (default 4) or a region route (default 1).
         layers: for a route that reads feature maps (feature, attention, affinity, region), ``[[source_layer,
             target_layer], ...]`` module names, or ``"multi"``, ``"encoder"``, ``"decoder"`` (layers at several
-            depths, :func:`medkd.features.feature_depths`); ``None`` pairs the networks' ``feature_layers`` (or
+            depths, :func:`medkd.knowledge.features.feature_depths`); ``None`` pairs the networks' ``feature_layers``
+            (or
             default layers) in order.
         mode: feature loss, ``"mse"`` (normalised hint, the default) or ``"attention"`` (attention transfer).
         options: options of a kind of one's own, beside those above.
@@ -277,7 +287,8 @@ class KnowledgeRoutes(nn.Module):
         routes: a preset name, or routes or route dicts (see :class:`Route` and :func:`parse_routes`).
         students: student names; ``"teacher"`` is implied.
         feature_layers: module names per network, paired in order by routes that read features without explicit
-            ``layers``; a network not listed uses :func:`medkd.features.default_feature_layer` (given its network to
+            ``layers``; a network not listed uses :func:`medkd.knowledge.features.default_feature_layer` (given its
+            network to
             :meth:`setup`).
 
     Each route is run by an instance of its kind (``self.kinds[key]``, a :class:`RouteKind`). Before training,
@@ -340,7 +351,7 @@ class KnowledgeRoutes(nn.Module):
     ) -> dict[str, list[str]]:
         """Ask every route which layers it reads; a network without ``feature_layers`` gets its default layer
         (when ``networks`` has it), and routes with ``layers: "multi"`` (or ``"encoder"``, ``"decoder"``) get
-        depths found by a probe forward on ``example_inputs()`` (:class:`~medkd.route_kinds.LayerDefaults`).
+        depths found by a probe forward on ``example_inputs()`` (:class:`~medkd.knowledge.route_kinds.LayerDefaults`).
         Returns the layers by network name."""
         defaults = LayerDefaults(self.feature_layers, networks, example_inputs)
         layers: dict[str, list[str]] = {}
@@ -373,7 +384,8 @@ class KnowledgeRoutes(nn.Module):
         example_inputs: torch.Tensor | Callable[[], torch.Tensor] | None = None,
     ) -> None:
         """Prepare the routes to run on ``networks`` (by name, the teacher among them when a route reads it): choose
-        the layers, hook a :class:`~medkd.features.FeatureExtractor` on each network read, and, when a route still
+        the layers, hook a :class:`~medkd.knowledge.features.FeatureExtractor` on each network read, and, when a route
+        still
         needs its adapters, run every hooked network once (eval mode, no grad, first sample only) on
         ``example_inputs`` (a batch of inputs, or a function giving one, called only when needed and at most once;
         routes with ``layers: "multi"`` probe their networks on it too) to build them."""

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from medkd.checkpoints import load_network_weights
-from medkd.distributed import unwrap
 from medkd.errors import ConfigError
-from medkd.teacher_cache import TeacherCache
+from medkd.knowledge.teacher_cache import TeacherCache
+from medkd.training.checkpoints import load_network_weights
+from medkd.training.distributed import unwrap
 
 __all__ = [
     "TEACHER_MODES",
@@ -42,7 +42,7 @@ TEACHER_INITS = ("checkpoint", "scratch")  # where the teacher's weights start f
 
 
 class Teacher:
-    """What a :class:`~medkd.engines.DistillationTrainer` asks of a teacher.
+    """What a :class:`~medkd.training.engines.DistillationTrainer` asks of a teacher.
 
     Attributes:
         network: the teacher network (on the trainer's device after :meth:`to`).
@@ -76,8 +76,8 @@ class FrozenTeacher(Teacher):
 
     Args:
         network: the teacher network.
-        checkpoint: optional path of its weights (see :func:`medkd.checkpoints.load_network_weights`).
-        cache: optional :class:`~medkd.teacher_cache.TeacherCache` reusing its outputs across epochs when its
+        checkpoint: optional path of its weights (see :func:`medkd.training.checkpoints.load_network_weights`).
+        cache: optional :class:`~medkd.knowledge.teacher_cache.TeacherCache` reusing its outputs across epochs when its
             inputs are deterministic; the first hit is checked against a recomputed forward (``verify=True``).
         device: device of the network (and of the loaded weights).
     """
@@ -119,7 +119,8 @@ class OnlineTeacher(Teacher):
     It runs in train mode with gradients; the trainer adds its supervised loss (``"teacher/sup"``, also its
     ``"teacher/total"``) to the step's loss and steps :attr:`optimizer` with the students' optimizers. Routes from
     the teacher detach its outputs (inside every route kind), so the students' terms send no gradient into it; no
-    route may target it (see :class:`medkd.routes.KnowledgeRoutes`). A teacher cache does not apply: its outputs
+    route may target it (see :class:`medkd.knowledge.routes.KnowledgeRoutes`). A teacher cache does not apply: its
+    outputs
     change every step.
 
     Args:
@@ -128,7 +129,7 @@ class OnlineTeacher(Teacher):
         optimizer: the teacher's optimizer, over ``network``'s parameters (e.g. the bundle's one ``optimizer``
             definition called on them).
         checkpoint: optional path of the weights to start from (see
-            :func:`medkd.checkpoints.load_network_weights`); ``None`` starts from the network's initialisation.
+            :func:`medkd.training.checkpoints.load_network_weights`); ``None`` starts from the network's initialisation.
         device: device of the network (and of the loaded weights).
     """
 
@@ -149,7 +150,8 @@ class OnlineTeacher(Teacher):
         if distributed and torch.distributed.get_world_size() > 1 and unwrap(network) is network:
             raise ConfigError(
                 "an online teacher in multi-process training must be wrapped in DistributedDataParallel like the "
-                "students (medkd.distributed.wrap_ddp; multi_gpu_train.json does it for teacher_mode 'online'), or "
+                "students (medkd.training.distributed.wrap_ddp; multi_gpu_train.json does it for teacher_mode "
+                "'online'), or "
                 "its copies would drift apart."
             )
         if checkpoint:
@@ -196,7 +198,7 @@ def make_teacher(
         mode: ``"frozen"`` (:class:`FrozenTeacher`) or ``"online"`` (:class:`OnlineTeacher`).
         checkpoint: optional path of the weights to start from.
         optimizer: the online teacher's optimizer; required online, refused frozen.
-        cache: a frozen teacher's :class:`~medkd.teacher_cache.TeacherCache`; refused online.
+        cache: a frozen teacher's :class:`~medkd.knowledge.teacher_cache.TeacherCache`; refused online.
         device: device of the network.
 
     Raises:
@@ -282,7 +284,7 @@ def validated_networks(mode: str, teacher: nn.Module, students: Mapping[str, nn.
 def trained_teacher(mode: str, teacher: nn.Module, device: torch.device | str) -> nn.Module:
     """The teacher a multi-process run trains: an online teacher wrapped in ``DistributedDataParallel`` like the
     students (its copies would drift apart otherwise); a frozen teacher as it is (replicated)."""
-    from medkd.distributed import wrap_ddp
+    from medkd.training.distributed import wrap_ddp
 
     check_teacher_mode(mode)
     return wrap_ddp({"teacher": teacher}, device)["teacher"] if mode == "online" else teacher

@@ -2,10 +2,11 @@
 
 * :func:`check_datalist` returns every problem of a datalist at once (missing or corrupt files, NaN/Inf pixels,
   image/label mismatch, out-of-range labels, classes without samples).
-* :func:`assert_valid_datalist` raises one :class:`~medkd.data.DataError` listing them all; call it from a bundle's
+* :func:`assert_valid_datalist` raises one :class:`~medkd.data.loading.DataError` listing them all; call it from a
+  bundle's
   ``initialize`` list so a bad dataset stops the run before any DataLoader worker starts.
 * :func:`check_data_command` backs ``python -m medkd check-data``, which also finds exact and near-duplicate images
-  within and across the lists of a datalist (:mod:`medkd.duplicates`).
+  within and across the lists of a datalist (:mod:`medkd.data.duplicates`).
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ import torch
 from monai.data.utils import affine_to_spacing
 from monai.utils import ensure_tuple
 
-from medkd.data import DataError, LoadMedicalImage, load_datalist
-from medkd.distributed import is_not_rank0
-from medkd.duplicates import DEFAULT_MAX_DISTANCE, find_duplicates
-from medkd.labels import optional_class_names
-from medkd.nonfinite import count_nonfinite
+from medkd.data.duplicates import DEFAULT_MAX_DISTANCE, find_duplicates
+from medkd.data.labels import optional_class_names
+from medkd.data.loading import DataError, LoadMedicalImage, load_datalist
+from medkd.training.distributed import is_not_rank0
+from medkd.training.nonfinite import count_nonfinite
 
 __all__ = [
     "Problem",
@@ -156,7 +157,7 @@ def check_datalist(
     for classification) and classes that never occur in the whole dataset.
 
     Args:
-        items: datalist entries, e.g. from :func:`medkd.data.load_datalist`.
+        items: datalist entries, e.g. from :func:`medkd.data.loading.load_datalist`.
         num_classes: number of classes including background; ``None`` skips range and coverage checks
             (defaults to ``len(class_names)`` when names are given).
         task: ``"segmentation"`` (label is a path) or ``"classification"`` (label is an int).

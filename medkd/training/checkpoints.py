@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from medkd.distributed import unwrap
 from medkd.errors import MedkdError
+from medkd.training.distributed import unwrap
 
 __all__ = [
     "CheckpointError",

@@ -54,18 +54,18 @@ from medkd.bundles import (
     stage_files,
     stage_workflow,
 )
-from medkd.checkpoints import set_aside
 from medkd.errors import ConfigError
-from medkd.evaluators import ENSEMBLE, ensemble_members
-from medkd.fingerprint import datalist_digest, fingerprint_changes
-from medkd.jobs import Job, JobsFailed, run_jobs, threads_per_job, visible_gpus
-from medkd.report import inference_ms, write_comparison
-from medkd.routes import PRESETS, TEACHER
+from medkd.knowledge.routes import PRESETS, TEACHER
+from medkd.tools.jobs import Job, JobsFailed, run_jobs, threads_per_job, visible_gpus
+from medkd.tools.report import inference_ms, write_comparison
+from medkd.training.checkpoints import set_aside
+from medkd.training.evaluators import ENSEMBLE, ensemble_members
+from medkd.training.run_fingerprint import datalist_digest, fingerprint_changes
 from medkd.validation import check_overrides
 
 __all__ = ["compare", "compare_fingerprint", "claim_output", "add_compare_parser"]
 
-logger = logging.getLogger("medkd.compare")
+logger = logging.getLogger("medkd.tools.compare")
 
 
 def _run_stage(bundle: Path, stage: str, overrides: Mapping[str, Any]) -> None:
@@ -175,7 +175,7 @@ def compare(
 
     Args:
         bundle: bundle folder.
-        presets: routes presets to compare (see :data:`medkd.routes.PRESETS`).
+        presets: routes presets to compare (see :data:`medkd.knowledge.routes.PRESETS`).
         seeds: random seeds; each preset is trained once per seed.
         output: folder of every run, of ``results.csv``, ``results.md`` and ``comparison.png``.
         max_epochs: distillation epochs (default: the bundle's).
@@ -185,8 +185,9 @@ def compare(
             made with another bundle, dataset or overrides stops the comparison with a ``ConfigError``.
         jobs: after the teacher, run this many (preset, seed) runs at a time, each in a worker process writing its
             output to ``<output>/<preset>/seed<k>/compare.log``; spread over the GPUs when there are several and no
-            ``device`` override (see :mod:`medkd.jobs`). 1: one after another in this process, printing as they go.
-            A failed run raises :class:`medkd.jobs.JobsFailed` naming each failed (preset, seed) after the running
+            ``device`` override (see :mod:`medkd.tools.jobs`). 1: one after another in this process, printing as they
+            go.
+            A failed run raises :class:`medkd.tools.jobs.JobsFailed` naming each failed (preset, seed) after the running
             ones finish (runs not started yet are cancelled); a rerun resumes them all.
         threads: intra-op threads of each (preset, seed) run (the teacher keeps this process's). Default: this
             process's threads divided by ``jobs``; with ``jobs=1``, this process's. The float reductions of CPU

@@ -23,7 +23,7 @@ from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
 from medkd.errors import ConfigError, UserErrorsFirst
-from medkd.routes import TEACHER
+from medkd.knowledge.routes import TEACHER
 
 __all__ = [
     "METRICS",
@@ -275,7 +275,7 @@ class ProbabilitiesCSV:
     ``<class>`` for one network (the engine's ``pred``, e.g. ``SupervisedEvaluator``), or ``<network>_<class>`` for
     each of ``networks`` (``pred_<network>`` of :class:`MultiNetworkEvaluator`). Attach it after a softmax in the
     postprocessing. Iterations without output (a batch of unreadable files skipped by
-    :func:`medkd.skipping.skip_empty_batches`) add no row.
+    :func:`medkd.data.skipping.skip_empty_batches`) add no row.
 
     Args:
         output_file: path of the CSV file; its folder is created.

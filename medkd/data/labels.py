@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from medkd.data import DataError
+from medkd.data.loading import DataError
 
 __all__ = ["datalist_class_names", "optional_class_names", "foreground"]
 

@@ -1,19 +1,20 @@
 """Non-finite (NaN/Inf) guards: input images, training losses and network outputs.
 
 * :func:`count_nonfinite` counts the NaN/Inf values of an image (``check-data`` and
-  :func:`medkd.checks.check_datalist` report them per file).
-* :class:`CheckFinited` stops a pipeline with a :class:`~medkd.data.DataError` naming the file when a loaded image
+  :func:`medkd.data.checks.check_datalist` report them per file).
+* :class:`CheckFinited` stops a pipeline with a :class:`~medkd.data.loading.DataError` naming the file when a loaded
+  image
   holds NaN/Inf; :func:`with_finite_check` inserts it after the loader of a bundle's ``load`` list. Inference's
-  :class:`~medkd.skipping.SafeDataset` then skips the file and lists it in ``skipped.tsv``; evaluation stops.
+  :class:`~medkd.data.skipping.SafeDataset` then skips the file and lists it in ``skipped.tsv``; evaluation stops.
 * :class:`NonFiniteLoss` gives MONAI's ``SupervisedTrainer`` (the teacher stage) the ``nan_policy`` of
-  :class:`medkd.engines.DistillationTrainer`: ``raise``, ``skip`` or ``ignore``.
+  :class:`medkd.training.engines.DistillationTrainer`: ``raise``, ``skip`` or ``ignore``.
 * :class:`NonFiniteOutputs` stops an evaluator when an input or a network's output is non-finite, naming the image
   and the network, instead of letting ``argmax`` turn NaN logits into an empty mask or a lower Dice.
 
 A non-finite *training loss* raises :class:`NonFiniteLossError`, a ``FloatingPointError`` like the one the
 distillation trainer raises and deliberately not a :class:`~medkd.errors.MedkdError`: a diverging run (learning
 rate, AMP overflow, a bug in a custom loss) is not necessarily a mistake in the user's input, so the traceback is
-kept. Non-finite *inputs* are user errors (:class:`~medkd.data.DataError`), and so are non-finite *outputs* of a
+kept. Non-finite *inputs* are user errors (:class:`~medkd.data.loading.DataError`), and so are non-finite *outputs* of a
 finite input at evaluation or inference (:class:`NonFiniteOutputError`): the checkpoint holds NaN/Inf weights or
 the chosen AMP dtype overflows, both fixed by the user.
 """
@@ -35,7 +36,7 @@ from monai.utils import ImageMetaKey
 from monai.utils.enums import CommonKeys as Keys
 
 from medkd.bundles import checkpoint_file
-from medkd.data import DataError, LoadMedicalImaged
+from medkd.data.loading import DataError, LoadMedicalImaged
 from medkd.errors import ConfigError, MedkdError
 
 __all__ = [
@@ -109,7 +110,7 @@ def _nonfinite_message(what: str, count: int, total: int) -> str:
 
 
 class CheckFinited(MapTransform):
-    """Raise :class:`~medkd.data.DataError` naming the file when an image of ``keys`` holds NaN/Inf.
+    """Raise :class:`~medkd.data.loading.DataError` naming the file when an image of ``keys`` holds NaN/Inf.
 
     Place it right after the loader (see :func:`with_finite_check`), so the count is that of the file. Integer
     images pass without a scan.
@@ -132,7 +133,7 @@ class CheckFinited(MapTransform):
 
 def with_finite_check(transforms: Sequence[Any]) -> list[Any]:
     """``transforms`` with a :class:`CheckFinited` (same keys) right after its first loader (``LoadMedicalImaged``
-    or ``LoadImaged``). In a bundle: ``"transforms": "$medkd.nonfinite.with_finite_check(@load)"``.
+    or ``LoadImaged``). In a bundle: ``"transforms": "$medkd.training.nonfinite.with_finite_check(@load)"``.
 
     Raises:
         ConfigError: the list has no loader.
@@ -149,7 +150,7 @@ def with_finite_check(transforms: Sequence[Any]) -> list[Any]:
 
 
 class NonFiniteLoss:
-    """The ``nan_policy`` of :class:`medkd.engines.DistillationTrainer`, for MONAI's ``SupervisedTrainer``.
+    """The ``nan_policy`` of :class:`medkd.training.engines.DistillationTrainer`, for MONAI's ``SupervisedTrainer``.
 
     Attach it as one of the trainer's handlers. After each loss (``IterationEvents.LOSS_COMPLETED``):
 
@@ -242,7 +243,7 @@ class NonFiniteOutputs:
     """Stop an evaluator when a batch's image or a network's output holds NaN/Inf, naming the file and network.
 
     Attach to a ``SupervisedEvaluator`` (output ``pred``, named ``network_name``) or a
-    :class:`medkd.evaluators.MultiNetworkEvaluator` (``pred_<network>``). It runs at
+    :class:`medkd.training.evaluators.MultiNetworkEvaluator` (``pred_<network>``). It runs at
     ``IterationEvents.FORWARD_COMPLETED``, before postprocessing (``argmax`` would hide NaN logits).
 
     Raises:

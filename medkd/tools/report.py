@@ -1,5 +1,5 @@
 """Reports: the results table of an evaluation (one row per network, one column per metric), and the summary,
-timing and plot of a method comparison (:mod:`medkd.compare` runs it, this module writes it)."""
+timing and plot of a method comparison (:mod:`medkd.tools.compare` runs it, this module writes it)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from ignite.engine import Engine, Events
 from torch import nn
 
 from medkd.bundles import COMPARISON_PNG, RESULTS_CSV, RESULTS_JSON, RESULTS_MD
-from medkd.evaluators import ENSEMBLE, METRICS, split_metric_name
+from medkd.training.evaluators import ENSEMBLE, METRICS, split_metric_name
 
 __all__ = [
     "ResultsTable",
@@ -31,7 +31,7 @@ __all__ = [
     "write_comparison",
 ]
 
-logger = logging.getLogger("medkd.report")
+logger = logging.getLogger("medkd.tools.report")
 
 
 def markdown_table(rows: Sequence[Mapping[str, object]]) -> str:
@@ -64,7 +64,8 @@ class ResultsTable:
             background: the foreground classes). Each network's per-image scores (``engine.state.metric_details``,
             shape ``(images, classes)``) are then averaged per class into columns ``"<metric>:<class>"``, e.g.
             ``"mean_dice:tumour"``; NaN scores (a class absent from an image and from its prediction) are skipped.
-        ensemble: the networks averaged into the ``"ensemble"`` row (see :func:`medkd.evaluators.ensemble_members`);
+        ensemble: the networks averaged into the ``"ensemble"`` row (see
+            :func:`medkd.training.evaluators.ensemble_members`);
             its parameter count is the sum of theirs.
     """
 

@@ -17,11 +17,17 @@ from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar as _IgniteProgressBar
 
 from medkd.bundles import checkpoint_file
-from medkd.checkpoints import CheckpointError, load_checkpoint, load_network_weights, save_or_explain, set_aside
-from medkd.distributed import unwrap
-from medkd.engines import iteration_losses
-from medkd.evaluators import metric_name
-from medkd.fingerprint import fingerprint_changes
+from medkd.training.checkpoints import (
+    CheckpointError,
+    load_checkpoint,
+    load_network_weights,
+    save_or_explain,
+    set_aside,
+)
+from medkd.training.distributed import unwrap
+from medkd.training.engines import iteration_losses
+from medkd.training.evaluators import metric_name
+from medkd.training.run_fingerprint import fingerprint_changes
 
 __all__ = [
     "loss_terms",
@@ -90,19 +96,21 @@ class BestCheckpoints:
     """Keep the best checkpoint of each network by its own validation metric.
 
     Attach to the validation evaluator. Whenever ``metrics[metric_name(metric, name)]`` (e.g. ``val_mean_dice_sp``,
-    see :func:`medkd.evaluators.metric_name`) improves (non-finite values
+    see :func:`medkd.training.evaluators.metric_name`) improves (non-finite values
     never count), network ``name`` is written atomically to ``{save_dir}/{name}.pt`` as
     ``{name: state_dict, "metric": value, "epoch": epoch, "fingerprint": fingerprint}``. Only rank 0 writes. The best
     values so far are part of :meth:`state_dict`, so a resumed run (:class:`ResumeCheckpoint`) does not overwrite a
     better checkpoint with a worse one; a fresh start moves the old files aside (give :meth:`paths` to
     :class:`ResumeCheckpoint`'s ``set_aside``). Scores of names not in ``networks`` are not checkpointed: the
-    students' ensemble (``val_mean_dice_ensemble``, see :func:`medkd.evaluators.ensemble_members`) has no weights.
+    students' ensemble (``val_mean_dice_ensemble``, see :func:`medkd.training.evaluators.ensemble_members`) has no
+    weights.
 
     Args:
         save_dir: checkpoint folder.
         networks: networks by name (DDP-wrapped networks are saved unwrapped).
         metric: the metric that ranks checkpoints, e.g. ``"mean_dice"`` or ``"auc"``.
-        fingerprint: the run's fingerprint (:func:`medkd.fingerprint.run_fingerprint`), stored in every file.
+        fingerprint: the run's fingerprint (:func:`medkd.training.run_fingerprint.run_fingerprint`), stored in every
+            file.
     """
 
     def __init__(
@@ -208,8 +216,8 @@ class ResumeCheckpoint:
 
     Every ``interval`` epochs, rank 0 writes ``{save_dir}/{filename}`` atomically (temporary file, then rename) with
     the engine state (epoch, iteration), what the trainer's ``checkpoint_objects()`` names (for a
-    :class:`~medkd.engines.DistillationTrainer` every student, its optimizer, the routes' adapters and the AMP
-    scaler; for a :class:`~medkd.engines.TeacherTrainer` the network, its optimizer and the scaler), ``extra``
+    :class:`~medkd.training.engines.DistillationTrainer` every student, its optimizer, the routes' adapters and the AMP
+    scaler; for a :class:`~medkd.training.engines.TeacherTrainer` the network, its optimizer and the scaler), ``extra``
     stateful objects (e.g. :class:`BestCheckpoints`) and the run's ``fingerprint``. At ``Events.STARTED``, if the
     file exists and ``resume`` is true, all of it is loaded and training continues from the saved epoch. A corrupt
     or mismatched file, or one written by another run (its fingerprint differs, or it has none), stops the run with
@@ -226,7 +234,8 @@ class ResumeCheckpoint:
         interval: epochs between saves.
         resume: load the checkpoint when present.
         extra: more objects with ``state_dict``/``load_state_dict``, by name.
-        fingerprint: the run's fingerprint (:func:`medkd.fingerprint.run_fingerprint`); ``None`` skips the check.
+        fingerprint: the run's fingerprint (:func:`medkd.training.run_fingerprint.run_fingerprint`); ``None`` skips the
+            check.
         set_aside: files to move aside on a fresh start (e.g. ``BestCheckpoints.paths()`` and the history CSV).
     """
 
@@ -254,8 +263,8 @@ class ResumeCheckpoint:
 
     def objects(self, engine: Engine) -> dict[str, Any]:
         """The objects saved and restored, by name: the engine, ``extra`` and what the trainer says a checkpoint
-        must hold (``checkpoint_objects()`` of :class:`~medkd.engines.DistillationTrainer` and
-        :class:`~medkd.engines.TeacherTrainer`)."""
+        must hold (``checkpoint_objects()`` of :class:`~medkd.training.engines.DistillationTrainer` and
+        :class:`~medkd.training.engines.TeacherTrainer`)."""
         return {"engine": engine, **self.extra, **engine.checkpoint_objects()}
 
     def save(self, engine: Engine) -> None:
@@ -335,7 +344,7 @@ class ResumeCheckpoint:
 
 class LoadNetworks:
     """Load ``{load_dir}/{name}.pt`` into each network when the engine starts (see
-    :func:`medkd.checkpoints.load_network_weights`: a missing or mismatched file is named in the error).
+    :func:`medkd.training.checkpoints.load_network_weights`: a missing or mismatched file is named in the error).
 
     Args:
         load_dir: checkpoint folder (as written by :class:`BestCheckpoints`).

@@ -625,6 +625,6 @@ class LoadMedicalImaged(MapTransform):
 def image_loader(keys: KeysCollection, ensure_channel_first: bool = True, **kwargs: Any) -> LoadMedicalImaged:
     """Recommended loader for bundles: ``LoadMedicalImaged(keys, ensure_channel_first=True, **kwargs)``.
 
-    In a bundle config: ``"$medkd.data.image_loader(['image', 'label'])"``.
+    In a bundle config: ``"$medkd.data.loading.image_loader(['image', 'label'])"``.
     """
     return LoadMedicalImaged(keys, ensure_channel_first=ensure_channel_first, **kwargs)

@@ -17,11 +17,11 @@ from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 from torch.optim import Optimizer
 
-from medkd.distributed import unwrap
 from medkd.errors import ConfigError, UserErrorsFirst
-from medkd.routes import TEACHER, KnowledgeRoutes, Route
-from medkd.teacher import Teacher, check_teacher_mode, make_teacher
-from medkd.teacher_cache import TeacherCache
+from medkd.knowledge.routes import TEACHER, KnowledgeRoutes, Route
+from medkd.knowledge.teacher import Teacher, check_teacher_mode, make_teacher
+from medkd.knowledge.teacher_cache import TeacherCache
+from medkd.training.distributed import unwrap
 
 __all__ = ["DistillationTrainer", "TeacherTrainer", "LOSSES", "iteration_losses", "student_optimizers"]
 
@@ -83,12 +83,13 @@ class TeacherTrainer(UserErrorsFirst, SupervisedTrainer):
 
 
 class DistillationTrainer(UserErrorsFirst, Trainer):
-    """Train students with a teacher and with each other, along knowledge routes (see ``medkd.routes``).
+    """Train students with a teacher and with each other, along knowledge routes (see ``medkd.knowledge.routes``).
 
     One iteration (:meth:`_iteration`) runs the teacher once (frozen: no grad, see
-    :class:`medkd.teacher.FrozenTeacher`; online: trained, see :class:`medkd.teacher.OnlineTeacher`), every student
+    :class:`medkd.knowledge.teacher.FrozenTeacher`; online: trained, see
+    :class:`medkd.knowledge.teacher.OnlineTeacher`), every student
     forward, the supervised loss of each student plus the weighted terms of the routes that target it
-    (:meth:`medkd.routes.KnowledgeRoutes.losses`), an online teacher's supervised loss, one backward, and the
+    (:meth:`medkd.knowledge.routes.KnowledgeRoutes.losses`), an online teacher's supervised loss, one backward, and the
     optimizer of every network trained (:attr:`trained_optimizers`). Sources are detached, so each network is
     updated only by its own loss. It fires MONAI's ``IterationEvents`` like ``SupervisedTrainer`` and returns in
     ``engine.state.output``: ``image``, ``label``, ``pred`` (logits per network name), ``loss`` (sum of the trained
@@ -107,22 +108,24 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
         optimizers: one optimizer per student, same names. Route adapters are added to the target student's
             optimizer as an extra parameter group.
         loss_function: supervised loss ``(logits, label) -> loss`` (e.g. ``DiceCELoss``, ``CrossEntropyLoss``).
-        teacher: the teacher network, in the role ``teacher_mode`` names, or a :class:`medkd.teacher.Teacher` (used
+        teacher: the teacher network, in the role ``teacher_mode`` names, or a :class:`medkd.knowledge.teacher.Teacher`
+            (used
             as it is). A frozen teacher is needed when a route starts at it, ignored (not loaded, not run)
             otherwise; an online teacher is always trained.
         teacher_checkpoint: optional path of the teacher network's weights, loaded before training (an online
             teacher without one starts from scratch).
         routes: a preset name (``"diversified"``, ``"kd"``, ...), or a list of routes or route dicts.
         feature_layers: module names per network for routes that read features; networks not listed use
-            :func:`medkd.features.default_feature_layer`.
+            :func:`medkd.knowledge.features.default_feature_layer`.
         example_batch: a batch to size the adapters with; ``None`` takes the first batch of the data loader.
-        teacher_cache: optional :class:`medkd.teacher_cache.TeacherCache`, to reuse teacher outputs across epochs
+        teacher_cache: optional :class:`medkd.knowledge.teacher_cache.TeacherCache`, to reuse teacher outputs across
+            epochs
             when the teacher's inputs are deterministic (samples named by ``meta["filename_or_obj"]``). Its first
             hit is checked against a recomputed teacher forward (``verify=True``, the default).
         nan_policy: ``"raise"`` stops on a non-finite loss (an online teacher's included) naming the iteration and
             term, ``"skip"`` skips that step with a warning, ``"ignore"`` does not check (no host sync).
-        teacher_mode: ``"frozen"`` (the offline teacher, :class:`medkd.teacher.FrozenTeacher`) or ``"online"``
-            (trained with the students by its supervised loss, :class:`medkd.teacher.OnlineTeacher`; no
+        teacher_mode: ``"frozen"`` (the offline teacher, :class:`medkd.knowledge.teacher.FrozenTeacher`) or ``"online"``
+            (trained with the students by its supervised loss, :class:`medkd.knowledge.teacher.OnlineTeacher`; no
             ``teacher_cache``).
         teacher_optimizer: the online teacher's optimizer (required online), stepped with the students' ones.
         amp: autocast the forward passes; ``amp_kwargs={"dtype": torch.bfloat16}`` for bf16. A gradient scaler is

@@ -4,8 +4,9 @@ An inference stage reads its images through :class:`SafeDataset` (an item whose 
 ``None``, and the file and the reason go to ``report_file``, the stage's ``skipped.tsv``), batches them with
 :func:`skip_none_collate`, lets its evaluator pass over a batch of unusable files only (:func:`skip_empty_batches`)
 and logs what was skipped at the end (:class:`SkippedFilesReport`). Non-finite images fail in the loading chain
-through :func:`medkd.nonfinite.with_finite_check`, so they are skipped the same way. Evaluation does not skip: its
-test list is checked before it starts (:func:`medkd.checks.check_before_run`).
+through :func:`medkd.training.nonfinite.with_finite_check`, so they are skipped the same way. Evaluation does not skip:
+its
+test list is checked before it starts (:func:`medkd.data.checks.check_before_run`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 from ignite.engine import Engine, Events
 from monai.data import Dataset, list_data_collate
 
-from medkd.checks import Problem, error_reason
+from medkd.data.checks import Problem, error_reason
 
 __all__ = ["SafeDataset", "skip_none_collate", "skip_empty_batches", "SkippedFilesReport"]
 

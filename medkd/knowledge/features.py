@@ -16,8 +16,8 @@ import torch
 from monai.networks.layers import SkipConnection
 from torch import nn
 
-from medkd.distributed import unwrap
 from medkd.errors import ConfigError
+from medkd.training.distributed import unwrap
 
 __all__ = ["DEPTHS", "Depth", "FeatureExtractor", "default_feature_layer", "feature_depths", "match_depths"]
 

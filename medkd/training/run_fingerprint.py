@@ -3,7 +3,7 @@
 A fingerprint is a JSON-able dict: the data lists (path and a hash of the file's bytes; images are not read), the
 networks (class, parameter count, a hash of the state-dict shapes), the routes with their weights and temperatures
 (and the preset they form), the teacher's role (``teacher_mode``, ``teacher_init``), the class names and the seed.
-:class:`medkd.handlers.ResumeCheckpoint` stores it in the resume checkpoint and refuses to resume a run whose
+:class:`medkd.training.handlers.ResumeCheckpoint` stores it in the resume checkpoint and refuses to resume a run whose
 fingerprint differs, listing :func:`fingerprint_changes`; ``python -m medkd compare`` keeps one of its own in
 ``fingerprint.json``.
 """
@@ -19,8 +19,8 @@ from typing import Any
 
 from torch import nn
 
-from medkd.distributed import unwrap
-from medkd.routes import PRESETS, TEACHER, Route, parse_routes, preset_routes
+from medkd.knowledge.routes import PRESETS, TEACHER, Route, parse_routes, preset_routes
+from medkd.training.distributed import unwrap
 
 __all__ = ["run_fingerprint", "datalist_digest", "describe_network", "fingerprint_changes"]
 
@@ -99,7 +99,7 @@ def run_fingerprint(
         routes: the distillation routes (a preset name or routes); ``None`` for a run without routes.
         class_names: the class names.
         seed: the random seed.
-        teacher_mode: ``"frozen"`` or ``"online"`` (see :mod:`medkd.teacher`); ``None`` for a run without a
+        teacher_mode: ``"frozen"`` or ``"online"`` (see :mod:`medkd.knowledge.teacher`); ``None`` for a run without a
             teacher role (the teacher stage).
         teacher_init: ``"checkpoint"`` or ``"scratch"``; ``None`` as for ``teacher_mode``.
     """
