@@ -106,3 +106,27 @@ def test_named_weights_apply_to_listed_routes_and_presets():
         parse_routes("kd", ["sp"], weights={"alpha": 1.0})
     with pytest.raises(ConfigError, match=r"unknown keys: \['weight'\]"):
         parse_routes({"preset": "kd", "weight": 1.0}, ["sp"])
+
+
+def test_hint_layers_reach_every_feature_route_without_its_own_layers():
+    students = ["sp", "sf"]
+    layers = {r.name: r.layers for r in parse_routes("diversified", students, hint_layers="multi")}
+    assert layers == {
+        "sp/prediction_from_teacher": None,
+        "sf/feature_from_teacher": "multi",
+        "sp/prediction_from_sf": None,
+        "sf/prediction_from_sp": None,
+        "sp/feature_from_sf": "multi",
+        "sf/feature_from_sp": "multi",
+    }
+    assert [r.layers for r in parse_routes({"preset": "fitnets", "hint_layers": "decoder"}, students)] == [
+        "decoder",
+        "decoder",
+    ]
+    listed = [
+        {"source": "teacher", "target": "sf", "kind": "feature"},
+        {"source": "teacher", "target": "sp", "kind": "feature", "layers": "encoder"},  # its own wins
+        {"source": "teacher", "target": "sp", "kind": "attention"},  # not a hint: keeps its default
+    ]
+    assert [r.layers for r in parse_routes(listed, students, hint_layers="multi")] == ["multi", "encoder", None]
+    assert all(r.layers is None for r in parse_routes("diversified", students))  # default: the bottleneck
