@@ -33,10 +33,14 @@ from medkd.data.synthetic import ensure_segmentation_data
 from medkd.knowledge.teacher_cache import TeacherCache
 from medkd.training.engines import DistillationTrainer, iteration_losses
 
+SPACING = 1.0  # of the generated cases; the bundle's load transforms resample to it (pixdim), i.e. keep them as made
+
 
 def make_loader(cfg: dict, dataset_dir: str, cases: int, size: int, batch_size: int, seed: int) -> DataLoader:
     """The bundle's deterministic preprocessing (its ``load`` transforms) over generated cases, in a CacheDataset."""
-    datalist = ensure_segmentation_data(dataset_dir, spatial_dims=2, size=size, counts=(cases, 1, 1), seed=seed)
+    datalist = ensure_segmentation_data(
+        dataset_dir, spatial_dims=2, size=size, counts=(cases, 1, 1), seed=seed, spacing=SPACING
+    )
     transform = Compose(cfg["parser"].get_parsed_content("load", lazy=False))
     data = load_decathlon_datalist(datalist, data_list_key="training", base_dir=dataset_dir)
     dataset = CacheDataset(data, transform, cache_rate=1.0, num_workers=0, progress=False)
@@ -94,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # Orientationd's default-labels notice
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = bundle_setting("segmentation_2d", pixdim=[0.8, 0.8])  # the generated images' spacing
+        cfg = bundle_setting("segmentation_2d", pixdim=[SPACING, SPACING])
         loader = make_loader(cfg, tmp, args.cases, args.size, args.batch_size, args.seed)
         batch = next(iter(loader))
         print(

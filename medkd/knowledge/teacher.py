@@ -17,9 +17,10 @@ from torch import nn
 from torch.optim import Optimizer
 
 from medkd.errors import ConfigError
+from medkd.knowledge.routes import TEACHER
 from medkd.knowledge.teacher_cache import TeacherCache
 from medkd.training.checkpoints import load_network_weights
-from medkd.training.distributed import unwrap
+from medkd.training.distributed import unwrap, wrap_ddp
 
 __all__ = [
     "TEACHER_MODES",
@@ -120,8 +121,7 @@ class OnlineTeacher(Teacher):
     ``"teacher/total"``) to the step's loss and steps :attr:`optimizer` with the students' optimizers. Routes from
     the teacher detach its outputs (inside every route kind), so the students' terms send no gradient into it; no
     route may target it (see :class:`medkd.knowledge.routes.KnowledgeRoutes`). A teacher cache does not apply: its
-    outputs
-    change every step.
+    outputs change every step.
 
     Args:
         network: the teacher network; wrapped in ``DistributedDataParallel`` when the students are (multi-process
@@ -151,8 +151,7 @@ class OnlineTeacher(Teacher):
             raise ConfigError(
                 "an online teacher in multi-process training must be wrapped in DistributedDataParallel like the "
                 "students (medkd.training.distributed.wrap_ddp; multi_gpu_train.json does it for teacher_mode "
-                "'online'), or "
-                "its copies would drift apart."
+                "'online'), or its copies would drift apart."
             )
         if checkpoint:
             load_network_weights(network, checkpoint, map_location=device, role="teacher")
@@ -168,7 +167,7 @@ class OnlineTeacher(Teacher):
 
     def checkpoint_objects(self) -> dict[str, Any]:
         """``"teacher"`` (the network, unwrapped from DDP) and ``"optimizer_teacher"``."""
-        return {"teacher": unwrap(self.network), "optimizer_teacher": self.optimizer}
+        return {TEACHER: unwrap(self.network), f"optimizer_{TEACHER}": self.optimizer}
 
 
 def _check_choice(key: str, value: Any, accepted: Iterable[str]) -> None:
@@ -278,13 +277,11 @@ def validated_networks(mode: str, teacher: nn.Module, students: Mapping[str, nn.
     """The networks validated during the distillation: the students, and an online teacher first (a frozen teacher
     was validated in its own stage)."""
     check_teacher_mode(mode)
-    return {"teacher": teacher, **students} if mode == "online" else dict(students)
+    return {TEACHER: teacher, **students} if mode == "online" else dict(students)
 
 
 def trained_teacher(mode: str, teacher: nn.Module, device: torch.device | str) -> nn.Module:
     """The teacher a multi-process run trains: an online teacher wrapped in ``DistributedDataParallel`` like the
     students (its copies would drift apart otherwise); a frozen teacher as it is (replicated)."""
-    from medkd.training.distributed import wrap_ddp
-
     check_teacher_mode(mode)
-    return wrap_ddp({"teacher": teacher}, device)["teacher"] if mode == "online" else teacher
+    return wrap_ddp({TEACHER: teacher}, device)[TEACHER] if mode == "online" else teacher

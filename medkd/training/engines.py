@@ -87,18 +87,18 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
 
     One iteration (:meth:`_iteration`) runs the teacher once (frozen: no grad, see
     :class:`medkd.knowledge.teacher.FrozenTeacher`; online: trained, see
-    :class:`medkd.knowledge.teacher.OnlineTeacher`), every student
-    forward, the supervised loss of each student plus the weighted terms of the routes that target it
-    (:meth:`medkd.knowledge.routes.KnowledgeRoutes.losses`), an online teacher's supervised loss, one backward, and the
-    optimizer of every network trained (:attr:`trained_optimizers`). Sources are detached, so each network is
-    updated only by its own loss. It fires MONAI's ``IterationEvents`` like ``SupervisedTrainer`` and returns in
-    ``engine.state.output``: ``image``, ``label``, ``pred`` (logits per network name), ``loss`` (sum of the trained
-    networks' totals) and ``losses`` (every term, detached: ``"<student>/sup"``, ``"<student>/<kind>_from_<source>"``
-    unweighted, ``"<student>/total"`` weighted, and ``"teacher/sup"`` and ``"teacher/total"`` for an online
-    teacher). As in ``SupervisedTrainer``, ``decollate=True`` (the default) turns that dict into a list of
-    per-sample dicts with ``loss`` and ``losses`` replicated as floats, so MONAI handlers configured the usual way
-    (``from_engine(["loss"], first=True)``, ``--tracking mlflow``) read it unchanged; :func:`iteration_losses`
-    reads the terms from either form. See ``docs/architecture.md``.
+    :class:`medkd.knowledge.teacher.OnlineTeacher`), every student forward, the supervised loss of each student plus
+    the weighted terms of the routes that target it (:meth:`medkd.knowledge.routes.KnowledgeRoutes.losses`), an
+    online teacher's supervised loss, one backward, and the optimizer of every network trained
+    (:attr:`trained_optimizers`). Sources are detached, so each network is updated only by its own loss. It fires
+    MONAI's ``IterationEvents`` like ``SupervisedTrainer`` and returns in ``engine.state.output``: ``image``,
+    ``label``, ``pred`` (logits per network name), ``loss`` (sum of the trained networks' totals) and ``losses``
+    (every term, detached: ``"<student>/sup"``, ``"<student>/<kind>_from_<source>"`` unweighted,
+    ``"<student>/total"`` weighted, and ``"teacher/sup"`` and ``"teacher/total"`` for an online teacher). As in
+    ``SupervisedTrainer``, ``decollate=True`` (the default) turns that dict into a list of per-sample dicts with
+    ``loss`` and ``losses`` replicated as floats, so MONAI handlers configured the usual way
+    (``from_engine(["loss"], first=True)``, ``--tracking mlflow``) read it unchanged; :func:`iteration_losses` reads
+    the terms from either form. See ``docs/architecture.md``.
 
     Args:
         device: device to run on.
@@ -109,8 +109,7 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
             optimizer as an extra parameter group.
         loss_function: supervised loss ``(logits, label) -> loss`` (e.g. ``DiceCELoss``, ``CrossEntropyLoss``).
         teacher: the teacher network, in the role ``teacher_mode`` names, or a :class:`medkd.knowledge.teacher.Teacher`
-            (used
-            as it is). A frozen teacher is needed when a route starts at it, ignored (not loaded, not run)
+            (used as it is). A frozen teacher is needed when a route starts at it, ignored (not loaded, not run)
             otherwise; an online teacher is always trained.
         teacher_checkpoint: optional path of the teacher network's weights, loaded before training (an online
             teacher without one starts from scratch).
@@ -119,8 +118,7 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
             :func:`medkd.knowledge.features.default_feature_layer`.
         example_batch: a batch to size the adapters with; ``None`` takes the first batch of the data loader.
         teacher_cache: optional :class:`medkd.knowledge.teacher_cache.TeacherCache`, to reuse teacher outputs across
-            epochs
-            when the teacher's inputs are deterministic (samples named by ``meta["filename_or_obj"]``). Its first
+            epochs when the teacher's inputs are deterministic (samples named by ``meta["filename_or_obj"]``). Its first
             hit is checked against a recomputed teacher forward (``verify=True``, the default).
         nan_policy: ``"raise"`` stops on a non-finite loss (an online teacher's included) naming the iteration and
             term, ``"skip"`` skips that step with a warning, ``"ignore"`` does not check (no host sync).
