@@ -61,6 +61,8 @@ RUNS_DIR = "runs"
 # files in OUTPUT_DIR: the validation metrics of each epoch, and the evaluate stage's table (medkd.tools.report)
 STUDENTS_HISTORY = "history_students.csv"
 TEACHER_HISTORY = "history_teacher.csv"
+STUDENTS_SETTINGS = "settings_students.json"  # the settings a training stage used (beside its checkpoints)
+TEACHER_SETTINGS = "settings_teacher.json"
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 # files of a comparison (python -m medkd compare) in its output folder, and in each run's folder

@@ -25,7 +25,7 @@ SHARED = {
     "flip_axes", "rot90_axes", "rotate_degrees", "scale_range", "intensity_augmentation",
     # run
     "num_workers", "learning_rate", "seed", "amp", "amp_kwargs", "device", "is_not_rank0", "resume", "nan_policy",
-    "resume_file", "history_file",
+    "resume_file", "history_file", "settings_file",
     # networks and knowledge
     "teacher_def", "student_def", "teacher", "students", "train_students", "teacher_ckpt", "routes_preset",
     "kd_weight", "hint_weight", "peer_prediction_weight", "peer_feature_weight", "temperature", "routes",
@@ -120,3 +120,5 @@ def test_bundles_write_the_files_medkd_reads(bundle, tmp_path):
     assert train.get_parsed_content("history_file") == str(output / bundles.STUDENTS_HISTORY)
     teacher = stage_config(BUNDLES / bundle, "train_teacher", {"bundle_root": str(tmp_path)})
     assert teacher.get_parsed_content("history_file") == str(output / bundles.TEACHER_HISTORY)
+    assert train.get_parsed_content("settings_file") == str(checkpoints / bundles.STUDENTS_SETTINGS)
+    assert teacher.get_parsed_content("settings_file") == str(checkpoints / bundles.TEACHER_SETTINGS)

@@ -400,6 +400,12 @@ def test_a_bundle_stage_runs_on_a_plan(tmp_path):
     assert trainer.state.epoch == 1 and trainer.state.iteration == 2
     assert list(parser.get_parsed_content("teacher").channels) == settings["teacher_channels"]
     assert (tmp_path / "run" / "models" / "teacher.pt").is_file()
+    # the settings it used are kept beside the checkpoints, overrides marked
+    used = json.loads((tmp_path / "run" / "models" / "settings_teacher.json").read_text())
+    assert used["planned"] and used["settings"]["patch_size"] == settings["patch_size"]
+    assert used["differs_from_plan"]["iterations_per_epoch"] == {"planned": 50, "why": "override"}
+    assert "patch_size" not in used["differs_from_plan"]
+    assert used["parameters"]["teacher"] == sum(p.numel() for p in parser.get_parsed_content("teacher").parameters())
     # the same plan makes a bundle for 2D images stop with the fix
     with pytest.raises((RuntimeError, SystemExit)) as err:
         run_stage("segmentation_2d", "train_teacher", tmp_path / "run2d", dataset_dir=str(root), **plan_keys)

@@ -184,8 +184,9 @@ def make_plan(
     }
 
 
-def write_plan(plan: Mapping[str, Any], path: PathLike) -> Path:
-    """Write ``plan`` as indented JSON (atomically: a reader never sees half a file)."""
+def write_plan(plan: Mapping[str, Any], path: PathLike, key: str = "plan_file") -> Path:
+    """Write ``plan`` as indented JSON (atomically: a reader never sees half a file); ``key`` is the bundle key
+    that names ``path``, for the error message."""
     path = Path(path).expanduser()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -195,7 +196,7 @@ def write_plan(plan: Mapping[str, Any], path: PathLike) -> Path:
         os.replace(tmp, path)
     except OSError as e:
         raise ConfigError(
-            f"cannot write the plan file {path} ({e}); pass --plan_file a writable path (e.g. in the bundle's folder)."
+            f"cannot write {path} ({e}); pass --{key} a writable path (e.g. in the bundle's folder)."
         ) from e
     return path
 
@@ -335,9 +336,15 @@ def _fmt(value: Any) -> str:
     return json.dumps(value, default=str) if not isinstance(value, str) else value
 
 
-def show_plan(plan: Mapping[str, Any], used: Mapping[str, Any], networks: Mapping[str, Any] | None = None) -> None:
+def show_plan(
+    plan: Mapping[str, Any],
+    used: Mapping[str, Any],
+    networks: Mapping[str, Any] | None = None,
+    save_to: PathLike | None = None,
+) -> None:
     """Log the settings a run uses: each planned key's value, marked where an override replaced the plan's, and
-    each network's parameter count."""
+    each network's parameter count; with ``save_to``, also write them there as JSON (the bundles write
+    ``settings_file`` beside the checkpoints, so a checkpoint's settings stay known when the plan file changes)."""
     from medkd.training.distributed import is_not_rank0
 
     if is_not_rank0():
@@ -345,6 +352,7 @@ def show_plan(plan: Mapping[str, Any], used: Mapping[str, Any], networks: Mappin
     source = getattr(plan, "source", "plan")
     lines = [f"settings from {source}; a --KEY override wins:"]
     width = max((len(k) for k in used), default=0)
+    changed = {}
     for key, value in used.items():
         line = f"  {key:<{width}}  {_fmt(value)}"
         if key in plan and not _same(plan[key], value):
@@ -354,11 +362,22 @@ def show_plan(plan: Mapping[str, Any], used: Mapping[str, Any], networks: Mappin
             elif key in LATERAL and used.get("lateral") and _same(value, LATERAL[key](plan[key], True)):
                 why = "follows lateral"
             line += f"   ({why}; planned {_fmt(plan[key])})"
+            changed[key] = {"planned": plan[key], "why": why}
         lines.append(line)
-    if networks:
-        counts = ", ".join(f"{n} {sum(p.numel() for p in net.parameters()):,}" for n, net in networks.items())
-        lines.append(f"  parameters: {counts}")
+    counts = {n: sum(p.numel() for p in net.parameters()) for n, net in (networks or {}).items()}
+    if counts:
+        lines.append("  parameters: " + ", ".join(f"{n} {c:,}" for n, c in counts.items()))
     logger.info("\n".join(lines))
+    if save_to is not None:
+        record = {
+            "source": source,
+            "planned": getattr(plan, "planned", None),
+            "settings": dict(used),
+            "differs_from_plan": changed,
+            "parameters": counts,
+            "reasons": getattr(plan, "reasons", {}),
+        }
+        write_plan(record, save_to, key="settings_file")
 
 
 def _same(a: Any, b: Any) -> bool:
