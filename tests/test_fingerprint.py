@@ -73,7 +73,7 @@ def test_resume_of_another_run_stops_and_keeps_every_file(tmp_path):
     datalist, copy = tmp_path.resolve() / "data" / "dataset.json", tmp_path.resolve() / "copy.json"
     copy.write_text(datalist.read_text())
     attempts = [
-        ({"routes_preset": "student"}, "routes: dml → student"),
+        ({"routes_preset": "student", "batch_size": 3}, "routes: dml → student"),  # other settings_students.json
         ({"routes_preset": "dml", "seed": 1}, "seed 0 → 1"),
         ({"routes_preset": "dml", "peer_prediction_weight": 0.5}, "route sf/prediction_from_sp: weight 1.0 → 0.5"),
         ({"routes_preset": "dml", "datalist_file": str(copy)}, f"data list {datalist} → {copy}"),
@@ -110,6 +110,8 @@ def test_fresh_start_moves_the_better_best_checkpoint_aside(tmp_path, capsys):
     new = torch.load(models / "sp.pt", weights_only=True)
     assert new["metric"] < 2.0 and new["fingerprint"]["route_graph"] == "kd"
     assert len(list(models.glob("sf.*.pt"))) == len(list(models.glob("last.*.pt"))) == 1  # the old run's state
+    assert len(list(models.glob("settings_students.*.json"))) == 1
+    assert json.loads((models / "settings_students.json").read_text())["settings"]["max_epochs"] == 1
     (kept_history,) = tmp_path.glob("eval/history_students.*.csv")
     assert kept_history.read_text() == old_history
     assert [row["epoch"] for row in csv.DictReader(history.open())] == ["1"]

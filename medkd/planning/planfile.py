@@ -337,18 +337,18 @@ def _fmt(value: Any) -> str:
 
 
 def show_plan(
-    plan: Mapping[str, Any],
-    used: Mapping[str, Any],
-    networks: Mapping[str, Any] | None = None,
-    save_to: PathLike | None = None,
-) -> None:
-    """Log the settings a run uses: each planned key's value, marked where an override replaced the plan's, and
-    each network's parameter count; with ``save_to``, also write them there as JSON (the bundles write
-    ``settings_file`` beside the checkpoints, so a checkpoint's settings stay known when the plan file changes)."""
+    plan: Mapping[str, Any], used: Mapping[str, Any], networks: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Log the settings a run uses (rank 0): each planned key's value, marked where an override replaced the plan's,
+    and each network's parameter count.
+
+    Returns:
+        the same as a record (``source``, ``planned``, ``settings``, ``differs_from_plan`` with the planned value and
+        why, ``parameters``, the plan's ``reasons``), which the bundles keep beside the checkpoints
+        (:class:`~medkd.training.handlers.ResumeCheckpoint`'s ``settings``).
+    """
     from medkd.training.distributed import is_not_rank0
 
-    if is_not_rank0():
-        return
     source = getattr(plan, "source", "plan")
     lines = [f"settings from {source}; a --KEY override wins:"]
     width = max((len(k) for k in used), default=0)
@@ -367,17 +367,16 @@ def show_plan(
     counts = {n: sum(p.numel() for p in net.parameters()) for n, net in (networks or {}).items()}
     if counts:
         lines.append("  parameters: " + ", ".join(f"{n} {c:,}" for n, c in counts.items()))
-    logger.info("\n".join(lines))
-    if save_to is not None:
-        record = {
-            "source": source,
-            "planned": getattr(plan, "planned", None),
-            "settings": dict(used),
-            "differs_from_plan": changed,
-            "parameters": counts,
-            "reasons": getattr(plan, "reasons", {}),
-        }
-        write_plan(record, save_to, key="settings_file")
+    if not is_not_rank0():
+        logger.info("\n".join(lines))
+    return {
+        "source": source,
+        "planned": getattr(plan, "planned", None),
+        "settings": dict(used),
+        "differs_from_plan": changed,
+        "parameters": counts,
+        "reasons": getattr(plan, "reasons", {}),
+    }
 
 
 def _same(a: Any, b: Any) -> bool:

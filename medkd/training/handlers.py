@@ -7,7 +7,7 @@ import logging
 import math
 import os
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar as _IgniteProgressBar
 
 from medkd.bundles import checkpoint_file
+from medkd.planning.planfile import write_plan
 from medkd.training.checkpoints import (
     CheckpointError,
     load_checkpoint,
@@ -228,6 +229,9 @@ class ResumeCheckpoint:
     -> ``sp.20261126-101500.pt``, logging a warning that says where they went: a fresh start never replaces a better
     checkpoint, and a fresh run killed before its first save cannot resume the old one.
 
+    Once the run is accepted (resumed or fresh), rank 0 writes ``settings`` to ``settings_file`` (JSON), e.g. the
+    record of :func:`medkd.planning.show_plan`, so the settings that trained the checkpoints are kept beside them.
+
     Args:
         save_dir: checkpoint folder.
         filename: name of the resume checkpoint.
@@ -237,6 +241,8 @@ class ResumeCheckpoint:
         fingerprint: the run's fingerprint (:func:`medkd.training.run_fingerprint.run_fingerprint`); ``None`` skips the
             check.
         set_aside: files to move aside on a fresh start (e.g. ``BestCheckpoints.paths()`` and the history CSV).
+        settings: what to write to ``settings_file`` when the run starts (JSON-serialisable).
+        settings_file: where; also moved aside on a fresh start. ``None`` writes nothing.
     """
 
     def __init__(
@@ -248,6 +254,8 @@ class ResumeCheckpoint:
         extra: dict[str, Any] | None = None,
         fingerprint: dict | None = None,
         set_aside: Sequence[str | os.PathLike] = (),
+        settings: Mapping[str, Any] | None = None,
+        settings_file: str | os.PathLike | None = None,
     ) -> None:
         self.path = Path(save_dir) / filename
         self.interval = interval
@@ -255,6 +263,10 @@ class ResumeCheckpoint:
         self.extra = dict(extra or {})
         self.fingerprint = fingerprint
         self.set_aside = [Path(p) for p in set_aside]
+        self.settings = settings
+        self.settings_file = Path(settings_file) if settings_file is not None else None
+        if self.settings_file is not None:
+            self.set_aside.append(self.settings_file)
 
     def attach(self, engine: Engine) -> None:
         """Resume at ``STARTED``, save at ``EPOCH_COMPLETED`` (list it after the validation handlers)."""
@@ -309,10 +321,15 @@ class ResumeCheckpoint:
 
     def load(self, engine: Engine) -> None:
         """Restore every object from the resume checkpoint, if there is one and ``resume`` is set; else start
-        afresh (:meth:`start_fresh`)."""
+        afresh (:meth:`start_fresh`). Then write ``settings``."""
         if not (self.resume and self.path.is_file()):
             self.start_fresh()
-            return
+        else:
+            self._resume(engine)
+        if self.settings_file is not None and idist.get_rank() == 0:
+            write_plan(dict(self.settings or {}), self.settings_file, key="settings_file")
+
+    def _resume(self, engine: Engine) -> None:
         checkpoint = load_checkpoint(self.path, map_location=engine.state.device)
         max_epochs = engine.state.max_epochs
         objects = self.objects(engine)
