@@ -20,7 +20,7 @@ from medkd.data.synthetic import ensure_segmentation_data
 from medkd.knowledge.features import FeatureExtractor, default_feature_layer
 from medkd.knowledge.routes import KnowledgeRoutes, parse_routes
 from medkd.tools.compare import _bundle_networks, compare
-from medkd.tools.jobs import Job, JobsFailed, run_jobs
+from medkd.tools.jobs import Job, JobPool, JobsFailed, run_jobs
 
 
 def test_timing_input_is_the_bundles_patch_size():
@@ -155,3 +155,17 @@ def test_run_jobs_reports_errors_cancels_the_rest_and_survives_a_dead_worker(tmp
         run_jobs(crash, workers=2)
     assert info.value.failures["crash"].startswith("its worker process died")
     assert run_jobs([Job("a", "a", math.sqrt, (9.0,))], workers=1, threads=1) == {"a": 3.0}
+
+
+def test_job_pool_starts_and_preloads_its_workers_before_any_job(tmp_path, monkeypatch):
+    probe = tmp_path / "medkd_preload_probe.py"  # on import, a worker leaves a file named after its process
+    probe.write_text(f"import os, pathlib\npathlib.Path({str(tmp_path)!r}, f'{{os.getpid()}}.loaded').touch()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers get this process's sys.path
+    with JobPool(2, threads=1, preload=["medkd_preload_probe"]) as pool:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("*.loaded"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        loaded = {int(p.stem) for p in tmp_path.glob("*.loaded")}
+        assert len(loaded) == 2  # both workers started and imported it while no job was given
+        pids = pool.run([Job(i, f"job {i}", os.getpid) for i in range(4)])
+    assert set(pids.values()) <= loaded  # the jobs ran in those workers

@@ -7,10 +7,11 @@ interrupted comparison continues where it stopped when the same command is run a
 added to it). The output folder's ``fingerprint.json`` records the bundle, the dataset and the ``--set`` overrides: an
 output folder made with other ones stops the command, naming what changed; ``--fresh`` moves it aside to start anew.
 
-``--jobs N`` runs the (preset, seed) runs N at a time in worker processes once the teacher is trained, each with
-``--threads`` intra-op threads (default: this process's threads, i.e. ``OMP_NUM_THREADS`` or the cores, divided by
-N) and, on a machine with several GPUs, its own GPU (round-robin); each run's output goes to
-``<output>/<preset>/seed<k>/compare.log``. The results equal a ``--jobs 1`` run's with the same ``--threads``.
+``--jobs N`` runs the (preset, seed) runs N at a time in worker processes once the teacher is trained (the workers
+start up while it trains), each with ``--threads`` intra-op threads (default: this process's threads, i.e.
+``OMP_NUM_THREADS`` or the cores, divided by N) and, on a machine with several GPUs, its own GPU (round-robin); each
+run's output goes to ``<output>/<preset>/seed<k>/compare.log``. The results equal a ``--jobs 1`` run's with the same
+``--threads``.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from medkd.bundles import (
 )
 from medkd.errors import ConfigError
 from medkd.knowledge.routes import PRESETS, TEACHER
-from medkd.tools.jobs import Job, JobsFailed, run_jobs, threads_per_job, visible_gpus
+from medkd.tools.jobs import Job, JobPool, JobsFailed, threads_per_job, visible_gpus
 from medkd.tools.report import inference_ms, write_comparison
 from medkd.training.checkpoints import set_aside
 from medkd.training.evaluators import ENSEMBLE, ensemble_members
@@ -66,6 +67,8 @@ from medkd.validation import check_overrides
 __all__ = ["compare", "compare_fingerprint", "claim_output", "add_compare_parser"]
 
 logger = logging.getLogger("medkd.tools.compare")
+# what a worker imports as it starts, while the teacher trains: what every run's stages import anyway
+WORKER_PRELOAD = ("medkd.tools.compare", "medkd.training.engines", "medkd.training.handlers", "monai.bundle")
 
 
 def _run_stage(bundle: Path, stage: str, overrides: Mapping[str, Any]) -> None:
@@ -206,7 +209,10 @@ def compare(
     teacher_ckpt = str(teacher_dir / MODELS_DIR / TEACHER_CHECKPOINT)
     runs = [(preset, seed) for seed in seeds for preset in presets]
     rows: list[dict] = []
-    with tqdm(total=len(runs) + 1, desc="compare", unit="run") as bar:
+    if jobs > 1:
+        threads = threads or threads_per_job(jobs)
+    workers = JobPool(jobs, threads, visible_gpus(DEVICE in common), preload=WORKER_PRELOAD)
+    with tqdm(total=len(runs) + 1, desc="compare", unit="run") as bar, workers:  # the workers start up meanwhile
         bar.set_postfix_str("teacher")
         epochs = {MAX_EPOCHS: teacher_epochs} if teacher_epochs else {}
         _run_stage(bundle, "train_teacher", {**common, **run_folders(teacher_dir), **epochs})
@@ -224,12 +230,11 @@ def compare(
             todo.append(Job((preset, seed), name, _train_and_evaluate, args, run_dir / COMPARE_LOG))
         start = time.perf_counter()
         if jobs > 1:
-            threads = threads or threads_per_job(jobs)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the teacher's cached memory, for the workers
             logs = _run_dir(output, "<preset>", "<k>") / COMPARE_LOG
             bar.write(f"{len(todo)} runs, {jobs} at a time, {threads} threads each; their output: {logs}")
-        results = run_jobs(todo, jobs, threads, visible_gpus(DEVICE in common), bar)
+        results = workers.run(todo, bar)
         logger.info("%d runs took %.1f s (%d at a time)", len(todo), time.perf_counter() - start, jobs)
         rows += [{**r, "preset": preset, "seed": seed} for preset, seed in runs for r in results[(preset, seed)]]
     networks, shape = _bundle_networks(bundle, common)

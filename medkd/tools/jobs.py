@@ -2,6 +2,7 @@
 
 :func:`run_jobs` runs each :class:`Job` (a picklable function and its arguments) in a pool of ``workers`` processes
 started with ``spawn`` (a fresh interpreter, no state copied from the caller; workers are reused from job to job).
+:class:`JobPool` starts the workers ahead of the jobs, so that their start-up overlaps other work.
 Each worker uses ``threads`` intra-op threads (``torch.set_num_threads``). On a machine with several GPUs each worker
 sees one of them (``CUDA_VISIBLE_DEVICES``), round-robin; with one GPU the workers share it. Each job's standard
 output and error (the stages' logs and progress bars) go to its log file, opened for appending. A failed job does
@@ -15,6 +16,7 @@ console, and an error propagates as it is.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import importlib
 import multiprocessing as mp
 import os
 import sys
@@ -30,7 +32,7 @@ import torch
 
 from medkd.errors import user_error
 
-__all__ = ["Job", "JobsFailed", "run_jobs", "threads_per_job", "visible_gpus"]
+__all__ = ["Job", "JobPool", "JobsFailed", "run_jobs", "threads_per_job", "visible_gpus"]
 
 
 @dataclass(frozen=True)
@@ -90,11 +92,13 @@ def _describe(error: BaseException) -> str:
     return f"{type(root).__name__}: {text[0] if text else ''}"
 
 
-def _init_worker(threads: int, slots: Any, gpus: Sequence[str]) -> None:
+def _init_worker(threads: int, slots: Any, gpus: Sequence[str], preload: Sequence[str] = ()) -> None:
     slot = slots.get()
     if gpus:  # before CUDA is initialised in this process
         os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
     torch.set_num_threads(threads)
+    for module in preload:
+        importlib.import_module(module)
 
 
 def _run_in_worker(job: Job) -> tuple[bool, Any]:
@@ -123,61 +127,101 @@ def _run_in_worker(job: Job) -> tuple[bool, Any]:
         sys.stderr.flush()
 
 
+class JobPool:
+    """The worker processes of :func:`run_jobs`, started on entering the context so that their start-up (a fresh
+    interpreter importing torch, MONAI and the ``preload`` modules) overlaps the caller's own work, e.g. the teacher
+    that ``compare`` trains before the runs. With ``workers <= 1`` nothing is started and :meth:`run` runs the jobs
+    in this process.
+
+    Args:
+        workers: worker processes.
+        threads: intra-op threads per worker (default: :func:`threads_per_job`); with ``workers=1``, as the caller
+            has it unless given.
+        gpus: GPUs to spread the workers over (see :func:`visible_gpus`).
+        preload: modules each worker imports as it starts.
+    """
+
+    def __init__(
+        self, workers: int = 1, threads: int | None = None, gpus: Sequence[str] = (), preload: Sequence[str] = ()
+    ) -> None:
+        self.workers, self.threads, self.gpus, self.preload = workers, threads, list(gpus), list(preload)
+        self._pool: cf.ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> JobPool:
+        if self.workers > 1:
+            context = mp.get_context("spawn")
+            slots = context.SimpleQueue()
+            for slot in range(self.workers):
+                slots.put(slot)
+            init = (self.threads or threads_per_job(self.workers), slots, self.gpus, self.preload)
+            self._pool = cf.ProcessPoolExecutor(
+                self.workers, mp_context=context, initializer=_init_worker, initargs=init
+            )
+            for _ in range(self.workers):  # one process is spawned per task submitted while none is idle
+                self._pool.submit(os.getpid)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=exc[0] is None, cancel_futures=True)
+            self._pool = None
+
+    def run(self, jobs: Sequence[Job], bar: Any = None) -> dict[Hashable, Any]:
+        """Run ``jobs`` (see the module docstring) and return each one's result by key; ``bar`` (a tqdm bar)
+        advances as jobs finish. Raises :class:`JobsFailed` when a job run in a worker fails."""
+        if self._pool is None:
+            return _run_here(jobs, self.threads, bar)
+        results, failures, cancelled = {}, {}, []
+        futures = {self._pool.submit(_run_in_worker, job): job for job in jobs}
+        pending = set(futures)
+        while pending:
+            done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            for future in done:
+                job = futures[future]
+                try:
+                    ok, value = future.result()
+                except BrokenProcessPool:  # a worker was killed (out of memory?) or crashed: the pool is lost
+                    ok, value = False, "its worker process died (killed, e.g. out of memory, or crashed)"
+                except Exception as error:  # e.g. a result that cannot be sent back
+                    ok, value = False, _describe(error)
+                if ok:
+                    results[job.key] = value
+                else:
+                    failures[job.name] = value
+                if bar is not None:
+                    bar.set_postfix_str(f"{job.name} {'done' if ok else 'FAILED'}")
+                    bar.update()
+            if failures:  # stop starting new jobs; the running ones finish
+                cancelled += [futures[f].name for f in pending if f.cancel()]
+                pending = {f for f in pending if not f.cancelled()}
+        if failures:
+            failures = {job.name: failures[job.name] for job in jobs if job.name in failures}  # in the jobs' order
+            raise JobsFailed(failures, cancelled, len(results), {job.name: job.log for job in jobs if job.log})
+        return results
+
+
+def _run_here(jobs: Sequence[Job], threads: int | None, bar: Any) -> dict[Hashable, Any]:
+    """The jobs one after another in this process (``threads`` intra-op threads if given), errors propagating."""
+    previous = torch.get_num_threads()
+    results = {}
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        for job in jobs:
+            if bar is not None:
+                bar.set_postfix_str(job.name)
+            results[job.key] = job.fn(*job.args)
+            if bar is not None:
+                bar.update()
+    finally:
+        torch.set_num_threads(previous)
+    return results
+
+
 def run_jobs(
     jobs: Sequence[Job], workers: int = 1, threads: int | None = None, gpus: Sequence[str] = (), bar: Any = None
 ) -> dict[Hashable, Any]:
-    """Run ``jobs`` (see the module docstring) and return each one's result by key; ``bar`` (a tqdm bar) advances as
-    jobs finish. ``threads``: intra-op threads per job (default: :func:`threads_per_job`; with ``workers=1``, as the
-    caller has it). Raises :class:`JobsFailed` when a job run in a worker fails."""
-    if workers <= 1:
-        previous = torch.get_num_threads()
-        results = {}
-        try:
-            if threads:
-                torch.set_num_threads(threads)
-            for job in jobs:
-                if bar is not None:
-                    bar.set_postfix_str(job.name)
-                results[job.key] = job.fn(*job.args)
-                if bar is not None:
-                    bar.update()
-        finally:
-            torch.set_num_threads(previous)
-        return results
-    context = mp.get_context("spawn")
-    slots = context.SimpleQueue()
-    for slot in range(workers):
-        slots.put(slot)
-    init = (threads or threads_per_job(workers), slots, list(gpus))
-    results, failures, cancelled = {}, {}, []
-    with cf.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=init) as pool:
-        futures = {pool.submit(_run_in_worker, job): job for job in jobs}
-        pending = set(futures)
-        try:
-            while pending:
-                done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-                for future in done:
-                    job = futures[future]
-                    try:
-                        ok, value = future.result()
-                    except BrokenProcessPool:  # a worker was killed (out of memory?) or crashed: the pool is lost
-                        ok, value = False, "its worker process died (killed, e.g. out of memory, or crashed)"
-                    except Exception as error:  # e.g. a result that cannot be sent back
-                        ok, value = False, _describe(error)
-                    if ok:
-                        results[job.key] = value
-                    else:
-                        failures[job.name] = value
-                    if bar is not None:
-                        bar.set_postfix_str(f"{job.name} {'done' if ok else 'FAILED'}")
-                        bar.update()
-                if failures:  # stop starting new jobs; the running ones finish
-                    cancelled += [futures[f].name for f in pending if f.cancel()]
-                    pending = {f for f in pending if not f.cancelled()}
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-    if failures:
-        failures = {job.name: failures[job.name] for job in jobs if job.name in failures}  # in the jobs' order
-        raise JobsFailed(failures, cancelled, len(results), {job.name: job.log for job in jobs if job.log})
-    return results
+    """Run ``jobs`` in a :class:`JobPool` of ``workers`` processes started for them (see the module docstring) and
+    return each one's result by key."""
+    with JobPool(workers, threads, gpus) as pool:
+        return pool.run(jobs, bar)
