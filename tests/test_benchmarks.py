@@ -5,8 +5,11 @@ import json
 import math
 import sys
 
-from bundle_utils import REPO
+import pytest
+import torch
+from bundle_utils import BUNDLES, REPO, TINY
 
+from medkd.bundles import stage_config
 from medkd.planning import scale_channels
 
 
@@ -47,3 +50,24 @@ def test_teacher_cache_benchmark_reports_identical_students_and_skipped_forwards
     assert result["allclose"] and result["max_weight_diff"] < 1e-5
     assert result["plain"]["teacher_forwards"] == [2, 2, 2]
     assert result["cached"]["teacher_forwards"] == [2, 1, 0]  # filled, verified once, then served from the cache
+
+
+def test_pixel_accuracy_pools_the_test_pixels_of_each_network(tmp_path):
+    from medkd.data.synthetic import ensure_segmentation_data
+
+    ensure_segmentation_data(tmp_path / "data", spatial_dims=2, size=48, counts=(4, 2, 2))
+    constant = {}  # networks that predict one class everywhere: class 0 (teacher) and class 2 (sp)
+    for name, cls in (("teacher", 0), ("sp", 2)):
+        net = torch.nn.Conv2d(1, 3, 1)
+        torch.nn.init.zeros_(net.weight)
+        net.bias.data = torch.nn.functional.one_hot(torch.tensor(cls), 3).float()
+        (tmp_path / "models").mkdir(exist_ok=True)
+        torch.save(net.state_dict(), tmp_path / "models" / f"{name}.pt")
+        constant[name] = cls
+    conv = {"_target_": "torch.nn.Conv2d", "in_channels": 1, "out_channels": 3, "kernel_size": 1}
+    overrides = {**TINY["segmentation_2d"], "bundle_root": str(tmp_path), "teacher_def": conv, "student_def": conv}
+    found = _load("pixel_accuracy").pixel_accuracy(BUNDLES / "segmentation_2d", tmp_path, ["teacher", "sp"], overrides)
+    parser = stage_config(BUNDLES / "segmentation_2d", "evaluate", overrides)
+    labels = torch.cat([batch["label"].flatten() for batch in parser.get_parsed_content("dataloader")])
+    expected = {name: float((labels == cls).float().mean()) for name, cls in constant.items()}
+    assert found == pytest.approx(expected) and 0 < expected["sp"] < expected["teacher"] < 1
