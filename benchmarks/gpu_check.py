@@ -1,4 +1,5 @@
-"""Run every stage of every bundle on CUDA, with and without AMP, for a few epochs; print and write a table.
+"""Run every stage of every bundle on CUDA, with and without AMP (and with the GPU options ``compile`` and
+``data_on_device``), for a few epochs; print and write a table.
 
 ``python benchmarks/gpu_check.py --output gpu_check`` (see ``benchmarks/gpu_check.sh`` for the device machine).
 Each (bundle, precision) runs the teacher, distillation, evaluation and inference stages in-process through MONAI's
@@ -35,6 +36,8 @@ PRECISIONS = {
     "fp32": {"amp": False},
     "bf16": {"amp": True},
     "fp16": {"amp": True, "amp_kwargs": "${'dtype': torch.float16}"},
+    # the GPU options: networks compiled (inductor), images cached on the GPU, batches from a ThreadDataLoader
+    "bf16-fast": {"amp": True, "compile": True, "data_on_device": True},
 }
 OUTPUTS = {
     "train_teacher": [f"{MODELS_DIR}/{TEACHER_CHECKPOINT}"],
@@ -132,7 +135,7 @@ def main() -> int:
     parser.add_argument("--output", default="gpu_check", help="folder of the runs and of gpu_check.json/.md")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--bundles", default="segmentation_2d,segmentation_3d,classification_2d")
-    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--precisions", default="fp32,bf16,bf16-fast", help=f"of {list(PRECISIONS)}")
     parser.add_argument("--fp16", default="segmentation_2d", help="bundles also run in float16 (gradient scaler)")
     args = parser.parse_args()
     if not torch.cuda.is_available():

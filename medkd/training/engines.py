@@ -21,6 +21,7 @@ from medkd.errors import ConfigError, UserErrorsFirst
 from medkd.knowledge.routes import TEACHER, KnowledgeRoutes, Route
 from medkd.knowledge.teacher import Teacher, check_teacher_mode, make_teacher
 from medkd.knowledge.teacher_cache import TeacherCache
+from medkd.training.compiling import PlainInputs, compile_in_place
 from medkd.training.distributed import unwrap
 
 __all__ = ["DistillationTrainer", "TeacherTrainer", "LOSSES", "iteration_losses", "student_optimizers"]
@@ -57,7 +58,8 @@ class TeacherTrainer(UserErrorsFirst, SupervisedTrainer):
     """MONAI's ``SupervisedTrainer`` for the teacher stage, with its network moved to the trainer's device.
 
     Every medkd engine puts the networks it runs on its own ``device`` (MONAI's engines leave that to the caller),
-    so a bundle never has to; arguments are those of ``SupervisedTrainer``.
+    so a bundle never has to, and compiles it in place with ``compile`` (:mod:`medkd.training.compiling`); arguments
+    are those of ``SupervisedTrainer``.
     """
 
     def __init__(
@@ -68,9 +70,14 @@ class TeacherTrainer(UserErrorsFirst, SupervisedTrainer):
         network: nn.Module,
         optimizer: Optimizer,
         loss_function: Callable,
+        compile: bool = False,
+        compile_kwargs: dict | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(device, max_epochs, train_data_loader, network.to(device), optimizer, loss_function, **kwargs)
+        if compile:  # in place and fed plain tensors, as in every medkd engine, rather than MONAI's wrapper
+            compile_in_place([self.network], compile_kwargs)
+            self.inferer = PlainInputs(self.inferer)
 
     def checkpoint_objects(self) -> dict[str, Any]:
         """What a resume checkpoint must hold besides the engine state (see
@@ -128,6 +135,8 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
         teacher_optimizer: the online teacher's optimizer (required online), stepped with the students' ones.
         amp: autocast the forward passes; ``amp_kwargs={"dtype": torch.bfloat16}`` for bf16. A gradient scaler is
             used for float16 on CUDA only.
+        compile: ``torch.compile`` the teacher and the students in place (:mod:`medkd.training.compiling`), with the
+            routes' feature hooks traced in; ``compile_kwargs`` are ``torch.compile``'s.
         Other arguments are those of ``monai.engines.SupervisedTrainer``.
     """
 
@@ -164,6 +173,8 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
         optim_set_to_none: bool = True,
         to_kwargs: dict | None = None,
         amp_kwargs: dict | None = None,
+        compile: bool = False,
+        compile_kwargs: dict | None = None,
     ) -> None:
         super().__init__(
             device=device,
@@ -222,6 +233,8 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
             adapters = self.routes.parameters_of(name)
             if adapters:
                 optimizer.add_param_group({"params": adapters})
+        if compile:  # the networks run on plain tensors (see _iteration)
+            compile_in_place(self.networks.values(), compile_kwargs)
 
     def _teacher_role(
         self,

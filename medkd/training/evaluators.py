@@ -24,6 +24,7 @@ from torch import nn
 
 from medkd.errors import ConfigError, UserErrorsFirst
 from medkd.knowledge.routes import TEACHER
+from medkd.training.compiling import PlainInputs, compile_in_place
 
 __all__ = [
     "METRICS",
@@ -109,6 +110,8 @@ class MultiNetworkEvaluator(UserErrorsFirst, Evaluator):
             metric (``key_val_metric``), the others are additional. Give either this or the two MONAI arguments.
         ensemble: names of the networks whose ensemble is scored as ``"ensemble"`` (at least two of ``networks``,
             e.g. :func:`ensemble_members`); empty for none.
+        compile: ``torch.compile`` the networks in place (once: a trainer's networks may be compiled already) and
+            feed them plain tensors (:mod:`medkd.training.compiling`); ``compile_kwargs`` are ``torch.compile``'s.
         Other arguments are those of ``monai.engines.SupervisedEvaluator``.
     """
 
@@ -136,6 +139,8 @@ class MultiNetworkEvaluator(UserErrorsFirst, Evaluator):
         to_kwargs: dict | None = None,
         amp_kwargs: dict | None = None,
         ensemble: Sequence[str] = (),
+        compile: bool = False,
+        compile_kwargs: dict | None = None,
     ) -> None:
         ensemble = list(ensemble)
         if ENSEMBLE in networks:
@@ -174,6 +179,9 @@ class MultiNetworkEvaluator(UserErrorsFirst, Evaluator):
         self.networks = {name: network.to(self.state.device) for name, network in networks.items()}
         self.inferer = SimpleInferer() if inferer is None else inferer
         self.ensemble = ensemble
+        if compile:
+            compile_in_place(self.networks.values(), compile_kwargs)
+            self.inferer = PlainInputs(self.inferer)
 
     def _iteration(self, engine: MultiNetworkEvaluator, batchdata: Any) -> dict:
         if batchdata is None:
@@ -199,12 +207,22 @@ class MultiNetworkEvaluator(UserErrorsFirst, Evaluator):
 
 class SingleNetworkEvaluator(UserErrorsFirst, SupervisedEvaluator):
     """MONAI's ``SupervisedEvaluator`` (one network, output ``pred``), with the network moved to the evaluator's
-    device; used for inference. Arguments are those of ``SupervisedEvaluator``."""
+    device and, with ``compile``, compiled in place (:mod:`medkd.training.compiling`); used for inference. Arguments
+    are those of ``SupervisedEvaluator``."""
 
     def __init__(
-        self, device: str | torch.device, val_data_loader: Iterable, network: nn.Module, **kwargs: Any
+        self,
+        device: str | torch.device,
+        val_data_loader: Iterable,
+        network: nn.Module,
+        compile: bool = False,
+        compile_kwargs: dict | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(device, val_data_loader, network.to(device), **kwargs)
+        if compile:  # in place and fed plain tensors, as in every medkd engine, rather than MONAI's wrapper
+            compile_in_place([self.network], compile_kwargs)
+            self.inferer = PlainInputs(self.inferer)
 
 
 def segmentation_postprocessing(networks: Sequence[str], num_classes: int) -> Compose:
