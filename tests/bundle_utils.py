@@ -47,6 +47,12 @@ TINY = {
 }
 
 
+def native_spacing(bundle: str) -> dict:
+    """Overrides that keep a segmentation bundle's tiny images at their own 1.0 spacing (the bundles resample to
+    their planned one, which makes the images several times larger): for tests of wiring, not of resampling."""
+    return {"pixdim": [1.0, 1.0]} if bundle == "segmentation_2d" else {}
+
+
 def tiny_overlay(bundle: str, path: Path, **extra) -> Path:
     """Write the tiny-data settings of ``bundle`` (plus ``extra``) as a config file to merge on the command line."""
     path.write_text(json.dumps({**TINY[bundle], **extra}))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from bundle_utils import run_stage
+from bundle_utils import native_spacing, run_stage
 from conftest import tiny_batches, tiny_unet
 from monai.data import MetaTensor
 from monai.losses import DiceCELoss
@@ -26,12 +26,12 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def train(batches, compile: bool, hint_layers: str | None = "multi") -> DistillationTrainer:
+def train(batches, compile: bool) -> DistillationTrainer:
     students = {"sp": tiny_unet((4, 8, 8), seed=1), "sf": tiny_unet((4, 8, 8), seed=2)}
     if compile:  # as a bundle's validator does, built before the trainer
         compile_in_place(students.values(), BACKEND)
     optimizers = {n: torch.optim.Adam(s.parameters(), lr=1e-2) for n, s in students.items()}
-    feature = {"kind": "feature", "layers": hint_layers}
+    feature = {"kind": "feature", "layers": "multi"}
     routes = [
         {"source": "teacher", "target": "sp", "kind": "prediction"},
         {"source": "teacher", "target": "sf", **feature},
@@ -100,7 +100,7 @@ def test_compiled_evaluator_takes_metatensors_and_scores_as_eager():
 def test_every_bundle_stage_runs_compiled_and_scores_as_eager(bundle, tmp_path):
     """``--compile True`` from the command line: the teacher stage, distillation, evaluation and inference compile
     their networks; evaluating the same checkpoints compiled and eagerly gives the same scores."""
-    fast = {"pixdim": [1.0, 1.0]} if bundle.startswith("segmentation") else {}  # the tiny images as they are
+    fast = native_spacing(bundle)
     compiled = {"compile": True, "compile_kwargs": TRACE, **fast}
     trainer = run_stage(bundle, "train_teacher", tmp_path, **compiled).parser.get_parsed_content("train#trainer")
     assert is_compiled(trainer.network)

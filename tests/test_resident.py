@@ -3,7 +3,7 @@ same batches, in the same order, as without it."""
 
 import pytest
 import torch
-from bundle_utils import run_stage
+from bundle_utils import native_spacing, run_stage
 from monai.data import DataLoader, ThreadDataLoader
 from monai.transforms import ToDeviced
 
@@ -28,7 +28,7 @@ def test_data_loader_is_threaded_on_request_and_keeps_the_batches():
 def test_bundle_trains_the_same_students_with_data_on_device(bundle, epochs, tmp_path):
     """Random augmentations included: the thread draws them in the order the plain loader does, epoch after
     epoch."""
-    fast = {"pixdim": [1.0, 1.0]} if bundle.startswith("segmentation") else {}
+    fast = native_spacing(bundle)
     weights = {}
     for on in (False, True):
         root = tmp_path / str(on)

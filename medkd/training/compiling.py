@@ -17,7 +17,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from torch import nn
 
-__all__ = ["PlainInputs", "compile_in_place", "is_compiled"]
+__all__ = ["PlainInputs", "compile_in_place", "compiled_inferer", "is_compiled"]
 
 
 def is_compiled(network: nn.Module) -> bool:
@@ -56,3 +56,12 @@ class PlainInputs(Inferer):
             pred = MetaTensor(pred)
             pred.copy_meta_from(inputs)
         return pred
+
+
+def compiled_inferer(
+    networks: Iterable[nn.Module], inferer: Inferer, compile_kwargs: Mapping[str, Any] | None = None
+) -> PlainInputs:
+    """Compile ``networks`` in place (:func:`compile_in_place`) and return ``inferer`` wrapped to feed them plain
+    tensors: what an engine with ``compile=True`` runs its networks through."""
+    compile_in_place(networks, compile_kwargs)
+    return PlainInputs(inferer)

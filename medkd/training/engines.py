@@ -21,7 +21,7 @@ from medkd.errors import ConfigError, UserErrorsFirst
 from medkd.knowledge.routes import TEACHER, KnowledgeRoutes, Route
 from medkd.knowledge.teacher import Teacher, check_teacher_mode, make_teacher
 from medkd.knowledge.teacher_cache import TeacherCache
-from medkd.training.compiling import PlainInputs, compile_in_place
+from medkd.training.compiling import compile_in_place, compiled_inferer
 from medkd.training.distributed import unwrap
 
 __all__ = ["DistillationTrainer", "TeacherTrainer", "LOSSES", "iteration_losses", "student_optimizers"]
@@ -76,8 +76,7 @@ class TeacherTrainer(UserErrorsFirst, SupervisedTrainer):
     ) -> None:
         super().__init__(device, max_epochs, train_data_loader, network.to(device), optimizer, loss_function, **kwargs)
         if compile:  # in place and fed plain tensors, as in every medkd engine, rather than MONAI's wrapper
-            compile_in_place([self.network], compile_kwargs)
-            self.inferer = PlainInputs(self.inferer)
+            self.inferer = compiled_inferer([self.network], self.inferer, compile_kwargs)
 
     def checkpoint_objects(self) -> dict[str, Any]:
         """What a resume checkpoint must hold besides the engine state (see

@@ -24,7 +24,7 @@ from torch import nn
 
 from medkd.errors import ConfigError, UserErrorsFirst
 from medkd.knowledge.routes import TEACHER
-from medkd.training.compiling import PlainInputs, compile_in_place
+from medkd.training.compiling import compiled_inferer
 
 __all__ = [
     "METRICS",
@@ -180,8 +180,7 @@ class MultiNetworkEvaluator(UserErrorsFirst, Evaluator):
         self.inferer = SimpleInferer() if inferer is None else inferer
         self.ensemble = ensemble
         if compile:
-            compile_in_place(self.networks.values(), compile_kwargs)
-            self.inferer = PlainInputs(self.inferer)
+            self.inferer = compiled_inferer(self.networks.values(), self.inferer, compile_kwargs)
 
     def _iteration(self, engine: MultiNetworkEvaluator, batchdata: Any) -> dict:
         if batchdata is None:
@@ -221,8 +220,7 @@ class SingleNetworkEvaluator(UserErrorsFirst, SupervisedEvaluator):
     ) -> None:
         super().__init__(device, val_data_loader, network.to(device), **kwargs)
         if compile:  # in place and fed plain tensors, as in every medkd engine, rather than MONAI's wrapper
-            compile_in_place([self.network], compile_kwargs)
-            self.inferer = PlainInputs(self.inferer)
+            self.inferer = compiled_inferer([self.network], self.inferer, compile_kwargs)
 
 
 def segmentation_postprocessing(networks: Sequence[str], num_classes: int) -> Compose:
