@@ -17,9 +17,10 @@ from monai.networks.nets import UNet
 from medkd.__main__ import build_parser
 from medkd.bundles import stage_config
 from medkd.data.synthetic import ensure_segmentation_data
+from medkd.errors import user_error
 from medkd.knowledge.features import FeatureExtractor, default_feature_layer
-from medkd.knowledge.routes import KnowledgeRoutes, parse_routes
-from medkd.tools.compare import _bundle_networks, compare
+from medkd.knowledge.routes import PRESETS, KnowledgeRoutes, parse_routes
+from medkd.tools.compare import _bundle_networks, claim_output, compare, compare_fingerprint, reads_teacher
 from medkd.tools.jobs import Job, JobPool, JobsFailed, run_jobs
 
 
@@ -30,6 +31,16 @@ def test_timing_input_is_the_bundles_patch_size():
     overrides = {"patch_size": [48, 40], "class_names": classes[:2]}
     _, shape = _bundle_networks(BUNDLES / "classification_2d", overrides)  # the size images are resized to
     assert shape == [1, 1, 48, 40]
+
+
+def test_the_runs_that_read_the_teacher_are_those_of_its_routes_or_of_an_online_teacher_from_its_checkpoint():
+    bundle, tiny = BUNDLES / "segmentation_2d", {**TINY["segmentation_2d"], "class_names": ["background", "a", "b"]}
+    found = {preset: reads_teacher(bundle, {**tiny, "routes_preset": preset}) for preset in PRESETS}
+    assert found == {"student": False, "kd": True, "fitnets": True, "dml": False, "kd_dml": True, "diversified": True}
+    online = {**tiny, "routes_preset": "student", "teacher_mode": "online"}
+    assert reads_teacher(bundle, {**online, "teacher_init": "checkpoint"})  # the online teacher starts from it
+    assert not reads_teacher(bundle, online)  # an online teacher starts from scratch by default
+    assert not reads_teacher(BUNDLES / "classification_2d", {"routes_preset": "dml", "class_names": ["a", "b"]})
 
 
 def test_compare_writes_csv_table_and_plot(tmp_path):
@@ -140,6 +151,21 @@ def test_a_failed_run_is_named_and_the_command_exits_non_zero(tmp_path):
     assert not (out / "results.csv").exists()
 
 
+def test_a_failed_teacher_stops_the_runs_started_beside_it_and_its_error_is_raised(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "out"
+    ensure_segmentation_data(str(data), spatial_dims=2, size=48, counts=(4, 2, 2))
+    overrides = {**TINY["segmentation_2d"], "dataset_dir": str(data)}
+    claim_output(out, compare_fingerprint(BUNDLES / "segmentation_2d", overrides))
+    broken = out / "teacher" / "models" / "last_teacher.pt"  # the teacher stage fails on resuming
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(Exception) as info:
+        compare(BUNDLES / "segmentation_2d", ["student"], [0, 1, 2], out, 1, 1, overrides, jobs=2, threads=1)
+    assert f"checkpoint {broken}" in str(user_error(info.value))  # the teacher's error, not a JobsFailed
+    finished = sorted(p.parts[-3] for p in out.glob("student/seed*/eval/results.json"))
+    assert len(finished) < 3 and not (out / "results.csv").exists()  # no run started after the failure
+
+
 def test_run_jobs_reports_errors_cancels_the_rest_and_survives_a_dead_worker(tmp_path):
     calls = [(math.sqrt, (-1.0,)), (time.sleep, (1.0,))] + [(time.sleep, (0.0,))] * 4  # job 1 holds the worker
     jobs = [Job(i, f"job {i}", fn, args, tmp_path / f"{i}.log") for i, (fn, args) in enumerate(calls)]
@@ -155,6 +181,37 @@ def test_run_jobs_reports_errors_cancels_the_rest_and_survives_a_dead_worker(tmp
         run_jobs(crash, workers=2)
     assert info.value.failures["crash"].startswith("its worker process died")
     assert run_jobs([Job("a", "a", math.sqrt, (9.0,))], workers=1, threads=1) == {"a": 3.0}
+
+
+def test_a_schedule_holds_jobs_until_released_and_leaves_the_reserve_to_the_caller(tmp_path, monkeypatch):
+    probe = tmp_path / "medkd_span_probe.py"  # a job that sleeps and says when it ran, importable by the workers
+    probe.write_text(
+        "import pathlib, time\n"
+        "def span(seconds, done):\n"
+        "    start = time.time()\n    time.sleep(seconds)\n    pathlib.Path(done).touch()\n"
+        "    return start, time.time()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    span = __import__("medkd_span_probe").span
+    jobs = [Job(i, f"job {i}", span, (0.5, tmp_path / f"{i}.done")) for i in range(4)]
+    with JobPool(2, threads=1) as pool:
+        schedule = pool.start(jobs, held=[2, 3], reserve=1)
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"{i}.done").exists() for i in (0, 1)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        released = time.time()
+        assert not any((tmp_path / f"{i}.done").exists() for i in (2, 3))
+        schedule.release()
+        spans = schedule.wait()
+    assert spans[0][1] <= spans[1][0] or spans[1][1] <= spans[0][0]  # one worker left to the caller: one at a time
+    assert min(spans[2][0], spans[3][0]) >= released  # the held jobs waited
+    assert max(spans[2][0], spans[3][0]) < min(spans[2][1], spans[3][1])  # then both workers ran them
+    with JobPool(2, threads=1) as pool:
+        schedule = pool.start(jobs, held=[1, 2, 3], reserve=1)
+        schedule.stop()  # e.g. the teacher failed: the running job finishes, the held ones never start
+        assert set(schedule.wait()) <= {0}
+    with pytest.raises(RuntimeError, match="workers > 1"):
+        JobPool(1).start(jobs)
 
 
 def test_job_pool_starts_and_preloads_its_workers_before_any_job(tmp_path, monkeypatch):

@@ -7,8 +7,10 @@ interrupted comparison continues where it stopped when the same command is run a
 added to it). The output folder's ``fingerprint.json`` records the bundle, the dataset and the ``--set`` overrides: an
 output folder made with other ones stops the command, naming what changed; ``--fresh`` moves it aside to start anew.
 
-``--jobs N`` runs the (preset, seed) runs N at a time in worker processes once the teacher is trained (the workers
-start up while it trains), each with ``--threads`` intra-op threads (default: this process's threads, i.e.
+``--jobs N`` runs the (preset, seed) runs N at a time in worker processes. The runs that do not read the teacher
+(:func:`reads_teacher`: the ``student`` and ``dml`` presets, unless the teacher trains online from its checkpoint)
+start at once, N - 1 at a time beside the teacher, which trains in this process; the others start once it is
+trained. Each run has ``--threads`` intra-op threads (default: this process's threads, i.e.
 ``OMP_NUM_THREADS`` or the cores, divided by N) and, on a machine with several GPUs, its own GPU (round-robin); each
 run's output goes to ``<output>/<preset>/seed<k>/compare.log``. The results equal a ``--jobs 1`` run's with the same
 ``--threads``.
@@ -43,6 +45,7 @@ from medkd.bundles import (
     PATCH_SIZE,
     RESULTS_CSV,
     RESULTS_JSON,
+    ROUTE_GRAPH,
     ROUTES_PRESET,
     SEED,
     STUDENTS,
@@ -50,6 +53,8 @@ from medkd.bundles import (
     TEACHER_CHECKPOINT,
     TEACHER_CKPT,
     TEACHER_DEF,
+    TEACHER_INIT,
+    TEACHER_MODE,
     run_folders,
     stage_config,
     stage_files,
@@ -64,7 +69,7 @@ from medkd.training.evaluators import ENSEMBLE, ensemble_members
 from medkd.training.run_fingerprint import datalist_digest, fingerprint_changes
 from medkd.validation import check_overrides
 
-__all__ = ["compare", "compare_fingerprint", "claim_output", "add_compare_parser"]
+__all__ = ["compare", "compare_fingerprint", "claim_output", "reads_teacher", "add_compare_parser"]
 
 logger = logging.getLogger("medkd.tools.compare")
 # what a worker imports as it starts, while the teacher trains: what every run's stages import anyway
@@ -92,6 +97,18 @@ def _train_and_evaluate(bundle: Path, run_dir: Path, settings: Mapping[str, Any]
     _run_stage(bundle, "train", settings)
     _run_stage(bundle, "evaluate", {**settings, NETWORKS: f"@{STUDENTS}"})
     return _results(run_dir)
+
+
+def reads_teacher(bundle: str | Path, overrides: Mapping[str, Any]) -> bool:
+    """Whether the distillation (``train`` stage) with ``overrides`` reads the trained teacher's checkpoint: a route
+    takes knowledge from a frozen teacher, or an online teacher starts from the checkpoint. The runs that do not
+    (e.g. the ``student`` and ``dml`` presets with a frozen teacher) need not wait for the teacher."""
+    parser = stage_config(Path(bundle), "train", overrides)
+    if parser.get_parsed_content(TEACHER_INIT) != "checkpoint":
+        return False
+    if parser.get_parsed_content(TEACHER_MODE) == "online":
+        return True
+    return any(route.source == TEACHER for route in parser.get_parsed_content(ROUTE_GRAPH))
 
 
 def _bundle_networks(bundle: Path, overrides: Mapping[str, Any]) -> tuple[dict[str, torch.nn.Module], list[int]]:
@@ -186,12 +203,12 @@ def compare(
         overrides: more config overrides for every stage (e.g. ``{"dataset_dir": "/data/mine"}``).
         fresh: move an existing ``output`` folder aside first (see :func:`claim_output`); without it, an ``output``
             made with another bundle, dataset or overrides stops the comparison with a ``ConfigError``.
-        jobs: after the teacher, run this many (preset, seed) runs at a time, each in a worker process writing its
-            output to ``<output>/<preset>/seed<k>/compare.log``; spread over the GPUs when there are several and no
-            ``device`` override (see :mod:`medkd.tools.jobs`). 1: one after another in this process, printing as they
-            go.
-            A failed run raises :class:`medkd.tools.jobs.JobsFailed` naming each failed (preset, seed) after the running
-            ones finish (runs not started yet are cancelled); a rerun resumes them all.
+        jobs: run this many (preset, seed) runs at a time (the teacher counting as one while it trains), each in a
+            worker process writing its output to ``<output>/<preset>/seed<k>/compare.log``; spread over the GPUs when
+            there are several and no ``device`` override (see :mod:`medkd.tools.jobs`). 1: one after another in this
+            process, after the teacher, printing as they go. A failed run raises
+            :class:`medkd.tools.jobs.JobsFailed` naming each failed (preset, seed) after the running ones finish (runs
+            not started yet are cancelled); a rerun resumes them all.
         threads: intra-op threads of each (preset, seed) run (the teacher keeps this process's). Default: this
             process's threads divided by ``jobs``; with ``jobs=1``, this process's. The float reductions of CPU
             kernels depend on the thread count, so identical results need the same ``threads``.
@@ -208,34 +225,56 @@ def compare(
     teacher_dir = output / TEACHER
     teacher_ckpt = str(teacher_dir / MODELS_DIR / TEACHER_CHECKPOINT)
     runs = [(preset, seed) for seed in seeds for preset in presets]
+    todo = []
+    for preset, seed in runs:
+        run_dir = _run_dir(output, preset, seed)
+        settings = {**common, **run_folders(run_dir), ROUTES_PRESET: preset, SEED: seed, TEACHER_CKPT: teacher_ckpt}
+        if max_epochs:
+            settings[MAX_EPOCHS] = max_epochs
+        todo.append(Job((preset, seed), f"{preset} seed {seed}", _train_and_evaluate, (bundle, run_dir, settings),
+                        run_dir / COMPARE_LOG))  # fmt: skip
     rows: list[dict] = []
+    waiting: list[tuple[str, int]] = []
     if jobs > 1:
         threads = threads or threads_per_job(jobs)
+        free = {preset for preset in presets if not reads_teacher(bundle, {**common, ROUTES_PRESET: preset})}
+        waiting = [job.key for job in todo if job.key[0] not in free]
     workers = JobPool(jobs, threads, visible_gpus(DEVICE in common), preload=WORKER_PRELOAD)
     with tqdm(total=len(runs) + 1, desc="compare", unit="run") as bar, workers:  # the workers start up meanwhile
-        bar.set_postfix_str("teacher")
-        epochs = {MAX_EPOCHS: teacher_epochs} if teacher_epochs else {}
-        _run_stage(bundle, "train_teacher", {**common, **run_folders(teacher_dir), **epochs})
-        teacher_eval = {**common, **run_folders(teacher_dir), NETWORKS: "${'teacher': @teacher}"}
-        _run_stage(bundle, "evaluate", teacher_eval)
+        start = time.perf_counter()
+        schedule = None
+        if jobs > 1:  # the runs that do not read the teacher start now, beside it (it keeps one worker's share)
+            logs = _run_dir(output, "<preset>", "<k>") / COMPARE_LOG
+            bar.write(
+                f"{len(todo)} runs, {jobs} at a time, {threads} threads each ({len(todo) - len(waiting)} start while "
+                f"the teacher trains, {len(waiting)} after it); their output: {logs}"
+            )
+            schedule = workers.start(todo, bar, held=waiting, reserve=1)
+        try:
+            bar.set_postfix_str("teacher")
+            epochs = {MAX_EPOCHS: teacher_epochs} if teacher_epochs else {}
+            _run_stage(bundle, "train_teacher", {**common, **run_folders(teacher_dir), **epochs})
+            teacher_eval = {**common, **run_folders(teacher_dir), NETWORKS: "${'teacher': @teacher}"}
+            _run_stage(bundle, "evaluate", teacher_eval)
+        except BaseException as error:
+            if schedule is not None:
+                logger.error("the teacher failed (%s); the runs in progress finish first, a rerun resumes", error)
+                schedule.stop()
+            raise
         rows += [{**r, "preset": "-", "seed": "-"} for r in _results(teacher_dir)]
         bar.update()
-        todo = []
-        for preset, seed in runs:
-            run_dir = _run_dir(output, preset, seed)
-            settings = {**common, **run_folders(run_dir), ROUTES_PRESET: preset, SEED: seed, TEACHER_CKPT: teacher_ckpt}
-            if max_epochs:
-                settings[MAX_EPOCHS] = max_epochs
-            name, args = f"{preset} seed {seed}", (bundle, run_dir, settings)
-            todo.append(Job((preset, seed), name, _train_and_evaluate, args, run_dir / COMPARE_LOG))
-        start = time.perf_counter()
-        if jobs > 1:
+        teacher_s = time.perf_counter() - start
+        if schedule is not None:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the teacher's cached memory, for the workers
-            logs = _run_dir(output, "<preset>", "<k>") / COMPARE_LOG
-            bar.write(f"{len(todo)} runs, {jobs} at a time, {threads} threads each; their output: {logs}")
-        results = workers.run(todo, bar)
-        logger.info("%d runs took %.1f s (%d at a time)", len(todo), time.perf_counter() - start, jobs)
+            schedule.release()
+            results = schedule.wait()
+        else:
+            results = workers.run(todo, bar)
+        logger.info(
+            "the teacher took %.1f s, the %d runs ended %.1f s after it (%d at a time)",
+            teacher_s, len(todo), time.perf_counter() - start - teacher_s, jobs,
+        )  # fmt: skip
         rows += [{**r, "preset": preset, "seed": seed} for preset, seed in runs for r in results[(preset, seed)]]
     networks, shape = _bundle_networks(bundle, common)
     ms = inference_ms(networks, shape)
@@ -315,8 +354,8 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--jobs",
         type=_positive,
         default=1,
-        help="after the teacher, run this many (preset, seed) runs at a time in worker processes, spread over the "
-        "GPUs if there are several (default 1: one after another)",
+        help="run this many (preset, seed) runs at a time in worker processes (those that do not read the teacher "
+        "start beside it), spread over the GPUs if there are several (default 1: one after another)",
     )
     p.add_argument(
         "--threads",

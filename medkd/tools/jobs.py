@@ -2,7 +2,9 @@
 
 :func:`run_jobs` runs each :class:`Job` (a picklable function and its arguments) in a pool of ``workers`` processes
 started with ``spawn`` (a fresh interpreter, no state copied from the caller; workers are reused from job to job).
-:class:`JobPool` starts the workers ahead of the jobs, so that their start-up overlaps other work.
+:class:`JobPool` starts the workers ahead of the jobs, so that their start-up overlaps other work, and
+:meth:`JobPool.start` runs jobs in the background while the caller works, holding back those that need the caller's
+work until it releases them (``compare`` starts the runs that do not read the teacher while it trains).
 Each worker uses ``threads`` intra-op threads (``torch.set_num_threads``). On a machine with several GPUs each worker
 sees one of them (``CUDA_VISIBLE_DEVICES``), round-robin; with one GPU the workers share it. Each job's standard
 output and error (the stages' logs and progress bars) go to its log file, opened for appending. A failed job does
@@ -20,9 +22,10 @@ import importlib
 import multiprocessing as mp
 import os
 import sys
+import threading
 import time
 import traceback
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +35,7 @@ import torch
 
 from medkd.errors import user_error
 
-__all__ = ["Job", "JobPool", "JobsFailed", "run_jobs", "threads_per_job", "visible_gpus"]
+__all__ = ["Job", "JobPool", "JobsFailed", "Schedule", "run_jobs", "threads_per_job", "visible_gpus"]
 
 
 @dataclass(frozen=True)
@@ -166,38 +169,120 @@ class JobPool:
             self._pool.shutdown(wait=exc[0] is None, cancel_futures=True)
             self._pool = None
 
+    def start(
+        self, jobs: Sequence[Job], bar: Any = None, held: Collection[Hashable] = (), reserve: int = 0
+    ) -> Schedule:
+        """Start running ``jobs`` in the workers, in the background, and return at once (see :class:`Schedule`): the
+        caller may do other work meanwhile, e.g. train what the ``held`` jobs (by key) need, then
+        :meth:`Schedule.release` them. While jobs are held, ``reserve`` workers' worth of the machine is left to the
+        caller. Needs ``workers > 1``."""
+        if self._pool is None:
+            raise RuntimeError("JobPool.start needs workers > 1 and the pool entered (with JobPool(...) as pool).")
+        return Schedule(self._pool, self.workers, jobs, bar, held, reserve)
+
     def run(self, jobs: Sequence[Job], bar: Any = None) -> dict[Hashable, Any]:
         """Run ``jobs`` (see the module docstring) and return each one's result by key; ``bar`` (a tqdm bar)
         advances as jobs finish. Raises :class:`JobsFailed` when a job run in a worker fails."""
         if self._pool is None:
             return _run_here(jobs, self.threads, bar)
-        results, failures, cancelled = {}, {}, []
-        futures = {self._pool.submit(_run_in_worker, job): job for job in jobs}
-        pending = set(futures)
-        while pending:
-            done, pending = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-            for future in done:
-                job = futures[future]
-                try:
-                    ok, value = future.result()
-                except BrokenProcessPool:  # a worker was killed (out of memory?) or crashed: the pool is lost
-                    ok, value = False, "its worker process died (killed, e.g. out of memory, or crashed)"
-                except Exception as error:  # e.g. a result that cannot be sent back
-                    ok, value = False, _describe(error)
-                if ok:
-                    results[job.key] = value
-                else:
-                    failures[job.name] = value
-                if bar is not None:
-                    bar.set_postfix_str(f"{job.name} {'done' if ok else 'FAILED'}")
-                    bar.update()
-            if failures:  # stop starting new jobs; the running ones finish
-                cancelled += [futures[f].name for f in pending if f.cancel()]
-                pending = {f for f in pending if not f.cancelled()}
-        if failures:
-            failures = {job.name: failures[job.name] for job in jobs if job.name in failures}  # in the jobs' order
-            raise JobsFailed(failures, cancelled, len(results), {job.name: job.log for job in jobs if job.log})
-        return results
+        return self.start(jobs, bar).wait()
+
+
+class Schedule:
+    """Jobs a :class:`JobPool` runs in the background (:meth:`JobPool.start`), from a thread of the caller's process.
+
+    Jobs start in their order as workers come free, at most one per worker. The ``held`` ones (by key) wait for
+    :meth:`release`; until then at most ``workers - reserve`` jobs run at once, so that the caller's own work keeps
+    ``reserve`` workers' share of the machine. A failed job stops new starts (as :meth:`stop` does): the running
+    jobs finish, the others are reported as not started.
+    """
+
+    POLL_S = 0.2  # how often a waiting schedule looks at release() and stop()
+
+    def __init__(
+        self,
+        pool: cf.ProcessPoolExecutor,
+        workers: int,
+        jobs: Sequence[Job],
+        bar: Any = None,
+        held: Collection[Hashable] = (),
+        reserve: int = 0,
+    ) -> None:
+        self._pool, self._workers, self._jobs, self._bar = pool, workers, list(jobs), bar
+        self._held, self._reserve = set(held), max(0, min(reserve, workers - 1))
+        self._released, self._stopped = threading.Event(), threading.Event()
+        if not self._held:
+            self._released.set()
+        self._results: dict[Hashable, Any] = {}
+        self._failures: dict[str, str] = {}
+        self._cancelled: list[str] = []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._schedule, name="medkd-jobs", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        """Let the held jobs start, and use every worker."""
+        self._released.set()
+
+    def stop(self) -> None:
+        """Start no more jobs and wait for the running ones to finish."""
+        self._stopped.set()
+        self._thread.join()
+
+    def wait(self) -> dict[Hashable, Any]:
+        """Wait for every job (release the held ones first) and return each one's result by key; raises
+        :class:`JobsFailed` naming the failed jobs, after the running ones finish."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self._failures:
+            jobs = self._jobs
+            failures = {job.name: self._failures[job.name] for job in jobs if job.name in self._failures}
+            logs = {job.name: job.log for job in jobs if job.log}
+            raise JobsFailed(failures, self._cancelled, len(self._results), logs)
+        return dict(self._results)
+
+    def _startable(self, queue: list[Job]) -> list[Job]:
+        released = self._released.is_set()
+        return [job for job in queue if released or job.key not in self._held]
+
+    def _schedule(self) -> None:
+        queue, futures, pending = list(self._jobs), {}, set()
+        try:
+            while True:
+                limit = self._workers if self._released.is_set() else self._workers - self._reserve
+                if not (self._failures or self._stopped.is_set()):
+                    for job in self._startable(queue)[: max(0, limit - len(pending))]:
+                        queue.remove(job)
+                        future = self._pool.submit(_run_in_worker, job)
+                        futures[future] = job
+                        pending.add(future)
+                if not pending:
+                    if not queue or self._failures or self._stopped.is_set():
+                        break
+                    self._released.wait(self.POLL_S)  # only held jobs are left
+                    continue
+                done, pending = cf.wait(pending, timeout=self.POLL_S, return_when=cf.FIRST_COMPLETED)
+                for future in done:
+                    self._collect(futures[future], future)
+        except BaseException as error:  # a bug of the scheduler itself: raised by wait()
+            self._error = error
+        self._cancelled = [job.name for job in queue]
+
+    def _collect(self, job: Job, future: cf.Future) -> None:
+        try:
+            ok, value = future.result()
+        except BrokenProcessPool:  # a worker was killed (out of memory?) or crashed: the pool is lost
+            ok, value = False, "its worker process died (killed, e.g. out of memory, or crashed)"
+        except BaseException as error:  # e.g. a result that cannot be sent back, or Ctrl-C in the worker
+            ok, value = False, _describe(error)
+        if ok:
+            self._results[job.key] = value
+        else:
+            self._failures[job.name] = value
+        if self._bar is not None:
+            self._bar.set_postfix_str(f"{job.name} {'done' if ok else 'FAILED'}")
+            self._bar.update()
 
 
 def _run_here(jobs: Sequence[Job], threads: int | None, bar: Any) -> dict[Hashable, Any]:
