@@ -267,8 +267,7 @@ def compare(
         if schedule is not None:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the teacher's cached memory, for the workers
-            schedule.release()
-            results = schedule.wait()
+            results = schedule.wait()  # the held runs start now
         else:
             results = workers.run(todo, bar)
         logger.info(

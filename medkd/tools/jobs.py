@@ -230,8 +230,9 @@ class Schedule:
         self._thread.join()
 
     def wait(self) -> dict[Hashable, Any]:
-        """Wait for every job (release the held ones first) and return each one's result by key; raises
+        """Release the held jobs, wait for every job and return each one's result by key; raises
         :class:`JobsFailed` naming the failed jobs, after the running ones finish."""
+        self.release()
         self._thread.join()
         if self._error is not None:
             raise self._error
