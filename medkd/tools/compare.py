@@ -8,8 +8,8 @@ added to it). The output folder's ``fingerprint.json`` records the bundle, the d
 output folder made with other ones stops the command, naming what changed; ``--fresh`` moves it aside to start anew.
 
 ``--jobs N`` runs the (preset, seed) runs N at a time in worker processes. The runs that do not read the teacher
-(:func:`reads_teacher`: the ``student`` and ``dml`` presets, unless the teacher trains online from its checkpoint)
-start at once, N - 1 at a time beside the teacher, which trains in this process; the others start once it is
+(:func:`reads_teacher`: the ``student`` and ``dml`` presets, or every run when the teacher trains online from
+scratch) start at once, N - 1 at a time beside the teacher, which trains in this process; the others start once it is
 trained. Each run has ``--threads`` intra-op threads (default: this process's threads, i.e.
 ``OMP_NUM_THREADS`` or the cores, divided by N) and, on a machine with several GPUs, its own GPU (round-robin); each
 run's output goes to ``<output>/<preset>/seed<k>/compare.log``. The results equal a ``--jobs 1`` run's with the same
