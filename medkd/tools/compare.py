@@ -234,16 +234,15 @@ def compare(
         todo.append(Job((preset, seed), f"{preset} seed {seed}", _train_and_evaluate, (bundle, run_dir, settings),
                         run_dir / COMPARE_LOG))  # fmt: skip
     rows: list[dict] = []
-    waiting: list[tuple[str, int]] = []
     if jobs > 1:
         threads = threads or threads_per_job(jobs)
-        free = {preset for preset in presets if not reads_teacher(bundle, {**common, ROUTES_PRESET: preset})}
-        waiting = [job.key for job in todo if job.key[0] not in free]
     workers = JobPool(jobs, threads, visible_gpus(DEVICE in common), preload=WORKER_PRELOAD)
     with tqdm(total=len(runs) + 1, desc="compare", unit="run") as bar, workers:  # the workers start up meanwhile
         start = time.perf_counter()
         schedule = None
         if jobs > 1:  # the runs that do not read the teacher start now, beside it (it keeps one worker's share)
+            free = {preset for preset in presets if not reads_teacher(bundle, {**common, ROUTES_PRESET: preset})}
+            waiting = [job.key for job in todo if job.key[0] not in free]
             logs = _run_dir(output, "<preset>", "<k>") / COMPARE_LOG
             bar.write(
                 f"{len(todo)} runs, {jobs} at a time, {threads} threads each ({len(todo) - len(waiting)} start while "

@@ -236,10 +236,9 @@ class Schedule:
         self._thread.join()
         if self._error is not None:
             raise self._error
-        if self._failures:
-            jobs = self._jobs
-            failures = {job.name: self._failures[job.name] for job in jobs if job.name in self._failures}
-            logs = {job.name: job.log for job in jobs if job.log}
+        if self._failures:  # in the jobs' order
+            failures = {job.name: self._failures[job.name] for job in self._jobs if job.name in self._failures}
+            logs = {job.name: job.log for job in self._jobs if job.log}
             raise JobsFailed(failures, self._cancelled, len(self._results), logs)
         return dict(self._results)
 
