@@ -4,18 +4,20 @@ Variants, all in one process on the same batch, with the bundle's networks and s
 
 * ``a`` floor: a plain loop — one teacher forward (no grad), then each student's forward, DiceCE loss, backward and
   optimizer step. Nothing else (no distillation terms, no engine, plain tensors).
-* ``b`` one ``DistillationTrainer`` iteration with the diversified preset (teacher → sp prediction KL, teacher → sf
-  feature hint with adapter, sp ↔ sf prediction and feature terms), timed through the real ``engine.run`` on a
-  batch collated like the bundle's ``CacheDataset`` + ``DataLoader`` gives it (``MetaTensor`` image and label).
+* ``b`` one ``DistillationTrainer`` iteration along the bundle's routes (``route_graph``: by default the diversified
+  preset, teacher → sp prediction KL, teacher → sf feature hint with adapter, sp ↔ sf prediction terms, and the sp ↔
+  sf feature terms, weighted ``peer_feature_weight`` = 0 and so not computed), timed through the real
+  ``engine.run`` on a batch collated like the bundle's ``CacheDataset`` + ``DataLoader`` gives it (``MetaTensor``
+  image and label).
 * ``b_plain`` the same with a plain-tensor batch (what the engine costs without MetaTensor inputs).
 * ``b_dict`` the same as ``b`` with ``decollate=False`` (what decollating the output, as MONAI's handlers expect,
   costs).
 * ``c`` one MONAI ``SupervisedTrainer`` iteration training a single student on the same MetaTensor batch.
 * ``a_meta`` the floor loop fed the MetaTensor batch: what MONAI's per-op metadata bookkeeping costs.
 
-Networks, loss, learning rate, patch size and batch size (times ``samples_per_volume`` in 3D) are read from the
-bundle's ``train.json`` (``bundles/segmentation_2d``, ``bundles/segmentation_3d``), with 3 classes as in the
-embedded default data.
+Networks, loss, routes (weights and temperature), learning rate, patch size and batch size (times
+``samples_per_volume`` in 3D) are read from the bundle's ``train.json`` (``bundles/segmentation_2d``,
+``bundles/segmentation_3d``), with 3 classes as in the embedded default data.
 
 Engine variants are timed per iteration from one ``ITERATION_COMPLETED`` event to the next (so the batch fetch and
 every event of ``engine.run`` are inside); the floor is timed per step. After warm-up steps, the variants take
@@ -56,7 +58,6 @@ from monai.engines import SupervisedTrainer
 from monai.inferers import SimpleInferer
 
 from medkd.knowledge.features import default_feature_layer
-from medkd.knowledge.routes import preset_routes
 from medkd.training.engines import DistillationTrainer
 
 SETTINGS = {  # which bundle, and how many steps to time
@@ -225,11 +226,14 @@ def _hooked(network: torch.nn.Module, store: dict, key: str) -> torch.nn.Module:
     return network
 
 
-def routes_floor_variant(cfg: dict, dev: Device, batch: dict, temperature: float = 4.0) -> Variant:
-    """a_routes: the floor loop plus the diversified preset's six distillation terms, written here in plain PyTorch
-    (what ``b`` computes, without the engine): teacher → sp pixel-wise KL at ``temperature``, teacher → sf hint
-    (1x1 adapter, per-sample-standardised MSE) at the default feature layers, sp ↔ sf KL and hints (no adapter:
-    same channels); every source detached, all weights 1, one backward of the two totals, each optimizer steps."""
+def routes_floor_variant(cfg: dict, dev: Device, batch: dict) -> Variant:
+    """a_routes: the floor loop plus the distillation terms of the bundle's diversified routes, written here in plain
+    PyTorch (what ``b`` computes, without the engine), each times its bundle weight and left out when that is 0:
+    teacher → sp pixel-wise KL at the bundle's temperature (α), teacher → sf hint (1x1 adapter,
+    per-sample-standardised MSE) at the default feature layers (β), sp ↔ sf KL (γ) and hints (δ; no adapter: same
+    channels); every source detached, one backward of the two totals, each optimizer steps."""
+    weights = {r.name: r.weight for r in cfg["parser"].get_parsed_content("route_graph")}
+    temperature = cfg["parser"].get_parsed_content("temperature")
     sd = cfg["spatial_dims"]
     feats: dict[str, torch.Tensor] = {}
     teacher = _hooked(dev.network(make_network(cfg, "teacher", seed=0), sd).eval().requires_grad_(False), feats, "t")
@@ -256,6 +260,9 @@ def routes_floor_variant(cfg: dict, dev: Device, batch: dict, temperature: float
             torch.nn.functional.layer_norm(src, src.shape[1:]),
         )
 
+    def weighted(terms: dict[str, Callable[[], torch.Tensor]]) -> list[torch.Tensor]:
+        return [weights[name] * term() for name, term in terms.items() if weights[name] != 0]
+
     def step() -> None:
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
@@ -265,17 +272,22 @@ def routes_floor_variant(cfg: dict, dev: Device, batch: dict, temperature: float
             logits_sp, logits_sf = sp(inputs), sf(inputs)
             log_t, log_sp, log_sf = (torch.log_softmax(z.float() / temperature, dim=1)
                                      for z in (logits_t, logits_sp, logits_sf))  # fmt: skip
-            total_sp = (loss_function(logits_sp, targets) + kl(log_sp, log_t) + kl(log_sp, log_sf)
-                        + hint(feats["sp"], feats["sf"]))  # fmt: skip
-            total_sf = (loss_function(logits_sf, targets) + hint(adapter(feats["sf"]), feats["t"])
-                        + kl(log_sf, log_sp) + hint(feats["sf"], feats["sp"]))  # fmt: skip
+            total_sp = sum(weighted({
+                "sp/prediction_from_teacher": lambda: kl(log_sp, log_t),
+                "sp/prediction_from_sf": lambda: kl(log_sp, log_sf),
+                "sp/feature_from_sf": lambda: hint(feats["sp"], feats["sf"]),
+            }), loss_function(logits_sp, targets))  # fmt: skip
+            total_sf = sum(weighted({
+                "sf/feature_from_teacher": lambda: hint(adapter(feats["sf"]), feats["t"]),
+                "sf/prediction_from_sp": lambda: kl(log_sf, log_sp),
+                "sf/feature_from_sp": lambda: hint(feats["sf"], feats["sp"]),
+            }), loss_function(logits_sf, targets))  # fmt: skip
         (total_sp + total_sf).backward()
         for optimizer in optimizers:
             optimizer.step()
 
-    return Variant(
-        "a_routes", "floor + the diversified terms in plain PyTorch (no engine)", _loop_block_runner(step, dev)
-    )
+    what = "floor + the bundle's distillation terms in plain PyTorch (no engine)"
+    return Variant("a_routes", what, _loop_block_runner(step, dev))
 
 
 def _engine_block_runner(engine, dev: Device) -> Callable[[int], list[tuple[float, float]]]:
@@ -299,7 +311,7 @@ def _engine_block_runner(engine, dev: Device) -> Callable[[int], list[tuple[floa
 
 
 def distillation_variant(cfg: dict, dev: Device, batch: dict, meta: bool, decollate: bool = True) -> Variant:
-    """b: one DistillationTrainer iteration, diversified preset, through the ignite engine."""
+    """b: one DistillationTrainer iteration along the bundle's routes, through the ignite engine."""
     sd = cfg["spatial_dims"]
     teacher = dev.network(make_network(cfg, "teacher", seed=0), sd)
     students = {n: dev.network(make_network(cfg, "student", seed=1 + i), sd) for i, n in enumerate(STUDENTS)}
@@ -313,7 +325,7 @@ def distillation_variant(cfg: dict, dev: Device, batch: dict, meta: bool, decoll
         optimizers=optimizers,
         loss_function=make_loss(cfg),
         teacher=teacher,
-        routes=preset_routes("diversified", list(STUDENTS)),
+        routes=cfg["parser"].get_parsed_content("route_graph"),
         amp=dev.amp_dtype is not None,
         amp_kwargs={"dtype": dev.amp_dtype} if dev.amp_dtype is not None else None,
         decollate=decollate,
@@ -322,7 +334,7 @@ def distillation_variant(cfg: dict, dev: Device, batch: dict, meta: bool, decoll
     name, what = ("b", "MetaTensor batch, as the bundle") if meta else ("b_plain", "plain-tensor batch")
     if not decollate:
         name, what = f"{name}_dict", f"{what}, decollate=False"
-    return Variant(name, f"DistillationTrainer diversified, engine.run ({what})", _engine_block_runner(trainer, dev))
+    return Variant(name, f"DistillationTrainer, bundle routes, engine.run ({what})", _engine_block_runner(trainer, dev))
 
 
 def supervised_variant(cfg: dict, dev: Device, batch: dict) -> Variant:

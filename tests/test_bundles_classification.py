@@ -71,12 +71,13 @@ def test_training_stages(trained):
     assert teacher.parser.get_parsed_content("num_classes") == 2
     assert trainer.state.epoch == 1 and trainer.state.iteration == len(trainer.data_loader) >= 1
     losses = iteration_losses(trainer.state.output)
-    assert {
+    # the bundle's diversified routes; the peer feature routes, weighted 0 by default, are not computed
+    assert {k for k in losses if "_from_" in k} == {
         "sp/prediction_from_teacher",
         "sf/feature_from_teacher",
-        "sp/feature_from_sf",
+        "sp/prediction_from_sf",
         "sf/prediction_from_sp",
-    } <= set(losses)
+    }
     assert all(math.isfinite(v) for v in losses.values())
     for name in ("sp", "sf"):
         assert (root / "models" / f"{name}.pt").is_file()

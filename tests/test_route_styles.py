@@ -277,6 +277,26 @@ def test_the_trainer_weighs_each_epoch_by_its_warmup():
     assert float(seen[0]["sp/total"]) == float(seen[0]["sp/sup"])  # weight 0 in the first epoch
 
 
+def test_a_route_weighted_zero_is_not_computed_and_changes_nothing():
+    """δ = 0 (the bundles' default): the peer feature routes are neither computed nor logged, and the students
+    train exactly as without those routes."""
+    zero = parse_routes("diversified", STUDENTS, weights={"peer_feature_weight": 0.0})
+    without = [route for route in zero if route.weight != 0]
+    assert len(without) == len(zero) - 2
+    runs = {}
+    for name, routes in (("zero", zero), ("without", without)):
+        runs[name] = make_trainer(routes, max_epochs=2)
+        runs[name].run()
+    terms = iteration_losses(runs["zero"].state.output)
+    assert set(terms) == set(iteration_losses(runs["without"].state.output))
+    assert "sp/feature_from_sf" not in terms and "sf/feature_from_sp" not in terms
+    assert [r.name for r in runs["zero"].routes.active] == [r.name for r in without]
+    for student in STUDENTS:
+        trained, reference = (runs[name].students[student].state_dict() for name in ("zero", "without"))
+        for key, value in reference.items():
+            assert torch.equal(trained[key], value), f"{student} {key}"
+
+
 # ------------------------------------------------------------------ every new kind: gradients and a short run
 
 NEW_ROUTES = {

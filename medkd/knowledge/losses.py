@@ -330,7 +330,8 @@ class RegionPredictionLoss(nn.Module):
 class RegionFeatureLoss(nn.Module):
     """Class-region distillation of features: the mean feature vector of each class region (a class prototype,
     :func:`region_means`) of each network, and the MSE between the two networks' matrices of cosine similarity
-    between the prototypes of the classes present in the sample. It compares how the classes relate in feature
+    between the prototypes of the classes present in the sample, over the pairs of two different classes (zero
+    with fewer than two). It compares how the classes relate in feature
     space, so the networks may have any channel counts (no adapter).
 
     Shapes:
@@ -343,7 +344,8 @@ class RegionFeatureLoss(nn.Module):
         proto_dst, mass_dst = region_means(dst, regions)
         proto_src, mass_src = region_means(src.detach(), regions)
         present = ((mass_dst > 1e-6) & (mass_src > 1e-6)).float()  # (B, K)
-        pairs = present.unsqueeze(2) * present.unsqueeze(1)  # (B, K, K)
+        others = 1.0 - torch.eye(present.shape[1], device=present.device)  # a class's similarity to itself is 1
+        pairs = present.unsqueeze(2) * present.unsqueeze(1) * others  # (B, K, K): two different classes present
         relation_dst = affinity_matrix(proto_dst.transpose(1, 2))  # (B, K, K)
         relation_src = affinity_matrix(proto_src.transpose(1, 2))
         return ((relation_dst - relation_src).pow(2) * pairs).sum() / pairs.sum().clamp_min(1.0)

@@ -435,9 +435,17 @@ class KnowledgeRoutes(nn.Module):
         features: Mapping[str, Mapping[str, torch.Tensor]],
         targets: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Unweighted loss of every route, keyed by :attr:`Route.name`."""
+        """Unweighted loss of every route weighted other than 0 (:attr:`active`), keyed by :attr:`Route.name`."""
         outputs = StepOutputs(logits, features, targets)
-        return {r.name: self.kind_of(r)(outputs) for r in self.routes}
+        return {r.name: self.kind_of(r)(outputs) for r in self.active}
+
+    @property
+    def active(self) -> list[Route]:
+        """The routes whose term is computed: those with a weight other than 0. A route weighted 0 (e.g. the peer
+        feature routes under ``peer_feature_weight`` 0) would add nothing to its student's loss or gradient, so it
+        is neither computed nor logged; it keeps its hooks and adapters, so checkpoints do not depend on the
+        weights."""
+        return [r for r in self.routes if r.weight != 0]
 
     def losses(
         self,
@@ -447,13 +455,13 @@ class KnowledgeRoutes(nn.Module):
         targets: torch.Tensor | None = None,
         epoch: int | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Every term of one step: ``"<student>/sup"`` (the ``supervised`` loss of each student), each route's
-        unweighted term (:meth:`forward`) and ``"<student>/total"``, the supervised loss plus the terms of the
+        """Every term of one step: ``"<student>/sup"`` (the ``supervised`` loss of each student), each active
+        route's unweighted term (:meth:`forward`) and ``"<student>/total"``, the supervised loss plus the terms of the
         routes that target the student, each weighted by its weight in ``epoch`` (:meth:`Route.weight_at`: warm-up;
         ``None``, the full weights)."""
         route_terms = self(logits, features, targets)
         totals = {s: supervised[s] for s in self.students}
-        for route in self.routes:
+        for route in self.active:
             totals[route.target] = totals[route.target] + route.weight_at(epoch) * route_terms[route.name]
         return {
             **{f"{s}/sup": supervised[s] for s in self.students},

@@ -280,8 +280,13 @@ def validated_networks(mode: str, teacher: nn.Module, students: Mapping[str, nn.
     return {TEACHER: teacher, **students} if mode == "online" else dict(students)
 
 
-def trained_teacher(mode: str, teacher: nn.Module, device: torch.device | str) -> nn.Module:
+def trained_teacher(
+    mode: str, teacher: nn.Module, device: torch.device | str, channels_last: bool = False
+) -> nn.Module:
     """The teacher a multi-process run trains: an online teacher wrapped in ``DistributedDataParallel`` like the
-    students (its copies would drift apart otherwise); a frozen teacher as it is (replicated)."""
+    students (its copies would drift apart otherwise; ``channels_last`` as in :func:`wrap_ddp`); a frozen teacher as
+    it is (replicated)."""
     check_teacher_mode(mode)
-    return wrap_ddp({TEACHER: teacher}, device)[TEACHER] if mode == "online" else teacher
+    if mode == "online":
+        return wrap_ddp({TEACHER: teacher}, device, channels_last=channels_last)[TEACHER]
+    return teacher

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from medkd.training.layout import channels_last as to_channels_last
+
 __all__ = [
     "default_device",
     "local_device",
@@ -99,17 +101,24 @@ def unwrap(network: nn.Module) -> nn.Module:
 
 
 def wrap_ddp(
-    networks: Mapping[str, nn.Module], device: torch.device | str, sync_batchnorm: bool = True
+    networks: Mapping[str, nn.Module],
+    device: torch.device | str,
+    sync_batchnorm: bool = True,
+    channels_last: bool = False,
 ) -> dict[str, nn.Module]:
     """Each network moved to ``device`` and wrapped in ``DistributedDataParallel``.
 
     On CUDA, batch norms become ``SyncBatchNorm`` (when ``sync_batchnorm``) so running statistics agree across
     processes; on CPU (gloo) ``SyncBatchNorm`` is not available and DDP broadcasts rank 0's buffers at each forward.
-    Parameters stay identical across processes either way.
+    Parameters stay identical across processes either way. ``channels_last``: convert each network to the
+    channels-last layout (:func:`medkd.training.layout.channels_last`) before wrapping, so that DDP's gradient
+    buckets have its layout.
     """
     device = torch.device(device)
     wrapped = {}
     for name, net in networks.items():
+        if channels_last:
+            to_channels_last([net])
         if device.type == "cuda":
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net) if sync_batchnorm else net
             wrapped[name] = DistributedDataParallel(net.to(device), device_ids=[device])

@@ -23,6 +23,7 @@ from medkd.knowledge.teacher import Teacher, check_teacher_mode, make_teacher
 from medkd.knowledge.teacher_cache import TeacherCache
 from medkd.training.compiling import compile_in_place, compiled_inferer
 from medkd.training.distributed import unwrap
+from medkd.training.layout import channels_last as to_channels_last
 
 __all__ = ["DistillationTrainer", "TeacherTrainer", "LOSSES", "iteration_losses", "student_optimizers"]
 
@@ -58,8 +59,9 @@ class TeacherTrainer(UserErrorsFirst, SupervisedTrainer):
     """MONAI's ``SupervisedTrainer`` for the teacher stage, with its network moved to the trainer's device.
 
     Every medkd engine puts the networks it runs on its own ``device`` (MONAI's engines leave that to the caller),
-    so a bundle never has to, and compiles it in place with ``compile`` (:mod:`medkd.training.compiling`); arguments
-    are those of ``SupervisedTrainer``.
+    so a bundle never has to, converts it to the channels-last layout with ``channels_last``
+    (:mod:`medkd.training.layout`) and compiles it in place with ``compile`` (:mod:`medkd.training.compiling`); the
+    other arguments are those of ``SupervisedTrainer``.
     """
 
     def __init__(
@@ -72,9 +74,12 @@ class TeacherTrainer(UserErrorsFirst, SupervisedTrainer):
         loss_function: Callable,
         compile: bool = False,
         compile_kwargs: dict | None = None,
+        channels_last: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(device, max_epochs, train_data_loader, network.to(device), optimizer, loss_function, **kwargs)
+        if channels_last:
+            to_channels_last([self.network])
         if compile:  # in place and fed plain tensors, as in every medkd engine, rather than MONAI's wrapper
             self.inferer = compiled_inferer([self.network], self.inferer, compile_kwargs)
 
@@ -136,6 +141,8 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
             used for float16 on CUDA only.
         compile: ``torch.compile`` the teacher and the students in place (:mod:`medkd.training.compiling`), with the
             routes' feature hooks traced in; ``compile_kwargs`` are ``torch.compile``'s.
+        channels_last: convert the teacher, the students and the routes' adapters to the channels-last layout
+            (:mod:`medkd.training.layout`).
         Other arguments are those of ``monai.engines.SupervisedTrainer``.
     """
 
@@ -174,6 +181,7 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
         amp_kwargs: dict | None = None,
         compile: bool = False,
         compile_kwargs: dict | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__(
             device=device,
@@ -232,6 +240,8 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
             adapters = self.routes.parameters_of(name)
             if adapters:
                 optimizer.add_param_group({"params": adapters})
+        if channels_last:
+            to_channels_last([*self.networks.values(), self.routes])
         if compile:  # the networks run on plain tensors (see _iteration)
             compile_in_place(self.networks.values(), compile_kwargs)
 

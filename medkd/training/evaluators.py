@@ -25,6 +25,7 @@ from torch import nn
 from medkd.errors import ConfigError, UserErrorsFirst
 from medkd.knowledge.routes import TEACHER
 from medkd.training.compiling import compiled_inferer
+from medkd.training.layout import channels_last as to_channels_last
 
 __all__ = [
     "METRICS",
@@ -112,6 +113,7 @@ class MultiNetworkEvaluator(UserErrorsFirst, Evaluator):
             e.g. :func:`ensemble_members`); empty for none.
         compile: ``torch.compile`` the networks in place (once: a trainer's networks may be compiled already) and
             feed them plain tensors (:mod:`medkd.training.compiling`); ``compile_kwargs`` are ``torch.compile``'s.
+        channels_last: convert the networks to the channels-last layout (:mod:`medkd.training.layout`).
         Other arguments are those of ``monai.engines.SupervisedEvaluator``.
     """
 
@@ -141,6 +143,7 @@ class MultiNetworkEvaluator(UserErrorsFirst, Evaluator):
         ensemble: Sequence[str] = (),
         compile: bool = False,
         compile_kwargs: dict | None = None,
+        channels_last: bool = False,
     ) -> None:
         ensemble = list(ensemble)
         if ENSEMBLE in networks:
@@ -179,6 +182,8 @@ class MultiNetworkEvaluator(UserErrorsFirst, Evaluator):
         self.networks = {name: network.to(self.state.device) for name, network in networks.items()}
         self.inferer = SimpleInferer() if inferer is None else inferer
         self.ensemble = ensemble
+        if channels_last:
+            to_channels_last(self.networks.values())
         if compile:
             self.inferer = compiled_inferer(self.networks.values(), self.inferer, compile_kwargs)
 
@@ -206,8 +211,9 @@ class MultiNetworkEvaluator(UserErrorsFirst, Evaluator):
 
 class SingleNetworkEvaluator(UserErrorsFirst, SupervisedEvaluator):
     """MONAI's ``SupervisedEvaluator`` (one network, output ``pred``), with the network moved to the evaluator's
-    device and, with ``compile``, compiled in place (:mod:`medkd.training.compiling`); used for inference. Arguments
-    are those of ``SupervisedEvaluator``."""
+    device, with ``channels_last`` converted to the channels-last layout (:mod:`medkd.training.layout`) and, with
+    ``compile``, compiled in place (:mod:`medkd.training.compiling`); used for inference. The other arguments are
+    those of ``SupervisedEvaluator``."""
 
     def __init__(
         self,
@@ -216,9 +222,12 @@ class SingleNetworkEvaluator(UserErrorsFirst, SupervisedEvaluator):
         network: nn.Module,
         compile: bool = False,
         compile_kwargs: dict | None = None,
+        channels_last: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(device, val_data_loader, network.to(device), **kwargs)
+        if channels_last:
+            to_channels_last([self.network])
         if compile:  # in place and fed plain tensors, as in every medkd engine, rather than MONAI's wrapper
             self.inferer = compiled_inferer([self.network], self.inferer, compile_kwargs)
 
