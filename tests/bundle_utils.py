@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
 from monai.bundle import ConfigWorkflow
 
 from medkd.bundles import METADATA, stage_files, stage_workflow
@@ -86,3 +89,29 @@ def mlflow_metrics(root: Path) -> list[set[str]]:
     client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{root / 'eval' / 'mlruns.db'}")
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
     return [set(r.data.metrics) for r in runs]
+
+
+def every_stage_with(bundle: str, root: Path, option: dict, applied: Callable[[Any], bool], reset=None) -> None:
+    """Run ``bundle``'s stages with the engine ``option`` given on the command line (e.g. ``{"compile": True}``):
+    the teacher stage, distillation, evaluation and inference must apply it to their networks (``applied(network)``),
+    and evaluating the same checkpoints with and without it must give the same scores. ``reset()`` runs before each
+    evaluation (e.g. ``torch._dynamo.reset``)."""
+    plain = native_spacing(bundle)
+    settings = {**option, **plain}
+    trainer = run_stage(bundle, "train_teacher", root, **settings).parser.get_parsed_content("train#trainer")
+    assert applied(trainer.network)
+    trainer = run_stage(bundle, "train", root, **settings).parser.get_parsed_content("train#trainer")
+    assert all(applied(net) for net in trainer.networks.values())
+    results = {}
+    for with_option in (False, True):
+        if reset is not None:
+            reset()
+        evaluator = run_stage(bundle, "evaluate", root, **(settings if with_option else plain))
+        networks = evaluator.parser.get_parsed_content("evaluator").networks.values()
+        assert all(applied(net) == with_option for net in networks)
+        results[with_option] = json.loads((root / "eval" / "results.json").read_text())
+    for without, row in zip(results[False], results[True], strict=True):
+        scores = {k: v for k, v in without.items() if isinstance(v, float)}
+        assert scores and {k: row[k] for k in scores} == pytest.approx(scores, rel=1e-5), row["network"]
+    evaluator = run_stage(bundle, "inference", root, **settings).parser.get_parsed_content("evaluator")
+    assert applied(evaluator.network)

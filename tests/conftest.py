@@ -1,12 +1,17 @@
-"""Shared fixtures: tiny 2D and 3D segmentation data and tiny MONAI U-Nets."""
+"""Shared fixtures: tiny 2D and 3D segmentation data, tiny MONAI U-Nets and a trainer of tiny students."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
 from monai.data import create_test_image_2d
+from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
+
+from medkd.training.engines import DistillationTrainer
 
 torch.set_num_threads(2)
 
@@ -62,3 +67,33 @@ def texture(seed: int, size: int = 32) -> np.ndarray:
 @pytest.fixture
 def batches() -> list[dict]:
     return tiny_batches()
+
+
+def tiny_students(unet: Callable[..., UNet] = tiny_unet) -> dict[str, UNet]:
+    """Students ``sp`` and ``sf`` of 4, 8, 8 channels made by ``unet``, seeds 1 and 2."""
+    return {"sp": unet((4, 8, 8), seed=1), "sf": unet((4, 8, 8), seed=2)}
+
+
+def tiny_trainer(
+    routes,
+    batches: list[dict],
+    unet: Callable[..., UNet] = tiny_unet,
+    optimizer: Callable = lambda params: torch.optim.Adam(params, lr=1e-2),
+    students: dict[str, torch.nn.Module] | None = None,
+    **kwargs,
+) -> DistillationTrainer:
+    """A ``DistillationTrainer`` of tiny students ``sp`` and ``sf`` (4, 8, 8 channels; or ``students``) and teacher
+    (8, 16, 32) made by ``unet``, along ``routes``, on ``batches`` (DiceCE, ``decollate=False``; ``kwargs`` are the
+    trainer's)."""
+    students = students or tiny_students(unet)
+    return DistillationTrainer(
+        device="cpu",
+        train_data_loader=batches,
+        students=students,
+        optimizers={name: optimizer(s.parameters()) for name, s in students.items()},
+        loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
+        teacher=unet((8, 16, 32), seed=0),
+        routes=routes,
+        decollate=False,
+        **{"max_epochs": 1, **kwargs},
+    )

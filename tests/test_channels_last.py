@@ -1,17 +1,13 @@
 """``channels_last=True``: every engine converts its networks (and the routes' adapters) to the channels-last layout,
 in place, and gives the results of the contiguous run within float tolerance; the bundles take ``--channels_last``."""
 
-import json
-
 import pytest
 import torch
-from bundle_utils import native_spacing, run_stage
-from conftest import tiny_batches, tiny_batches3d, tiny_unet, tiny_unet3d
-from monai.losses import DiceCELoss
+from bundle_utils import every_stage_with
+from conftest import tiny_batches, tiny_batches3d, tiny_trainer, tiny_unet, tiny_unet3d
 
 from medkd.training.distributed import wrap_ddp
 from medkd.training.engines import DistillationTrainer, iteration_losses
-from medkd.training.evaluators import MultiNetworkEvaluator, segmentation_metrics, segmentation_postprocessing
 from medkd.training.layout import channels_last, is_channels_last
 
 
@@ -47,23 +43,15 @@ def test_ddp_wrapping_converts_before_wrapping():
         torch.distributed.destroy_process_group()
 
 
-def train(batches, make, layout: bool) -> DistillationTrainer:
-    students = {"sp": make((4, 8, 8), seed=1), "sf": make((4, 8, 8), seed=2)}
-    # SGD, not Adam: a convolution's bias before a batch norm has a gradient of rounding noise, which Adam's
-    # normalised step would turn into a step of the learning rate's size, different in each layout
-    optimizers = {n: torch.optim.SGD(s.parameters(), lr=0.1) for n, s in students.items()}
-    trainer = DistillationTrainer(
-        device="cpu",
-        max_epochs=2,
-        train_data_loader=batches,
-        students=students,
-        optimizers=optimizers,
-        loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
-        teacher=make((8, 16, 32), seed=0),
-        routes="diversified",  # teacher -> sf hint through an adapter (8 -> 32 channels)
-        decollate=False,
-        channels_last=layout,
-    )
+def sgd(params) -> torch.optim.Optimizer:
+    """SGD, not Adam: a convolution's bias before a batch norm has a gradient of rounding noise, which Adam's
+    normalised step would turn into a step of the learning rate's size, different in each layout."""
+    return torch.optim.SGD(params, lr=0.1)
+
+
+def train(batches, unet, layout: bool) -> DistillationTrainer:
+    # diversified: the teacher -> sf hint goes through an adapter (8 -> 32 channels)
+    trainer = tiny_trainer("diversified", batches, unet, sgd, max_epochs=2, channels_last=layout)
     trainer.run()
     return trainer
 
@@ -83,43 +71,8 @@ def test_channels_last_training_gives_the_contiguous_losses_and_weights(make, da
             torch.testing.assert_close(fast.students[name].state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
-def test_channels_last_evaluator_scores_as_contiguous():
-    batch = tiny_batches(n=1, batch_size=2)
-    scores = {}
-    for layout in (False, True):
-        networks = {"sp": tiny_unet(seed=1), "sf": tiny_unet(seed=2)}
-        evaluator = MultiNetworkEvaluator(
-            "cpu",
-            batch,
-            networks,
-            postprocessing=segmentation_postprocessing(list(networks), 2),
-            metrics=segmentation_metrics(list(networks)),
-            channels_last=layout,
-        )
-        evaluator.run()
-        assert all(is_channels_last(net) == layout for net in networks.values())
-        scores[layout] = evaluator.state.metrics
-    assert scores[True] == pytest.approx(scores[False], rel=1e-5)
-
-
 @pytest.mark.parametrize("bundle", ["segmentation_2d", "classification_2d"])
 def test_every_bundle_stage_takes_channels_last(bundle, tmp_path):
     """``--channels_last True`` from the command line: the teacher stage, distillation, evaluation and inference
     convert their networks; evaluating the same checkpoints with and without it gives the same scores."""
-    fast = native_spacing(bundle)
-    layout = {"channels_last": True, **fast}
-    trainer = run_stage(bundle, "train_teacher", tmp_path, **layout).parser.get_parsed_content("train#trainer")
-    assert is_channels_last(trainer.network)
-    trainer = run_stage(bundle, "train", tmp_path, **layout).parser.get_parsed_content("train#trainer")
-    assert all(is_channels_last(net) for net in trainer.networks.values())
-    results = {}
-    for converted in (False, True):
-        evaluator = run_stage(bundle, "evaluate", tmp_path, **(layout if converted else fast))
-        evaluator = evaluator.parser.get_parsed_content("evaluator")
-        assert all(is_channels_last(net) == converted for net in evaluator.networks.values())
-        results[converted] = json.loads((tmp_path / "eval" / "results.json").read_text())
-    for plain, row in zip(results[False], results[True], strict=True):
-        scores = {k: v for k, v in plain.items() if isinstance(v, float)}
-        assert scores and {k: row[k] for k in scores} == pytest.approx(scores, rel=1e-5), row["network"]
-    evaluator = run_stage(bundle, "inference", tmp_path, **layout).parser.get_parsed_content("evaluator")
-    assert is_channels_last(evaluator.network)
+    every_stage_with(bundle, tmp_path, {"channels_last": True}, is_channels_last)

@@ -2,14 +2,11 @@
 of the eager run. Traced with torch's ``aot_eager`` backend (forward and backward graphs, no C++ build), which is
 what every backend compiles from; the bundles' stages with dynamo's tracing alone."""
 
-import json
-
 import pytest
 import torch
-from bundle_utils import native_spacing, run_stage
-from conftest import tiny_batches, tiny_unet
+from bundle_utils import every_stage_with
+from conftest import tiny_batches, tiny_students, tiny_trainer, tiny_unet
 from monai.data import MetaTensor
-from monai.losses import DiceCELoss
 
 from medkd.training.compiling import compile_in_place, is_compiled
 from medkd.training.engines import DistillationTrainer, iteration_losses
@@ -27,10 +24,9 @@ def fresh_dynamo():
 
 
 def train(batches, compile: bool) -> DistillationTrainer:
-    students = {"sp": tiny_unet((4, 8, 8), seed=1), "sf": tiny_unet((4, 8, 8), seed=2)}
+    students = tiny_students()
     if compile:  # as a bundle's validator does, built before the trainer
         compile_in_place(students.values(), BACKEND)
-    optimizers = {n: torch.optim.Adam(s.parameters(), lr=1e-2) for n, s in students.items()}
     feature = {"kind": "feature", "layers": "multi"}
     routes = [
         {"source": "teacher", "target": "sp", "kind": "prediction"},
@@ -38,19 +34,7 @@ def train(batches, compile: bool) -> DistillationTrainer:
         {"source": "sp", "target": "sf", "kind": "prediction"},
         {"source": "sf", "target": "sp", **feature},
     ]
-    trainer = DistillationTrainer(
-        device="cpu",
-        max_epochs=2,
-        train_data_loader=batches,
-        students=students,
-        optimizers=optimizers,
-        loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
-        teacher=tiny_unet((8, 16, 32), seed=0),
-        routes=routes,
-        decollate=False,
-        compile=compile,
-        compile_kwargs=BACKEND,
-    )
+    trainer = tiny_trainer(routes, batches, students=students, max_epochs=2, compile=compile, compile_kwargs=BACKEND)
     trainer.run()
     return trainer
 
@@ -100,21 +84,4 @@ def test_compiled_evaluator_takes_metatensors_and_scores_as_eager():
 def test_every_bundle_stage_runs_compiled_and_scores_as_eager(bundle, tmp_path):
     """``--compile True`` from the command line: the teacher stage, distillation, evaluation and inference compile
     their networks; evaluating the same checkpoints compiled and eagerly gives the same scores."""
-    fast = native_spacing(bundle)
-    compiled = {"compile": True, "compile_kwargs": TRACE, **fast}
-    trainer = run_stage(bundle, "train_teacher", tmp_path, **compiled).parser.get_parsed_content("train#trainer")
-    assert is_compiled(trainer.network)
-    trainer = run_stage(bundle, "train", tmp_path, **compiled).parser.get_parsed_content("train#trainer")
-    assert all(is_compiled(net) for net in trainer.networks.values())
-    results = {}
-    for compile in (False, True):
-        torch._dynamo.reset()
-        settings = compiled if compile else fast
-        evaluator = run_stage(bundle, "evaluate", tmp_path, **settings).parser.get_parsed_content("evaluator")
-        assert all(is_compiled(net) == compile for net in evaluator.networks.values())
-        results[compile] = json.loads((tmp_path / "eval" / "results.json").read_text())
-    for eager, row in zip(results[False], results[True], strict=True):
-        scores = {k: v for k, v in eager.items() if isinstance(v, float)}
-        assert scores and {k: row[k] for k in scores} == pytest.approx(scores, rel=1e-5), row["network"]
-    evaluator = run_stage(bundle, "inference", tmp_path, **compiled).parser.get_parsed_content("evaluator")
-    assert is_compiled(evaluator.network)
+    every_stage_with(bundle, tmp_path, {"compile": True, "compile_kwargs": TRACE}, is_compiled, torch._dynamo.reset)

@@ -9,9 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from bundle_utils import BUNDLES
-from conftest import tiny_batches, tiny_batches3d, tiny_unet, tiny_unet3d
+from conftest import tiny_batches, tiny_batches3d, tiny_trainer, tiny_unet, tiny_unet3d
 from ignite.engine import Events
-from monai.losses import DiceCELoss
 from monai.networks.nets import DenseNet
 
 from medkd.bundles import stage_config
@@ -31,21 +30,8 @@ STUDENTS = ("sp", "sf")
 
 def make_trainer(routes, dims: int = 2, max_epochs: int = 1, n: int = 2, **kwargs) -> DistillationTrainer:
     """Tiny students ``sp`` and ``sf`` (4, 8, 8 channels) and teacher (8, 16, 32) in ``dims`` D, along ``routes``."""
-    unet = tiny_unet if dims == 2 else tiny_unet3d
-    students = {"sp": unet((4, 8, 8), seed=1), "sf": unet((4, 8, 8), seed=2)}
     batches = tiny_batches(n=n, batch_size=2) if dims == 2 else tiny_batches3d(n=n, batch_size=2)
-    return DistillationTrainer(
-        device="cpu",
-        max_epochs=max_epochs,
-        train_data_loader=batches,
-        students=students,
-        optimizers={name: torch.optim.Adam(s.parameters(), lr=1e-2) for name, s in students.items()},
-        loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
-        teacher=unet((8, 16, 32), seed=0),
-        routes=routes,
-        decollate=False,
-        **kwargs,
-    )
+    return tiny_trainer(routes, batches, tiny_unet if dims == 2 else tiny_unet3d, max_epochs=max_epochs, **kwargs)
 
 
 def step(trainer: DistillationTrainer, batch: dict):
