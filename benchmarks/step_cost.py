@@ -12,6 +12,8 @@ Variants, all in one process on the same batch, with the bundle's networks and s
 * ``b_plain`` the same with a plain-tensor batch (what the engine costs without MetaTensor inputs).
 * ``b_dict`` the same as ``b`` with ``decollate=False`` (what decollating the output, as MONAI's handlers expect,
   costs).
+* ``b_cl`` ``b`` with the engine's ``channels_last=True`` (the bundles' ``--channels_last True``: networks and
+  adapters in the channels-last layout; not run with ``--channels-last``, where every variant has it).
 * ``c`` one MONAI ``SupervisedTrainer`` iteration training a single student on the same MetaTensor batch.
 * ``a_meta`` the floor loop fed the MetaTensor batch: what MONAI's per-op metadata bookkeeping costs.
 
@@ -310,7 +312,9 @@ def _engine_block_runner(engine, dev: Device) -> Callable[[int], list[tuple[floa
     return run_block
 
 
-def distillation_variant(cfg: dict, dev: Device, batch: dict, meta: bool, decollate: bool = True) -> Variant:
+def distillation_variant(
+    cfg: dict, dev: Device, batch: dict, meta: bool, decollate: bool = True, channels_last: bool = False
+) -> Variant:
     """b: one DistillationTrainer iteration along the bundle's routes, through the ignite engine."""
     sd = cfg["spatial_dims"]
     teacher = dev.network(make_network(cfg, "teacher", seed=0), sd)
@@ -329,11 +333,14 @@ def distillation_variant(cfg: dict, dev: Device, batch: dict, meta: bool, decoll
         amp=dev.amp_dtype is not None,
         amp_kwargs={"dtype": dev.amp_dtype} if dev.amp_dtype is not None else None,
         decollate=decollate,
+        channels_last=channels_last,
     )
     trainer.routes.to(memory_format=dev.memory_format(sd + 2))
     name, what = ("b", "MetaTensor batch, as the bundle") if meta else ("b_plain", "plain-tensor batch")
     if not decollate:
         name, what = f"{name}_dict", f"{what}, decollate=False"
+    if channels_last:
+        name, what = f"{name}_cl", f"{what}, channels_last=True"
     return Variant(name, f"DistillationTrainer, bundle routes, engine.run ({what})", _engine_block_runner(trainer, dev))
 
 
@@ -369,6 +376,8 @@ def measure(setting: str, dev: Device, repeats: int | None, warmup: int | None, 
         supervised_variant(cfg, dev, batch),
         floor_variant(cfg, dev, batch, meta=True),
     ]
+    if not dev.channels_last:
+        variants.append(distillation_variant(cfg, dev, batch, meta=True, channels_last=True))
     for _ in range(warmup):  # allocator, oneDNN/cuDNN algorithm choice; not measured
         for v in variants:
             v.run_block(1)
