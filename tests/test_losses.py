@@ -21,11 +21,12 @@ def _kl_by_hand(src: list[float], dst: list[float], tau: float) -> float:
     return tau * tau * sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
 
 
-def test_prediction_kl_matches_hand_computation_classification():
+@pytest.mark.parametrize("tau", [1.0, 4.0])  # (τ = 1 skips the division)
+def test_prediction_kl_matches_hand_computation_classification(tau):
     student = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
     teacher = torch.tensor([[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
-    expected = (_kl_by_hand([2, 0, 1], [1, 2, 0.5], 4.0) + _kl_by_hand([1, 1, 1], [0, -1, 3], 4.0)) / 2
-    got = PredictionDistillationLoss(temperature=4.0)(student, teacher)
+    expected = (_kl_by_hand([2, 0, 1], [1, 2, 0.5], tau) + _kl_by_hand([1, 1, 1], [0, -1, 3], tau)) / 2
+    got = PredictionDistillationLoss(temperature=tau)(student, teacher)
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
 
