@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import re
 import sys
 
 import pytest
@@ -36,9 +37,17 @@ def test_step_cost_measures_every_variant_with_the_bundle_networks(tmp_path):
     assert result["student_channels"] == scale_channels(defaults["teacher_channels"], train["compression"])
     assert result["size"] == defaults["patch_size"] and result["batch_size"] == defaults["batch_size"]
     rows = {r["variant"]: r for r in result["rows"]}
-    assert set(rows) == {"a", "a_routes", "b", "b_plain", "b_dict", "c", "a_meta"}
+    assert set(rows) == {"a", "a_routes", "b", "b_plain", "b_dict", "c", "a_meta", "b_cl"}
     assert rows["a"]["ratio_to_a"] == 1.0 and rows["a_routes"]["ratio_to_a_routes"] == 1.0
     assert all(r["median_ms"] > 0 and math.isfinite(r["ratio_to_a"]) and r["steps"] == 2 for r in rows.values())
+
+
+def test_batched_students_benchmark_times_the_same_work_both_ways(capsys):
+    batched_students = _load("batched_students")
+    first = {name: step() for name, step in batched_students.steps("2d", torch.device("cpu")).items()}
+    assert first["vmap"] == pytest.approx(first["seq"], rel=1e-5)  # the same students, losses and batch
+    assert batched_students.main(["--setting", "2d", "--repeats", "1", "--warmup", "0"]) == 0
+    assert re.search(r"\| 2d \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", capsys.readouterr().out)
 
 
 def test_teacher_cache_benchmark_reports_identical_students_and_skipped_forwards(tmp_path):

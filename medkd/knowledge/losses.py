@@ -333,8 +333,8 @@ class RegionFeatureLoss(nn.Module):
     """Class-region distillation of features: the mean feature vector of each class region (a class prototype,
     :func:`region_means`) of each network, and the MSE between the two networks' matrices of cosine similarity
     between the prototypes of the classes present in the sample, over the pairs of two different classes (zero
-    with fewer than two). It compares how the classes relate in feature
-    space, so the networks may have any channel counts (no adapter).
+    with fewer than two). It compares how the classes relate in feature space, so the networks may have any channel
+    counts (no adapter).
 
     Shapes:
         - ``dst``: ``(B, C_dst, *spatial_dst)``; ``src``: ``(B, C_src, *spatial_src)``, detached here.
