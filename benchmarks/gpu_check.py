@@ -1,5 +1,5 @@
-"""Run every stage of every bundle on CUDA, with and without AMP (and with the GPU options ``compile`` and
-``data_on_device``), for a few epochs; print and write a table.
+"""Run every stage of every bundle on CUDA, with and without AMP (and with the speed options ``channels_last``,
+``compile`` and ``data_on_device``), for a few epochs; print and write a table.
 
 ``python benchmarks/gpu_check.py --output gpu_check`` (see ``benchmarks/gpu_check.sh`` for the device machine).
 Each (bundle, precision) runs the teacher, distillation, evaluation and inference stages in-process through MONAI's
@@ -36,8 +36,9 @@ PRECISIONS = {
     "fp32": {"amp": False},
     "bf16": {"amp": True},
     "fp16": {"amp": True, "amp_kwargs": "${'dtype': torch.float16}"},
-    # the GPU options: networks compiled (inductor), images cached on the GPU, batches from a ThreadDataLoader
-    "bf16-fast": {"amp": True, "compile": True, "data_on_device": True},
+    # the speed options: networks channels-last and compiled (inductor), images cached on the GPU, batches from a
+    # ThreadDataLoader
+    "bf16-fast": {"amp": True, "channels_last": True, "compile": True, "data_on_device": True},
 }
 OUTPUTS = {
     "train_teacher": [f"{MODELS_DIR}/{TEACHER_CHECKPOINT}"],
