@@ -39,8 +39,9 @@ def steps(setting: str, device: torch.device) -> dict[str, Callable[[], float]]:
     students = [make_network(cfg, "student", seed=1 + i).to(device).train() for i in range(2)]
     loss_function = make_loss(cfg)
     skeleton = copy.deepcopy(students[0]).to("meta")  # functional_call's module: every tensor is replaced
-    param_names = [n for n, _ in skeleton.named_parameters()]
-    buffer_names = [n for n, _ in skeleton.named_buffers()]
+    # each name's tensor in every student, looked up once (stacked anew each step, so gradients reach the students)
+    params = {n: [dict(s.named_parameters())[n] for s in students] for n, _ in skeleton.named_parameters()}
+    buffers = {n: [dict(s.named_buffers())[n] for s in students] for n, _ in skeleton.named_buffers()}
 
     def sequential() -> float:
         for student in students:
@@ -52,16 +53,16 @@ def steps(setting: str, device: torch.device) -> dict[str, Callable[[], float]]:
     def batched() -> float:
         for student in students:
             student.zero_grad(set_to_none=True)
-        params = {n: torch.stack([dict(s.named_parameters())[n] for s in students]) for n in param_names}
-        buffers = {n: torch.stack([dict(s.named_buffers())[n] for s in students]) for n in buffer_names}
+        stacked_params = {n: torch.stack(tensors) for n, tensors in params.items()}
+        stacked_buffers = {n: torch.stack(tensors) for n, tensors in buffers.items()}
         forward = lambda p, b, x: functional_call(skeleton, (p, b), (x,))  # noqa: E731
-        logits = vmap(forward, in_dims=(0, 0, None), randomness="different")(params, buffers, inputs)
+        logits = vmap(forward, in_dims=(0, 0, None), randomness="different")(stacked_params, stacked_buffers, inputs)
         loss = sum(loss_function(logits[i], labels) for i in range(len(students)))
         loss.backward()
         with torch.no_grad():  # the running statistics each student's batch norms updated, written back
-            for i, student in enumerate(students):
-                for name, buffer in student.named_buffers():
-                    buffer.copy_(buffers[name][i])
+            for name, tensors in buffers.items():
+                for i, buffer in enumerate(tensors):
+                    buffer.copy_(stacked_buffers[name][i])
         return loss.item()
 
     return {"seq": sequential, "vmap": batched}
