@@ -80,6 +80,7 @@ def tiny_trainer(
     unet: Callable[..., UNet] = tiny_unet,
     optimizer: Callable = lambda params: torch.optim.Adam(params, lr=1e-2),
     students: dict[str, torch.nn.Module] | None = None,
+    max_epochs: int = 1,
     **kwargs,
 ) -> DistillationTrainer:
     """A ``DistillationTrainer`` of tiny students ``sp`` and ``sf`` (4, 8, 8 channels; or ``students``) and teacher
@@ -95,5 +96,6 @@ def tiny_trainer(
         teacher=unet((8, 16, 32), seed=0),
         routes=routes,
         decollate=False,
-        **{"max_epochs": 1, **kwargs},
+        max_epochs=max_epochs,
+        **kwargs,
     )
