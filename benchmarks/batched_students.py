@@ -5,7 +5,8 @@ statistics written back after each step), each on the bundle's batch with its su
 
 The two take a step each per round, in alternating order, after a warm-up; reported: median ms per step and the
 median of the per-round ratios ``vmap / seq``. No distillation terms and no optimizer step: the question is only
-whether batching the students' networks is faster than running them one by one.
+whether batching the students' networks is faster than running them one by one. Freed CPU memory is kept for reuse as
+in the bundles (``--default-allocator``: glibc's default policy).
 
 Usage::
 
@@ -24,6 +25,8 @@ from collections.abc import Callable
 import torch
 from bundle_settings import bundle_setting, make_loss, make_network
 from torch.func import functional_call, vmap
+
+from medkd.training.allocator import keep_freed_memory
 
 BUNDLES = {"2d": "segmentation_2d", "3d": "segmentation_3d"}
 
@@ -92,10 +95,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="leave glibc's malloc at its default policy (the bundles' --keep_freed_memory False)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    kept = keep_freed_memory(not args.default_allocator)  # as the bundles do (keep_freed_memory: true)
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, freed memory kept {kept}")
     print("| setting | seq ms | vmap ms | vmap/seq |\n|---|---:|---:|---:|")
     for setting in ["2d", "3d"] if args.setting == "all" else [args.setting]:
         r = measure(setting, device, args.repeats, args.warmup)

@@ -25,15 +25,20 @@ Engine variants are timed per iteration from one ``ITERATION_COMPLETED`` event t
 every event of ``engine.run`` are inside); the floor is timed per step. After warm-up steps, the variants take
 one step each per round, in an order rotated every round, so that load drift of a shared machine hits all of them;
 ratios are medians of the per-round (paired) ratios. Reported: median wall ms per step (and the process CPU time,
-steadier on a loaded machine), ratios, images/s and peak memory (CPU: peak RSS growth over the RSS at the start of
-the step, read from ``VmHWM`` after resetting it through ``/proc/self/clear_refs``, with ``malloc_trim`` before;
-CUDA: ``torch.cuda.max_memory_allocated``, which includes the weights and optimizer states).
+steadier on a loaded machine), ratios, images/s and peak memory, measured in one more step of each variant after the
+timed ones (CPU: peak RSS growth over the RSS at the start of the step, read from ``VmHWM`` after resetting it through
+``/proc/self/clear_refs``, with ``malloc_trim`` before, which hands the heap's free memory back and so would slow a
+timed step; CUDA: ``torch.cuda.max_memory_allocated``, which includes the weights and optimizer states).
+
+The process keeps freed CPU memory for reuse, as the bundles do by default (``keep_freed_memory``, see
+``medkd.training.allocator``); ``--default-allocator`` measures with glibc's default policy instead.
 
 Usage::
 
     python benchmarks/step_cost.py --setting all --json step_cost.json
     python benchmarks/step_cost.py --setting 2d --device cuda --amp bf16 --channels-last
     python benchmarks/step_cost.py --setting 2d --profile   # torch.profiler table of the floor and of b
+    python benchmarks/step_cost.py --setting all --default-allocator   # glibc's default malloc policy
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ from monai.engines import SupervisedTrainer
 from monai.inferers import SimpleInferer
 
 from medkd.knowledge.features import default_feature_layer
+from medkd.training.allocator import keep_freed_memory
 from medkd.training.engines import DistillationTrainer
 
 SETTINGS = {  # which bundle, and how many steps to time
@@ -383,11 +389,13 @@ def measure(setting: str, dev: Device, repeats: int | None, warmup: int | None, 
             v.run_block(1)
     for r in range(repeats):  # one step of each variant per round, the order rotated every round
         for v in variants[r % len(variants) :] + variants[: r % len(variants)]:
-            start = dev.memory_start()
             (wall, cpu), *_ = v.run_block(1)
-            v.peak_mb = float(np.nanmax([v.peak_mb, dev.memory_peak(start)]))
             v.wall.append(wall)
             v.cpu.append(cpu)
+    for v in variants:  # peak memory in a step of its own: measuring it trims the heap, which would slow the next
+        start = dev.memory_start()
+        v.run_block(1)
+        v.peak_mb = dev.memory_peak(start)
     if profile:
         for v in variants[:2]:
             profile_variant(v, 2)
@@ -469,10 +477,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels-last", action="store_true", help="channels_last(_3d) networks and inputs")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of a and b")
+    parser.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="leave glibc's malloc at its default policy (the bundles' --keep_freed_memory False)",
+    )
     parser.add_argument("--json", default=None, help="write the results to this file")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    kept = keep_freed_memory(not args.default_allocator)  # as the bundles do (keep_freed_memory: true)
     dev = Device(args.device, args.amp, args.channels_last)
     if args.amp != "none" and not dev.cuda:
         print(
@@ -483,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"torch {torch.__version__}, device {dev.device}"
         + (f" ({torch.cuda.get_device_name(dev.device)})" if dev.cuda else f", {torch.get_num_threads()} threads")
-        + f", amp {args.amp}, channels_last {args.channels_last}"
+        + f", amp {args.amp}, channels_last {args.channels_last}, freed memory kept {kept}"
     )
     results = []
     for setting in settings:
@@ -496,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
             device=str(dev.device),
             amp=args.amp,
             channels_last=args.channels_last,
+            freed_memory_kept=kept,
             threads=torch.get_num_threads(),
             argv=sys.argv[1:],
         )
