@@ -28,6 +28,7 @@ __all__ = [
     "check_overrides",
     "check_command_line",
     "command_line_overrides",
+    "parse_value",
     "total_stride",
     "check_patch_size",
     "check_inputs",
@@ -94,11 +95,14 @@ def check_overrides(config_files: Sequence[str | os.PathLike], keys: Iterable[st
         )
 
 
-def _value(text: str) -> Any:
+def parse_value(text: str) -> Any:
+    """A command-line value read as ``python -m monai.bundle run --key value`` reads one: JSON (``true``, ``[1, 2]``)
+    or a Python literal (``True``, ``None``, ``{'mode': 'max-autotune'}``), else the text itself (a path, an
+    expression)."""
     for parse in (json.loads, ast.literal_eval):
         try:
             return parse(text)
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, TypeError):  # json.JSONDecodeError is a ValueError
             continue
     return text
 
@@ -119,7 +123,7 @@ def command_line_overrides(argv: Sequence[str]) -> dict[str, Any]:
                 text, i = argv[i], i + 1
             else:
                 text = "True"
-        found[key.replace("-", "_")] = _value(text)
+        found[key.replace("-", "_")] = parse_value(text)
     return found
 
 

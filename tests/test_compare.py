@@ -20,8 +20,15 @@ from medkd.data.synthetic import ensure_segmentation_data
 from medkd.errors import user_error
 from medkd.knowledge.features import FeatureExtractor, default_feature_layer
 from medkd.knowledge.routes import PRESETS, KnowledgeRoutes, parse_routes
-from medkd.tools.compare import _bundle_networks, claim_output, compare, compare_fingerprint, reads_teacher
+from medkd.tools.compare import (
+    _bundle_networks,
+    claim_output,
+    compare,
+    compare_fingerprint,
+    reads_teacher,
+)
 from medkd.tools.jobs import Job, JobPool, JobsFailed, run_jobs
+from medkd.validation import parse_value
 
 
 def test_timing_input_is_the_bundles_patch_size():
@@ -31,6 +38,24 @@ def test_timing_input_is_the_bundles_patch_size():
     overrides = {"patch_size": [48, 40], "class_names": classes[:2]}
     _, shape = _bundle_networks(BUNDLES / "classification_2d", overrides)  # the size images are resized to
     assert shape == [1, 1, 48, 40]
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("False", False),  # once read as the text "False", which a bundle took as true
+        ("true", True),
+        ("None", None),
+        ("1e-3", 0.001),
+        ("[128,128]", [128, 128]),
+        ("{'mode': 'max-autotune'}", {"mode": "max-autotune"}),
+        ('{"dtype": "bf16"}', {"dtype": "bf16"}),
+        ("/data/my set", "/data/my set"),
+        ("$@output_dir + '/x'", "$@output_dir + '/x'"),
+    ],
+)
+def test_set_values_are_read_as_the_bundle_command_line_reads_them(text, value):
+    assert parse_value(text) == value and type(parse_value(text)) is type(value)
 
 
 def test_the_runs_that_read_the_teacher_are_those_of_its_routes_or_of_an_online_teacher_from_its_checkpoint():

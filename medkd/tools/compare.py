@@ -67,7 +67,7 @@ from medkd.tools.report import inference_ms, write_comparison
 from medkd.training.checkpoints import set_aside
 from medkd.training.evaluators import ENSEMBLE, ensemble_members
 from medkd.training.run_fingerprint import datalist_digest, fingerprint_changes
-from medkd.validation import check_overrides
+from medkd.validation import check_overrides, parse_value
 
 __all__ = ["compare", "compare_fingerprint", "claim_output", "reads_teacher", "add_compare_parser"]
 
@@ -289,10 +289,7 @@ def _parse_set(items: Sequence[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+        overrides[key] = parse_value(value)
     return overrides
 
 
