@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from medkd.knowledge.losses import (
     FeatureDistillationLoss,
@@ -52,6 +53,28 @@ def test_prediction_kl_zero_for_equal_logits_and_source_detached():
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
     loss.backward()
     assert src.grad is None
+
+
+@pytest.mark.parametrize("tau", [1.0, 3.0])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_prediction_kl_gradient_is_autograds_through_kl_div(tau, layout):
+    """The KL's own backward (``−scale · p_src`` to the student's log-probabilities) gives the student's logits the
+    gradient that autograd gives through ``log_softmax`` and ``kl_div``, in either memory layout."""
+    torch.manual_seed(0)
+    z = torch.randn(2, 3, 5, 4).contiguous(memory_format=layout).requires_grad_(True)
+    src = torch.randn(2, 3, 5, 4)
+    (got,) = torch.autograd.grad(PredictionDistillationLoss(tau)(z, src), z)
+    reference = F.kl_div(F.log_softmax(z / tau, 1), F.log_softmax(src / tau, 1), reduction="sum", log_target=True)
+    (expected,) = torch.autograd.grad(tau * tau * reference / (2 * 5 * 4), z)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-8)
+
+
+def test_prediction_kl_under_bf16_logits_gives_a_bf16_gradient():
+    z = torch.randn(2, 3, 4, 4).to(torch.bfloat16).requires_grad_(True)
+    loss = PredictionDistillationLoss(2.0)(z, torch.randn(2, 3, 4, 4))
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert z.grad.dtype == torch.bfloat16 and torch.isfinite(z.grad).all()
 
 
 def test_prediction_kl_rejects_mismatched_shapes():
