@@ -25,8 +25,8 @@ SHARED = {
     "flip_axes", "rot90_axes", "rotate_degrees", "scale_range", "intensity_augmentation",
     # run
     "num_workers", "learning_rate", "seed", "amp", "amp_kwargs", "compile", "compile_kwargs", "channels_last",
-    "data_on_device", "keep_freed_memory", "device", "is_not_rank0", "resume", "nan_policy", "resume_file", "history_file",
-    "settings_file",
+    "data_on_device", "keep_freed_memory", "device", "is_not_rank0", "resume", "nan_policy", "resume_file",
+    "history_file", "settings_file",
     # networks and knowledge
     "teacher_def", "student_def", "teacher", "students", "train_students", "teacher_ckpt", "routes_preset",
     "kd_weight", "hint_weight", "peer_prediction_weight", "peer_feature_weight", "temperature", "routes",
