@@ -20,13 +20,7 @@ from medkd.data.synthetic import ensure_segmentation_data
 from medkd.errors import user_error
 from medkd.knowledge.features import FeatureExtractor, default_feature_layer
 from medkd.knowledge.routes import PRESETS, KnowledgeRoutes, parse_routes
-from medkd.tools.compare import (
-    _bundle_networks,
-    claim_output,
-    compare,
-    compare_fingerprint,
-    reads_teacher,
-)
+from medkd.tools.compare import _bundle_networks, claim_output, compare, compare_fingerprint, reads_teacher
 from medkd.tools.jobs import Job, JobPool, JobsFailed, run_jobs
 from medkd.validation import parse_value
 
