@@ -48,11 +48,11 @@ STAGE_KEYS = {
         "dataloader", "postprocessing", "handlers", "evaluator",
     },
 }  # fmt: skip
-# what only one task has: the segmentation bundles resample, crop patches and slide windows over U-Nets; the
-# classification bundle knows lateral findings; the 3D bundle samples several patches per volume
+# what only one task has: the segmentation bundles resample, crop patches, slide windows over U-Nets and map label
+# values to classes; the classification bundle knows lateral findings; the 3D bundle samples several patches per volume
 SEGMENTATION = {
     "axcodes", "pixdim", "interp_modes", "crop", "strides", "teacher_channels", "compression", "student_channels",
-    "sw_overlap", "sw_batch_size",
+    "sw_overlap", "sw_batch_size", "label_values", "map_labels",
 }  # fmt: skip
 OWN = {
     "segmentation_2d": SEGMENTATION,

@@ -301,3 +301,46 @@ def test_validation_split_without_a_class_is_accepted_on_request(tmp_path, capsy
     assert "--allow_missing_classes true" in report
     run_stage("segmentation_2d", "train_teacher", tmp_path, allow_missing_classes=True)
     assert (tmp_path / "models" / "teacher.pt").is_file()
+
+
+def test_label_maps_in_other_values_train_the_same_and_are_written_back_in_them(tmp_path, capsys):
+    """Label maps holding 0/127/255 with the labels map {"0", "127", "255"} train exactly as 0/1/2 maps do, and the
+    written segmentations hold the datalist's values."""
+    values = [0, 127, 255]
+    plain, mapped = tmp_path / "plain", tmp_path / "mapped"
+    tiny_data(plain)
+    datalist = tiny_data(mapped)
+    for path in (mapped / "data" / "labels").iterdir():
+        label = nib.load(path)
+        array = np.take(values, label.get_fdata().astype(int)).astype(np.uint8)
+        nib.save(nib.Nifti1Image(array, label.affine), path)
+    datalist["labels"] = {str(v): name for v, name in zip(values, datalist["labels"].values(), strict=True)}
+    (mapped / "data" / "dataset.json").write_text(json.dumps(datalist))
+
+    trained = {root: run_stage("segmentation_2d", "train_teacher", root) for root in (plain, mapped)}
+    assert trained[mapped].parser.get_parsed_content("label_values") == values
+    assert trained[plain].parser.get_parsed_content("label_values") == [0, 1, 2]
+    sample = trained[mapped].parser.get_parsed_content("validate#dataset")[0]  # a whole image
+    assert set(np.unique(sample["label"].numpy())) == {0.0, 1.0, 2.0}
+    best = {root: torch.load(root / "models" / "teacher.pt", weights_only=True) for root in (plain, mapped)}
+    assert best[mapped]["metric"] == best[plain]["metric"]
+    for name, tensor in best[plain]["teacher"].items():
+        torch.testing.assert_close(best[mapped]["teacher"][name], tensor, rtol=0, atol=0, msg=name)
+    assert best[mapped]["fingerprint"]["label_values"] == values and "label_values" not in best[plain]["fingerprint"]
+
+    for root in (plain, mapped):
+        run_stage("segmentation_2d", "inference", root, network_name="teacher", output_dir=str(root / "out"))
+    for written in sorted((plain / "out").glob("*_seg.nii.gz")):
+        indices = np.asarray(nib.load(written).dataobj)
+        in_values = nib.load(mapped / "out" / written.name)
+        assert in_values.get_data_dtype() == np.uint8
+        np.testing.assert_array_equal(np.asarray(in_values.dataobj), np.take(values, indices))
+
+    label = mapped / "data" / datalist["training"][0]["label"]
+    array = np.asarray(nib.load(label).dataobj).copy()
+    array[:2, :2] = 3
+    nib.save(nib.Nifti1Image(array, nib.load(label).affine), label)
+    with pytest.raises(SystemExit):
+        run_stage("segmentation_2d", "train_teacher", mapped, resume=False)
+    report = capsys.readouterr().err
+    assert f"{label}: label values [3] are not among the classes' values [0, 127, 255]" in report

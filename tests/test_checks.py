@@ -91,7 +91,7 @@ def test_every_segmentation_problem_is_reported(tmp_path, seg_items):
         (cases["shape"]["label"], "label shape [8, 9] differs from image shape [8, 8]"),
         (cases["spacing"]["label"], "label spacing [2.0, 1.0] differs from image spacing [1.0, 1.0]"),
         (cases["origin"]["label"], "label origin/orientation differ from the image"),
-        (cases["range"]["label"], "label values [255] outside 0..3; 0/255 masks must be divided by 255"),
+        (cases["range"]["label"], "label values [255] outside 0..3; a 0/255 mask: divide it by 255, or give each"),
         (cases["float"]["label"], "non-integer label values (e.g. [0.5])"),
         ("<datalist>", "class 3 ('c') never appears in any label map"),
     ]
@@ -265,17 +265,79 @@ def test_check_before_run_reads_a_file_per_list(tmp_path, seg_items, capsys):
     check_before_run(datalists, keys=["training", "test"], num_classes=3)  # no exit
 
 
-def test_class_names_have_one_reader_strict_or_optional(tmp_path):
-    from medkd.data.labels import datalist_class_names, optional_class_names
+def test_the_labels_map_gives_class_names_and_values_strictly_or_optionally(tmp_path):
+    from medkd.data.labels import datalist_class_names, datalist_labels, optional_class_names, optional_label_values
 
     good = tmp_path / "dataset.json"
     good.write_text(json.dumps({"labels": {"1": "liver", "0": "background"}, "training": []}))
-    gap = tmp_path / "gap.json"
-    gap.write_text(json.dumps({"labels": {"0": "background", "2": "liver"}}))
+    brats = tmp_path / "brats.json"
+    brats.write_text(json.dumps({"labels": {"4": "enhancing", "0": "background", "2": "edema", "1": "necrosis"}}))
     (tmp_path / "list.csv").write_text("image,label\n")
     assert datalist_class_names(str(good)) == optional_class_names(good) == ["background", "liver"]
-    assert optional_class_names({"training": good, "test": gap}) == ["background", "liver"]  # the training list's
-    for unusable in (gap, tmp_path / "list.csv", tmp_path / "missing.json", {"test": good}):
-        assert optional_class_names(unusable) is None
-    with pytest.raises(DataError, match="must number the classes 0..N-1"):
-        datalist_class_names(str(gap))
+    assert datalist_labels(brats) == {0: "background", 1: "necrosis", 2: "edema", 4: "enhancing"}  # value order
+    assert datalist_class_names(brats) == ["background", "necrosis", "edema", "enhancing"]
+    assert optional_label_values({"training": brats, "test": good}) == [0, 1, 2, 4]  # the training list's
+    assert optional_class_names({"training": good, "test": brats}) == ["background", "liver"]
+    for unusable in (tmp_path / "list.csv", tmp_path / "missing.json", {"test": good}):
+        assert optional_class_names(unusable) is None and optional_label_values(unusable) is None
+    with pytest.raises(DataError, match=r"must number the classes 0..N-1 for classification .* got \[0, 1, 2, 4\]"):
+        datalist_class_names(brats, task="classification")
+    for labels, message in (
+        ({"0": "background", "one": "liver"}, "must have integer keys"),
+        ({"0": "background", "00": "liver"}, "distinct non-negative integer keys"),
+        ({"-1": "ignore", "0": "background"}, "distinct non-negative integer keys"),
+        ({}, "has no 'labels' map"),
+    ):
+        good.write_text(json.dumps({"labels": labels}))
+        with pytest.raises(DataError, match=message):
+            datalist_class_names(good)
+
+
+def test_label_values_come_from_the_labels_map_and_map_both_ways(tmp_path):
+    from medkd.data.labels import check_label_values, label_mapping, label_values, value_dtype
+    from medkd.errors import ConfigError
+
+    datalist = tmp_path / "dataset.json"
+    datalist.write_text(json.dumps({"labels": {"0": "background", "127": "myelin", "255": "axon"}}))
+    names = ["background", "myelin", "axon"]
+    assert label_values(datalist, names) == [0, 127, 255]
+    assert label_values(datalist, ["bg", "a", "b"]) == [0, 1, 2]  # other class names on the command line
+    assert label_values(tmp_path / "list.csv", names) == [0, 1, 2]  # a datalist without labels map
+    for bad in ([0, 127], [0, 127, 127], [0, -1, 2], [0, 1.5, 2], "012", [0, True, 2]):
+        with pytest.raises(ConfigError, match="label_values .* must list 3 distinct non-negative integers"):
+            check_label_values(bad, 3)
+    label = np.array([[[0, 127], [255, 127]]], dtype=np.float32)
+    to_indices = label_mapping("label", [0, 127, 255], 3)
+    indices = to_indices({"label": label, "image": label})
+    np.testing.assert_array_equal(indices["label"], [[[0, 1], [2, 1]]])
+    np.testing.assert_array_equal(indices["image"], label)  # other keys untouched
+    assert to_indices({"image": label}).keys() == {"image"}  # a stage without labels
+    back = label_mapping("pred", [0, 127, 255], 3, to_values=True)({"pred": indices["label"]})
+    np.testing.assert_array_equal(back["pred"], label)
+    assert value_dtype([0, 1, 2]) is np.uint8 and value_dtype([0, 255]) is np.uint8
+    assert value_dtype([0, 256]) is np.uint16 and value_dtype([0, 70000]) is np.uint32
+
+
+def test_check_datalist_reads_label_maps_in_the_classes_values(tmp_path, capsys):
+    image = nifti(tmp_path / "i.nii.gz", np.ones((8, 8), np.float32))
+    items = [
+        {"image": image, "label": nifti(tmp_path / f"l{k}.nii.gz", label_map(values))}
+        for k, values in enumerate([(0, 1, 4), (0, 2), (0, 3)])
+    ]
+    names = ["background", "necrosis", "edema", "enhancing"]
+    problems = [str(p) for p in check_datalist(items, 4, class_names=names, label_values=[0, 1, 2, 4])]
+    assert problems == [
+        f"{items[2]['label']}: label values [3] are not among the classes' values [0, 1, 2, 4] (the datalist's "
+        "'labels' map or --label_values); add a class for each, or fix the label map"
+    ]
+    assert check_datalist(items[:2], 4, label_values=[0, 1, 2, 4]) == []  # value 4 counts as class 3
+    problems = [str(p) for p in check_datalist(items[:1], 4, class_names=names, label_values=[0, 1, 2, 4])]
+    assert problems == ["<datalist>: class 2 ('edema') never appears in any label map"]
+    outside = [str(p) for p in check_datalist(items[:1], 4, label_values=[0, 1, 2, 3])]  # 0..N-1: as without values
+    assert outside[0].startswith(f"{items[0]['label']}: label values [4] outside 0..3; if the label maps use other")
+    datalist = tmp_path / "dataset.json"
+    datalist.write_text(json.dumps({"labels": dict(zip(["0", "1", "2", "4"], names, strict=True)), "training": items}))
+    capsys.readouterr()
+    assert main(["check-data", "--datalist", str(datalist), "--no-duplicates"]) == 1  # values from the labels map
+    out = capsys.readouterr().out
+    assert "label values [3] are not among the classes' values [0, 1, 2, 4]" in out and "[4]" not in out

@@ -50,6 +50,9 @@ def test_fingerprint_changes_say_what_changed(tmp_path):
     ]
     assert fingerprint_changes(base, fingerprint(seed=1)) == ["seed 0 → 1"]
     assert fingerprint_changes(base, fingerprint(class_names=["bg", "b"])) == ["class names ['bg', 'a'] → ['bg', 'b']"]
+    assert fingerprint(label_values=[0, 1]) == base  # values that are the class indices are not recorded
+    changes = fingerprint_changes(base, fingerprint(label_values=[0, 255]))
+    assert changes == ["label values the class indices → [0, 255]"]
     wider = {**nets, "sf": UNet(2, 1, 3, channels=(8, 8), strides=(2,))}
     assert fingerprint_changes(base, fingerprint(networks=wider))[0].startswith("network sf: ")
     assert fingerprint_changes(base, fingerprint(networks={"teacher": nets["teacher"], "sp": small}, routes="kd")) == [

@@ -437,3 +437,26 @@ def test_show_plan_marks_what_follows_lateral_and_what_was_overridden(caplog):
     assert lines["rot90_axes"].endswith("(follows lateral; planned [0, 1])")
     assert lines["batch_size"].endswith("(override; planned 8)")
     assert lines["lateral"].endswith("(override; planned false)")
+
+
+def test_plan_counts_classes_by_their_values_in_the_labels_map(tmp_path, capsys):
+    root = lateral_data(tmp_path / "data")
+    for path in (root / "labels").iterdir():  # left lung 1 -> 127, right lung 2 -> 255
+        label = nib.load(path)
+        values = np.take([0, 127, 255], np.asarray(label.dataobj)).astype(np.uint8)
+        nib.save(nib.Nifti1Image(values, label.affine), path)
+    datalist = json.loads((root / "dataset.json").read_text())
+    datalist["labels"] = {"0": "background", "127": "left lung", "255": "right lung"}
+    (root / "dataset.json").write_text(json.dumps(datalist))
+    plan = make_plan(root / "dataset.json", spatial_dims=2)
+    classes = {c["name"]: c for c in plan["fingerprint"]["classes"]}
+    assert [c["value"] for c in classes.values()] == [0, 127, 255] and len(classes) == 3
+    assert classes["right lung"]["images"] == 6
+    assert classes["right lung"]["median_extent"] == [BOX[0] * 1.5, BOX[1] * 1.5]
+    assert plan["fingerprint"]["lateral"][0]["classes"] == [1, 2] and not plan["fingerprint"]["warnings"]
+    assert main(["plan", "--dataset-dir", str(root)]) == 0
+    assert "class 2 right lung (value 255): " in capsys.readouterr().out
+    first = root / datalist["training"][0]["label"]
+    nib.save(nib.Nifti1Image(np.full((40, 32), 7, np.uint8), nib.load(first).affine), first)
+    (warning,) = make_plan(root / "dataset.json", spatial_dims=2)["fingerprint"]["warnings"]
+    assert warning == f"{first}: label values [7] are no class's value ('labels' map); counted as background"

@@ -192,22 +192,24 @@ def test_compare_rejects_a_mistyped_set_key_before_any_run(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "content, fragment",
+    "bundle, content, fragment",
     [
-        ('{"labels": {"0": "background"}, "training": [}', "is not valid JSON"),
-        ('{"labels": {"a": "background"}, "training": []}', "must have integer keys"),
-        ('{"labels": {"0": "background", "2": "organ"}, "training": []}', "must number the classes 0..N-1"),
-        ('{"training": []}', "has no 'labels' map"),
+        ("segmentation_2d", '{"labels": {"0": "background"}, "training": [}', "is not valid JSON"),
+        ("segmentation_2d", '{"labels": {"a": "background"}, "training": []}', "must have integer keys"),
+        ("segmentation_2d", '{"labels": {"0": "background", "-2": "organ"}}', "distinct non-negative integer keys"),
+        ("segmentation_2d", '{"training": []}', "has no 'labels' map"),
+        # label values for segmentation; a sample's class index for classification
+        ("classification_2d", '{"labels": {"0": "a", "2": "b"}, "training": []}', "0..N-1 for classification"),
     ],
 )
-def test_bad_datalist_or_labels_map_is_named(content, fragment, tmp_path):
+def test_bad_datalist_or_labels_map_is_named(bundle, content, fragment, tmp_path):
     from bundle_utils import run_stage
 
     data = tmp_path / "mine"
     data.mkdir()
     (data / "dataset.json").write_text(content)
     with pytest.raises((RuntimeError, SystemExit)) as err:
-        run_stage("segmentation_2d", "train_teacher", tmp_path, dataset_dir=str(data), make_default_data=None)
+        run_stage(bundle, "train_teacher", tmp_path, dataset_dir=str(data), make_default_data=None)
     found = user_error(err.value)
     assert found is not None and str(data / "dataset.json") in str(found) and fragment in str(found), err.value
 

@@ -27,7 +27,7 @@ from monai.data.utils import affine_to_spacing
 from monai.utils import ensure_tuple
 
 from medkd.data.duplicates import DEFAULT_MAX_DISTANCE, find_duplicates
-from medkd.data.labels import optional_class_names
+from medkd.data.labels import check_label_values, optional_class_names, optional_label_values
 from medkd.data.loading import DataError, LoadMedicalImage, load_datalist
 from medkd.training.distributed import is_not_rank0
 from medkd.training.nonfinite import count_nonfinite
@@ -135,6 +135,22 @@ def _nonfinite_problem(array: Any, path: str, what: str = "image") -> Problem | 
     )
 
 
+def _outside_problem(bad: Sequence[int], label_values: Sequence[int] | None, num_classes: int) -> str:
+    if label_values is not None and list(label_values) != list(range(num_classes)):
+        return (
+            f"label values {bad[:10]} are not among the classes' values {list(label_values)} (the datalist's "
+            "'labels' map or --label_values); add a class for each, or fix the label map"
+        )
+    hint = (
+        "; a 0/255 mask: divide it by 255, or give each class's value in the datalist's 'labels' map "
+        '({"0": "background", "255": "lesion"})'
+        if 255 in bad
+        else "; if the label maps use other values for the classes, give each class's value as the key of the "
+        'datalist\'s \'labels\' map (BraTS: {"0": "background", "1": ..., "2": ..., "4": ...})'
+    )
+    return f"label values {bad[:10]} outside 0..{num_classes - 1}{hint}"
+
+
 def _class_name(index: int, class_names: Sequence[str] | None) -> str:
     return f"class {index} ('{class_names[index]}')" if class_names and index < len(class_names) else f"class {index}"
 
@@ -147,6 +163,7 @@ def check_datalist(
     image_key: str = "image",
     label_key: str = "label",
     source: str = DATASET,
+    label_values: Sequence[int] | None = None,
 ) -> list[Problem]:
     """Check a datalist and return every problem found (an empty list means the data is usable).
 
@@ -154,7 +171,8 @@ def check_datalist(
     NaN/Inf values, and when labels are present:
     segmentation label maps whose shape or geometry (spacing, origin, orientation) differ from their image,
     label values that are not integers in ``0..num_classes-1`` (voxel values for segmentation, the class index
-    for classification) and classes that never occur in the whole dataset.
+    for classification; for segmentation, not in ``label_values`` when they are given) and classes that never occur
+    in the whole dataset.
 
     Args:
         items: datalist entries, e.g. from :func:`medkd.data.loading.load_datalist`.
@@ -164,6 +182,8 @@ def check_datalist(
         class_names: optional names used in the messages.
         image_key, label_key: keys of the entries.
         source: name of the datalist used for dataset-level problems.
+        label_values: segmentation: the value of each class in the label maps, in class order (the datalist's
+            ``labels`` map, see :mod:`medkd.data.labels`); default ``0..num_classes-1``.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}.")
@@ -172,6 +192,9 @@ def check_datalist(
     problems: list[Problem] = []
     if class_names and num_classes is not None and len(class_names) != num_classes:
         problems.append(Problem(source, f"{len(class_names)} class names given for num_classes={num_classes}"))
+    values_given = task == "segmentation" and num_classes is not None and label_values is not None
+    label_values = check_label_values(label_values, num_classes) if values_given else None
+    class_of = {v: c for c, v in enumerate(label_values or range(num_classes or 0))}
     if not items:
         return [*problems, Problem(source, "the dataset is empty: no entries to check or train on")]
 
@@ -233,15 +256,10 @@ def check_datalist(
             )
             values = np.round(values)
         if num_classes is not None:
-            bad = values[(values < 0) | (values >= num_classes)]
-            if bad.size:
-                hint = "; 0/255 masks must be divided by 255" if 255 in bad else ""
-                problems.append(
-                    Problem(
-                        label_path, f"label values {bad[:10].astype(int).tolist()} outside 0..{num_classes - 1}{hint}"
-                    )
-                )
-        seen.update(int(v) for v in values if v >= 0)
+            bad = [int(v) for v in values if int(v) not in class_of]
+            if bad:
+                problems.append(Problem(label_path, _outside_problem(bad, label_values, num_classes)))
+            seen.update(class_of[int(v)] for v in values if int(v) in class_of)
 
     if num_classes is not None and labels_checked:
         where_seen = "has no sample" if task == "classification" else "never appears in any label map"
@@ -317,6 +335,7 @@ def check_before_run(
     task: str = "segmentation",
     base_dir: str | os.PathLike | None = None,
     allow_missing_classes: bool = False,
+    label_values: Sequence[int] | None = None,
 ) -> None:
     """Check the ``keys`` lists before a bundle run; on any problem print them all and exit with status 1
     (``SystemExit`` passes through MONAI's config parser, so the user sees the report, not a traceback).
@@ -324,8 +343,11 @@ def check_before_run(
     ``datalists`` is one datalist file holding every list, or a file per list (a bundle's ``datalists``).
     ``allow_missing_classes`` (the bundle key of that name) turns "class N never appears" in every list but
     ``training`` into a logged warning, for a small validation split that lacks a rare class; a class absent from
-    the training list stays an error. In a ``torchrun`` run, rank 0 checks and the other processes go on.
+    the training list stays an error. ``label_values``: see :func:`check_datalist` (a bad list raises
+    :class:`~medkd.errors.ConfigError`). In a ``torchrun`` run, rank 0 checks and the other processes go on.
     """
+    if label_values is not None and num_classes is not None and task == "segmentation":
+        label_values = check_label_values(label_values, num_classes)
     if is_not_rank0():
         return
     files = {key: datalists[key] if isinstance(datalists, Mapping) else datalists for key in keys}
@@ -337,7 +359,7 @@ def check_before_run(
         except DataError as e:
             errors.append(f"[{key}] {e}")
             continue
-        problems = check_datalist(items, num_classes, task, source=source)
+        problems = check_datalist(items, num_classes, task, source=source, label_values=label_values)
         problems = accept_missing_classes(
             problems, allow_missing_classes and key != "training", f"{source} ['{key}']", task
         )
@@ -479,13 +501,14 @@ def check_data_command(args: argparse.Namespace) -> int:
         if task == "classification":
             print("Task: classification (every label is an integer class index; pass --task to override)")
     names = args.class_names.split(",") if args.class_names else None
+    values = None
     if names is None:
-        names = optional_class_names(args.datalist)
+        names, values = optional_class_names(args.datalist), optional_label_values(args.datalist)
         if names is not None and args.num_classes is not None and len(names) != args.num_classes:
-            names = None
+            names = values = None
     for key, items in lists.items():
         prefix = f"[{key}] " if len(keys) > 1 else ""
-        problems = check_datalist(items, args.num_classes, task, names, source=args.datalist)
+        problems = check_datalist(items, args.num_classes, task, names, source=args.datalist, label_values=values)
         where = f"{args.datalist} ['{key}']"
         problems = accept_missing_classes(
             problems, args.allow_missing_classes, where, task, warn=lambda message: print(f"WARNING: {message}")

@@ -191,6 +191,27 @@ def _summary(rows: Sequence[Sequence[float]]) -> dict[str, list[float]]:
     }
 
 
+def _index_table(label_values: Sequence[int]) -> np.ndarray:
+    """A table from label value to class index (-1: not a class's value)."""
+    table = np.full(max(label_values) + 1, -1, dtype=np.int64)
+    table[np.asarray(label_values, dtype=np.int64)] = np.arange(len(label_values))
+    return table
+
+
+def _to_indices(lab: np.ndarray, table: np.ndarray, label: Any, warnings: list[str]) -> np.ndarray:
+    """The label map ``lab`` (integral values) as class indices; values of no class become -1, counted as background
+    below with a warning."""
+    values = lab.astype(np.int64)
+    known = (values >= 0) & (values < table.size)
+    out = np.full(values.shape, -1, dtype=np.int64)
+    out[known] = table[values[known]]
+    if (out < 0).any():
+        others = np.unique(values[out < 0])[:5].tolist()
+        warnings.append(f"{label}: label values {others} are no class's value ('labels' map); counted as background")
+        out[out < 0] = 0
+    return out.astype(np.float64)
+
+
 def _subset(items: Sequence[Any], max_cases: int | None) -> list[Any]:
     if not max_cases or len(items) <= max_cases:
         return list(items)
@@ -206,6 +227,7 @@ def fingerprint_dataset(
     modality: str | Sequence[str] | None = None,
     max_cases: int | None = 500,
     seed: int = 0,
+    label_values: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Measure a dataset (see the module docstring).
 
@@ -218,6 +240,8 @@ def fingerprint_dataset(
         modality: the datalist's modality (``"CT"``, ``"MRI"``; one per channel or one for all), if known.
         max_cases: read at most this many cases, evenly spread over the lists (``None``: all).
         seed: seed of the intensity subsampling.
+        label_values: segmentation: the value of each class in the label maps, in class order (the datalist's
+            ``labels`` map, :mod:`medkd.data.labels`); default: the values are the class indices.
 
     Raises:
         DataError: no image, or unreadable images (from the loader).
@@ -240,6 +264,7 @@ def fingerprint_dataset(
     moments: dict[int, list[float]] = {}  # count, sum, sum of squares, min, max over the sampled region
     whole: dict[int, list[float]] = {}  # whole-image min, max; integral values
     num_classes = len(class_names) if class_names else 0
+    to_index = _index_table(label_values) if task == "segmentation" and label_values is not None else None
     voxels = np.zeros(max(num_classes, 1), dtype=np.float64)
     present = np.zeros(max(num_classes, 1), dtype=np.int64)
     extents: dict[int, list[list[float]]] = {}
@@ -267,6 +292,8 @@ def fingerprint_dataset(
             if orient is not None:
                 lab = orient(lab)
             lab = np.rint(np.asarray(lab.detach().cpu().numpy())[0])
+            if to_index is not None:
+                lab = _to_indices(lab, to_index, label, warnings)
             if list(lab.shape) != shape:
                 warnings.append(f"{label}: label shape {list(lab.shape)} differs from its image {shape}; skipped")
             else:
@@ -350,6 +377,8 @@ def fingerprint_dataset(
     classes = []
     for i, name in enumerate(names):
         row: dict[str, Any] = {"index": i, "name": name}
+        if to_index is not None and i < len(label_values):
+            row["value"] = int(label_values[i])
         if task == "segmentation":
             row["voxel_fraction"] = float(voxels[i] / total) if i < voxels.size else 0.0
             row["images"] = int(present[i]) if i < present.size else 0

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from medkd.data.labels import optional_class_names
+from medkd.data.labels import optional_class_names, optional_label_values
 from medkd.data.loading import DataError, load_datalist
 from medkd.errors import ConfigError
 from medkd.planning.fingerprint import fingerprint_dataset
@@ -122,7 +122,8 @@ def make_plan(
         datalist: a JSON datalist (or CSV), or a file per list (``{"training": ..., "validation": ...}``).
         task: ``"segmentation"`` or ``"classification"``; default: classification when every label is an integer.
         base_dir: folder relative paths start from (default: the datalist's).
-        class_names: class names by index; default: the datalist's ``labels`` map.
+        class_names: class names by index; default: the datalist's ``labels`` map, whose keys are then the classes'
+            values in the label maps (:mod:`medkd.data.labels`).
         axcodes: orientation to measure positions in (the bundle's ``axcodes``); ``"auto"``: ``RA`` in 2D, ``RAS``
             in 3D for segmentation, none for classification (its bundle does not reorient).
         spatial_dims: the bundle's; data of another dimensionality raise :class:`ConfigError`.
@@ -138,6 +139,7 @@ def make_plan(
     if task not in ("segmentation", "classification"):
         raise ConfigError(f"task {task!r} must be 'segmentation' or 'classification'.")
     names = list(class_names) if class_names else optional_class_names(datalist)
+    values = None if class_names else optional_label_values(datalist)
     if axcodes == "auto" and (task == "classification" or spatial_dims):
         axcodes = None if task == "classification" else "RAS" if spatial_dims == 3 else "RA"
     if axcodes == "auto":  # dimensionality unknown: from the first image
@@ -146,7 +148,13 @@ def make_plan(
         first = LoadMedicalImage(ensure_channel_first=True, dtype=None)(lists["training"][0]["image"])
         axcodes = "RAS" if first.ndim - 1 == 3 else "RA"
     fingerprint = fingerprint_dataset(
-        lists, task=task, class_names=names, axcodes=axcodes, modality=_modality(datalist), max_cases=max_cases
+        lists,
+        task=task,
+        class_names=names,
+        axcodes=axcodes,
+        modality=_modality(datalist),
+        max_cases=max_cases,
+        label_values=values,
     )
     if spatial_dims and fingerprint["spatial_dims"] != int(spatial_dims):
         dims = fingerprint["spatial_dims"]
@@ -438,7 +446,9 @@ def summary(plan: Mapping[str, Any], path: PathLike | None = None) -> str:
         if plan["task"] == "segmentation":
             extent = c.get("median_extent")
             lines.append(
-                f"  class {c['index']} {c['name']}: {100 * c['voxel_fraction']:.3g}% of voxels, in {c['images']} images"
+                f"  class {c['index']} {c['name']}"
+                + (f" (value {c['value']})" if c.get("value", c["index"]) != c["index"] else "")
+                + f": {100 * c['voxel_fraction']:.3g}% of voxels, in {c['images']} images"
                 + (f", median object extent {' x '.join(map(_num, extent))}" if extent else "")
             )
         else:

@@ -2,7 +2,8 @@
 
 A fingerprint is a JSON-able dict: the data lists (path and a hash of the file's bytes; images are not read), the
 networks (class, parameter count, a hash of the state-dict shapes), the routes with their weights and temperatures
-(and the preset they form), the teacher's role (``teacher_mode``, ``teacher_init``), the class names and the seed.
+(and the preset they form), the teacher's role (``teacher_mode``, ``teacher_init``), the class names, the label maps'
+value of each class where it is not the class index, and the seed.
 :class:`medkd.training.handlers.ResumeCheckpoint` stores it in the resume checkpoint and refuses to resume a run whose
 fingerprint differs, listing :func:`fingerprint_changes`; ``python -m medkd compare`` keeps one of its own in
 ``fingerprint.json``.
@@ -27,7 +28,7 @@ __all__ = ["run_fingerprint", "datalist_digest", "describe_network", "fingerprin
 PathLike = str | os.PathLike
 _UNSET = "(not set)"
 # what a fingerprint written before a key existed meant by its absence
-_IMPLIED = {"teacher_mode": "frozen", "teacher_init": "checkpoint"}
+_IMPLIED = {"teacher_mode": "frozen", "teacher_init": "checkpoint", "label_values": "the class indices"}
 
 
 def _sha256(path: Path) -> str | None:
@@ -90,6 +91,7 @@ def run_fingerprint(
     seed: int | None = None,
     teacher_mode: str | None = None,
     teacher_init: str | None = None,
+    label_values: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """The fingerprint of a training run (see the module docstring).
 
@@ -102,6 +104,8 @@ def run_fingerprint(
         teacher_mode: ``"frozen"`` or ``"online"`` (see :mod:`medkd.knowledge.teacher`); ``None`` for a run without a
             teacher role (the teacher stage).
         teacher_init: ``"checkpoint"`` or ``"scratch"``; ``None`` as for ``teacher_mode``.
+        label_values: the value of each class in the label maps (:mod:`medkd.data.labels`); recorded only where it is
+            not ``0..N-1``, so that the fingerprints of runs made before label values existed stay the same.
     """
     fingerprint: dict[str, Any] = {
         "data": datalist_digest(datalist),
@@ -114,6 +118,8 @@ def run_fingerprint(
         fingerprint["routes"] = [r.to_dict() for r in parsed]
     if class_names is not None:
         fingerprint["class_names"] = list(class_names)
+    if label_values is not None and list(label_values) != list(range(len(label_values))):
+        fingerprint["label_values"] = [int(v) for v in label_values]
     if seed is not None:
         fingerprint["seed"] = seed
     for key, value in (("teacher_mode", teacher_mode), ("teacher_init", teacher_init)):
