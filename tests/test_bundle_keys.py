@@ -16,9 +16,9 @@ from medkd.validation import RENAMED, check_overrides
 # keys every bundle defines in every stage, for the same thing (see docs/architecture.md#bundle-keys)
 SHARED = {
     # folders and data
-    "imports", "bundle_root", "ckpt_dir", "output_dir", "log_dir", "dataset_dir", "datalist_file", "datalists",
-    "default_data", "make_default_data", "allow_missing_classes", "check_data", "check_settings", "class_names",
-    "num_classes",
+    "imports", "bundle_root", "ckpt_dir", "output_dir", "log_dir", "dataset_dir", "datalist_file", "split_file",
+    "split_options", "datalists", "default_data", "make_default_data", "allow_missing_classes", "check_data",
+    "check_settings", "class_names", "num_classes",
     # planned settings
     "spatial_dims", "auto_plan", "plan_file", "plan_options", "default_plan", "plan", "plan_used", "show_plan",
     "in_channels", "patch_size", "batch_size", "max_epochs", "iterations_per_epoch", "val_interval", "normalization",

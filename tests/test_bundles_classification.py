@@ -158,3 +158,21 @@ def test_inference_output_of_each_network_is_kept(trained):
     for name in ("sp", "sf"):
         rows = read_csv(out / f"probabilities_{name}.csv")
         assert [r["image"] for r in rows] == [str(new / "a.png"), str(new / "b.jpg")]
+
+
+def test_a_datalist_without_validation_list_gets_one_held_out_class_by_class(tmp_path):
+    from medkd.data.synthetic import ensure_classification_data
+
+    datalist = tmp_path / "data" / "dataset.json"
+    ensure_classification_data(str(datalist.parent), size=32, counts=(16, 8, 8))
+    data = json.loads(datalist.read_text())
+    data["training"] += data.pop("validation") + data.pop("test")
+    datalist.write_text(json.dumps(data))
+    workflow = run_stage(BUNDLE, "train_teacher", tmp_path, make_default_data=None)
+    split = json.loads((tmp_path / "data" / "medkd_splits.json").read_text())
+    assert workflow.parser.get_parsed_content("datalists")["validation"] == str(tmp_path / "data" / "medkd_splits.json")
+    counts = {
+        key: [sum(e["label"] == c for e in split[key]) for c in (0, 1)] for key in ("training", "validation", "test")
+    }
+    assert counts["validation"] == counts["test"] and min(counts["validation"]) >= 2  # 20% of each class
+    assert sum(map(sum, counts.values())) == 32

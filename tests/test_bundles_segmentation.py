@@ -344,3 +344,23 @@ def test_label_maps_in_other_values_train_the_same_and_are_written_back_in_them(
         run_stage("segmentation_2d", "train_teacher", mapped, resume=False)
     report = capsys.readouterr().err
     assert f"{label}: label values [3] are not among the classes' values [0, 127, 255]" in report
+
+
+def test_a_decathlon_datalist_without_validation_and_with_an_unlabelled_test_list_runs(tmp_path):
+    """A Medical Segmentation Decathlon dataset.json (training list, test list of bare image paths): every stage reads
+    one split file holding validation and test lists held out of the training list."""
+    datalist = tiny_data(tmp_path)
+    cases = datalist["training"] + datalist["validation"] + datalist["test"]
+    decathlon = {"labels": datalist["labels"], "training": cases, "test": [c["image"] for c in datalist["test"]]}
+    (tmp_path / "data" / "dataset.json").write_text(json.dumps(decathlon))
+    teacher = run_stage("segmentation_2d", "train_teacher", tmp_path)
+    split = tmp_path / "data" / "medkd_splits.json"
+    lists = ("training", "validation", "test")
+    assert teacher.parser.get_parsed_content("datalists") == dict.fromkeys(lists, str(split))
+    held = json.loads(split.read_text())
+    assert [len(held[key]) for key in lists] == [5, 1, 2]
+    assert len(teacher.parser.get_parsed_content("train#datalist")) == 5
+    run_stage("segmentation_2d", "train", tmp_path)
+    run_stage("segmentation_2d", "evaluate", tmp_path)
+    scored = {row["filename"] for row in csv.DictReader((tmp_path / "eval" / "val_mean_dice_sp_raw.csv").open())}
+    assert scored == {str(tmp_path / "data" / case["image"]) for case in held["test"]}

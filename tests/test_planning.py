@@ -460,3 +460,19 @@ def test_plan_counts_classes_by_their_values_in_the_labels_map(tmp_path, capsys)
     nib.save(nib.Nifti1Image(np.full((40, 32), 7, np.uint8), nib.load(first).affine), first)
     (warning,) = make_plan(root / "dataset.json", spatial_dims=2)["fingerprint"]["warnings"]
     assert warning == f"{first}: label values [7] are no class's value ('labels' map); counted as background"
+
+
+def test_plan_command_plans_from_the_lists_the_bundles_hold_out(tmp_path, capsys):
+    from medkd.training.run_fingerprint import datalist_digest
+
+    root = lateral_data(tmp_path / "data")
+    datalist = json.loads((root / "dataset.json").read_text())
+    cases = datalist.pop("training") + datalist.pop("validation")
+    datalist.update(training=cases, test=[c["image"] for c in datalist["test"]])  # the Decathlon layout
+    (root / "dataset.json").write_text(json.dumps(datalist))
+    assert main(["plan", "--dataset-dir", str(root)]) == 0
+    split = root / "medkd_splits.json"
+    assert f"lacks validation and test: the lists are in {split}" in capsys.readouterr().out
+    plan = read_plan(root / "medkd_plan.json")
+    assert plan["data"] == datalist_digest(dict.fromkeys(("training", "validation"), split))
+    assert plan["fingerprint"]["cases"] == len(json.loads(split.read_text())["training"]) + 1  # and 1 validation

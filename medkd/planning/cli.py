@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from medkd.data.held_out import SPLIT_FILE, bundle_datalists, lists_to_hold_out
 from medkd.planning.planfile import PLAN_FILE, make_plan, summary, write_plan
 from medkd.training.checkpoints import set_aside
 
@@ -20,7 +21,7 @@ def plan_command(args: argparse.Namespace) -> int:
     datalist = Path(args.datalist).expanduser() if args.datalist else dataset_dir / "dataset.json"
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     plan = make_plan(
-        str(datalist),
+        _datalists(datalist, dataset_dir, args.task),
         task=args.task,
         base_dir=args.base_dir or (str(dataset_dir) if not args.datalist else None),
         class_names=args.class_names.split(",") if args.class_names else None,
@@ -39,6 +40,20 @@ def plan_command(args: argparse.Namespace) -> int:
         print(f"(the previous plan was moved aside to {moved[output]})")
     print(f"\nPlan written to {output}; the bundles read it when run with --dataset_dir {dataset_dir}.")
     return 0
+
+
+def _datalists(datalist: Path, dataset_dir: Path, task: str | None) -> str | dict[str, str]:
+    """The datalist, or the bundles' split file (made now when missing) where it lacks validation or test lists, so
+    that the plan is made from the lists the bundles read (:mod:`medkd.data.held_out`)."""
+    if not lists_to_hold_out(datalist):
+        return str(datalist)
+    from medkd.data.checks import infer_task
+    from medkd.data.loading import load_datalist
+
+    task = task or infer_task(load_datalist(datalist))
+    datalists = bundle_datalists(datalist, dataset_dir / SPLIT_FILE, task=task)
+    print(f"{datalist} lacks {' and '.join(lists_to_hold_out(datalist))}: the lists are in {datalists['training']}")
+    return datalists
 
 
 def _bool(text: str) -> bool:

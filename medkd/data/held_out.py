@@ -1,0 +1,247 @@
+"""Validation and test lists held out of the training list, for a datalist that lacks them.
+
+A Medical Segmentation Decathlon ``dataset.json`` has a ``training`` list and an unlabelled ``test`` list, and no
+validation list; a bundle needs labelled ``training``, ``validation`` and ``test`` lists. :func:`bundle_datalists`
+gives a bundle its ``datalists``: the datalist itself when it has all three, else a **split file** made from it once
+(``<dataset_dir>/medkd_splits.json``): a Decathlon datalist whose missing lists are held out of the training list
+(``val_fraction`` and ``test_fraction`` of the cases, reproducibly by ``seed``, whole groups of ``group_by``, and
+stratified by class for classification). Every stage reads the same file, it can be read and edited, and it is kept
+when the datalist changes (with a warning saying how to split again), as the plan file is.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import re
+from collections import defaultdict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from medkd.data.loading import DataError, load_datalist
+from medkd.errors import ConfigError
+from medkd.training.distributed import rank0_first
+
+__all__ = ["SPLITS", "SPLIT_FILE", "lists_to_hold_out", "bundle_datalists", "make_split"]
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("training", "validation", "test")
+HELD_OUT = ("validation", "test")
+SPLIT_KEY = "medkd_split"
+SPLIT_FILE = "medkd_splits.json"  # the bundles' split_file, in their dataset_dir
+
+
+def _lists_sha256(data: Mapping[str, Any]) -> str:
+    """A hash of a datalist's lists (its other fields, such as ``labels``, may change without a new split)."""
+    return hashlib.sha256(json.dumps({k: data.get(k) for k in SPLITS}, sort_keys=True).encode()).hexdigest()
+
+
+def _fields(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A datalist's fields but its lists and the split record (``labels``, ``modality``, ``name``, ...)."""
+    return {k: v for k, v in data.items() if k not in SPLITS and k != SPLIT_KEY}
+
+
+def lists_to_hold_out(datalist_file: str | os.PathLike) -> list[str]:
+    """The lists of ``validation`` and ``test`` that a JSON datalist lacks: absent, empty, or without labels (a
+    Decathlon ``test`` list). ``[]`` for a file that is not a readable JSON object with a non-empty ``training`` list
+    (a CSV file, a missing or broken file, no training cases: the bundles' own checks report those)."""
+    path = Path(datalist_file)
+    if path.suffix.lower() != ".json" or not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(data, dict) or not isinstance(data.get("training"), list) or not data["training"]:
+        return []
+
+    def labelled(entries: Any) -> bool:
+        return isinstance(entries, list) and any(isinstance(e, dict) and "label" in e for e in entries)
+
+    return [key for key in HELD_OUT if not labelled(data.get(key))]
+
+
+def bundle_datalists(
+    datalist_file: str | os.PathLike,
+    split_file: str | os.PathLike,
+    task: str = "segmentation",
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    group_by: str | None = None,
+) -> dict[str, str]:
+    """A bundle's ``datalists`` (``{"training": file, "validation": file, "test": file}``): ``datalist_file`` when it
+    has labelled validation and test lists, else ``split_file``, made by :func:`make_split` when missing (by rank 0
+    in a ``torchrun`` run; the other processes then read it). An existing split file's lists are used as they are
+    (with a warning when the datalist's lists or the options changed since); its other fields (``labels``,
+    ``modality``, ...) are copied from the datalist again when they changed there.
+
+    Args:
+        datalist_file: the bundle's datalist (a Decathlon JSON file).
+        split_file: where the split is kept (the bundle's ``split_file``).
+        task: ``"segmentation"``, or ``"classification"`` (held out class by class).
+        val_fraction, test_fraction, seed, group_by: see :func:`make_split` (the bundle's ``split_options``).
+    """
+    missing = lists_to_hold_out(datalist_file)
+    if not missing:
+        return dict.fromkeys(SPLITS, str(datalist_file))
+    path = Path(split_file).expanduser()
+    options = {"val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed, "group_by": group_by}
+    with rank0_first():
+        if path.is_file():
+            _refresh(path, Path(datalist_file), options)
+        else:
+            make_split(datalist_file, path, task=task, **options)
+    return dict.fromkeys(SPLITS, str(path))
+
+
+def _refresh(path: Path, source: Path, options: Mapping[str, Any]) -> None:
+    """Copy the datalist's fields into the split file again where they changed; warn where the lists or options did."""
+    from medkd.planning.planfile import write_plan
+
+    try:
+        split = json.loads(path.read_text())
+        made = split.get(SPLIT_KEY, {})
+    except (OSError, ValueError, AttributeError) as e:
+        raise ConfigError(
+            f"the split file {path} is not a JSON datalist ({e}); fix it, or delete it to split {source} again."
+        ) from e
+    data = json.loads(source.read_text())
+    if _fields(split) != _fields(data):
+        kept = {k: v for k, v in split.items() if k not in _fields(split)}
+        write_plan({**_fields(data), **kept}, path, key="split_file")
+        logger.info("the split file %s has the fields of %s again (%s)", path, source, ", ".join(_fields(data)))
+    changed = [f"{k} {made.get(k)} → {v}" for k, v in options.items() if made.get(k) != v]
+    if made.get("source_lists_sha256") != _lists_sha256(data):
+        changed.insert(0, f"the lists of {source}")
+    if changed:
+        logger.warning(
+            "the split file %s was made before these changed: %s; it is used as it is. Delete it to split again.",
+            path,
+            ", ".join(changed),
+        )
+
+
+def _group(entry: Mapping[str, Any], root: Path, regex: re.Pattern | None, group_by: str | None) -> str:
+    image = entry["image"][0] if isinstance(entry["image"], list | tuple) else entry["image"]
+    name = os.path.relpath(image, root) if os.path.isabs(image) else str(image)
+    if regex is None:
+        return name
+    match = regex.search(name)
+    if match is None:
+        raise DataError(f"split_options group_by {group_by!r} matches nothing in the image path {name!r}.")
+    return match.group(1) if match.groups() else match.group(0)
+
+
+def make_split(
+    datalist_file: str | os.PathLike,
+    split_file: str | os.PathLike,
+    task: str = "segmentation",
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    group_by: str | None = None,
+) -> Path:
+    """Write ``split_file``: the datalist with the validation and test lists it lacks (:func:`lists_to_hold_out`)
+    held out of its training list; labelled lists it has are kept. Every other field (``labels``, ``modality``, ...)
+    is copied; in a split file beside the datalist, paths under its folder are relative to it (as the bundles read them,
+    from ``dataset_dir``), elsewhere absolute; ``medkd_split`` records the source, a hash of its lists, the
+    options and the counts.
+
+    Args:
+        datalist_file: a Decathlon JSON datalist.
+        split_file: the file to write.
+        task: ``"classification"`` holds out the same fraction of each class.
+        val_fraction, test_fraction: fractions of the training cases held out for the missing lists.
+        seed: seed of the random choice.
+        group_by: a regular expression searched in each image's path (relative to the datalist's folder); cases with
+            the same match (its first group when it has one), e.g. one patient's, stay in one list.
+
+    Raises:
+        DataError: too few training cases to hold out every missing list, or a ``group_by`` that matches nothing.
+    """
+    from medkd.planning.planfile import write_plan
+    from medkd.prepare.splits import Unit, random_splits
+
+    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise ConfigError(
+            f"split_options val_fraction {val_fraction} and test_fraction {test_fraction} must each be in [0, 1) and "
+            "leave cases for training (their sum below 1)."
+        )
+    source, path = Path(datalist_file).expanduser().resolve(), Path(split_file).expanduser()
+    data = json.loads(source.read_text())
+    missing = lists_to_hold_out(source)
+    fractions = {"validation": val_fraction, "test": test_fraction}
+    for key in HELD_OUT:
+        if key not in missing:
+            fractions[key] = 0.0
+    training = load_datalist(source, key="training")
+    try:
+        regex = re.compile(group_by) if group_by else None
+    except re.error as e:
+        raise DataError(f"split_options group_by {group_by!r} is not a valid regular expression ({e}).") from e
+    groups = [_group(e, source.parent, regex, group_by) for e in training]
+    members: dict[str, list[int]] = defaultdict(list)
+    strata: dict[str, str | None] = {}
+    for i, (entry, group) in enumerate(zip(training, groups, strict=True)):
+        members[group].append(i)
+        strata[group] = str(entry.get("label")) if task == "classification" else None
+    units = [Unit(g, strata[g], len(idx)) for g, idx in sorted(members.items())]
+    assigned = random_splits(units, fractions["validation"], fractions["test"], seed)
+    lists: dict[str, list[dict]] = {key: [] for key in SPLITS}
+    for group, indices in sorted(members.items()):
+        lists[assigned[group]] += [training[i] for i in indices]
+    for key in HELD_OUT:
+        if key not in missing:
+            lists[key] = load_datalist(source, key=key)
+    empty = [key for key in SPLITS if not lists[key]]
+    if empty:
+        raise DataError(
+            f"the datalist {source} has {len(units)} training case(s) (groups), too few to hold out "
+            f"{' and '.join(missing)} lists and keep cases for training ({', '.join(empty)} would be empty); add "
+            "cases, or give the lists yourself (--datalists \"{'training': ..., 'validation': ..., 'test': ...}\")."
+        )
+    split = _fields(data)
+    split[SPLIT_KEY] = {
+        "source": str(source),
+        "source_lists_sha256": _lists_sha256(data),
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "held_out": missing,
+        "val_fraction": val_fraction,
+        "test_fraction": test_fraction,
+        "seed": seed,
+        "group_by": group_by,
+        "counts": {key: len(lists[key]) for key in SPLITS},
+    }
+    beside = path.parent.resolve() == source.parent  # paths relative to the datalist's folder stay relative
+    split.update({key: [_relative(e, source.parent) if beside else e for e in lists[key]] for key in SPLITS})
+    write_plan(split, path, key="split_file")
+    counts = ", ".join(f"{key} {len(lists[key])}" for key in SPLITS)
+    logger.info(
+        "%s held out of the training list of %s (seed %d): %s; written to %s (edit it, or delete it to split again)",
+        " and ".join(missing),
+        source,
+        seed,
+        counts,
+        path,
+    )
+    return path
+
+
+def _relative(entry: Mapping[str, Any], root: Path) -> dict[str, Any]:
+    """``entry`` with each path under ``root`` relative to it (the split file beside the datalist then moves with its
+    data)."""
+
+    def rel(value: Any) -> Any:
+        if isinstance(value, list):
+            return [rel(v) for v in value]
+        if isinstance(value, str) and os.path.isabs(value) and Path(value).is_relative_to(root):
+            return os.path.relpath(value, root)
+        return value
+
+    return {k: rel(v) if k in ("image", "label") else v for k, v in entry.items()}

@@ -1,0 +1,127 @@
+"""Validation and test lists held out of the training list of a datalist that lacks them (Decathlon layout)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from medkd.data.held_out import bundle_datalists, lists_to_hold_out, make_split
+from medkd.data.loading import DataError, load_datalist
+from medkd.errors import ConfigError
+
+
+def decathlon(root, n=20, per_patient=1, classes=None, **lists):
+    """A Decathlon ``dataset.json`` in ``root``: ``n`` training cases (``per_patient`` images per patient; an integer
+    label ``i % classes`` for classification) and an unlabelled test list; ``lists`` replace or add lists."""
+    root.mkdir(parents=True, exist_ok=True)
+    training = [
+        {
+            "image": f"imagesTr/patient{i // per_patient:03d}_{i % per_patient}.nii.gz",
+            "label": i % classes if classes else f"labelsTr/patient{i // per_patient:03d}_{i % per_patient}.nii.gz",
+        }
+        for i in range(n)
+    ]
+    data = {"name": "Prostate", "labels": {"0": "background", "1": "PZ"}, "modality": {"0": "T2"}, "training": training}
+    data["test"] = ["imagesTs/patient900.nii.gz"]
+    data.update(lists)
+    (root / "dataset.json").write_text(json.dumps(data))
+    return root / "dataset.json"
+
+
+def images(entries):
+    return [e["image"] for e in entries]
+
+
+def test_the_lists_a_datalist_lacks(tmp_path):
+    assert lists_to_hold_out(decathlon(tmp_path / "a")) == ["validation", "test"]  # test unlabelled
+    labelled = [{"image": "x.nii.gz", "label": "y.nii.gz"}]
+    assert lists_to_hold_out(decathlon(tmp_path / "b", validation=labelled)) == ["test"]
+    assert lists_to_hold_out(decathlon(tmp_path / "c", validation=labelled, test=labelled)) == []
+    assert lists_to_hold_out(decathlon(tmp_path / "d", validation=[], test=labelled)) == ["validation"]
+    (tmp_path / "broken.json").write_text("{")
+    (tmp_path / "list.csv").write_text("image,label\n")
+    (tmp_path / "empty.json").write_text(json.dumps({"labels": {"0": "background"}, "training": []}))
+    for other in ("broken.json", "list.csv", "missing.json", "empty.json"):
+        assert lists_to_hold_out(tmp_path / other) == []  # the bundles' own loading reports these
+
+
+def test_split_holds_out_whole_disjoint_lists_reproducibly(tmp_path):
+    source = decathlon(tmp_path / "data")
+    first = make_split(source, tmp_path / "data" / "s1.json")
+    again = make_split(source, tmp_path / "data" / "s2.json")
+    lists = {key: load_datalist(first, key=key) for key in ("training", "validation", "test")}
+    assert [len(v) for v in lists.values()] == [12, 4, 4]
+    assert sorted(sum((images(v) for v in lists.values()), [])) == sorted(images(load_datalist(source)))
+    for key, entries in lists.items():
+        assert images(load_datalist(again, key=key)) == images(entries)  # same seed, same split
+    other_seed = make_split(source, tmp_path / "data" / "s3.json", seed=1)
+    assert images(load_datalist(other_seed, key="test")) != images(lists["test"])
+    written = json.loads(first.read_text())
+    assert written["labels"] == {"0": "background", "1": "PZ"} and written["modality"] == {"0": "T2"}
+    assert written["name"] == "Prostate" and written["test"][0]["image"].startswith("imagesTr/")  # relative, beside
+    assert written["medkd_split"]["held_out"] == ["validation", "test"]
+    assert written["medkd_split"]["counts"] == {"training": 12, "validation": 4, "test": 4}
+    elsewhere = json.loads(make_split(source, tmp_path / "elsewhere" / "split.json").read_text())
+    assert elsewhere["training"][0]["image"] == str(tmp_path / "data" / written["training"][0]["image"])
+
+
+def test_split_keeps_groups_and_given_lists_and_stratifies_classes(tmp_path):
+    source = decathlon(tmp_path / "g", n=24, per_patient=3)
+    split = make_split(source, tmp_path / "g" / "split.json", group_by=r"patient(\d+)")
+    patients = {
+        key: {path.split("patient")[1][:3] for path in images(load_datalist(split, key=key))}
+        for key in ("training", "validation", "test")
+    }
+    assert not (patients["training"] & patients["validation"]) and not (patients["training"] & patients["test"])
+    assert not (patients["validation"] & patients["test"]) and len(patients["test"]) >= 1
+    given = [{"image": "imagesVal/v.nii.gz", "label": "labelsVal/v.nii.gz"}]
+    split = make_split(decathlon(tmp_path / "v", validation=given), tmp_path / "v" / "split.json")
+    assert images(load_datalist(split, key="validation")) == [str(tmp_path / "v" / "imagesVal/v.nii.gz")]
+    assert len(load_datalist(split, key="test")) == 4 and len(load_datalist(split)) == 16  # only the test held out
+    split = make_split(decathlon(tmp_path / "c", n=30, classes=3), tmp_path / "c" / "split.json", task="classification")
+    for key in ("validation", "test"):
+        assert sorted(e["label"] for e in load_datalist(split, key=key)) == [0, 0, 1, 1, 2, 2]  # 20% of each class
+
+
+def test_split_mistakes_are_named(tmp_path):
+    source = decathlon(tmp_path / "data", n=2)
+    with pytest.raises(DataError, match=r"has 2 training case\(s\) \(groups\), too few to hold out validation and"):
+        make_split(source, tmp_path / "split.json")
+    source = decathlon(tmp_path / "more")
+    with pytest.raises(ConfigError, match="val_fraction 0.6 and test_fraction 0.5 must"):
+        make_split(source, tmp_path / "split.json", val_fraction=0.6, test_fraction=0.5)
+    with pytest.raises(DataError, match="group_by 'site_' matches nothing in the image path 'imagesTr/patient000_0"):
+        make_split(source, tmp_path / "split.json", group_by="site_")
+    assert not (tmp_path / "split.json").exists()
+
+
+def test_bundle_datalists_split_once_and_keep_the_file(tmp_path, caplog):
+    labelled = [{"image": "a.nii.gz", "label": "b.nii.gz"}]
+    complete = decathlon(tmp_path / "full", validation=labelled, test=labelled)
+    as_is = dict.fromkeys(("training", "validation", "test"), str(complete))
+    assert bundle_datalists(complete, tmp_path / "full" / "split.json") == as_is
+    assert not (tmp_path / "full" / "split.json").exists()
+    source, split = decathlon(tmp_path / "data"), tmp_path / "data" / "medkd_splits.json"
+    assert bundle_datalists(source, split) == dict.fromkeys(("training", "validation", "test"), str(split))
+    data = json.loads(split.read_text())
+    data["test"] = data["test"][:1]  # edited by hand: used as it is
+    split.write_text(json.dumps(data))
+
+    def warnings():
+        return [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+    with caplog.at_level(logging.WARNING):
+        bundle_datalists(source, split)
+        assert len(load_datalist(split, key="test")) == 1 and not warnings()
+        fixed = json.loads(source.read_text())
+        fixed["labels"]["1"] = "peripheral zone"  # a field but the lists: copied again, no warning
+        source.write_text(json.dumps(fixed))
+        bundle_datalists(source, split)
+        assert json.loads(split.read_text())["labels"]["1"] == "peripheral zone" and not warnings()
+        fixed["training"] = fixed["training"][1:]
+        source.write_text(json.dumps(fixed))
+        bundle_datalists(source, split, seed=1)
+    assert len(load_datalist(split, key="test")) == 1
+    assert f"the split file {split} was made before these changed: the lists of {source}, seed 0 → 1;" in caplog.text
