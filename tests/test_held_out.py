@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from medkd.data.held_out import bundle_datalists, lists_to_hold_out, make_split
+from medkd.data.held_out import SplitOptions, bundle_datalists, lists_to_hold_out, make_split
 from medkd.data.loading import DataError, load_datalist
 from medkd.errors import ConfigError
 
@@ -56,7 +56,7 @@ def test_split_holds_out_whole_disjoint_lists_reproducibly(tmp_path):
     assert sorted(sum((images(v) for v in lists.values()), [])) == sorted(images(load_datalist(source)))
     for key, entries in lists.items():
         assert images(load_datalist(again, key=key)) == images(entries)  # same seed, same split
-    other_seed = make_split(source, tmp_path / "data" / "s3.json", seed=1)
+    other_seed = make_split(source, tmp_path / "data" / "s3.json", options=SplitOptions(seed=1))
     assert images(load_datalist(other_seed, key="test")) != images(lists["test"])
     written = json.loads(first.read_text())
     assert written["labels"] == {"0": "background", "1": "PZ"} and written["modality"] == {"0": "T2"}
@@ -69,7 +69,7 @@ def test_split_holds_out_whole_disjoint_lists_reproducibly(tmp_path):
 
 def test_split_keeps_groups_and_given_lists_and_stratifies_classes(tmp_path):
     source = decathlon(tmp_path / "g", n=24, per_patient=3)
-    split = make_split(source, tmp_path / "g" / "split.json", group_by=r"patient(\d+)")
+    split = make_split(source, tmp_path / "g" / "split.json", options=SplitOptions(group_by=r"patient(\d+)"))
     patients = {
         key: {path.split("patient")[1][:3] for path in images(load_datalist(split, key=key))}
         for key in ("training", "validation", "test")
@@ -91,9 +91,11 @@ def test_split_mistakes_are_named(tmp_path):
         make_split(source, tmp_path / "split.json")
     source = decathlon(tmp_path / "more")
     with pytest.raises(ConfigError, match="val_fraction 0.6 and test_fraction 0.5 must"):
-        make_split(source, tmp_path / "split.json", val_fraction=0.6, test_fraction=0.5)
+        bundle_datalists(source, tmp_path / "split.json", val_fraction=0.6, test_fraction=0.5)
+    with pytest.raises(ConfigError, match="split_options has no val_frac; its keys are val_fraction, test_fraction"):
+        bundle_datalists(source, tmp_path / "split.json", val_frac=0.1)
     with pytest.raises(DataError, match="group_by 'site_' matches nothing in the image path 'imagesTr/patient000_0"):
-        make_split(source, tmp_path / "split.json", group_by="site_")
+        make_split(source, tmp_path / "split.json", options=SplitOptions(group_by="site_"))
     assert not (tmp_path / "split.json").exists()
 
 

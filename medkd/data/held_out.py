@@ -5,8 +5,9 @@ validation list; a bundle needs labelled ``training``, ``validation`` and ``test
 gives a bundle its ``datalists``: the datalist itself when it has all three, else a **split file** made from it once
 (``<dataset_dir>/medkd_splits.json``): a Decathlon datalist whose missing lists are held out of the training list
 (``val_fraction`` and ``test_fraction`` of the cases, reproducibly by ``seed``, whole groups of ``group_by``, and
-stratified by class for classification). Every stage reads the same file, it can be read and edited, and it is kept
-when the datalist changes (with a warning saying how to split again), as the plan file is.
+stratified by class for classification; :class:`SplitOptions`). Every stage reads the same file, it can be read and
+edited, and its lists are kept when the datalist's lists change (with a warning saying how to split again), as the
+plan file is; its other fields (``labels``, ``modality``) follow the datalist.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import re
 from collections import defaultdict
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from medkd.data.loading import DataError, load_datalist
 from medkd.errors import ConfigError
 from medkd.training.distributed import rank0_first
 
-__all__ = ["SPLITS", "SPLIT_FILE", "lists_to_hold_out", "bundle_datalists", "make_split"]
+__all__ = ["SPLITS", "SPLIT_FILE", "SplitOptions", "lists_to_hold_out", "bundle_datalists", "make_split"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,42 @@ SPLITS = ("training", "validation", "test")
 HELD_OUT = ("validation", "test")
 SPLIT_KEY = "medkd_split"
 SPLIT_FILE = "medkd_splits.json"  # the bundles' split_file, in their dataset_dir
+
+
+@dataclass(frozen=True)
+class SplitOptions:
+    """How the missing lists are held out of the training list (the bundles' ``split_options``).
+
+    Attributes:
+        val_fraction, test_fraction: fractions of the training cases held out for each missing list.
+        seed: seed of the random choice.
+        group_by: a regular expression searched in each image's path (relative to the datalist's folder); cases with
+            the same match (its first group when it has one), e.g. one patient's, stay in one list.
+
+    Raises:
+        ConfigError: fractions outside ``[0, 1)`` or that leave no training cases.
+    """
+
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    seed: int = 0
+    group_by: str | None = None
+
+    def __post_init__(self) -> None:
+        v, t = self.val_fraction, self.test_fraction
+        if not 0 <= v < 1 or not 0 <= t < 1 or v + t >= 1:
+            raise ConfigError(
+                f"split_options val_fraction {v} and test_fraction {t} must each be in [0, 1) and leave cases for "
+                "training (their sum below 1)."
+            )
+
+    @classmethod
+    def of(cls, options: Mapping[str, Any]) -> SplitOptions:
+        """The options of a ``split_options`` mapping; an unknown key raises :class:`ConfigError` naming the known."""
+        known = [f.name for f in fields(cls)]
+        if unknown := sorted(set(options) - set(known)):
+            raise ConfigError(f"split_options has no {', '.join(unknown)}; its keys are {', '.join(known)}.")
+        return cls(**options)
 
 
 def _lists_sha256(data: Mapping[str, Any]) -> str:
@@ -67,13 +105,7 @@ def lists_to_hold_out(datalist_file: str | os.PathLike) -> list[str]:
 
 
 def bundle_datalists(
-    datalist_file: str | os.PathLike,
-    split_file: str | os.PathLike,
-    task: str = "segmentation",
-    val_fraction: float = 0.2,
-    test_fraction: float = 0.2,
-    seed: int = 0,
-    group_by: str | None = None,
+    datalist_file: str | os.PathLike, split_file: str | os.PathLike, task: str = "segmentation", **split_options: Any
 ) -> dict[str, str]:
     """A bundle's ``datalists`` (``{"training": file, "validation": file, "test": file}``): ``datalist_file`` when it
     has labelled validation and test lists, else ``split_file``, made by :func:`make_split` when missing (by rank 0
@@ -85,22 +117,21 @@ def bundle_datalists(
         datalist_file: the bundle's datalist (a Decathlon JSON file).
         split_file: where the split is kept (the bundle's ``split_file``).
         task: ``"segmentation"``, or ``"classification"`` (held out class by class).
-        val_fraction, test_fraction, seed, group_by: see :func:`make_split` (the bundle's ``split_options``).
+        split_options: the fields of :class:`SplitOptions` (the bundle's ``split_options``).
     """
-    missing = lists_to_hold_out(datalist_file)
-    if not missing:
+    options = SplitOptions.of(split_options)
+    if not lists_to_hold_out(datalist_file):
         return dict.fromkeys(SPLITS, str(datalist_file))
     path = Path(split_file).expanduser()
-    options = {"val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed, "group_by": group_by}
     with rank0_first():
         if path.is_file():
             _refresh(path, Path(datalist_file), options)
         else:
-            make_split(datalist_file, path, task=task, **options)
+            make_split(datalist_file, path, task=task, options=options)
     return dict.fromkeys(SPLITS, str(path))
 
 
-def _refresh(path: Path, source: Path, options: Mapping[str, Any]) -> None:
+def _refresh(path: Path, source: Path, options: SplitOptions) -> None:
     """Copy the datalist's fields into the split file again where they changed; warn where the lists or options did."""
     from medkd.planning.planfile import write_plan
 
@@ -116,7 +147,7 @@ def _refresh(path: Path, source: Path, options: Mapping[str, Any]) -> None:
         kept = {k: v for k, v in split.items() if k not in _fields(split)}
         write_plan({**_fields(data), **kept}, path, key="split_file")
         logger.info("the split file %s has the fields of %s again (%s)", path, source, ", ".join(_fields(data)))
-    changed = [f"{k} {made.get(k)} → {v}" for k, v in options.items() if made.get(k) != v]
+    changed = [f"{k} {made.get(k)} → {v}" for k, v in asdict(options).items() if made.get(k) != v]
     if made.get("source_lists_sha256") != _lists_sha256(data):
         changed.insert(0, f"the lists of {source}")
     if changed:
@@ -142,10 +173,7 @@ def make_split(
     datalist_file: str | os.PathLike,
     split_file: str | os.PathLike,
     task: str = "segmentation",
-    val_fraction: float = 0.2,
-    test_fraction: float = 0.2,
-    seed: int = 0,
-    group_by: str | None = None,
+    options: SplitOptions | None = None,
 ) -> Path:
     """Write ``split_file``: the datalist with the validation and test lists it lacks (:func:`lists_to_hold_out`)
     held out of its training list; labelled lists it has are kept. Every other field (``labels``, ``modality``, ...)
@@ -157,10 +185,7 @@ def make_split(
         datalist_file: a Decathlon JSON datalist.
         split_file: the file to write.
         task: ``"classification"`` holds out the same fraction of each class.
-        val_fraction, test_fraction: fractions of the training cases held out for the missing lists.
-        seed: seed of the random choice.
-        group_by: a regular expression searched in each image's path (relative to the datalist's folder); cases with
-            the same match (its first group when it has one), e.g. one patient's, stay in one list.
+        options: how (:class:`SplitOptions`; default its defaults).
 
     Raises:
         DataError: too few training cases to hold out every missing list, or a ``group_by`` that matches nothing.
@@ -168,15 +193,12 @@ def make_split(
     from medkd.planning.planfile import write_plan
     from medkd.prepare.splits import Unit, random_splits
 
-    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
-        raise ConfigError(
-            f"split_options val_fraction {val_fraction} and test_fraction {test_fraction} must each be in [0, 1) and "
-            "leave cases for training (their sum below 1)."
-        )
+    options = options or SplitOptions()
+    group_by = options.group_by
     source, path = Path(datalist_file).expanduser().resolve(), Path(split_file).expanduser()
     data = json.loads(source.read_text())
     missing = lists_to_hold_out(source)
-    fractions = {"validation": val_fraction, "test": test_fraction}
+    fractions = {"validation": options.val_fraction, "test": options.test_fraction}
     for key in HELD_OUT:
         if key not in missing:
             fractions[key] = 0.0
@@ -192,7 +214,7 @@ def make_split(
         members[group].append(i)
         strata[group] = str(entry.get("label")) if task == "classification" else None
     units = [Unit(g, strata[g], len(idx)) for g, idx in sorted(members.items())]
-    assigned = random_splits(units, fractions["validation"], fractions["test"], seed)
+    assigned = random_splits(units, fractions["validation"], fractions["test"], options.seed)
     lists: dict[str, list[dict]] = {key: [] for key in SPLITS}
     for group, indices in sorted(members.items()):
         lists[assigned[group]] += [training[i] for i in indices]
@@ -212,10 +234,7 @@ def make_split(
         "source_lists_sha256": _lists_sha256(data),
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "held_out": missing,
-        "val_fraction": val_fraction,
-        "test_fraction": test_fraction,
-        "seed": seed,
-        "group_by": group_by,
+        **asdict(options),
         "counts": {key: len(lists[key]) for key in SPLITS},
     }
     beside = path.parent.resolve() == source.parent  # paths relative to the datalist's folder stay relative
@@ -226,7 +245,7 @@ def make_split(
         "%s held out of the training list of %s (seed %d): %s; written to %s (edit it, or delete it to split again)",
         " and ".join(missing),
         source,
-        seed,
+        options.seed,
         counts,
         path,
     )
