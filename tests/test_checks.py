@@ -276,6 +276,9 @@ def test_the_labels_map_gives_class_names_and_values_strictly_or_optionally(tmp_
     assert datalist_class_names(str(good)) == optional_class_names(good) == ["background", "liver"]
     assert datalist_labels(brats) == {0: "background", 1: "necrosis", 2: "edema", 4: "enhancing"}  # value order
     assert datalist_class_names(brats) == ["background", "necrosis", "edema", "enhancing"]
+    nnunet = tmp_path / "nnunet.json"
+    nnunet.write_text(json.dumps({"labels": {"background": 0, "edema": 2, "necrosis": 1, "enhancing": 4}}))
+    assert datalist_labels(nnunet) == datalist_labels(brats)  # nnU-Net v2's map from names to values
     assert optional_label_values({"training": brats, "test": good}) == [0, 1, 2, 4]  # the training list's
     assert optional_class_names({"training": good, "test": brats}) == ["background", "liver"]
     for unusable in (tmp_path / "list.csv", tmp_path / "missing.json", {"test": good}):
@@ -286,6 +289,7 @@ def test_the_labels_map_gives_class_names_and_values_strictly_or_optionally(tmp_
         ({"0": "background", "one": "liver"}, "must have integer keys"),
         ({"0": "background", "00": "liver"}, "distinct non-negative integer keys"),
         ({"-1": "ignore", "0": "background"}, "distinct non-negative integer keys"),
+        ({"background": 0, "liver": 0}, "gives two classes one value"),
         ({}, "has no 'labels' map"),
     ):
         good.write_text(json.dumps({"labels": labels}))

@@ -476,3 +476,13 @@ def test_plan_command_plans_from_the_lists_the_bundles_hold_out(tmp_path, capsys
     plan = read_plan(root / "medkd_plan.json")
     assert plan["data"] == datalist_digest(dict.fromkeys(("training", "validation"), split))
     assert plan["fingerprint"]["cases"] == len(json.loads(split.read_text())["training"]) + 1  # and 1 validation
+
+
+@pytest.mark.parametrize("field", ["modality", "channel_names"])  # Decathlon's name, nnU-Net v2's
+def test_the_datalist_can_say_the_images_are_ct(tmp_path, field):
+    root = lateral_data(tmp_path / "data")
+    assert not make_plan(root / "dataset.json")["fingerprint"]["intensity"][0]["ct_like"]  # 0..200: not by values
+    datalist = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({**datalist, field: {"0": "CT"}}))
+    plan = make_plan(root / "dataset.json")
+    assert plan["fingerprint"]["intensity"][0]["ct_like"] and plan["settings"]["normalization"]["scheme"] == "ct"

@@ -33,7 +33,8 @@ __all__ = [
 
 
 def datalist_labels(datalist_file: str | os.PathLike) -> dict[int, str]:
-    """The ``labels`` map of a Decathlon datalist as ``{value: class name}``, in the order of the values.
+    """The ``labels`` map of a Decathlon datalist as ``{value: class name}``, in the order of the values. A map from
+    names to values (nnU-Net v2's ``{"background": 0, "liver": 1}``) is read the same way.
 
     Raises:
         DataError: naming the file when it has no usable ``labels`` map (missing, not JSON, keys that are not
@@ -60,6 +61,10 @@ def datalist_labels(datalist_file: str | os.PathLike) -> dict[int, str]:
             f'the datalist {path} has no \'labels\' map ({{"0": "background", "1": "organ", ...}}); add one, '
             "or give the classes on the command line: --num_classes N --class_names \"['background', ...]\"."
         )
+    if all(type(v) is int for v in labels.values()):  # nnU-Net v2 writes {"background": 0, "liver": 1}
+        if len(set(labels.values())) != len(labels):
+            raise DataError(f"the 'labels' map of {path} gives two classes one value: {labels}.")
+        labels = {str(v): name for name, v in labels.items()}
     try:
         values = {int(k): k for k in labels}
     except ValueError as e:

@@ -93,7 +93,7 @@ def _json_field(datalist: PathLike | Mapping[str, PathLike], field: str) -> Any:
 
 
 def _modality(datalist: PathLike | Mapping[str, PathLike]) -> list[str] | None:
-    modality = _json_field(datalist, "modality")
+    modality = _json_field(datalist, "modality") or _json_field(datalist, "channel_names")  # nnU-Net v2's name
     if isinstance(modality, Mapping):
         try:
             return [str(modality[str(i)]) for i in range(len(modality))]
