@@ -364,3 +364,23 @@ def test_a_decathlon_datalist_without_validation_and_with_an_unlabelled_test_lis
     run_stage("segmentation_2d", "evaluate", tmp_path)
     scored = {row["filename"] for row in csv.DictReader((tmp_path / "eval" / "val_mean_dice_sp_raw.csv").open())}
     assert scored == {str(tmp_path / "data" / case["image"]) for case in held["test"]}
+
+
+def test_an_nnunet_v2_raw_dataset_runs_as_it_is(tmp_path):
+    """nnU-Net v2's raw layout: imagesTr/<case>_0000.nii.gz, labelsTr/<case>.nii.gz, a dataset.json without case list
+    and with a labels map from names to values."""
+    datalist = tiny_data(tmp_path)
+    data = tmp_path / "data"
+    for folder in ("imagesTr", "labelsTr"):
+        (data / folder).mkdir()
+    for i, case in enumerate(datalist["training"] + datalist["validation"] + datalist["test"]):
+        (data / case["image"]).rename(data / "imagesTr" / f"case{i}_0000.nii.gz")
+        (data / case["label"]).rename(data / "labelsTr" / f"case{i}.nii.gz")
+    names = {name: int(value) for value, name in datalist["labels"].items()}
+    raw = {"channel_names": {"0": "MRI"}, "labels": names, "numTraining": 8, "file_ending": ".nii.gz"}
+    (data / "dataset.json").write_text(json.dumps(raw))
+    teacher = run_stage("segmentation_2d", "train_teacher", tmp_path)
+    assert teacher.parser.get_parsed_content("class_names") == list(names)
+    held = json.loads((data / "medkd_splits.json").read_text())
+    assert [len(held[key]) for key in ("training", "validation", "test")] == [5, 1, 2]
+    assert held["training"][0]["image"].startswith("imagesTr/case") and (tmp_path / "models" / "teacher.pt").is_file()

@@ -290,6 +290,7 @@ def test_the_labels_map_gives_class_names_and_values_strictly_or_optionally(tmp_
         ({"0": "background", "00": "liver"}, "distinct non-negative integer keys"),
         ({"-1": "ignore", "0": "background"}, "distinct non-negative integer keys"),
         ({"background": 0, "liver": 0}, "gives two classes one value"),
+        ({"background": 0, "whole tumour": [1, 2, 3]}, "region-based labels"),
         ({}, "has no 'labels' map"),
     ):
         good.write_text(json.dumps({"labels": labels}))

@@ -127,3 +127,50 @@ def test_bundle_datalists_split_once_and_keep_the_file(tmp_path, caplog):
         bundle_datalists(source, split, seed=1)
     assert len(load_datalist(split, key="test")) == 1
     assert f"the split file {split} was made before these changed: the lists of {source}, seed 0 → 1;" in caplog.text
+
+
+def nnunet_raw(root, cases=("a", "b", "c", "d", "e"), channels=2, drop=None):
+    """An nnU-Net v2 raw dataset (no case list in dataset.json); ``drop`` leaves out one image file."""
+    for folder in ("imagesTr", "labelsTr"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for case in cases:
+        (root / "labelsTr" / f"{case}.nii.gz").write_bytes(b"")
+        for c in range(channels):
+            (root / "imagesTr" / f"{case}_{c:04d}.nii.gz").write_bytes(b"")
+    if drop:
+        (root / "imagesTr" / drop).unlink()
+    data = {
+        "channel_names": {str(c): f"MR{c}" for c in range(channels)},
+        "labels": {"background": 0, "prostate": 1},
+        "numTraining": len(cases),
+        "file_ending": ".nii.gz",
+    }
+    (root / "dataset.json").write_text(json.dumps(data))
+    return root / "dataset.json"
+
+
+def test_an_nnunet_raw_dataset_gets_its_cases_from_its_folders(tmp_path):
+    from medkd.data.held_out import nnunet_training
+
+    source = nnunet_raw(tmp_path / "Dataset001")
+    assert lists_to_hold_out(source) == ["validation", "test"]
+    cases = nnunet_training(source.parent, json.loads(source.read_text()))
+    root = source.parent
+    assert cases[0] == {
+        "image": [str(root / "imagesTr" / "a_0000.nii.gz"), str(root / "imagesTr" / "a_0001.nii.gz")],
+        "label": str(root / "labelsTr" / "a.nii.gz"),
+    }
+    split = bundle_datalists(source, root / "medkd_splits.json")["training"]
+    written = json.loads((root / "medkd_splits.json").read_text())
+    assert sum(len(written[key]) for key in ("training", "validation", "test")) == 5
+    assert written["training"][0]["image"][1].startswith("imagesTr/")
+    assert written["labels"] == {"background": 0, "prostate": 1}
+    assert all(isinstance(e["image"], list) for e in load_datalist(split))  # two channels: a list of files
+    one_channel = {"file_ending": ".nii.gz", "channel_names": {"0": "CT"}}
+    single = nnunet_training(nnunet_raw(tmp_path / "one", channels=1).parent, one_channel)
+    assert single[0]["image"] == str(tmp_path / "one" / "imagesTr" / "a_0000.nii.gz")
+    broken = nnunet_raw(tmp_path / "broken", drop="c_0001.nii.gz")
+    with pytest.raises(DataError, match=r"case 'c' has no image .*c_0001.nii.gz"):
+        nnunet_training(broken.parent, json.loads(broken.read_text()))
+    with pytest.raises(DataError, match="has no label map labelsTr/\\*.nii.gz"):
+        nnunet_training(nnunet_raw(tmp_path / "empty", cases=()).parent, one_channel)

@@ -5,9 +5,11 @@ validation list; a bundle needs labelled ``training``, ``validation`` and ``test
 gives a bundle its ``datalists``: the datalist itself when it has all three, else a **split file** made from it once
 (``<dataset_dir>/medkd_splits.json``): a Decathlon datalist whose missing lists are held out of the training list
 (``val_fraction`` and ``test_fraction`` of the cases, reproducibly by ``seed``, whole groups of ``group_by``, and
-stratified by class for classification; :class:`SplitOptions`). Every stage reads the same file, it can be read and
-edited, and its lists are kept when the datalist's lists change (with a warning saying how to split again), as the
-plan file is; its other fields (``labels``, ``modality``) follow the datalist.
+stratified by class for classification; :class:`SplitOptions`). The ``dataset.json`` of an nnU-Net v2 raw dataset,
+which lists no cases, gets its training list from ``imagesTr`` and ``labelsTr`` (:func:`nnunet_training`). Every
+stage reads the same file, it can be read and edited, and its lists are kept when the datalist's lists change (with a
+warning saying how to split again), as the plan file is; its other fields (``labels``, ``modality``) follow the
+datalist.
 """
 
 from __future__ import annotations
@@ -28,7 +30,15 @@ from medkd.data.loading import DataError, load_datalist
 from medkd.errors import ConfigError
 from medkd.training.distributed import rank0_first
 
-__all__ = ["SPLITS", "SPLIT_FILE", "SplitOptions", "lists_to_hold_out", "bundle_datalists", "make_split"]
+__all__ = [
+    "SPLITS",
+    "SPLIT_FILE",
+    "SplitOptions",
+    "lists_to_hold_out",
+    "nnunet_training",
+    "bundle_datalists",
+    "make_split",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +84,13 @@ class SplitOptions:
         return cls(**options)
 
 
-def _lists_sha256(data: Mapping[str, Any]) -> str:
-    """A hash of a datalist's lists (its other fields, such as ``labels``, may change without a new split)."""
-    return hashlib.sha256(json.dumps({k: data.get(k) for k in SPLITS}, sort_keys=True).encode()).hexdigest()
+def _lists_sha256(source: Path, data: Mapping[str, Any]) -> str:
+    """A hash of a datalist's lists, or of an nnU-Net dataset's label file names (the other fields of a datalist, such
+    as ``labels``, may change without a new split)."""
+    lists = {k: data.get(k) for k in SPLITS}
+    if "training" not in data and _is_nnunet(data):
+        lists["training"] = sorted(p.name for p in (source.parent / "labelsTr").glob(f"*{data['file_ending']}"))
+    return hashlib.sha256(json.dumps(lists, sort_keys=True).encode()).hexdigest()
 
 
 def _fields(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -87,7 +101,8 @@ def _fields(data: Mapping[str, Any]) -> dict[str, Any]:
 def lists_to_hold_out(datalist_file: str | os.PathLike) -> list[str]:
     """The lists of ``validation`` and ``test`` that a JSON datalist lacks: absent, empty, or without labels (a
     Decathlon ``test`` list). ``[]`` for a file that is not a readable JSON object with a non-empty ``training`` list
-    (a CSV file, a missing or broken file, no training cases: the bundles' own checks report those)."""
+    (a CSV file, a missing or broken file, no training cases: the bundles' own checks report those), or the
+    ``dataset.json`` of an nnU-Net v2 raw dataset (:func:`nnunet_training`)."""
     path = Path(datalist_file)
     if path.suffix.lower() != ".json" or not path.is_file():
         return []
@@ -95,6 +110,8 @@ def lists_to_hold_out(datalist_file: str | os.PathLike) -> list[str]:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return []
+    if isinstance(data, dict) and "training" not in data and _is_nnunet(data):
+        return list(HELD_OUT)
     if not isinstance(data, dict) or not isinstance(data.get("training"), list) or not data["training"]:
         return []
 
@@ -102,6 +119,31 @@ def lists_to_hold_out(datalist_file: str | os.PathLike) -> list[str]:
         return isinstance(entries, list) and any(isinstance(e, dict) and "label" in e for e in entries)
 
     return [key for key in HELD_OUT if not labelled(data.get(key))]
+
+
+def _is_nnunet(data: Mapping[str, Any]) -> bool:
+    return isinstance(data.get("file_ending"), str) and isinstance(data.get("channel_names"), dict)
+
+
+def nnunet_training(root: str | os.PathLike, data: Mapping[str, Any]) -> list[dict]:
+    """The training cases of an nnU-Net v2 raw dataset in ``root``, whose ``dataset.json`` (``data``) lists none:
+    each label map ``labelsTr/<case><file_ending>`` with its images ``imagesTr/<case>_<XXXX><file_ending>``, one per
+    entry of ``channel_names`` (a list of files when there are several).
+
+    Raises:
+        DataError: no label map, or a case whose image of a channel is missing.
+    """
+    root, ending, channels = Path(root), data["file_ending"], sorted(data["channel_names"], key=int)
+    entries = []
+    for label in sorted((root / "labelsTr").glob(f"*{ending}")):
+        case = label.name[: -len(ending)]
+        images = [root / "imagesTr" / f"{case}_{int(c):04d}{ending}" for c in channels]
+        if missing := [str(p) for p in images if not p.is_file()]:
+            raise DataError(f"the nnU-Net dataset {root}: case {case!r} has no image {', '.join(missing)}.")
+        entries.append({"image": [str(p) for p in images] if len(images) > 1 else str(images[0]), "label": str(label)})
+    if not entries:
+        raise DataError(f"the nnU-Net dataset {root} has no label map labelsTr/*{ending}.")
+    return entries
 
 
 def bundle_datalists(
@@ -148,7 +190,7 @@ def _refresh(path: Path, source: Path, options: SplitOptions) -> None:
         write_plan({**_fields(data), **kept}, path, key="split_file")
         logger.info("the split file %s has the fields of %s again (%s)", path, source, ", ".join(_fields(data)))
     changed = [f"{k} {made.get(k)} → {v}" for k, v in asdict(options).items() if made.get(k) != v]
-    if made.get("source_lists_sha256") != _lists_sha256(data):
+    if made.get("source_lists_sha256") != _lists_sha256(source, data):
         changed.insert(0, f"the lists of {source}")
     if changed:
         logger.warning(
@@ -202,7 +244,7 @@ def make_split(
     for key in HELD_OUT:
         if key not in missing:
             fractions[key] = 0.0
-    training = load_datalist(source, key="training")
+    training = load_datalist(source, key="training") if "training" in data else nnunet_training(source.parent, data)
     try:
         regex = re.compile(group_by) if group_by else None
     except re.error as e:
@@ -231,7 +273,7 @@ def make_split(
     split = _fields(data)
     split[SPLIT_KEY] = {
         "source": str(source),
-        "source_lists_sha256": _lists_sha256(data),
+        "source_lists_sha256": _lists_sha256(source, data),
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "held_out": missing,
         **asdict(options),

@@ -61,6 +61,11 @@ def datalist_labels(datalist_file: str | os.PathLike) -> dict[int, str]:
             f'the datalist {path} has no \'labels\' map ({{"0": "background", "1": "organ", ...}}); add one, '
             "or give the classes on the command line: --num_classes N --class_names \"['background', ...]\"."
         )
+    if any(isinstance(v, list) for v in labels.values()):
+        raise DataError(
+            f"the 'labels' map of {path} has region-based labels (lists of values, as nnU-Net v2 allows); medkd "
+            "trains one class per value: give each class its own value."
+        )
     if all(type(v) is int for v in labels.values()):  # nnU-Net v2 writes {"background": 0, "liver": 1}
         if len(set(labels.values())) != len(labels):
             raise DataError(f"the 'labels' map of {path} gives two classes one value: {labels}.")
