@@ -158,9 +158,13 @@ def make_plan(
     )
     if spatial_dims and fingerprint["spatial_dims"] != int(spatial_dims):
         dims = fingerprint["spatial_dims"]
-        hint = "use bundles/segmentation_3d" if dims == 3 else "use a 2D bundle"
+        if task == "classification":
+            hint = "the classification bundle takes 2D images: give it 2D slices or projections"
+        else:
+            hint = "use bundles/segmentation_3d" if dims == 3 else "use bundles/segmentation_2d"
+        training = datalist.get("training") if isinstance(datalist, Mapping) else datalist
         raise ConfigError(
-            f"the images of {datalist} are {dims}D but this bundle has spatial_dims={spatial_dims}: {hint}, or convert "
+            f"the images of {training} are {dims}D but this bundle has spatial_dims={spatial_dims}: {hint}, or convert "
             "the data."
         )
     settings, reasons = make_settings(
