@@ -88,7 +88,8 @@ def stage_files(bundle_dir: str | Path, stage: str) -> list[Path]:
     folder's ``train.json`` comes first, then the bundle's, then the stage file from the bundle if it has one,
     else from the base. A bundle whose ``train.json`` names ``"shared_configs"`` takes the stage files it lacks from
     that folder (e.g. the classification bundle uses the segmentation bundle's ``train_teacher.json`` and
-    ``multi_gpu_train.json``, which hold nothing task-specific) without merging its ``train.json``.
+    ``multi_gpu_train.json``, which hold nothing task-specific) without merging its ``train.json``; an overlay of such a
+    bundle (the 3D classification bundle) takes them from the same folder.
     """
     configs = Path(bundle_dir) / "configs"
     train = configs / "train.json"
@@ -97,6 +98,9 @@ def stage_files(bundle_dir: str | Path, stage: str) -> list[Path]:
     settings = json.loads(train.read_text())
     base, shared = ((Path(bundle_dir) / settings[k]).resolve() if settings.get(k) else None
                     for k in ("base_configs", "shared_configs"))  # fmt: skip
+    if base is not None and shared is None:  # an overlay of a bundle that shares: the base's shared folder
+        folder = json.loads((base / "train.json").read_text()).get("shared_configs")
+        shared = (base.parent / folder).resolve() if folder else None
     files = ([base / "train.json"] if base else []) + [train]
     if stage == "train":
         return files

@@ -32,6 +32,7 @@ __all__ = [
     "total_stride",
     "check_patch_size",
     "check_inputs",
+    "bundle_hint",
     "choose",
 ]
 
@@ -186,6 +187,13 @@ def _channels_and_dims(image: Any) -> tuple[int, int]:
     return int(image.shape[int(channel_dim)]), image.ndim - 1
 
 
+def bundle_hint(dims: int, task: str | None = None) -> str:
+    """Which bundle to use for ``dims``-D images (of ``task``, when known), for error messages."""
+    if task:
+        return f"use bundles/{task}_{dims}d"
+    return f"use bundles/segmentation_{dims}d or bundles/classification_{dims}d"
+
+
 def check_inputs(datalists: Mapping[str, Sequence[Mapping]], in_channels: int, spatial_dims: int) -> None:
     """Raise :class:`ConfigError` when the first image of a list has another number of channels or spatial
     dimensions than the bundle's ``in_channels`` / ``spatial_dims`` (e.g. RGB images into a 1-channel bundle, 3D
@@ -199,10 +207,9 @@ def check_inputs(datalists: Mapping[str, Sequence[Mapping]], in_channels: int, s
         path = items[0]["image"]
         channels, dims = _channels_and_dims(loader(path))
         if dims != spatial_dims:
-            hint = "use bundles/segmentation_3d" if dims == 3 else "use a 2D bundle (spatial_dims 2)"
             raise ConfigError(
                 f"{path} (first image of the {key} list) is {dims}D but this bundle has spatial_dims={spatial_dims}: "
-                f"{hint}, or convert the data."
+                f"{bundle_hint(dims)}, or convert the data."
             )
         if channels != in_channels:
             what = "an RGB(A) image" if channels in (3, 4) and spatial_dims == 2 else f"{channels} channels"

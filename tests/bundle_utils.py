@@ -23,7 +23,7 @@ STAGES = {
     bundle: {
         stage: stage_files(BUNDLES / bundle, stage) for stage in ("train_teacher", "train", "evaluate", "inference")
     }
-    for bundle in ("segmentation_2d", "segmentation_3d", "classification_2d")
+    for bundle in ("segmentation_2d", "segmentation_3d", "classification_2d", "classification_3d")
 }
 
 TINY = {
@@ -45,6 +45,13 @@ TINY = {
             "$medkd.data.synthetic.ensure_classification_data(@dataset_dir, size=32, counts=(16, 8, 8))"
         ),
         "patch_size": [32, 32],
+        "batch_size": 4,
+    },
+    "classification_3d": {
+        "make_default_data": (
+            "$medkd.data.synthetic.ensure_classification_data(@dataset_dir, size=32, counts=(8, 4, 4), spatial_dims=3)"
+        ),
+        "patch_size": [32, 32, 32],  # DenseNet-121 pools to 1/32
         "batch_size": 4,
     },
 }

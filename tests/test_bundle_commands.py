@@ -13,7 +13,7 @@ from bundle_utils import BUNDLES, REPO
 
 from medkd.bundles import STAGES, run_command, stage_files
 
-NAMES = ("segmentation_2d", "segmentation_3d", "classification_2d")
+NAMES = ("segmentation_2d", "segmentation_3d", "classification_2d", "classification_3d")
 # documents showing stage commands, by the bundle folder they are typed in
 DOCS = {
     **{f"bundles/{name}/docs/README.md": name for name in NAMES},

@@ -58,6 +58,7 @@ OWN = {
     "segmentation_2d": SEGMENTATION,
     "segmentation_3d": SEGMENTATION | {"base_configs", "samples_per_volume"},
     "classification_2d": {"shared_configs", "lateral"},
+    "classification_3d": {"shared_configs", "lateral", "base_configs"},
 }
 
 

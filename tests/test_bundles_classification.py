@@ -12,7 +12,7 @@ from monai.bundle import verify_metadata, verify_net_in_out
 from medkd.training.engines import iteration_losses
 
 BUNDLE = "classification_2d"
-CONFIGS = BUNDLES / BUNDLE / "configs"
+CLASSIFICATION = [BUNDLE, "classification_3d"]
 
 
 def read_csv(path):
@@ -44,20 +44,23 @@ def test_mlflow_tracks_the_distillation_stage(trained):
     )
 
 
-def test_metadata_is_valid():
-    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(SCHEMA))
-    meta = json.loads((CONFIGS / "metadata.json").read_text())
+@pytest.mark.parametrize("bundle", CLASSIFICATION)
+def test_metadata_is_valid(bundle):
+    configs = BUNDLES / bundle / "configs"
+    verify_metadata(meta_file=str(configs / "metadata.json"), filepath=str(SCHEMA))
+    meta = json.loads((configs / "metadata.json").read_text())
     assert meta["version"] in meta["changelog"]
     for f in ("LICENSE", "docs/README.md", "configs/logging.conf"):
-        assert (BUNDLES / BUNDLE / f).is_file(), f
+        assert (BUNDLES / bundle / f).is_file(), f
 
 
 @pytest.mark.parametrize("net_id", ["teacher_def", "student_def"])
-def test_networks_match_metadata(net_id):
+@pytest.mark.parametrize("bundle", CLASSIFICATION)
+def test_networks_match_metadata(bundle, net_id):
     verify_net_in_out(
         net_id=net_id,
-        meta_file=str(CONFIGS / "metadata.json"),
-        config_file=[str(p) for p in STAGES[BUNDLE]["train"]],
+        meta_file=str(BUNDLES / bundle / "configs" / "metadata.json"),
+        config_file=[str(p) for p in STAGES[bundle]["train"]],
         device="cpu",
         n=1,
         num_classes=2,
@@ -176,3 +179,22 @@ def test_a_datalist_without_validation_list_gets_one_held_out_class_by_class(tmp
     }
     assert counts["validation"] == counts["test"] and min(counts["validation"]) >= 2  # 20% of each class
     assert sum(map(sum, counts.values())) == 32
+
+
+def test_the_3d_bundle_classifies_volumes_through_every_stage(tmp_path):
+    """The 3D bundle (an overlay of this one): a 3D ResNet-18 teacher and 3D DenseNet students on NIfTI volumes."""
+    teacher = run_stage("classification_3d", "train_teacher", tmp_path)
+    assert teacher.parser.get_parsed_content("spatial_dims") == 3
+    trainer = run_stage("classification_3d", "train", tmp_path).parser.get_parsed_content("train#trainer")
+    assert all(math.isfinite(v) for v in iteration_losses(trainer.state.output).values())
+    adapters = [m for m in trainer.routes.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert len(adapters) == 1  # the feature route of sf: a 1x1x1 adapter to the teacher's channels
+    run_stage("classification_3d", "evaluate", tmp_path)
+    rows = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert [r["network"] for r in rows] == ["teacher", "sp", "sf", "ensemble"]
+    assert all(0.0 <= r["auc"] <= 1.0 for r in rows) and rows[0]["params"] > 30 * rows[1]["params"]
+    run_stage("classification_3d", "inference", tmp_path)
+    test = json.loads((tmp_path / "data" / "dataset.json").read_text())["test"]
+    rows = read_csv(tmp_path / "eval" / "predictions" / "probabilities_sp.csv")
+    assert [r["image"] for r in rows] == [str(tmp_path / "data" / case["image"]) for case in test]
+    assert all(case["image"].endswith(".nii.gz") for case in test)

@@ -46,7 +46,7 @@ def test_engines_move_their_networks():
     assert_on(META, trainer)
 
 
-@pytest.mark.parametrize("bundle", ["segmentation_2d", "segmentation_3d", "classification_2d"])
+@pytest.mark.parametrize("bundle", ["segmentation_2d", "segmentation_3d", "classification_2d", "classification_3d"])
 @pytest.mark.parametrize("stage,engine_id", [("evaluate", "evaluator"), ("inference", "evaluator"),
                                              ("train_teacher", "train#trainer")])  # fmt: skip
 def test_bundle_stage_engines_hold_networks_on_their_device(bundle, stage, engine_id, tmp_path):

@@ -350,7 +350,7 @@ def test_plan_file_mistakes_are_named(tmp_path):
     for i in range(2):
         nib.save(nib.Nifti1Image(np.random.rand(8, 8, 8).astype(np.float32), np.eye(4)), tmp_path / f"v{i}.nii.gz")
     volumes.write_text(json.dumps({"training": [{"image": f"v{i}.nii.gz", "label": i} for i in range(2)]}))
-    with pytest.raises(ConfigError, match="are 3D but this bundle has spatial_dims=2: the classification bundle takes"):
+    with pytest.raises(ConfigError, match="are 3D but this bundle has spatial_dims=2: use bundles/classification_3d"):
         make_plan(volumes, task="classification", spatial_dims=2)
 
 

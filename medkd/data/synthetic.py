@@ -114,14 +114,18 @@ def ensure_classification_data(
     counts: Sequence[int] = (200, 60, 60),
     seed: int = 0,
     lesion_contrast: float = 0.3,
+    spatial_dims: int = 2,
+    lesion_radius: tuple[float, float] = (0.05, 0.1),
 ) -> str:
-    """Write a synthetic 2D classification dataset (PNG images, integer labels) unless a datalist exists.
+    """Write a synthetic classification dataset (2D PNG images or 3D NIfTI volumes, integer labels) unless a datalist
+    exists.
 
-    Class 1 ("lesion") images hold a small bright disc on a noisy textured background; class 0 images hold none.
-    ``lesion_contrast`` is the disc's intensity above the background (noise sd 0.12, faint blobs 0.15): at 0.3 the
-    classification bundle's ResNet-18 needs about 10 epochs to find the lesions and its small students about 20;
-    at 0.45 every network finds them within a few epochs; at 0.2 the small students did not within 20 epochs.
-    Returns the datalist path.
+    Class 1 ("lesion") images hold a small bright disc (a ball in 3D) on a noisy textured background; class 0 images
+    hold none. ``lesion_contrast`` is the disc's intensity above the background (noise sd 0.12, faint blobs 0.15): in
+    2D at 0.3 the classification bundle's ResNet-18 needs about 10 epochs to find the lesions and its small students
+    about 20; at 0.45 every network finds them within a few epochs; at 0.2 the small students did not within 20
+    epochs. ``lesion_radius`` is the range of the lesion's radius, as fractions of ``size``. Returns the datalist
+    path.
     """
     from PIL import Image  # pillow ships with matplotlib, a medkd dependency
 
@@ -131,25 +135,33 @@ def ensure_classification_data(
         return str(datalist)
     (root / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.RandomState(seed)
-    yy, xx = np.mgrid[:size, :size]
+    grid = np.mgrid[(slice(size),) * spatial_dims]
+
+    def ball(centre: Sequence[int], r: int) -> np.ndarray:
+        return sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)) < r * r
 
     def make_case(split: str, i: int) -> dict:
         label = i % 2
-        image = rng.normal(0.3, 0.12, (size, size))
+        image = rng.normal(0.3, 0.12, (size,) * spatial_dims)
         for _ in range(rng.randint(2, 5)):  # distracting large faint blobs in both classes
-            cy, cx, r = rng.randint(0, size, 2).tolist() + [rng.randint(size // 6, size // 3)]
-            image += 0.15 * ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r)
+            centre, r = rng.randint(0, size, spatial_dims).tolist(), rng.randint(size // 6, size // 3)
+            image += 0.15 * ball(centre, r)
         if label:
-            cy, cx = rng.randint(size // 6, size - size // 6, 2)
-            r = rng.randint(size // 20, size // 10)
-            image += lesion_contrast * ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r)
+            centre = rng.randint(size // 6, size - size // 6, spatial_dims)
+            r = rng.randint(int(size * lesion_radius[0]), int(size * lesion_radius[1]))
+            image += lesion_contrast * ball(centre, r)
         pixels = (np.clip(image, 0, 1) * 255).astype(np.uint8)
-        name = f"{split}_{i:04d}.png"
-        Image.fromarray(pixels).save(root / "images" / name)
+        if spatial_dims == 2:
+            name = f"{split}_{i:04d}.png"
+            Image.fromarray(pixels).save(root / "images" / name)
+        else:
+            name = f"{split}_{i:04d}.nii.gz"
+            nib.save(nib.Nifti1Image(pixels, np.eye(4)), root / "images" / name)
         return {"image": f"images/{name}", "label": label}
 
-    splits = _generate(counts, f"generating {sum(counts)} synthetic 2D images in {root}", make_case)
-    return str(_write_datalist(root, "synthetic_lesion_cls2d", ("no_lesion", "lesion"), splits))
+    what = "images" if spatial_dims == 2 else "volumes"
+    splits = _generate(counts, f"generating {sum(counts)} synthetic {spatial_dims}D {what} in {root}", make_case)
+    return str(_write_datalist(root, f"synthetic_lesion_cls{spatial_dims}d", ("no_lesion", "lesion"), splits))
 
 
 def is_default_data(dataset_dir: str, bundle_root: str) -> bool:

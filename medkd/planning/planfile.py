@@ -157,15 +157,13 @@ def make_plan(
         label_values=values,
     )
     if spatial_dims and fingerprint["spatial_dims"] != int(spatial_dims):
+        from medkd.validation import bundle_hint
+
         dims = fingerprint["spatial_dims"]
-        if task == "classification":
-            hint = "the classification bundle takes 2D images: give it 2D slices or projections"
-        else:
-            hint = "use bundles/segmentation_3d" if dims == 3 else "use bundles/segmentation_2d"
         training = datalist.get("training") if isinstance(datalist, Mapping) else datalist
         raise ConfigError(
-            f"the images of {training} are {dims}D but this bundle has spatial_dims={spatial_dims}: {hint}, or convert "
-            "the data."
+            f"the images of {training} are {dims}D but this bundle has spatial_dims={spatial_dims}: "
+            f"{bundle_hint(dims, task)}, or convert the data."
         )
     settings, reasons = make_settings(
         fingerprint,
