@@ -135,7 +135,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="gpu_check", help="folder of the runs and of gpu_check.json/.md")
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--bundles", default="segmentation_2d,segmentation_3d,classification_2d")
+    parser.add_argument("--bundles", default="segmentation_2d,segmentation_3d,classification_2d,classification_3d")
     parser.add_argument("--precisions", default="fp32,bf16,bf16-fast", help=f"of {list(PRECISIONS)}")
     parser.add_argument("--fp16", default="segmentation_2d", help="bundles also run in float16 (gradient scaler)")
     args = parser.parse_args()
