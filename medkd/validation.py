@@ -157,12 +157,51 @@ def total_stride(network: nn.Module) -> list[int] | None:
     return [math.prod(level[axis] for level in per_level) for axis in range(dims)]
 
 
+def _takes(network: nn.Module, size: Sequence[int]) -> bool | None:
+    """Whether ``network`` runs on an input of ``size``, tried on the meta device (no memory, no arithmetic, the
+    network's own weights untouched);
+    ``None`` where that cannot be told (no convolution to read the input channels from, an operator without meta
+    support)."""
+    import torch
+
+    conv = next((m for m in network.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if conv is None:
+        return None
+    meta = {k: torch.empty_like(v, device="meta") for k, v in [*network.named_parameters(), *network.named_buffers()]}
+    try:
+        with torch.no_grad():  # a batch of 2: batch normalisation in training mode needs more than one value
+            torch.func.functional_call(network, meta, (torch.empty(2, conv.in_channels, *size, device="meta"),))
+    except (RuntimeError, ValueError):
+        return False
+    except Exception:  # noqa: BLE001 - an operator the meta device lacks: the size cannot be told here
+        return None
+    return True
+
+
+def _probe_size(name: str, network: nn.Module, patch_size: Sequence[int], key: str) -> None:
+    """Raise :class:`ConfigError` when ``network``, which records no strides (a classifier), cannot take an input
+    of ``patch_size`` (its pooling would shrink some axis below nothing), naming the smallest power of two per axis it
+    takes."""
+    if _takes(network, patch_size) is not False:
+        return
+    smallest = [2 ** math.ceil(math.log2(max(int(p), 1))) for p in patch_size]
+    while max(smallest) <= 1024 and _takes(network, smallest) is False:
+        smallest = [2 * s for s in smallest]
+    hint = f'Use e.g. --{key} "{smallest}"' if max(smallest) <= 1024 else f"Use a larger --{key}"
+    raise ConfigError(
+        f"{key} {list(patch_size)} is too small for the {name} network ({type(network).__name__}): its downsampling "
+        f"leaves nothing of it. {hint}, or a network that downsamples less."
+    )
+
+
 def check_patch_size(networks: Mapping[str, nn.Module], patch_size: Sequence[int], key: str = "patch_size") -> None:
     """Raise :class:`ConfigError` when ``patch_size`` is not a multiple of a network's total stride on some axis
-    (skip connections would not line up), naming the network and the nearest valid sizes."""
+    (skip connections would not line up), or, for a network that records no strides (a classifier), is too small for
+    it to run on; naming the network and sizes that work."""
     for name, network in networks.items():
         stride = total_stride(network)
         if stride is None:
+            _probe_size(name, network, patch_size, key)
             continue
         stride = stride * len(patch_size) if len(stride) == 1 else stride
         if len(stride) != len(patch_size):

@@ -100,7 +100,23 @@ def test_patch_size_must_be_a_multiple_of_the_total_stride():
     anisotropic = UNet(3, 1, 2, channels=(4, 8, 16), strides=((2, 2, 1), (2, 2, 2)))
     assert total_stride(anisotropic) == [4, 4, 2]
     check_patch_size({"sp": anisotropic}, [32, 32, 6])
-    assert total_stride(torch.nn.Conv2d(1, 1, 3)) is None  # no recorded strides: nothing to check
+    assert total_stride(torch.nn.Conv2d(1, 1, 3)) is None  # no recorded strides: tried on the meta device
+
+
+def test_a_patch_too_small_for_a_classifier_is_named_with_a_size_that_works():
+    from monai.networks.nets import DenseNet121
+
+    teacher = DenseNet121(spatial_dims=3, in_channels=2, out_channels=2)
+    weights = {k: v.clone() for k, v in teacher.state_dict().items()}
+    check_patch_size({"teacher": teacher}, [32, 32, 32])
+    for size, works in (([16, 16, 16], [32, 32, 32]), ([24, 40, 32], [32, 64, 32])):
+        with pytest.raises(ConfigError) as error:
+            check_patch_size({"teacher": teacher}, size)
+        assert f"patch_size {size} is too small for the teacher network (DenseNet121)" in str(error.value)
+        assert f'Use e.g. --patch_size "{works}"' in str(error.value)
+    assert all(torch.equal(weights[k], v) for k, v in teacher.state_dict().items())  # tried on meta tensors
+    assert next(teacher.parameters()).device == torch.device("cpu")
+    check_patch_size({"pool": torch.nn.AdaptiveAvgPool2d(1)}, [1, 1])  # no convolution: nothing to try
 
 
 def test_rgb_and_3d_inputs_are_named(tmp_path):
@@ -150,6 +166,12 @@ def test_bundle_mistakes_end_in_one_message(stage, overrides, fragments, tmp_pat
     _assert_one_message(
         _run(stage_command("segmentation_2d", stage, tmp_path, overlay, **overrides), tmp_path), *fragments
     )
+
+
+def test_a_classification_patch_too_small_ends_in_one_message(tmp_path):
+    overlay = tiny_overlay("classification_3d", tmp_path / "tiny.json", patch_size=[16, 16, 16])
+    proc = _run(stage_command("classification_3d", "train_teacher", tmp_path, overlay), tmp_path)
+    _assert_one_message(proc, "patch_size [16, 16, 16] is too small for the teacher network (DenseNet121)")
 
 
 def test_wrong_dataset_dir_ends_in_one_message(tmp_path):
