@@ -159,9 +159,8 @@ def total_stride(network: nn.Module) -> list[int] | None:
 
 def _takes(network: nn.Module, size: Sequence[int]) -> bool | None:
     """Whether ``network`` runs on an input of ``size``, tried on the meta device (no memory, no arithmetic, the
-    network's own weights untouched);
-    ``None`` where that cannot be told (no convolution to read the input channels from, an operator without meta
-    support)."""
+    network's own weights untouched); ``None`` where that cannot be told (no convolution to read the input channels
+    from, an operator without meta support)."""
     import torch
 
     conv = next((m for m in network.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)

@@ -96,6 +96,12 @@ def test_split_mistakes_are_named(tmp_path):
         bundle_datalists(source, tmp_path / "split.json", val_frac=0.1)
     with pytest.raises(DataError, match="group_by 'site_' matches nothing in the image path 'imagesTr/patient000_0"):
         make_split(source, tmp_path / "split.json", options=SplitOptions(group_by="site_"))
+    with pytest.raises(DataError, match=r"split_options group_by '\(' is not a valid regular expression"):
+        make_split(source, tmp_path / "split.json", options=SplitOptions(group_by="("))
+    from medkd.prepare.pairing import group_regex  # the one compiler of prepare's --group-by too
+
+    with pytest.raises(DataError, match=r"^--group-by '\(' is not a valid regular expression"):
+        group_regex("(")
     assert not (tmp_path / "split.json").exists()
 
 

@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -200,17 +199,6 @@ def _refresh(path: Path, source: Path, options: SplitOptions) -> None:
         )
 
 
-def _group(entry: Mapping[str, Any], root: Path, regex: re.Pattern | None, group_by: str | None) -> str:
-    image = entry["image"][0] if isinstance(entry["image"], list | tuple) else entry["image"]
-    name = os.path.relpath(image, root) if os.path.isabs(image) else str(image)
-    if regex is None:
-        return name
-    match = regex.search(name)
-    if match is None:
-        raise DataError(f"split_options group_by {group_by!r} matches nothing in the image path {name!r}.")
-    return match.group(1) if match.groups() else match.group(0)
-
-
 def make_split(
     datalist_file: str | os.PathLike,
     split_file: str | os.PathLike,
@@ -233,23 +221,24 @@ def make_split(
         DataError: too few training cases to hold out every missing list, or a ``group_by`` that matches nothing.
     """
     from medkd.planning.planfile import write_plan
+    from medkd.prepare.pairing import group_of, group_regex
     from medkd.prepare.splits import Unit, random_splits
 
     options = options or SplitOptions()
-    group_by = options.group_by
     source, path = Path(datalist_file).expanduser().resolve(), Path(split_file).expanduser()
     data = json.loads(source.read_text())
     missing = lists_to_hold_out(source)
-    fractions = {"validation": options.val_fraction, "test": options.test_fraction}
-    for key in HELD_OUT:
-        if key not in missing:
-            fractions[key] = 0.0
+    given = {"validation": options.val_fraction, "test": options.test_fraction}
+    fractions = {key: given[key] if key in missing else 0.0 for key in HELD_OUT}
     training = load_datalist(source, key="training") if "training" in data else nnunet_training(source.parent, data)
-    try:
-        regex = re.compile(group_by) if group_by else None
-    except re.error as e:
-        raise DataError(f"split_options group_by {group_by!r} is not a valid regular expression ({e}).") from e
-    groups = [_group(e, source.parent, regex, group_by) for e in training]
+    regex = group_regex(options.group_by, option="split_options group_by")
+    groups = []
+    for entry in training:
+        image = entry["image"][0] if isinstance(entry["image"], list | tuple) else entry["image"]
+        name = os.path.relpath(image, source.parent) if os.path.isabs(image) else str(image)
+        if (group := group_of(name, regex)) is None:
+            raise DataError(f"split_options group_by {options.group_by!r} matches nothing in the image path {name!r}.")
+        groups.append(group)
     members: dict[str, list[int]] = defaultdict(list)
     strata: dict[str, str | None] = {}
     for i, (entry, group) in enumerate(zip(training, groups, strict=True)):
@@ -298,11 +287,11 @@ def _relative(entry: Mapping[str, Any], root: Path) -> dict[str, Any]:
     """``entry`` with each path under ``root`` relative to it (the split file beside the datalist then moves with its
     data)."""
 
+    from medkd.prepare.output import relative
+
     def rel(value: Any) -> Any:
         if isinstance(value, list):
             return [rel(v) for v in value]
-        if isinstance(value, str) and os.path.isabs(value) and Path(value).is_relative_to(root):
-            return os.path.relpath(value, root)
-        return value
+        return relative(value, root) if isinstance(value, str) else value
 
     return {k: rel(v) if k in ("image", "label") else v for k, v in entry.items()}

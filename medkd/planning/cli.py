@@ -45,14 +45,15 @@ def plan_command(args: argparse.Namespace) -> int:
 def _datalists(datalist: Path, dataset_dir: Path, task: str | None) -> str | dict[str, str]:
     """The datalist, or the bundles' split file (made now when missing) where it lacks validation or test lists, so
     that the plan is made from the lists the bundles read (:mod:`medkd.data.held_out`)."""
-    if not lists_to_hold_out(datalist):
+    missing = lists_to_hold_out(datalist)
+    if not missing:
         return str(datalist)
     from medkd.data.checks import infer_task
     from medkd.data.loading import load_datalist
 
     task = task or infer_task(load_datalist(datalist))
     datalists = bundle_datalists(datalist, dataset_dir / SPLIT_FILE, task=task)
-    print(f"{datalist} lacks {' and '.join(lists_to_hold_out(datalist))}: the lists are in {datalists['training']}")
+    print(f"{datalist} lacks {' and '.join(missing)}: the lists are in {datalists['training']}")
     return datalists
 
 

@@ -4,7 +4,6 @@ near-duplicate images) together, and greyscale copies of colour images for the o
 
 from __future__ import annotations
 
-import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from tqdm.auto import tqdm
 from medkd.data.duplicates import DEFAULT_MAX_DISTANCE, find_duplicates
 from medkd.data.loading import IMAGE_SUFFIXES, PIL_SUFFIXES, DataError
 from medkd.prepare.output import Prepared, output_folder, relative, shown, write_prepared
-from medkd.prepare.pairing import group_of
+from medkd.prepare.pairing import group_of, group_regex
 from medkd.prepare.pixels import GREY_MODES, to_grey
 from medkd.prepare.splits import SPLITS, Unit, hold_out, split_of
 
@@ -156,12 +155,8 @@ def prepare_classification(
         raise DataError(f"--duplicates {duplicates!r} must be one of {', '.join(DUPLICATE_POLICIES)}.")
     sources, ignored, layout = scan_image_folder(root)
     root = Path(root).expanduser().absolute()
-    regex = None
-    if group_by:
-        try:
-            regex = re.compile(group_by)
-        except re.error as e:
-            raise DataError(f"--group-by {group_by!r} is not a valid regular expression ({e}).") from e
+    regex = group_regex(group_by)
+    if regex is not None:
         unmatched = [s.path for s in sources if group_of(s.path, regex) is None]
         if unmatched:
             raise DataError(

@@ -18,7 +18,7 @@ from typing import Any
 
 from medkd.data.loading import DataError
 
-__all__ = ["Pair", "find_sidecar", "group_of", "pair_files", "pattern_regex", "pixel_size_from_sidecar"]
+__all__ = ["Pair", "find_sidecar", "group_of", "group_regex", "pair_files", "pattern_regex", "pixel_size_from_sidecar"]
 
 _WILDCARD = re.compile(r"\*\*/|\*\*|\*|\?|\[[^\]]*\]")
 
@@ -127,6 +127,20 @@ def pair_files(root: Path, images: str, masks: str) -> tuple[list[Pair], list[st
             + _hint(images, masks, first, list(found_masks))
         )
     return pairs, lone_images, lone_masks
+
+
+def group_regex(group_by: str | None, option: str = "--group-by") -> re.Pattern | None:
+    """``group_by`` compiled (``None`` without one).
+
+    Raises:
+        DataError: naming ``option`` when it is not a valid regular expression.
+    """
+    if not group_by:
+        return None
+    try:
+        return re.compile(group_by)
+    except re.error as e:
+        raise DataError(f"{option} {group_by!r} is not a valid regular expression ({e}).") from e
 
 
 def group_of(path: str, regex: re.Pattern | None) -> str | None:

@@ -3,7 +3,6 @@ resampled to one pixel size and optionally tiled, split by group, with a Decathl
 
 from __future__ import annotations
 
-import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,22 +12,13 @@ from tqdm.auto import tqdm
 
 from medkd.data.loading import DataError
 from medkd.prepare.output import Prepared, output_folder, relative, shown, write_prepared
-from medkd.prepare.pairing import Pair, find_sidecar, group_of, pair_files, pixel_size_from_sidecar
+from medkd.prepare.pairing import Pair, find_sidecar, group_of, group_regex, pair_files, pixel_size_from_sidecar
 from medkd.prepare.pixels import central_span, map_mask_values, read_grey, resample, tile_origins, write_image
 from medkd.prepare.splits import SPLITS, Unit, explicit_splits, parse_split_spec, random_splits
 
 __all__ = ["prepare_segmentation"]
 
 MAX_IMPLICIT_CLASSES = 32
-
-
-def _regex(group_by: str | None) -> re.Pattern | None:
-    if not group_by:
-        return None
-    try:
-        return re.compile(group_by)
-    except re.error as e:
-        raise DataError(f"--group-by {group_by!r} is not a valid regular expression ({e}).") from e
 
 
 def _names(pairs: Sequence[Pair]) -> dict[str, str]:
@@ -155,7 +145,7 @@ def prepare_segmentation(
     if file_format not in ("nifti", "png"):
         raise DataError(f"--format {file_format!r} must be nifti or png.")
     pairs, lone_images, lone_masks = pair_files(root, images, masks)
-    regex = _regex(group_by)
+    regex = group_regex(group_by)
     groups = {p.image: group_of(p.image, regex) for p in pairs}
     unmatched = [image for image, group in groups.items() if group is None]
     if unmatched:
