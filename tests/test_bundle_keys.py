@@ -17,8 +17,8 @@ from medkd.validation import RENAMED, check_overrides
 SHARED = {
     # folders and data
     "imports", "bundle_root", "ckpt_dir", "output_dir", "log_dir", "dataset_dir", "datalist_file", "split_file",
-    "split_options", "datalists", "default_data", "make_default_data", "allow_missing_classes", "check_data",
-    "check_settings", "class_names", "num_classes",
+    "split_options", "datalists", "default_data", "make_default_data", "allow_missing_classes", "allow_leakage",
+    "check_data", "check_settings", "class_names", "num_classes",
     # planned settings
     "spatial_dims", "auto_plan", "plan_file", "plan_options", "default_plan", "plan", "plan_used", "show_plan",
     "in_channels", "patch_size", "batch_size", "max_epochs", "iterations_per_epoch", "val_interval", "normalization",

@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,6 +180,28 @@ def test_a_datalist_without_validation_list_gets_one_held_out_class_by_class(tmp
     }
     assert counts["validation"] == counts["test"] and min(counts["validation"]) >= 2  # 20% of each class
     assert sum(map(sum, counts.values())) == 32
+
+
+def test_one_csv_file_for_every_list_is_split_not_scored_on_its_training_images(tmp_path, capsys):
+    from medkd.data.synthetic import ensure_classification_data
+
+    datalist = tmp_path / "data" / "dataset.json"
+    ensure_classification_data(str(datalist.parent), size=32, counts=(16, 8, 8))
+    data = json.loads(datalist.read_text())
+    rows = [f"{e['image']},{e['label']}\n" for key in ("training", "validation", "test") for e in data[key]]
+    (tmp_path / "data" / "all.csv").write_text("image,label\n" + "".join(rows))
+    data_dir, names = str(tmp_path / "data"), ["no_lesion", "lesion"]  # a CSV file has no labels map
+    datalists = dict.fromkeys(("training", "validation", "test"), f"{data_dir}/all.csv")
+    with pytest.raises(SystemExit):  # the same file for every list, as given: the run stops before training
+        run_stage(BUNDLE, "train_teacher", tmp_path, dataset_dir=data_dir, datalists=datalists, class_names=names)
+    assert "[leakage] 32 image file(s) are in both the 'training' and the 'validation' list" in capsys.readouterr().err
+    split = f"{data_dir}/medkd_splits.json"
+    workflow = run_stage(
+        BUNDLE, "train_teacher", tmp_path, dataset_dir=data_dir, datalist_file=f"{data_dir}/all.csv", class_names=names
+    )
+    assert workflow.parser.get_parsed_content("datalists") == dict.fromkeys(datalists, split)
+    lists = json.loads(Path(split).read_text())
+    assert [len(lists[key]) for key in datalists] == [20, 6, 6]
 
 
 def test_the_3d_bundle_classifies_volumes_through_every_stage(tmp_path):

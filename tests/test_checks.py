@@ -225,7 +225,8 @@ def test_cli_infers_classification_from_integer_labels(tmp_path, capsys):
 
 
 def test_allow_missing_classes_in_validation_only(tmp_path, seg_items, caplog, capsys):
-    two_classes = {"image": seg_items[0]["image"], "label": nifti(tmp_path / "l01.nii.gz", label_map((0, 1)))}
+    image = nifti(tmp_path / "img01.nii.gz", np.random.rand(8, 8).astype(np.float32))
+    two_classes = {"image": image, "label": nifti(tmp_path / "l01.nii.gz", label_map((0, 1)))}
     path = write_datalist(tmp_path, seg_items, validation=[two_classes])
     with pytest.raises(SystemExit) as err:
         check_before_run(path, num_classes=3)
@@ -252,9 +253,10 @@ def test_allow_missing_classes_in_validation_only(tmp_path, seg_items, caplog, c
 
 
 def test_check_before_run_reads_a_file_per_list(tmp_path, seg_items, capsys):
-    training = write_datalist(tmp_path, seg_items, test=seg_items)
+    training = write_datalist(tmp_path, seg_items[:2], test=seg_items[2:])
     validation = tmp_path / "validation.csv"
-    validation.write_text(f"image,label\n{seg_items[0]['image']},{seg_items[0]['label']}\n{tmp_path / 'gone.nii.gz'},"
+    image = nifti(tmp_path / "img_v.nii.gz", np.random.rand(8, 8).astype(np.float32))
+    validation.write_text(f"image,label\n{image},{seg_items[0]['label']}\n{tmp_path / 'gone.nii.gz'},"
                           f"{seg_items[0]['label']}\n")  # fmt: skip
     datalists = {"training": training, "validation": validation, "test": training}
     with pytest.raises(SystemExit):
@@ -346,3 +348,32 @@ def test_check_datalist_reads_label_maps_in_the_classes_values(tmp_path, capsys)
     assert main(["check-data", "--datalist", str(datalist), "--no-duplicates"]) == 1  # values from the labels map
     out = capsys.readouterr().out
     assert "label values [3] are not among the classes' values [0, 1, 2, 4]" in out and "[4]" not in out
+
+
+def test_an_image_in_two_lists_stops_the_run_naming_them(tmp_path, seg_items, caplog, capsys):
+    one_list = tmp_path / "all.csv"  # one CSV for every list: the test list would be the training list
+    one_list.write_text("image,label\n" + "".join(f"{e['image']},{e['label']}\n" for e in seg_items))
+    with pytest.raises(SystemExit):
+        check_before_run(dict.fromkeys(("training", "validation", "test"), one_list), num_classes=3)
+    report = capsys.readouterr().err.splitlines()
+    shown = ", ".join(e["image"] for e in seg_items)
+    assert report[:3] == [
+        f"[leakage] 3 image file(s) are in both the 'training' and the 'validation' list: {shown}",
+        f"[leakage] 3 image file(s) are in both the 'training' and the 'test' list: {shown}",
+        f"[leakage] 3 image file(s) are in both the 'validation' and the 'test' list: {shown}",
+    ]
+    assert "--allow_leakage true runs anyway" in report[3]
+    same_file = str(tmp_path / "." / Path(seg_items[2]["image"]).name)  # another spelling of one path
+    path = write_datalist(
+        tmp_path, seg_items[:2], validation=[{**seg_items[2], "image": same_file}], test=seg_items[2:]
+    )
+    check_before_run(path, num_classes=3, keys=["training"])  # no exit: no list shares an image with training
+    with pytest.raises(SystemExit):
+        check_before_run(path, num_classes=3, keys=["test"])  # the evaluation's check: test against the others
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"[leakage] 1 image file(s) are in both the 'test' and the 'validation' list: {seg_items[2]['image']}"
+    )
+    with caplog.at_level(logging.WARNING, logger="medkd.data.checks"):
+        check_before_run(path, num_classes=3, keys=["test"], allow_leakage=True)  # no exit
+    assert "[leakage] 1 image file(s) are in both the 'test' and the 'validation' list" in caplog.text
+    assert "accepted (allow_leakage)" in caplog.text

@@ -18,6 +18,7 @@ from medkd.data.loading import (
     DicomReader,
     LoadMedicalImage,
     LoadMedicalImaged,
+    csv_lists,
     find_images,
     image_loader,
     load_datalist,
@@ -430,3 +431,26 @@ def test_find_images_errors_name_the_folder_and_what_it_holds(tmp_path):
     )
     with pytest.raises(DataError, match="is a file, not a folder"):
         find_images(tmp_path / "other" / "scan.mha")
+
+
+def test_csv_split_column_names_each_rows_list(tmp_path):
+    path = tmp_path / "all.csv"
+    path.write_text("image,label,split\na.png,0,train\nb.png,1,Training\nc.png,0,val\nd.png,1,test\n")
+    assert csv_lists(path) == ["training", "validation", "test"]
+    assert load_datalist(path, key="training") == [
+        {"image": str(tmp_path / "a.png"), "label": 0},
+        {"image": str(tmp_path / "b.png"), "label": 1},
+    ]  # the split column is not kept
+    assert [e["image"] for e in load_datalist(path, key="validation")] == [str(tmp_path / "c.png")]
+    assert [e["image"] for e in load_datalist(path, key="test")] == [str(tmp_path / "d.png")]
+    (tmp_path / "two.csv").write_text("image,label,split\na.png,0,test\nb.png,1,training\n")
+    assert csv_lists(tmp_path / "two.csv") == ["training", "test"]
+    with pytest.raises(DataError, match=r"has no row whose split is 'validation' \(lists found: \['training', 'test'"):
+        load_datalist(tmp_path / "two.csv", key="validation")
+    (tmp_path / "bad.csv").write_text("image,label,split\na.png,0,train\nb.png,1,holdout\n")
+    for read in (csv_lists, load_datalist):
+        with pytest.raises(DataError, match=r"bad.csv', line 3: the 'split' cell 'holdout' names no list. Write"):
+            read(tmp_path / "bad.csv")
+    (tmp_path / "one.csv").write_text("image,label\na.png,0\n")
+    assert csv_lists(tmp_path / "one.csv") == ["training"]  # one list, read whatever the key
+    assert load_datalist(tmp_path / "one.csv", key="test") == load_datalist(tmp_path / "one.csv")

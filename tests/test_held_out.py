@@ -180,3 +180,30 @@ def test_an_nnunet_raw_dataset_gets_its_cases_from_its_folders(tmp_path):
         nnunet_training(broken.parent, json.loads(broken.read_text()))
     with pytest.raises(DataError, match="has no label map labelsTr/\\*.nii.gz"):
         nnunet_training(nnunet_raw(tmp_path / "empty", cases=()).parent, one_channel)
+
+
+def test_a_csv_datalist_without_split_column_gets_its_lists_held_out(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    rows = "".join(f"images/case{i:02d}.png,{i % 2},site{i % 3}\n" for i in range(20))
+    (root / "all.csv").write_text("image,label,site\n" + rows)
+    assert lists_to_hold_out(root / "all.csv") == ["validation", "test"]
+    split = root / "medkd_splits.json"
+    assert bundle_datalists(root / "all.csv", split, task="classification") == dict.fromkeys(
+        ("training", "validation", "test"), str(split)
+    )
+    lists = {key: load_datalist(split, key=key) for key in ("training", "validation", "test")}
+    assert [len(v) for v in lists.values()] == [12, 4, 4]
+    assert sorted(sum((images(v) for v in lists.values()), [])) == sorted(images(load_datalist(root / "all.csv")))
+    assert [sorted(e["label"] for e in lists[key]) for key in ("validation", "test")] == [[0, 0, 1, 1]] * 2
+    written = json.loads(split.read_text())
+    assert written["test"][0]["image"].startswith("images/case") and "site" in written["test"][0]  # relative, kept
+    assert set(written) == {"training", "validation", "test", "medkd_split"}
+    (root / "given.csv").write_text("image,label,site,split\n" + rows.replace("\n", ",train\n") + "t.png,0,A,test\n")
+    assert lists_to_hold_out(root / "given.csv") == ["validation"]
+    make_split(root / "given.csv", root / "given.json", task="classification")
+    assert images(load_datalist(root / "given.json", key="test")) == [str(root / "t.png")]  # kept as given
+    (root / "full.csv").write_text((root / "given.csv").read_text() + "v.png,1,A,val\n")
+    assert lists_to_hold_out(root / "full.csv") == []
+    (root / "unlabelled.csv").write_text("image\na.png\nb.png\n")
+    assert lists_to_hold_out(root / "unlabelled.csv") == []  # nothing to train on: the bundles' checks say so

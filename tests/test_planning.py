@@ -68,7 +68,7 @@ def lateral_data(root, names=LUNGS, n=6, spacing=(1.5, 1.5), sides="fixed", sing
     return root
 
 
-def ct_volumes(root, n=4, shape=(24, 20, 6), spacing=(0.8, 0.8, 4.0)):
+def ct_volumes(root, n=5, shape=(24, 20, 6), spacing=(0.8, 0.8, 4.0)):
     """3D int16 CT-like volumes (air -1000 around two boxes of 40 HU), classes kidney_l / kidney_r."""
     (root / "images").mkdir(parents=True)
     (root / "labels").mkdir()
@@ -84,7 +84,7 @@ def ct_volumes(root, n=4, shape=(24, 20, 6), spacing=(0.8, 0.8, 4.0)):
         nib.save(nib.Nifti1Image(label, affine), root / "labels" / f"v{i}.nii.gz")
         entries.append({"image": f"images/v{i}.nii.gz", "label": f"labels/v{i}.nii.gz"})
     labels = {"0": "background", "1": "kidney_l", "2": "kidney_r"}
-    datalist = {"labels": labels, "training": entries[:3], "validation": entries[3:], "test": entries[3:]}
+    datalist = {"labels": labels, "training": entries[:3], "validation": entries[3:4], "test": entries[4:]}
     (root / "dataset.json").write_text(json.dumps(datalist))
     return root
 

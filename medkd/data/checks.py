@@ -28,7 +28,7 @@ from monai.utils import ensure_tuple
 
 from medkd.data.duplicates import DEFAULT_MAX_DISTANCE, find_duplicates
 from medkd.data.labels import check_label_values, optional_class_names, optional_label_values
-from medkd.data.loading import DataError, LoadMedicalImage, load_datalist
+from medkd.data.loading import DataError, LoadMedicalImage, csv_lists, load_datalist
 from medkd.training.distributed import is_not_rank0
 from medkd.training.nonfinite import count_nonfinite
 
@@ -336,6 +336,7 @@ def check_before_run(
     base_dir: str | os.PathLike | None = None,
     allow_missing_classes: bool = False,
     label_values: Sequence[int] | None = None,
+    allow_leakage: bool = False,
 ) -> None:
     """Check the ``keys`` lists before a bundle run; on any problem print them all and exit with status 1
     (``SystemExit`` passes through MONAI's config parser, so the user sees the report, not a traceback).
@@ -344,7 +345,10 @@ def check_before_run(
     ``allow_missing_classes`` (the bundle key of that name) turns "class N never appears" in every list but
     ``training`` into a logged warning, for a small validation split that lacks a rare class; a class absent from
     the training list stays an error. ``label_values``: see :func:`check_datalist` (a bad list raises
-    :class:`~medkd.errors.ConfigError`). In a ``torchrun`` run, rank 0 checks and the other processes go on.
+    :class:`~medkd.errors.ConfigError`). An image file in one of ``keys`` and in another of the ``training``,
+    ``validation`` and ``test`` lists is a problem (:func:`shared_images`), a logged warning with
+    ``allow_leakage`` (the bundle key of that name). In a ``torchrun`` run, rank 0 checks and the other processes
+    go on.
     """
     if label_values is not None and num_classes is not None and task == "segmentation":
         label_values = check_label_values(label_values, num_classes)
@@ -371,10 +375,62 @@ def check_before_run(
                 f"[{key}] A class absent from a small {key} split can be accepted with --allow_missing_classes true "
                 "(see docs/data.md)."
             )
+    if not errors and (leaks := shared_images(_other_lists(datalists, keys, base_dir), keys)):
+        if not allow_leakage:
+            errors += [*leaks, LEAKAGE_HINT]
+        for line in leaks if allow_leakage else []:
+            logger.warning("%s; accepted (allow_leakage)", line)
     if errors:
         print("\n".join(errors), file=sys.stderr, flush=True)
         raise SystemExit(1)
     logger.info("data check passed for %s", ", ".join(f"{key} ({file})" for key, file in files.items()))
+
+
+LEAKAGE_HINT = (
+    "[leakage] A score on a list that shares images with the training list (or the validation list that picks the "
+    "checkpoint) is optimistic. Keep each image in one list: fix the datalist, or delete the split file to split "
+    "again (see docs/data.md); --allow_leakage true runs anyway."
+)
+
+
+def _other_lists(
+    datalists: str | os.PathLike | Mapping[str, str | os.PathLike],
+    keys: Sequence[str],
+    base_dir: str | os.PathLike | None,
+) -> dict[str, list[dict]]:
+    """The ``training``, ``validation`` and ``test`` lists of ``datalists`` that can be read, ``keys`` first (a list
+    the datalists lack is left out)."""
+    lists = {}
+    for key in dict.fromkeys([*keys, "training", "validation", "test"]):
+        if isinstance(datalists, Mapping) and key not in datalists:
+            continue
+        try:
+            lists[key] = load_datalist(datalists[key] if isinstance(datalists, Mapping) else datalists, key, base_dir)
+        except DataError:
+            continue
+    return lists
+
+
+def shared_images(lists: Mapping[str, Sequence[Mapping[str, Any]]], keys: Sequence[str], shown: int = 3) -> list[str]:
+    """One line for each pair of ``lists`` (at least one of them in ``keys``) that hold the same image file (the same
+    real path; each file of a multi-file image counts), naming up to ``shown`` of the files; ``[]`` when none is."""
+    files = {
+        name: {os.path.realpath(f): f for e in items for f in ensure_tuple(e["image"])} for name, items in lists.items()
+    }
+    names = list(files)
+    lines = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            if a not in keys and b not in keys:
+                continue
+            both = sorted(files[a].keys() & files[b].keys())
+            if both:
+                more = f" and {len(both) - shown} more" if len(both) > shown else ""
+                lines.append(
+                    f"[leakage] {len(both)} image file(s) are in both the {a!r} and the {b!r} list: "
+                    f"{', '.join(files[a][f] for f in both[:shown])}{more}"
+                )
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
@@ -438,8 +494,11 @@ def _datalist_keys(path: str, key: str) -> list[str]:
     """The lists ``--key`` names: one, several (comma-separated), or ``all`` (every list of a JSON datalist)."""
     if key != "all":
         return [k.strip() for k in key.split(",") if k.strip()] or ["training"]
-    if not path.lower().endswith(".json"):
-        return ["training"]  # a CSV datalist is one list
+    if path.lower().endswith(".csv"):
+        try:
+            return csv_lists(path)
+        except DataError:
+            return ["training"]  # load_datalist names the problem
     try:
         content = json.loads(Path(path).read_text())
     except (OSError, ValueError):

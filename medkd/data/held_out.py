@@ -1,15 +1,15 @@
 """Validation and test lists held out of the training list, for a datalist that lacks them.
 
 A Medical Segmentation Decathlon ``dataset.json`` has a ``training`` list and an unlabelled ``test`` list, and no
-validation list; a bundle needs labelled ``training``, ``validation`` and ``test`` lists. :func:`bundle_datalists`
-gives a bundle its ``datalists``: the datalist itself when it has all three, else a **split file** made from it once
-(``<dataset_dir>/medkd_splits.json``): a Decathlon datalist whose missing lists are held out of the training list
-(``val_fraction`` and ``test_fraction`` of the cases, reproducibly by ``seed``, whole groups of ``group_by``, and
-stratified by class for classification; :class:`SplitOptions`). The ``dataset.json`` of an nnU-Net v2 raw dataset,
-which lists no cases, gets its training list from ``imagesTr`` and ``labelsTr`` (:func:`nnunet_training`). Every
-stage reads the same file, it can be read and edited, and its lists are kept when the datalist's lists change (with a
-warning saying how to split again), as the plan file is; its other fields (``labels``, ``modality``) follow the
-datalist.
+validation list; a CSV datalist without a ``split`` column is one list; a bundle needs labelled ``training``,
+``validation`` and ``test`` lists. :func:`bundle_datalists` gives a bundle its ``datalists``: the datalist itself when
+it has all three, else a **split file** made from it once (``<dataset_dir>/medkd_splits.json``): a Decathlon datalist
+whose missing lists are held out of the training list (``val_fraction`` and ``test_fraction`` of the cases,
+reproducibly by ``seed``, whole groups of ``group_by``, and stratified by class for classification;
+:class:`SplitOptions`). The ``dataset.json`` of an nnU-Net v2 raw dataset, which lists no cases, gets its training
+list from ``imagesTr`` and ``labelsTr`` (:func:`nnunet_training`). Every stage reads the same file, it can be read and
+edited, and its lists are kept when the datalist's lists change (with a warning saying how to split again), as the
+plan file is; its other fields (``labels``, ``modality``) follow the datalist.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from medkd.data.loading import DataError, load_datalist
+from medkd.data.loading import DataError, csv_lists, load_datalist
 from medkd.errors import ConfigError
 from medkd.training.distributed import rank0_first
 
@@ -97,26 +97,35 @@ def _fields(data: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k not in SPLITS and k != SPLIT_KEY}
 
 
+def _source_data(source: Path) -> dict[str, Any]:
+    """A datalist's content as a JSON datalist's object: a CSV datalist's lists (:func:`csv_lists`), with paths
+    relative to its folder as in a JSON datalist, and no other field."""
+    if source.suffix.lower() != ".csv":
+        return json.loads(source.read_text())
+    return {key: [_relative(e, source.parent) for e in load_datalist(source, key)] for key in csv_lists(source)}
+
+
 def lists_to_hold_out(datalist_file: str | os.PathLike) -> list[str]:
-    """The lists of ``validation`` and ``test`` that a JSON datalist lacks: absent, empty, or without labels (a
-    Decathlon ``test`` list). ``[]`` for a file that is not a readable JSON object with a non-empty ``training`` list
-    (a CSV file, a missing or broken file, no training cases: the bundles' own checks report those), or the
-    ``dataset.json`` of an nnU-Net v2 raw dataset (:func:`nnunet_training`)."""
+    """The lists of ``validation`` and ``test`` that a JSON or CSV datalist lacks: absent, empty, or without labels (a
+    Decathlon ``test`` list; a CSV file without a ``split`` column has a training list only). ``[]`` for a file that
+    is not a readable datalist with a labelled ``training`` list (a missing or broken file, no labelled training
+    cases: the bundles' own checks report those), or the ``dataset.json`` of an nnU-Net v2 raw dataset
+    (:func:`nnunet_training`)."""
     path = Path(datalist_file)
-    if path.suffix.lower() != ".json" or not path.is_file():
+    if path.suffix.lower() not in (".json", ".csv") or not path.is_file():
         return []
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = _source_data(path)
+    except (OSError, ValueError):  # DataError is a ValueError
         return []
     if isinstance(data, dict) and "training" not in data and _is_nnunet(data):
         return list(HELD_OUT)
-    if not isinstance(data, dict) or not isinstance(data.get("training"), list) or not data["training"]:
-        return []
 
     def labelled(entries: Any) -> bool:
         return isinstance(entries, list) and any(isinstance(e, dict) and "label" in e for e in entries)
 
+    if not isinstance(data, dict) or not labelled(data.get("training")):
+        return []
     return [key for key in HELD_OUT if not labelled(data.get(key))]
 
 
@@ -155,7 +164,7 @@ def bundle_datalists(
     ``modality``, ...) are copied from the datalist again when they changed there.
 
     Args:
-        datalist_file: the bundle's datalist (a Decathlon JSON file).
+        datalist_file: the bundle's datalist (a Decathlon JSON or a CSV file).
         split_file: where the split is kept (the bundle's ``split_file``).
         task: ``"segmentation"``, or ``"classification"`` (held out class by class).
         split_options: the fields of :class:`SplitOptions` (the bundle's ``split_options``).
@@ -183,7 +192,7 @@ def _refresh(path: Path, source: Path, options: SplitOptions) -> None:
         raise ConfigError(
             f"the split file {path} is not a JSON datalist ({e}); fix it, or delete it to split {source} again."
         ) from e
-    data = json.loads(source.read_text())
+    data = _source_data(source)
     if _fields(split) != _fields(data):
         kept = {k: v for k, v in split.items() if k not in _fields(split)}
         write_plan({**_fields(data), **kept}, path, key="split_file")
@@ -212,7 +221,7 @@ def make_split(
     options and the counts.
 
     Args:
-        datalist_file: a Decathlon JSON datalist.
+        datalist_file: a Decathlon JSON datalist, or a CSV datalist.
         split_file: the file to write.
         task: ``"classification"`` holds out the same fraction of each class.
         options: how (:class:`SplitOptions`; default its defaults).
@@ -226,7 +235,7 @@ def make_split(
 
     options = options or SplitOptions()
     source, path = Path(datalist_file).expanduser().resolve(), Path(split_file).expanduser()
-    data = json.loads(source.read_text())
+    data = _source_data(source)
     missing = lists_to_hold_out(source)
     given = {"validation": options.val_fraction, "test": options.test_fraction}
     fractions = {key: given[key] if key in missing else 0.0 for key in HELD_OUT}

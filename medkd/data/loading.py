@@ -34,6 +34,7 @@ __all__ = [
     "DicomReader",
     "LoadMedicalImage",
     "LoadMedicalImaged",
+    "csv_lists",
     "find_images",
     "image_loader",
     "load_datalist",
@@ -48,6 +49,15 @@ DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 NUMPY_SUFFIXES = (".npy", ".npz")
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + DICOM_SUFFIXES + PIL_SUFFIXES + NUMPY_SUFFIXES
+SPLIT_COLUMN = "split"  # a CSV datalist's optional column naming each row's list
+SPLIT_NAMES = {  # the names a split cell may hold, and the list each names
+    "training": "training",
+    "train": "training",
+    "validation": "validation",
+    "val": "validation",
+    "valid": "validation",
+    "test": "test",
+}
 SUPPORTED = (
     "NIfTI (.nii, .nii.gz), DICOM (.dcm/.dicom/.ima, extension-less files, or a folder with one series), "
     "PNG/JPEG/BMP, NumPy (.npy/.npz)"
@@ -66,22 +76,46 @@ def load_datalist(path: PathLike, key: str = "training", base_dir: PathLike | No
 
     Args:
         path: a Decathlon-style ``.json`` file (``{"training": [{"image": .., "label": ..}, ..]}``) or a ``.csv``
-            file with an ``image`` column and an optional ``label`` column. A CSV label is an integer class index
-            (classification) or a path (segmentation); other columns are kept as strings. A UTF-8 byte-order mark
-            (Excel's "CSV UTF-8") is accepted.
-        key: list to read from a JSON datalist (``training``, ``validation``, ``test``, ...); ignored for CSV.
+            file with an ``image`` column and optional ``label`` and ``split`` columns. A CSV label is an integer class
+            index (classification) or a path (segmentation); a ``split`` cell names the row's list (``training``,
+            ``validation``, ``test``, or ``train``, ``val``, ``valid``); other columns are kept as strings. A UTF-8
+            byte-order mark (Excel's "CSV UTF-8") is accepted.
+        key: list to read (``training``, ``validation``, ``test``, ...); a CSV file without a ``split`` column is
+            one list, read whatever the key (:func:`csv_lists`).
         base_dir: folder relative paths are resolved against; defaults to the datalist's folder.
 
     Raises:
         DataError: the file is missing or malformed (bad JSON, missing key or columns, entries without image, CSV
-            labels that are neither integer class indices nor label-map paths).
+            labels that are neither integer class indices nor label-map paths, CSV split names that name no list, no
+            CSV row of the ``key`` list).
     """
+    path = _existing(path)
+    if path.suffix.lower() == ".csv":
+        return _load_csv(path, base_dir, key)
+    return _load_json(path, key, base_dir)
+
+
+def csv_lists(path: PathLike) -> list[str]:
+    """The lists a CSV datalist holds, in the order ``training``, ``validation``, ``test``: those its ``split``
+    column names, or ``["training"]`` for a file without one (one list, which the bundles split,
+    :mod:`medkd.data.held_out`).
+
+    Raises:
+        DataError: as :func:`load_datalist`.
+    """
+    path = _existing(path)
+    columns, rows = _read_csv(path)
+    if SPLIT_COLUMN not in columns:
+        return ["training"]
+    names = {_split_name(path, line, row) for line, row in rows}
+    return [key for key in dict.fromkeys(SPLIT_NAMES.values()) if key in names]
+
+
+def _existing(path: PathLike) -> Path:
     path = Path(path).expanduser().absolute()
     if not path.is_file():
         raise DataError(f"Datalist '{path}' does not exist. Pass the path of a .json or .csv datalist.")
-    if path.suffix.lower() == ".csv":
-        return _load_csv(path, base_dir)
-    return _load_json(path, key, base_dir)
+    return path
 
 
 def _load_json(path: Path, key: str, base_dir: PathLike | None) -> list[dict]:
@@ -120,8 +154,8 @@ def _load_json(path: Path, key: str, base_dir: PathLike | None) -> list[dict]:
     return [dict(item) for item in items]
 
 
-def _load_csv(path: Path, base_dir: PathLike | None) -> list[dict]:
-    base = Path(base_dir).expanduser() if base_dir is not None else path.parent
+def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """A CSV datalist's columns and its rows (line number, cells stripped); every row has an image."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: Excel writes a byte-order mark
             reader = csv.DictReader(f)
@@ -134,12 +168,41 @@ def _load_csv(path: Path, base_dir: PathLike | None) -> list[dict]:
             f"Datalist '{path}' has no 'image' column (columns found: {columns}). "
             "The first line must be a header such as 'image,label'."
         )
-    items = []
-    bad_labels: list[tuple[int, str]] = []
+    cells = []
     for line, row in enumerate(rows, start=2):
         row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
         if not row.get("image"):
             raise DataError(f"Datalist '{path}', line {line}: the 'image' cell is empty. Fill it or delete the row.")
+        cells.append((line, row))
+    return columns, cells
+
+
+def _split_name(path: Path, line: int, row: Mapping[str, str]) -> str:
+    """The list a CSV row's ``split`` cell names."""
+    cell = row.get(SPLIT_COLUMN, "")
+    if cell.lower() not in SPLIT_NAMES:
+        raise DataError(
+            f"Datalist '{path}', line {line}: the 'split' cell {cell!r} names no list. Write training, validation or "
+            "test (or train, val, valid)."
+        )
+    return SPLIT_NAMES[cell.lower()]
+
+
+def _load_csv(path: Path, base_dir: PathLike | None, key: str) -> list[dict]:
+    base = Path(base_dir).expanduser() if base_dir is not None else path.parent
+    columns, rows = _read_csv(path)
+    if SPLIT_COLUMN in columns:
+        wanted = SPLIT_NAMES.get(key, key)
+        named = [(line, row) for line, row in rows if _split_name(path, line, row) == wanted]
+        if not named:
+            raise DataError(
+                f"Datalist '{path}' has no row whose split is {wanted!r} (lists found: {csv_lists(path)}). Add rows "
+                "to that list, or leave the split column out to have the bundles hold out validation and test rows."
+            )
+        rows = [(line, {k: v for k, v in row.items() if k != SPLIT_COLUMN}) for line, row in named]
+    items = []
+    bad_labels: list[tuple[int, str]] = []
+    for line, row in rows:
         item: dict[str, Any] = dict(row)
         item["image"] = _resolve(base, row["image"])
         if "label" in columns:
