@@ -368,19 +368,44 @@ def test_a_decathlon_datalist_without_validation_and_with_an_unlabelled_test_lis
 
 def test_an_nnunet_v2_raw_dataset_runs_as_it_is(tmp_path):
     """nnU-Net v2's raw layout: imagesTr/<case>_0000.nii.gz, labelsTr/<case>.nii.gz, a dataset.json without case list
-    and with a labels map from names to values."""
+    and with a labels map from names to values; here two channels (files) per case, which inference on a folder of new
+    cases groups the same way, naming each output after its case."""
     datalist = tiny_data(tmp_path)
     data = tmp_path / "data"
     for folder in ("imagesTr", "labelsTr"):
         (data / folder).mkdir()
     for i, case in enumerate(datalist["training"] + datalist["validation"] + datalist["test"]):
+        image = nib.load(data / case["image"])
+        nib.save(nib.Nifti1Image(1.0 - image.get_fdata(), image.affine), data / "imagesTr" / f"case{i}_0001.nii.gz")
         (data / case["image"]).rename(data / "imagesTr" / f"case{i}_0000.nii.gz")
         (data / case["label"]).rename(data / "labelsTr" / f"case{i}.nii.gz")
     names = {name: int(value) for value, name in datalist["labels"].items()}
-    raw = {"channel_names": {"0": "MRI"}, "labels": names, "numTraining": 8, "file_ending": ".nii.gz"}
+    channels = {"0": "MRI", "1": "MRI inverted"}
+    raw = {"channel_names": channels, "labels": names, "numTraining": 8, "file_ending": ".nii.gz"}
     (data / "dataset.json").write_text(json.dumps(raw))
-    teacher = run_stage("segmentation_2d", "train_teacher", tmp_path)
+    teacher = run_stage("segmentation_2d", "train_teacher", tmp_path, in_channels=2)
     assert teacher.parser.get_parsed_content("class_names") == list(names)
     held = json.loads((data / "medkd_splits.json").read_text())
     assert [len(held[key]) for key in ("training", "validation", "test")] == [5, 1, 2]
-    assert held["training"][0]["image"].startswith("imagesTr/case") and (tmp_path / "models" / "teacher.pt").is_file()
+    assert held["training"][0]["image"][1].startswith("imagesTr/case") and held["training"][0]["image"][1].endswith(
+        "_0001.nii.gz"
+    )
+    new, out = tmp_path / "new", tmp_path / "out"
+    new.mkdir()
+    for case in held["test"]:
+        for f in case["image"]:
+            shutil.copy(data / f, new / Path(f).name.replace("case", "new"))
+    settings = {"in_channels": 2, "network_name": "teacher", "output_dir": str(out)}
+    run_stage("segmentation_2d", "inference", tmp_path, input_dir=str(new), **settings)
+    cases = sorted(Path(case["image"][0]).name.replace("case", "new").replace("_0000", "") for case in held["test"])
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == [c.replace(".nii.gz", "_teacher_seg.nii.gz") for c in cases]
+    run_stage("segmentation_2d", "inference", tmp_path, **{**settings, "output_dir": str(tmp_path / "listed")})
+    assert len(list((tmp_path / "listed").glob("case?_teacher_seg.nii.gz"))) == 2
+    (new / "other_0001.nii.gz").write_bytes((new / Path(cases[0].replace(".nii", "_0001.nii"))).read_bytes())
+    with pytest.raises(RuntimeError) as err:
+        run_stage("segmentation_2d", "inference", tmp_path, input_dir=str(new), **settings)
+    assert str(user_error_of(err.value)).startswith(
+        f"Input folder '{new}': the networks take 2 files per case, named like the cases of "
+        f"'{data / 'medkd_splits.json'}' (<case>_0000.nii.gz/<case>_0001.nii.gz, e.g. {data / 'imagesTr'}/case"
+    )
+    assert "other_0001.nii.gz form no case. Add the missing files" in str(user_error_of(err.value))

@@ -454,3 +454,24 @@ def test_csv_split_column_names_each_rows_list(tmp_path):
     (tmp_path / "one.csv").write_text("image,label\na.png,0\n")
     assert csv_lists(tmp_path / "one.csv") == ["training"]  # one list, read whatever the key
     assert load_datalist(tmp_path / "one.csv", key="test") == load_datalist(tmp_path / "one.csv")
+
+
+def test_cases_of_several_files_are_named_and_grouped_as_the_datalist_names_them():
+    from medkd.data.cases import case_name, channel_suffixes, group_cases
+
+    nnunet = ["/d/imagesTr/prostate_000_0000.nii.gz", "/d/imagesTr/prostate_000_0001.nii.gz"]
+    assert case_name(nnunet) == "/d/imagesTr/prostate_000.nii.gz"
+    assert case_name(["/d/BraTS_001_t1.nii.gz", "/d/BraTS_001_t1ce.nii.gz", "/d/BraTS_001_flair.nii.gz"]) == (
+        "/d/BraTS_001.nii.gz"
+    )
+    assert case_name(["/d/case1/t1.nii.gz", "/d/case1/t2.nii.gz"]) == "/d/case1.nii.gz"  # a folder per case
+    assert case_name(["/d/t1/a.nii.gz", "/d/t2/a.nii.gz"]) == "/d/t1/a.nii.gz"  # a folder per channel
+    assert case_name("/d/a.png") == case_name(["/d/a.png"]) == "/d/a.png"
+    entries = [{"image": [f"/d/imagesTr/p{i}_0000.nii.gz", f"/d/imagesTr/p{i}_0001.nii.gz"]} for i in range(3)]
+    suffixes = channel_suffixes(entries)
+    assert suffixes == ("_0000.nii.gz", "_0001.nii.gz")
+    files = ["/n/a_0000.nii.gz", "/n/a_0001.nii.gz", "/n/b_0000.nii.gz", "/n/c_0001.nii.gz", "/n/x_10000.nii.gz"]
+    assert group_cases(files, suffixes) == ([files[:2]], files[2:])
+    per_channel_folder = [{"image": [f"/d/t1/{c}.nii.gz", f"/d/t2/{c}.nii.gz"]} for c in "ab"]
+    assert channel_suffixes(per_channel_folder) is None  # named in different ways: no suffix groups them
+    assert channel_suffixes([{"image": "/d/a.nii.gz"}]) is None

@@ -342,11 +342,44 @@ def inference_items(
     key: str = "test",
     base_dir: PathLike | None = None,
 ) -> list[dict]:
-    """The inputs of an inference run as ``[{"image": path}, ...]``: the images of ``input_dir``
-    (:func:`find_images`), or without one, the images of the datalist's ``key`` list."""
-    if input_dir:
-        return [{"image": f} for f in find_images(input_dir, pattern)]
-    return [{"image": item["image"]} for item in load_datalist(datalist, key=key, base_dir=base_dir)]
+    """The inputs of an inference run as ``[{"image": path or paths, "case": name}, ...]``: the images of
+    ``input_dir`` (:func:`find_images`), or without one, the images of the datalist's ``key`` list. Where that list's
+    cases are several files, one per channel, the files of ``input_dir`` are grouped into cases named the same way
+    (:func:`~medkd.data.cases.group_cases`). ``case`` is the path the output is named after
+    (:func:`~medkd.data.cases.case_name`).
+
+    Raises:
+        DataError: files of ``input_dir`` that form no case, or a list whose cases name their files in different ways.
+    """
+    from medkd.data.cases import case_name, channel_suffixes, group_cases
+
+    if not input_dir:
+        images = [item["image"] for item in load_datalist(datalist, key=key, base_dir=base_dir)]
+        return [{"image": image, "case": case_name(image)} for image in images]
+    files = find_images(input_dir, pattern)
+    try:
+        listed = [e for e in load_datalist(datalist, key=key, base_dir=base_dir) if len(ensure_tuple(e["image"])) > 1]
+    except DataError:  # no datalist beside the checkpoints: the folder's files are the cases
+        listed = []
+    if not listed:
+        return [{"image": f, "case": f} for f in files]
+    suffixes = channel_suffixes(listed)
+    example = ", ".join(str(f) for f in ensure_tuple(listed[0]["image"]))
+    if suffixes is None:
+        raise DataError(
+            f"The cases of '{datalist}' ['{key}'] are several files each (e.g. {example}), named in different ways, so "
+            f"the files of '{input_dir}' cannot be grouped into cases. List the new cases in a datalist instead "
+            "(--datalists \"{'test': '/data/new.json'}\", as the training list lists its cases)."
+        )
+    cases, rest = group_cases(files, suffixes)
+    if rest:
+        shown = ", ".join(Path(f).name for f in rest[:5]) + (f" and {len(rest) - 5} more" if len(rest) > 5 else "")
+        raise DataError(
+            f"Input folder '{input_dir}': the networks take {len(suffixes)} files per case, named like the cases of "
+            f"'{datalist}' (<case>{'/<case>'.join(suffixes)}, e.g. {example}); {shown} form no case. Add the missing "
+            "files, or pick the cases' files with --input_pattern."
+        )
+    return [{"image": case, "case": case_name(case)} for case in cases]
 
 
 # ----------------------------------------------------------------------------------------------------- DICOM
