@@ -86,3 +86,25 @@ def test_comparison_summary_plot_and_files_without_running_anything(tmp_path, ca
     assert (tmp_path / "results.md").read_text(encoding="utf-8") == table + "\n" and table in capsys.readouterr().out
     assert (tmp_path / "results.csv").read_text().splitlines()[0] == "preset,seed,network,auc,params,ms_per_image"
     assert (tmp_path / "comparison.png").read_bytes().startswith(b"\x89PNG")
+    assert "Gain over the students" not in table  # no student-alone runs to pair with
+
+
+def test_gains_are_paired_by_network_and_seed():
+    from medkd.tools.report import paired_gains
+
+    def row(preset, seed, network, auc, acc=None):
+        return {"preset": preset, "seed": seed, "network": network, "auc": auc, "acc": acc, "auc:tumour": 0.1}
+
+    rows = [{"preset": "-", "seed": "-", "network": "teacher", "auc": 0.99}]
+    rows += [row("student", s, n, auc, 0.5) for s, n, auc in ((0, "sp", 0.80), (1, "sp", 0.70), (0, "sf", 0.75))]
+    rows += [
+        row("kd", s, n, auc, 0.6) for s, n, auc in ((0, "sp", 0.83), (1, "sp", 0.69), (0, "sf", 0.80), (2, "sp", 1))
+    ]
+    rows.append(row("dml", 3, "sp", 0.9))  # no student-alone run of seed 3: left out
+    assert paired_gains(rows).splitlines() == [
+        "| method | network | seeds | auc gain | acc gain |",
+        "|---|---|---|---|---|",
+        "| kd | sp | 2 | +0.0100 ± 0.0283 (1/2) | +0.1000 ± 0.0000 (2/2) |",
+        "| kd | sf | 1 | +0.0500 ± 0.0000 (1/1) | +0.1000 ± 0.0000 (1/1) |",
+    ]
+    assert paired_gains(rows[4:]) == ""  # no student-alone runs left

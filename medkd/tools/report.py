@@ -27,11 +27,18 @@ __all__ = [
     "image_meta",
     "inference_ms",
     "summarize",
+    "paired_gains",
     "plot_comparison",
     "write_comparison",
 ]
 
 logger = logging.getLogger("medkd.tools.report")
+
+BASELINE = "student"  # the preset every other method's gain is measured against
+GAINS_TITLE = (
+    "Gain over the students trained alone (preset `student`): the score minus that of the same network trained alone "
+    "with the same seed, mean ± s.d. over seeds (seeds with a gain / seeds paired):"
+)
 
 
 def markdown_table(rows: Sequence[Mapping[str, object]]) -> str:
@@ -178,8 +185,9 @@ def inference_ms(networks: Mapping[str, torch.nn.Module], input_shape: Sequence[
 
 
 def write_comparison(rows: Sequence[Mapping], curves: Mapping[tuple[str, int], Path], output: str | Path) -> str:
-    """Write a comparison's files to ``output``: every row (``results.csv``), the summary table (``results.md``,
-    :func:`summarize`, also returned and printed) and the plot of test scores and validation ``curves``
+    """Write a comparison's files to ``output``: every row (``results.csv``), the summary table and, with the
+    ``student`` preset, the gains over it (``results.md``, :func:`summarize` and :func:`paired_gains`, also returned
+    and printed) and the plot of test scores and validation ``curves``
     (``comparison.png``, :func:`plot_comparison`)."""
     output = Path(output)
     columns = list(dict.fromkeys(k for r in rows for k in r))
@@ -188,6 +196,8 @@ def write_comparison(rows: Sequence[Mapping], curves: Mapping[tuple[str, int], P
         writer.writeheader()
         writer.writerows(rows)
     table = summarize(rows)
+    if gains := paired_gains(rows):
+        table += f"\n\n{GAINS_TITLE}\n\n{gains}"
     (output / RESULTS_MD).write_text(table + "\n", encoding="utf-8")
     plot_comparison(rows, curves, output / COMPARISON_PNG)
     print(f"\nMethod comparison ({output / RESULTS_MD}, plot {output / COMPARISON_PNG}):\n{table}\n", flush=True)
@@ -198,9 +208,12 @@ def _metric(rows: Sequence[Mapping]) -> str:
     return next(m for m in METRICS if any(m in r for r in rows))
 
 
+def _std(values: Sequence[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def _mean_std(values: Sequence[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {std:.4f}"
+    return f"{statistics.mean(values):.4f} ± {_std(values):.4f}"
 
 
 def _score_columns(rows: Sequence[Mapping]) -> list[str]:
@@ -230,6 +243,31 @@ def summarize(rows: Sequence[Mapping]) -> str:
     return markdown_table(table)
 
 
+def paired_gains(rows: Sequence[Mapping], baseline: str = BASELINE) -> str:
+    """Markdown table of each method's gain over the students trained alone: per preset (but ``baseline``) and network,
+    the mean ± s.d. over seeds of its score minus the score of the same network of the ``baseline`` preset with the
+    same seed, for each metric (not per class), with the number of seeds in which it gained; ``""`` when no run has a
+    ``baseline`` run of the same seed. Pairing by seed removes what a seed does to every method alike (the split of
+    batches, the initial weights), so a gain smaller than the spread of the scores can still show."""
+    metrics = [m for m in _score_columns(rows) if ":" not in m]
+    alone = {(str(r["network"]), str(r["seed"])): r for r in rows if r["preset"] == baseline}
+    groups: dict[tuple[str, str], list[tuple[Mapping, Mapping]]] = {}
+    for r in rows:
+        if r["preset"] not in ("-", baseline) and (key := (str(r["network"]), str(r["seed"]))) in alone:
+            groups.setdefault((str(r["preset"]), str(r["network"])), []).append((r, alone[key]))
+    table = []
+    for (preset, network), pairs in groups.items():
+        line: dict[str, Any] = {"method": preset, "network": network, "seeds": len(pairs)}
+        for m in metrics:
+            gains = [
+                float(r[m]) - float(a[m]) for r, a in pairs if r.get(m) not in (None, "") and a.get(m) not in (None, "")
+            ]
+            won = f" ({sum(g > 0 for g in gains)}/{len(gains)})"
+            line[f"{m} gain"] = f"{statistics.mean(gains):+.4f} ± {_std(gains):.4f}{won}" if gains else None
+        table.append(line)
+    return markdown_table(table) if table else ""
+
+
 def plot_comparison(rows: Sequence[Mapping], curves: Mapping[tuple[str, int], Path], path: Path) -> None:
     """Bar chart (mean ± std per preset and student, teacher as a line) and validation curves, as one PNG."""
     import matplotlib
@@ -245,7 +283,7 @@ def plot_comparison(rows: Sequence[Mapping], curves: Mapping[tuple[str, int], Pa
     for i, student in enumerate(students):
         values = [[float(r[metric]) for r in rows if r["preset"] == p and r["network"] == student] for p in presets]
         means = [statistics.mean(v) if v else 0.0 for v in values]
-        stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+        stds = [_std(v) for v in values]
         xs = [j + (i - (len(students) - 1) / 2) * width for j in range(len(presets))]
         bars.bar(xs, means, width, yerr=stds, capsize=3, label=student)
     for r in rows:
