@@ -23,10 +23,8 @@ import time
 from collections.abc import Callable
 
 import torch
-from bundle_settings import bundle_setting, make_loss, make_network
+from bundle_settings import add_allocator_option, bundle_setting, make_loss, make_network, use_allocator
 from torch.func import functional_call, vmap
-
-from medkd.training.allocator import keep_freed_memory
 
 BUNDLES = {"2d": "segmentation_2d", "3d": "segmentation_3d"}
 
@@ -95,14 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (CPU)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument(
-        "--default-allocator",
-        action="store_true",
-        help="leave glibc's malloc at its default policy (the bundles' --keep_freed_memory False)",
-    )
+    add_allocator_option(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    kept = keep_freed_memory(not args.default_allocator)  # as the bundles do (keep_freed_memory: true)
+    kept = use_allocator(args)
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, freed memory kept {kept}")
     print("| setting | seq ms | vmap ms | vmap/seq |\n|---|---:|---:|---:|")

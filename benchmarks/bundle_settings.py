@@ -3,14 +3,31 @@ networks, loss and batches as the bundles do."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
 
 from medkd.bundles import stage_config
 from medkd.data.synthetic import SEGMENTATION_CLASSES
+from medkd.training.allocator import keep_freed_memory
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+
+
+def add_allocator_option(parser: argparse.ArgumentParser) -> None:
+    """``--default-allocator``: measure with glibc's default malloc policy, not the bundles' (``keep_freed_memory``)."""
+    parser.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="leave glibc's malloc at its default policy (the bundles' --keep_freed_memory False)",
+    )
+
+
+def use_allocator(args: argparse.Namespace) -> bool:
+    """Keep freed memory as the bundles do (``keep_freed_memory: true``) unless ``--default-allocator``; whether it
+    is kept."""
+    return keep_freed_memory(not args.default_allocator)
 
 
 def bundle_setting(bundle: str, **overrides) -> dict:

@@ -58,14 +58,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from bundle_settings import bundle_setting, make_loss, make_network
+from bundle_settings import add_allocator_option, bundle_setting, make_loss, make_network, use_allocator
 from ignite.engine import Events
 from monai.data import MetaTensor, list_data_collate
 from monai.engines import SupervisedTrainer
 from monai.inferers import SimpleInferer
 
 from medkd.knowledge.features import default_feature_layer
-from medkd.training.allocator import keep_freed_memory
 from medkd.training.engines import DistillationTrainer
 
 SETTINGS = {  # which bundle, and how many steps to time
@@ -477,16 +476,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels-last", action="store_true", help="channels_last(_3d) networks and inputs")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of a and b")
-    parser.add_argument(
-        "--default-allocator",
-        action="store_true",
-        help="leave glibc's malloc at its default policy (the bundles' --keep_freed_memory False)",
-    )
+    add_allocator_option(parser)
     parser.add_argument("--json", default=None, help="write the results to this file")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    kept = keep_freed_memory(not args.default_allocator)  # as the bundles do (keep_freed_memory: true)
+    kept = use_allocator(args)
     dev = Device(args.device, args.amp, args.channels_last)
     if args.amp != "none" and not dev.cuda:
         print(
