@@ -171,6 +171,27 @@ def test_dicom_without_preamble_or_extension(tmp_path):
         np.testing.assert_allclose(img.affine, reference.affine)
 
 
+def test_monochrome1_is_turned_into_the_sense_of_other_images(tmp_path):
+    """A radiograph stored with its lowest value white reads as the same image stored the usual way, inverted."""
+    reference = LoadMedicalImage()(dicom_file("MR_small.dcm")).numpy()  # signed 16 bits, no rescale
+    unsigned_12 = {"PixelRepresentation": 0, "BitsStored": 12, "RescaleSlope": 0.5, "RescaleIntercept": 10}
+    for name, total, change in (
+        ("MR_small.dcm", -1, {}),  # lo + hi = -32768 + 32767
+        ("CT_small.dcm", -1 - 2 * 1024, {}),  # the same, rescale intercept -1024
+        ("MR_small.dcm", 10 + (4095 * 0.5 + 10), unsigned_12),  # 0..4095, slope 0.5, intercept 10
+    ):
+        ds = pydicom.dcmread(dicom_file(name))
+        for key, value in change.items():
+            setattr(ds, key, value)
+        ds.save_as(tmp_path / "mono2.dcm")
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        ds.save_as(tmp_path / "mono1.dcm")
+        usual, inverted = (LoadMedicalImage()(tmp_path / f).numpy() for f in ("mono2.dcm", "mono1.dcm"))
+        np.testing.assert_allclose(usual + inverted, np.full(usual.shape, total), rtol=1e-6)
+        assert inverted.dtype == usual.dtype and not np.array_equal(usual, inverted)
+    np.testing.assert_allclose(usual, reference * 0.5 + 10)
+
+
 def test_multiframe_rtdose_frames_last_with_grid_spacing():
     path = dicom_file("rtdose.dcm")
     ds = pydicom.dcmread(path)

@@ -515,6 +515,8 @@ class DicomReader(PydicomReader):
 
     def _get_array_data(self, img, filename):
         data = super()._get_array_data(img, filename)
+        if str(img.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
+            data = _as_monochrome2(img, data)
         if self._num_frames(img) > 1 and "SegmentSequence" not in img:
             data = np.moveaxis(data, 0, 2)  # (frames, rows, cols[, samples]) -> (rows, cols, frames[, samples])
         return data
@@ -547,6 +549,20 @@ class DicomReader(PydicomReader):
             thickness = float(img.get("SpacingBetweenSlices") or img.get("SliceThickness") or 1.0)
             meta["lastImagePositionPatient"] = first + _normal(meta["00200037"]["Value"]) * thickness * (frames - 1)
         return meta
+
+
+def _as_monochrome2(ds: Any, data: np.ndarray) -> np.ndarray:
+    """A MONOCHROME1 image (the lowest value white: radiographs kept as on film) in the sense of every other image
+    (MONOCHROME2: the highest value white). Each value ``v`` becomes ``lo + hi - v``, with ``lo..hi`` the range its
+    stored bits hold, after the rescale slope and intercept; integers stay integers of the same type."""
+    bits = int(ds.get("BitsStored") or 16)
+    signed = int(ds.get("PixelRepresentation") or 0) == 1
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+    lo, hi = sorted((lo * slope + intercept, hi * slope + intercept))
+    if np.issubdtype(data.dtype, np.integer):
+        return (int(lo + hi) - data.astype(np.int64)).astype(data.dtype)
+    return (lo + hi - data).astype(np.float32)
 
 
 def _ensure_transfer_syntax(ds: Any) -> Any:
