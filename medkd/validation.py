@@ -234,8 +234,10 @@ def bundle_hint(dims: int, task: str | None = None) -> str:
 
 def check_inputs(datalists: Mapping[str, Sequence[Mapping]], in_channels: int, spatial_dims: int) -> None:
     """Raise :class:`ConfigError` when the first image of a list has another number of channels or spatial
-    dimensions than the bundle's ``in_channels`` / ``spatial_dims`` (e.g. RGB images into a 1-channel bundle, 3D
-    volumes into a 2D bundle), naming the file and the fix."""
+    dimensions than the bundle's ``in_channels`` / ``spatial_dims`` (e.g. a 2-channel volume into a 1-channel bundle,
+    3D volumes into a 2D bundle), naming the file and the fix. A picture (PNG, JPEG, BMP) takes 1 or 3 channels
+    whatever it holds: the bundles convert it (:class:`medkd.data.channels.MatchChannelsd`)."""
+    from medkd.data.channels import is_picture
     from medkd.data.loading import LoadMedicalImage
 
     loader = LoadMedicalImage(image_only=True, dtype=None)
@@ -249,7 +251,7 @@ def check_inputs(datalists: Mapping[str, Sequence[Mapping]], in_channels: int, s
                 f"{path} (first image of the {key} list) is {dims}D but this bundle has spatial_dims={spatial_dims}: "
                 f"{bundle_hint(dims)}, or convert the data."
             )
-        if channels != in_channels:
+        if channels != in_channels and not (is_picture(path) and in_channels in (1, 3)):
             what = "an RGB(A) image" if channels in (3, 4) and spatial_dims == 2 else f"{channels} channels"
             raise ConfigError(
                 f"{path} (first image of the {key} list) has {what} but the bundle's in_channels is {in_channels}: "

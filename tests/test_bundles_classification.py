@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from bundle_utils import BUNDLES, SCHEMA, STAGES, mlflow_metrics, run_stage
@@ -202,6 +203,43 @@ def test_one_csv_file_for_every_list_is_split_not_scored_on_its_training_images(
     assert workflow.parser.get_parsed_content("datalists") == dict.fromkeys(datalists, split)
     lists = json.loads(Path(split).read_text())
     assert [len(lists[key]) for key in datalists] == [20, 6, 6]
+
+
+def mixed_pictures(root, modes, n=24):
+    """A 2-class image folder of PNG files whose modes cycle through ``modes`` (e.g. greyscale, RGBA, palette)."""
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(n):
+        pixels = (rng.random((36 + i % 5, 40)) * 100).astype(np.uint8)
+        pixels[8:20, 8:20] = 250 if i % 2 else pixels[8:20, 8:20]
+        mode = modes[i % len(modes)]
+        Image.fromarray(pixels).convert(mode).save(root / "images" / f"{i:02d}.png")
+        entries.append({"image": f"images/{i:02d}.png", "label": i % 2})
+    lists = {"training": entries[: n // 2], "validation": entries[n // 2 : 3 * n // 4], "test": entries[3 * n // 4 :]}
+    (root / "dataset.json").write_text(json.dumps({"labels": {"0": "normal", "1": "lesion"}, **lists}))
+    return root
+
+
+def test_pictures_of_mixed_modes_are_planned_and_trained_with_one_channel_count(tmp_path, capsys):
+    from medkd.data.loading import load_datalist
+    from medkd.planning.fingerprint import fingerprint_dataset
+
+    data = mixed_pictures(tmp_path / "grey", ["L", "LA", "RGB", "L", "RGBA", "P"])
+    tiny = {"patch_size": [32, 32], "batch_size": 4, "iterations_per_epoch": 2, "max_epochs": 1}
+    workflow = run_stage(BUNDLE, "train_teacher", tmp_path / "run", dataset_dir=str(data), auto_plan=True, **tiny)
+    plan = json.loads((data / "medkd_plan.json").read_text())
+    assert plan["fingerprint"]["channels_seen"] == {"1": 12, "3": 6} and plan["fingerprint"]["pictures_converted"]
+    assert plan["settings"]["in_channels"] == 1 == workflow.parser.get_parsed_content("in_channels")
+    assert "PNG/JPEG/BMP, alpha left out): the most common; the others are converted to 1" in json.dumps(plan)
+    assert "pictures of 3 channels are converted to the networks' 1 (in_channels)" in capsys.readouterr().out
+    assert (tmp_path / "run" / "models" / "teacher.pt").is_file()
+    colour = mixed_pictures(tmp_path / "colour", ["RGB", "RGBA", "L"])
+    lists = {key: load_datalist(colour / "dataset.json", key) for key in ("training", "validation")}
+    measured = fingerprint_dataset(lists, task="classification")
+    assert measured["channels_seen"] == {"1": 6, "3": 12} and measured["in_channels"] == 3
 
 
 def test_the_3d_bundle_classifies_volumes_through_every_stage(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+import torch
 from pydicom.data import get_testdata_file
 
 from medkd.data.loading import (
@@ -496,3 +498,26 @@ def test_cases_of_several_files_are_named_and_grouped_as_the_datalist_names_them
     per_channel_folder = [{"image": [f"/d/t1/{c}.nii.gz", f"/d/t2/{c}.nii.gz"]} for c in "ab"]
     assert channel_suffixes(per_channel_folder) is None  # named in different ways: no suffix groups them
     assert channel_suffixes([{"image": "/d/a.nii.gz"}]) is None
+
+
+def test_pictures_get_the_networks_channels_and_volumes_keep_theirs(tmp_path, caplog):
+    from monai.data import MetaTensor
+
+    from medkd.data.channels import MatchChannelsd, match_channels
+
+    rgb = torch.tensor([[[1.0]], [[2.0]], [[3.0]]])
+    assert match_channels(rgb, 1).flatten().tolist() == pytest.approx([0.299 + 2 * 0.587 + 3 * 0.114])
+    assert match_channels(torch.cat([rgb, torch.ones(1, 1, 1)]), 3).flatten().tolist() == [1.0, 2.0, 3.0]  # RGBA
+    assert match_channels(torch.tensor([[[5.0]], [[1.0]]]), 3).flatten().tolist() == [5.0, 5.0, 5.0]  # grey + alpha
+    assert match_channels(torch.tensor([[[5.0]], [[1.0]]]), 1).flatten().tolist() == [5.0]
+    assert match_channels(rgb, 3) is rgb or torch.equal(match_channels(rgb, 3), rgb)
+    transform = MatchChannelsd("image", channels=1)
+    affine = torch.diag(torch.tensor([0.5, 0.5, 1.0, 1.0]))
+    picture = MetaTensor(rgb.expand(3, 4, 4).clone(), affine=affine, meta={"filename_or_obj": "/d/a.JPG"})
+    with caplog.at_level(logging.WARNING, logger="medkd.data.channels"):
+        for _ in range(2):
+            out = transform({"image": picture})["image"]
+    assert out.shape == (1, 4, 4) and torch.equal(out.affine, affine) and out.meta["filename_or_obj"] == "/d/a.JPG"
+    assert caplog.text.count("pictures of 3 channels are converted to the networks' 1 (in_channels)") == 1
+    volume = MetaTensor(rgb.expand(3, 4, 4).clone(), meta={"filename_or_obj": "/d/a.nii.gz"})
+    assert transform({"image": volume})["image"] is volume  # modalities: the checks name a mismatch

@@ -119,11 +119,15 @@ def test_a_patch_too_small_for_a_classifier_is_named_with_a_size_that_works():
     check_patch_size({"pool": torch.nn.AdaptiveAvgPool2d(1)}, [1, 1])  # no convolution: nothing to try
 
 
-def test_rgb_and_3d_inputs_are_named(tmp_path):
+def test_channels_and_3d_inputs_are_named(tmp_path):
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "rgb.png")
-    with pytest.raises(ConfigError, match=r"rgb.png \(first image of the training list\) has an RGB.*--in_channels 3"):
-        check_inputs({"training": [{"image": str(tmp_path / "rgb.png")}]}, in_channels=1, spatial_dims=2)
-    check_inputs({"training": [{"image": str(tmp_path / "rgb.png")}]}, in_channels=3, spatial_dims=2)
+    for channels in (1, 3):  # a picture is converted to either as it loads
+        check_inputs({"training": [{"image": str(tmp_path / "rgb.png")}]}, in_channels=channels, spatial_dims=2)
+    for name in ("t1", "t2"):  # the channels of a volume are modalities: not converted
+        nib.save(nib.Nifti1Image(np.zeros((8, 8), np.float32), np.eye(4)), tmp_path / f"{name}.nii.gz")
+    case = [str(tmp_path / "t1.nii.gz"), str(tmp_path / "t2.nii.gz")]
+    with pytest.raises(ConfigError, match=r"t2.nii.gz'\] \(first image of the training list\) has 2 channels but"):
+        check_inputs({"training": [{"image": case}]}, in_channels=1, spatial_dims=2)
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), tmp_path / "ct.nii.gz")
     with pytest.raises(ConfigError, match=r"ct.nii.gz .* is 3D but this bundle has spatial_dims=2.*segmentation_3d"):
         check_inputs({"test": [{"image": str(tmp_path / "ct.nii.gz")}]}, in_channels=1, spatial_dims=2)

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from medkd.data.channels import is_picture, picture_channels
 from medkd.data.loading import DataError, LoadMedicalImage
 
 __all__ = ["fingerprint_dataset", "name_side", "lateral_by_name", "lateral_by_position", "is_ct_like"]
@@ -259,6 +260,7 @@ def fingerprint_dataset(
 
     dims_seen: Counter = Counter()
     channels_seen: Counter = Counter()
+    pictures: Counter = Counter()  # the channels of the PNG, JPEG and BMP files, which the bundles convert
     sizes, spacings, files = [], [], []
     samples: dict[int, list[np.ndarray]] = {}
     moments: dict[int, list[float]] = {}  # count, sum, sum of squares, min, max over the sampled region
@@ -279,6 +281,9 @@ def fingerprint_dataset(
         array = np.asarray(image.detach().cpu().numpy() if hasattr(image, "detach") else image)
         dims = array.ndim - 1
         dims_seen[dims] += 1
+        if is_picture(item["image"]):  # its alpha is dropped as the bundles load it
+            array = array[: picture_channels(array.shape[0])]
+            pictures[array.shape[0]] += 1
         channels_seen[array.shape[0]] += 1
         shape = list(array.shape[1:])
         spacing = [float(s) for s in np.asarray(getattr(image, "pixdim", [1.0] * dims), dtype=float)[:dims]]
@@ -342,7 +347,8 @@ def fingerprint_dataset(
         )
     dims = dims_seen.most_common(1)[0][0]
     in_channels = channels_seen.most_common(1)[0][0]
-    if len(channels_seen) > 1:
+    converted = len(channels_seen) > 1 and pictures == channels_seen and set(pictures) <= {1, 3}
+    if len(channels_seen) > 1 and not converted:
         warnings.append(
             f"images with different channel counts {dict(sorted(channels_seen.items()))} (channels: images): "
             "convert them to one (e.g. RGB to greyscale) before training"
@@ -401,6 +407,7 @@ def fingerprint_dataset(
         "spatial_dims": dims,
         "in_channels": in_channels,
         "channels_seen": {str(k): v for k, v in sorted(channels_seen.items())},
+        "pictures_converted": converted,
         "axcodes": axcodes,
         "spacing": _summary(spacings),
         "size": _summary(sizes),

@@ -217,6 +217,11 @@ def make_settings(
     n_train = int(fingerprint["lists"].get("training", fingerprint["cases"]))
     settings: dict[str, Any] = {"in_channels": int(fingerprint["in_channels"])}
     reasons: dict[str, str] = {"in_channels": f"channels of the images {fingerprint['channels_seen']}"}
+    if fingerprint.get("pictures_converted"):
+        reasons["in_channels"] += (
+            f" (PNG/JPEG/BMP, alpha left out): the most common; the others are converted to {settings['in_channels']} "
+            "as they load (RGB to greyscale by luminance, or greyscale repeated)"
+        )
     norm, reasons["normalization"] = _normalization(fingerprint)
     lateral_axes = sorted({int(entry["axis"]) for entry in fingerprint.get("lateral", [])})
     if task == "classification":
