@@ -377,3 +377,24 @@ def test_an_image_in_two_lists_stops_the_run_naming_them(tmp_path, seg_items, ca
         check_before_run(path, num_classes=3, keys=["test"], allow_leakage=True)  # no exit
     assert "[leakage] 1 image file(s) are in both the 'test' and the 'validation' list" in caplog.text
     assert "accepted (allow_leakage)" in caplog.text
+
+
+def test_a_label_in_another_orientation_of_the_same_grid_is_accepted(tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.random((6, 5, 4)).astype(np.float32)
+    label = (image > 0.5).astype(np.uint8)
+    affine = np.diag([0.7, 0.8, 2.0, 1.0])
+    affine[:3, 3] = [-20.0, 10.0, 5.0]
+    nib.save(nib.Nifti1Image(image, affine), tmp_path / "ras.nii.gz")
+    lps = affine.copy()  # the same grid stored with its first two axes reversed (LPS), as ITK writes it
+    for axis in (0, 1):
+        lps[:3, 3] += (label.shape[axis] - 1) * affine[:3, axis]
+        lps[:3, axis] *= -1
+    nib.save(nib.Nifti1Image(np.flip(label, (0, 1)).copy(), lps), tmp_path / "lps.nii.gz")
+    shifted = lps.copy()
+    shifted[:3, 3] += [3.0, 0.0, 0.0]  # a label of another image: four voxels off
+    nib.save(nib.Nifti1Image(np.flip(label, (0, 1)).copy(), shifted), tmp_path / "other.nii.gz")
+    entry = {"image": str(tmp_path / "ras.nii.gz")}
+    assert check_datalist([{**entry, "label": str(tmp_path / "lps.nii.gz")}], num_classes=2) == []
+    (problem,) = check_datalist([{**entry, "label": str(tmp_path / "other.nii.gz")}], num_classes=2)
+    assert "label origin/orientation differ from the image" in problem.reason

@@ -495,3 +495,18 @@ def test_the_datalist_can_say_the_images_are_ct(tmp_path, field):
     (root / "dataset.json").write_text(json.dumps({**datalist, field: {"0": "CT"}}))
     plan = make_plan(root / "dataset.json")
     assert plan["fingerprint"]["intensity"][0]["ct_like"] and plan["settings"]["normalization"]["scheme"] == "ct"
+
+
+def test_a_case_without_foreground_adds_nothing_to_the_foreground_intensities(tmp_path):
+    root = ct_volumes(tmp_path / "ct")
+    cases = [{"image": str(root / f"images/v{i}.nii.gz"), "label": str(root / f"labels/v{i}.nii.gz")} for i in range(5)]
+    empty = nib.load(cases[0]["label"])
+    nib.save(nib.Nifti1Image(np.zeros(empty.shape, np.uint8), empty.affine), tmp_path / "negative.nii.gz")
+    negative = {**cases[0], "label": str(tmp_path / "negative.nii.gz")}  # a negative case: nothing to segment
+    (without,) = fingerprint_dataset({"training": cases[1:]}, class_names=["bg", "a", "b"])["intensity"]
+    (with_it,) = fingerprint_dataset({"training": [negative, *cases[1:]]}, class_names=["bg", "a", "b"])["intensity"]
+    for key in ("mean", "std", "percentile_00_5", "percentile_99_5"):
+        assert with_it[key] == without[key], key  # not the whole negative volume's air at -1000
+    assert with_it["over"] == "foreground" and with_it["image_min"] <= -1000
+    (only,) = fingerprint_dataset({"training": [negative]}, class_names=["bg", "a", "b"])["intensity"]
+    assert only["mean"] < -800 and only["over"] == "whole image"  # no foreground anywhere: the whole image

@@ -21,14 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.data.utils import affine_to_spacing
+from monai.transforms import Orientation
 from monai.utils import ensure_tuple
 
 from medkd.data.duplicates import DEFAULT_MAX_DISTANCE, find_duplicates
 from medkd.data.labels import check_label_values, optional_class_names, optional_label_values
-from medkd.data.loading import DataError, LoadMedicalImage, csv_lists, load_datalist
+from medkd.data.loading import ORIENTATION_LABELS, DataError, LoadMedicalImage, csv_lists, load_datalist
 from medkd.training.distributed import is_not_rank0
 from medkd.training.nonfinite import count_nonfinite
 
@@ -96,11 +98,29 @@ def _load(loader: LoadMedicalImage, paths: Any, problems: list[Problem]) -> Any:
 
 
 def _geometry_problem(image: Any, label: Any, image_path: str) -> str | None:
+    """What differs between the grids of ``image`` and ``label`` (shape, spacing, origin, orientation), or ``None``.
+    A label stored in another orientation of the same grid (LPS beside RAS) is the same grid: the bundles reorient
+    both."""
     shape_i = tuple(int(s) for s in image.meta["spatial_shape"])
     shape_l = tuple(int(s) for s in label.meta["spatial_shape"])
+    aff_i, aff_l = np.asarray(image.affine, dtype=float), np.asarray(label.affine, dtype=float)
+    problem = _grid_problem(shape_i, aff_i, shape_l, aff_l, image_path)
+    if problem is None or aff_i.shape != aff_l.shape or len(shape_l) != label.ndim:
+        return problem
+    try:
+        codes = "".join(nib.orientations.aff2axcodes(aff_i))[: len(shape_i)]
+        turned = Orientation(axcodes=codes, labels=ORIENTATION_LABELS)(label[None])
+    except (ValueError, RuntimeError, IndexError):
+        return problem
+    same = _grid_problem(shape_i, aff_i, tuple(turned.shape[1:]), np.asarray(turned.affine, dtype=float), image_path)
+    return problem if same else None
+
+
+def _grid_problem(
+    shape_i: tuple[int, ...], aff_i: np.ndarray, shape_l: tuple[int, ...], aff_l: np.ndarray, image_path: str
+) -> str | None:
     if shape_i != shape_l:
         return f"label shape {list(shape_l)} differs from image shape {list(shape_i)} ({image_path})"
-    aff_i, aff_l = np.asarray(image.affine, dtype=float), np.asarray(label.affine, dtype=float)
     if aff_i.shape != aff_l.shape:
         return f"label affine is {aff_l.shape[0] - 1}D but image affine is {aff_i.shape[0] - 1}D ({image_path})"
     sp_i, sp_l = affine_to_spacing(aff_i, r=len(shape_i)), affine_to_spacing(aff_l, r=len(shape_l))

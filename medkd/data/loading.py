@@ -49,6 +49,7 @@ DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 NUMPY_SUFFIXES = (".npy", ".npz")
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + DICOM_SUFFIXES + PIL_SUFFIXES + NUMPY_SUFFIXES
+ORIENTATION_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # MONAI's default, given to silence its notice
 SPLIT_COLUMN = "split"  # a CSV datalist's optional column naming each row's list
 SPLIT_NAMES = {  # the names a split cell may hold, and the list each names
     "training": "training",

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from medkd.data.channels import is_picture, picture_channels
-from medkd.data.loading import DataError, LoadMedicalImage
+from medkd.data.loading import ORIENTATION_LABELS, DataError, LoadMedicalImage
 
 __all__ = ["fingerprint_dataset", "name_side", "lateral_by_name", "lateral_by_position", "is_ct_like"]
 
@@ -41,7 +41,6 @@ SAMPLES_PER_CASE = 10_000  # intensity values kept per image and channel for the
 POSITION_MARGIN = 0.05  # a centroid is on one side when it is this fraction of the axis away from the centre
 POSITION_AGREEMENT = 0.9  # ... the same way round in at least this fraction of the images holding both classes
 HU_MINIMUM = -500.0  # CT-like: integer values whose minimum is below this (air is -1000 HU)
-ORIENTATION_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # MONAI's default, given to silence its notice
 
 
 def _tokens(name: str) -> list[str]:
@@ -220,6 +219,19 @@ def _subset(items: Sequence[Any], max_cases: int | None) -> list[Any]:
     return [items[i] for i in sorted(set(index.tolist()))]
 
 
+def _add_region(into: tuple[dict, dict], c: int, region: np.ndarray, rng: np.random.Generator) -> None:
+    """Add the values ``region`` of channel ``c`` to ``into``: up to ``SAMPLES_PER_CASE`` samples (for the
+    percentiles) and the count, sum, sum of squares, minimum and maximum."""
+    samples, moments = into
+    pick = region if region.size <= SAMPLES_PER_CASE else rng.choice(region, SAMPLES_PER_CASE, replace=False)
+    samples.setdefault(c, []).append(pick)
+    m = moments.setdefault(c, [0.0, 0.0, 0.0, math.inf, -math.inf])
+    m[0] += region.size
+    m[1] += float(region.sum(dtype=np.float64))
+    m[2] += float(np.square(region, dtype=np.float64).sum())
+    m[3], m[4] = min(m[3], float(region.min())), max(m[4], float(region.max()))
+
+
 def fingerprint_dataset(
     lists: Mapping[str, Sequence[Mapping[str, Any]]],
     task: str = "segmentation",
@@ -265,6 +277,7 @@ def fingerprint_dataset(
     samples: dict[int, list[np.ndarray]] = {}
     moments: dict[int, list[float]] = {}  # count, sum, sum of squares, min, max over the sampled region
     whole: dict[int, list[float]] = {}  # whole-image min, max; integral values
+    empty: tuple[dict, dict] = ({}, {})  # samples and moments of the cases without foreground
     num_classes = len(class_names) if class_names else 0
     to_index = _index_table(label_values) if task == "segmentation" and label_values is not None else None
     voxels = np.zeros(max(num_classes, 1), dtype=np.float64)
@@ -324,16 +337,12 @@ def fingerprint_dataset(
                 present = np.pad(present, (0, index + 1 - present.size))
             voxels[index] += 1
             present[index] += 1
+        # a case without foreground (a negative case) adds to the foreground statistics nothing; its whole image is
+        # used only when no case has foreground
+        into = empty if mask is not None and not mask.any() else (samples, moments)
         for c in range(array.shape[0]):
             channel = array[c].astype(np.float32)
-            region = channel[mask] if mask is not None and mask.any() else channel.ravel()
-            pick = region if region.size <= SAMPLES_PER_CASE else rng.choice(region, SAMPLES_PER_CASE, replace=False)
-            samples.setdefault(c, []).append(pick)
-            m = moments.setdefault(c, [0.0, 0.0, 0.0, math.inf, -math.inf])
-            m[0] += region.size
-            m[1] += float(region.sum(dtype=np.float64))
-            m[2] += float(np.square(region, dtype=np.float64).sum())
-            m[3], m[4] = min(m[3], float(region.min())), max(m[4], float(region.max()))
+            _add_region(into, c, channel[mask] if mask is not None and mask.any() else channel.ravel(), rng)
             probe = channel.ravel()[:: max(1, channel.size // SAMPLES_PER_CASE)]
             w = whole.setdefault(c, [math.inf, -math.inf, 1.0])
             w[0], w[1] = min(w[0], float(channel.min())), max(w[1], float(channel.max()))
@@ -353,6 +362,10 @@ def fingerprint_dataset(
             f"images with different channel counts {dict(sorted(channels_seen.items()))} (channels: images): "
             "convert them to one (e.g. RGB to greyscale) before training"
         )
+    over = "foreground" if task == "segmentation" and centroids and samples else "whole image"
+    for c in empty[0]:
+        if c not in samples:
+            samples[c], moments[c] = empty[0][c], empty[1][c]
     intensity = []
     for c in sorted(samples):
         values = np.concatenate(samples[c])
@@ -364,7 +377,7 @@ def fingerprint_dataset(
             {
                 "channel": c,
                 "modality": mod,
-                "over": "foreground" if task == "segmentation" and centroids else "whole image",
+                "over": over,
                 "mean": mean,
                 "std": std,
                 "min": lo,
