@@ -521,3 +521,27 @@ def test_pictures_get_the_networks_channels_and_volumes_keep_theirs(tmp_path, ca
     assert caplog.text.count("pictures of 3 channels are converted to the networks' 1 (in_channels)") == 1
     volume = MetaTensor(rgb.expand(3, 4, 4).clone(), meta={"filename_or_obj": "/d/a.nii.gz"})
     assert transform({"image": volume})["image"] is volume  # modalities: the checks name a mismatch
+
+
+def test_inference_inputs_of_other_dimensions_are_named_and_a_folder_of_slices_is_one_series(tmp_path):
+    from monai.transforms import Compose
+
+    from medkd.data.loading import inference_items
+    from medkd.data.skipping import SafeDataset, inference_loading
+
+    write_series(tmp_path / "series")
+    datalist = tmp_path / "none.json"  # no datalist beside the checkpoints
+    slices = sorted(str(p) for p in (tmp_path / "series").iterdir())
+    assert inference_items(tmp_path / "series", None, datalist, spatial_dims=3) == [
+        {"image": str(tmp_path / "series"), "case": str(tmp_path / "series")}
+    ]
+    assert [e["image"] for e in inference_items(tmp_path / "series", None, datalist, spatial_dims=2)] == slices
+    load = Compose(inference_loading([image_loader(["image"])], spatial_dims=3))
+    dataset = SafeDataset([{"image": slices[0]}, {"image": str(tmp_path / "series")}], load, report_file=tmp_path / "s")
+    assert dataset[0] is None and dataset[1]["image"].shape == (1, 6, 4, 5)
+    (skipped,) = dataset.skipped
+    assert skipped.reason == (
+        f"'{slices[0]}' is 2D but the networks take 3D images; a DICOM series is read from its folder: put each "
+        "series' slices in a sub-folder of --input_dir (a folder of slices given as --input_dir is read slice by "
+        "slice)."
+    )

@@ -42,6 +42,8 @@ __all__ = [
     "reader_kind",
 ]
 
+logger = logging.getLogger(__name__)
+
 PathLike = str | os.PathLike
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -342,11 +344,13 @@ def inference_items(
     datalist: PathLike,
     key: str = "test",
     base_dir: PathLike | None = None,
+    spatial_dims: int | None = None,
 ) -> list[dict]:
     """The inputs of an inference run as ``[{"image": path or paths, "case": name}, ...]``: the images of
     ``input_dir`` (:func:`find_images`), or without one, the images of the datalist's ``key`` list. Where that list's
     cases are several files, one per channel, the files of ``input_dir`` are grouped into cases named the same way
-    (:func:`~medkd.data.cases.group_cases`). ``case`` is the path the output is named after
+    (:func:`~medkd.data.cases.group_cases`). For 3D networks (``spatial_dims`` 3), an ``input_dir`` that holds only
+    single-frame DICOM files is one series. ``case`` is the path the output is named after
     (:func:`~medkd.data.cases.case_name`).
 
     Raises:
@@ -358,6 +362,9 @@ def inference_items(
         images = [item["image"] for item in load_datalist(datalist, key=key, base_dir=base_dir)]
         return [{"image": image, "case": case_name(image)} for image in images]
     files = find_images(input_dir, pattern)
+    if spatial_dims == 3 and _one_series(files):
+        logger.info("the %d DICOM slices of %s are read as one series", len(files), input_dir)
+        files = [str(Path(input_dir).expanduser())]
     try:
         listed = [e for e in load_datalist(datalist, key=key, base_dir=base_dir) if len(ensure_tuple(e["image"])) > 1]
     except DataError:  # no datalist beside the checkpoints: the folder's files are the cases
@@ -381,6 +388,19 @@ def inference_items(
             "files, or pick the cases' files with --input_pattern."
         )
     return [{"image": case, "case": case_name(case)} for case in cases]
+
+
+def _one_series(files: Sequence[str]) -> bool:
+    """Whether ``files`` are several DICOM files of one frame each (the slices of a series, not volumes)."""
+    import pydicom
+
+    if len(files) < 2 or not all(Path(f).is_file() and reader_kind(f) == "dicom" for f in files):
+        return False
+    try:
+        header = pydicom.dcmread(files[0], stop_before_pixels=True, force=True)
+    except Exception:  # noqa: BLE001 - unreadable: each file is then skipped with its own reason
+        return False
+    return int(header.get("NumberOfFrames", 1) or 1) == 1
 
 
 # ----------------------------------------------------------------------------------------------------- DICOM

@@ -14,16 +14,27 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ignite.engine import Engine, Events
+from monai.config import KeysCollection
 from monai.data import Dataset, list_data_collate
+from monai.transforms import MapTransform
+from monai.utils import ImageMetaKey
 
 from medkd.data.checks import Problem, error_reason
+from medkd.data.loading import DataError, reader_kind
 
-__all__ = ["SafeDataset", "skip_none_collate", "skip_empty_batches", "SkippedFilesReport"]
+__all__ = [
+    "SafeDataset",
+    "SpatialDimsd",
+    "inference_loading",
+    "skip_none_collate",
+    "skip_empty_batches",
+    "SkippedFilesReport",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +96,43 @@ class SafeDataset(Dataset):
         if not skipped:
             return f"All {len(self)} item(s) loaded; none skipped."
         return "\n".join([f"Skipped {len(skipped)} of {len(self)} item(s):", *[f"  - {p}" for p in skipped]])
+
+
+class SpatialDimsd(MapTransform):
+    """Raise :class:`~medkd.data.loading.DataError` naming the file when a loaded (channel-first) image of ``keys`` has
+    other spatial dimensions than the networks take (``spatial_dims``): a DICOM slice, a photo or a 2D file among 3D
+    inputs, or a volume among 2D ones. Place it right after the loader (:func:`inference_loading`)."""
+
+    def __init__(self, keys: KeysCollection, spatial_dims: int, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.spatial_dims = int(spatial_dims)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            dims = d[key].ndim - 1
+            if dims == self.spatial_dims:
+                continue
+            path = str(getattr(d[key], "meta", {}).get(ImageMetaKey.FILENAME_OR_OBJ, key))
+            hint = ""
+            if dims < self.spatial_dims and reader_kind(path, check_exists=False) == "dicom":
+                hint = (
+                    "; a DICOM series is read from its folder: put each series' slices in a sub-folder of --input_dir "
+                    "(a folder of slices given as --input_dir is read slice by slice)"
+                )
+            raise DataError(f"'{path}' is {dims}D but the networks take {self.spatial_dims}D images{hint}.")
+        return d
+
+
+def inference_loading(load: Sequence[Callable], spatial_dims: int, key: str = "image") -> list[Callable]:
+    """A bundle's ``load`` transforms for inference: right after the loader, the checks that make a file unusable
+    (non-finite values, :func:`~medkd.training.nonfinite.with_finite_check`; other spatial dimensions,
+    :class:`SpatialDimsd`), so that :class:`SafeDataset` skips such a file with its reason."""
+    from medkd.training.nonfinite import CheckFinited, with_finite_check
+
+    items = with_finite_check(load)
+    after = next(i for i, t in enumerate(items) if isinstance(t, CheckFinited)) + 1
+    return [*items[:after], SpatialDimsd(key, spatial_dims), *items[after:]]
 
 
 def skip_none_collate(batch: Sequence[Any]) -> Any:
