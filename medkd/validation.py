@@ -225,6 +225,11 @@ def _channels_and_dims(image: Any) -> tuple[int, int]:
     return int(image.shape[int(channel_dim)]), image.ndim - 1
 
 
+def _unit_axes(image: Any, count: int) -> bool:
+    """Whether the last ``count`` axes of ``image`` have size 1."""
+    return all(int(n) == 1 for n in image.shape[image.ndim - count :])
+
+
 def bundle_hint(dims: int, task: str | None = None) -> str:
     """Which bundle to use for ``dims``-D images (of ``task``, when known), for error messages."""
     if task:
@@ -245,7 +250,10 @@ def check_inputs(datalists: Mapping[str, Sequence[Mapping]], in_channels: int, s
         if not items or "image" not in items[0]:
             continue
         path = items[0]["image"]
-        channels, dims = _channels_and_dims(loader(path))
+        image = loader(path)
+        channels, dims = _channels_and_dims(image)
+        if dims > spatial_dims and _unit_axes(image, dims - spatial_dims):
+            dims = spatial_dims  # a slice stored as (H, W, 1): the bundles drop the axis (DropUnitAxesd)
         if dims != spatial_dims:
             raise ConfigError(
                 f"{path} (first image of the {key} list) is {dims}D but this bundle has spatial_dims={spatial_dims}: "

@@ -409,3 +409,25 @@ def test_an_nnunet_v2_raw_dataset_runs_as_it_is(tmp_path):
         f"'{data / 'medkd_splits.json'}' (<case>_0000.nii.gz/<case>_0001.nii.gz, e.g. {data / 'imagesTr'}/case"
     )
     assert "other_0001.nii.gz form no case. Add the missing files" in str(user_error_of(err.value))
+
+
+def test_2d_slices_stored_with_a_third_axis_of_one_train_plan_and_infer_as_2d(tmp_path):
+    """2D images and label maps saved as NIfTI (H, W, 1), as many converters write a slice."""
+    from medkd.planning.planfile import make_plan
+
+    datalist = tiny_data(tmp_path)
+    data = tmp_path / "data"
+    for case in datalist["training"] + datalist["validation"] + datalist["test"]:
+        for path in (data / case["image"], data / case["label"]):
+            stored = nib.load(path)
+            nib.save(nib.Nifti1Image(np.asarray(stored.dataobj)[..., None], stored.affine), path)
+    assert nib.load(data / datalist["test"][0]["image"]).shape == (48, 48, 1)
+    run_stage("segmentation_2d", "train_teacher", tmp_path)
+    assert (tmp_path / "models" / "teacher.pt").is_file()
+    plan = make_plan(str(data / "dataset.json"), task="segmentation", device="cpu")  # medkd plan, no bundle
+    assert plan["spatial_dims"] == 2 and len(plan["settings"]["patch_size"]) == 2
+    new, out = tmp_path / "new", tmp_path / "out"
+    new.mkdir()
+    shutil.copy(data / datalist["test"][0]["image"], new / "slice.nii.gz")
+    run_stage("segmentation_2d", "inference", tmp_path, input_dir=str(new), output_dir=str(out), network_name="teacher")
+    assert nib.load(out / "slice_teacher_seg.nii.gz").shape == (48, 48)

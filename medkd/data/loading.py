@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 from monai.config import KeysCollection
-from monai.data import NibabelReader, NumpyReader, PILReader, PydicomReader, load_decathlon_datalist
+from monai.data import MetaTensor, NibabelReader, NumpyReader, PILReader, PydicomReader, load_decathlon_datalist
 from monai.data.image_reader import ImageReader
 from monai.transforms import LoadImage, MapTransform, Transform
 from monai.utils import MetaKeys, ensure_tuple
@@ -34,7 +34,9 @@ __all__ = [
     "DicomReader",
     "LoadMedicalImage",
     "LoadMedicalImaged",
+    "DropUnitAxesd",
     "csv_lists",
+    "drop_unit_axes",
     "find_images",
     "image_loader",
     "load_datalist",
@@ -752,6 +754,36 @@ class LoadMedicalImaged(MapTransform):
                 d[key] = self.loader(d[key])
             else:
                 d[key], d[f"{key}_{self.meta_key_postfix}"] = self.loader(d[key])
+        return d
+
+
+def drop_unit_axes(image: Any, spatial_dims: int) -> Any:
+    """A channel-first ``image`` with more spatial axes than ``spatial_dims`` whose extra trailing axes have size 1
+    (a 2D slice stored in NIfTI as ``(H, W, 1)``), without those axes, as a 2D file would load; any other image as it
+    is. Its affine is kept (a 2D file's is 4x4 too).
+
+    Shapes: ``(C, H, W, 1)`` -> ``(C, H, W)`` for ``spatial_dims`` 2."""
+    extra = image.ndim - 1 - int(spatial_dims)
+    if extra <= 0 or any(int(n) != 1 for n in image.shape[image.ndim - extra :]):
+        return image
+    out = image[(..., *([0] * extra))]
+    if isinstance(out, MetaTensor):
+        out.meta[MetaKeys.SPATIAL_SHAPE] = np.asarray(out.shape[1:])
+        out.spatial_ndim = int(spatial_dims)
+    return out
+
+
+class DropUnitAxesd(MapTransform):
+    """Dictionary version of :func:`drop_unit_axes`; place it right after the loader."""
+
+    def __init__(self, keys: KeysCollection, spatial_dims: int, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.spatial_dims = int(spatial_dims)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = drop_unit_axes(d[key], self.spatial_dims)
         return d
 
 

@@ -25,7 +25,7 @@ from monai.transforms import MapTransform
 from monai.utils import ImageMetaKey
 
 from medkd.data.checks import Problem, error_reason
-from medkd.data.loading import DataError, reader_kind
+from medkd.data.loading import DataError, DropUnitAxesd, reader_kind
 
 __all__ = [
     "SafeDataset",
@@ -127,11 +127,12 @@ class SpatialDimsd(MapTransform):
 def inference_loading(load: Sequence[Callable], spatial_dims: int, key: str = "image") -> list[Callable]:
     """A bundle's ``load`` transforms for inference: right after the loader, the checks that make a file unusable
     (non-finite values, :func:`~medkd.training.nonfinite.with_finite_check`; other spatial dimensions,
-    :class:`SpatialDimsd`), so that :class:`SafeDataset` skips such a file with its reason."""
+    :class:`SpatialDimsd`, after :class:`~medkd.data.loading.DropUnitAxesd` where ``load`` has one), so that
+    :class:`SafeDataset` skips such a file with its reason."""
     from medkd.training.nonfinite import CheckFinited, with_finite_check
 
     items = with_finite_check(load)
-    after = next(i for i, t in enumerate(items) if isinstance(t, CheckFinited)) + 1
+    after = 1 + max(i for i, t in enumerate(items) if isinstance(t, CheckFinited | DropUnitAxesd))
     return [*items[:after], SpatialDimsd(key, spatial_dims), *items[after:]]
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from medkd.data.channels import is_picture, picture_channels
-from medkd.data.loading import ORIENTATION_LABELS, DataError, LoadMedicalImage
+from medkd.data.loading import ORIENTATION_LABELS, DataError, LoadMedicalImage, drop_unit_axes
 
 __all__ = ["fingerprint_dataset", "name_side", "lateral_by_name", "lateral_by_position", "is_ct_like"]
 
@@ -241,6 +241,7 @@ def fingerprint_dataset(
     max_cases: int | None = 500,
     seed: int = 0,
     label_values: Sequence[int] | None = None,
+    spatial_dims: int | None = None,
 ) -> dict[str, Any]:
     """Measure a dataset (see the module docstring).
 
@@ -255,6 +256,8 @@ def fingerprint_dataset(
         seed: seed of the intensity subsampling.
         label_values: segmentation: the value of each class in the label maps, in class order (the datalist's
             ``labels`` map, :mod:`medkd.data.labels`); default: the values are the class indices.
+        spatial_dims: the bundle's; images with more spatial axes, the extra ones of size 1 (a 2D slice stored as
+            ``(H, W, 1)``), are measured as the bundles load them (:func:`medkd.data.loading.drop_unit_axes`).
 
     Raises:
         DataError: no image, or unreadable images (from the loader).
@@ -288,7 +291,7 @@ def fingerprint_dataset(
     warnings: list[str] = []
 
     for _key, item in read:
-        image = loader(item["image"])
+        image = loader(item["image"]) if spatial_dims is None else drop_unit_axes(loader(item["image"]), spatial_dims)
         if orient is not None:
             image = orient(image)
         array = np.asarray(image.detach().cpu().numpy() if hasattr(image, "detach") else image)
@@ -306,7 +309,7 @@ def fingerprint_dataset(
         mask = None
         label = item.get("label")
         if task == "segmentation" and label is not None and not isinstance(label, int | np.integer):
-            lab = loader(label)
+            lab = loader(label) if spatial_dims is None else drop_unit_axes(loader(label), spatial_dims)
             if orient is not None:
                 lab = orient(lab)
             lab = np.rint(np.asarray(lab.detach().cpu().numpy())[0])

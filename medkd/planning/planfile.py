@@ -140,13 +140,14 @@ def make_plan(
         raise ConfigError(f"task {task!r} must be 'segmentation' or 'classification'.")
     names = list(class_names) if class_names else optional_class_names(datalist)
     values = None if class_names else optional_label_values(datalist)
-    if axcodes == "auto" and (task == "classification" or spatial_dims):
-        axcodes = None if task == "classification" else "RAS" if spatial_dims == 3 else "RA"
-    if axcodes == "auto":  # dimensionality unknown: from the first image
-        from medkd.data.loading import LoadMedicalImage
+    dims = spatial_dims
+    if not dims and task == "segmentation":  # from the first image; one slice stored as (H, W, 1) is 2D
+        from medkd.data.loading import LoadMedicalImage, drop_unit_axes
 
         first = LoadMedicalImage(ensure_channel_first=True, dtype=None)(lists["training"][0]["image"])
-        axcodes = "RAS" if first.ndim - 1 == 3 else "RA"
+        dims = drop_unit_axes(first, 2).ndim - 1
+    if axcodes == "auto":
+        axcodes = None if task == "classification" else "RAS" if dims == 3 else "RA"
     fingerprint = fingerprint_dataset(
         lists,
         task=task,
@@ -155,6 +156,7 @@ def make_plan(
         modality=_modality(datalist),
         max_cases=max_cases,
         label_values=values,
+        spatial_dims=dims,
     )
     if spatial_dims and fingerprint["spatial_dims"] != int(spatial_dims):
         from medkd.validation import bundle_hint
