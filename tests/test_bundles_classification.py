@@ -205,8 +205,9 @@ def test_one_csv_file_for_every_list_is_split_not_scored_on_its_training_images(
     assert [len(lists[key]) for key in datalists] == [20, 6, 6]
 
 
-def mixed_pictures(root, modes, n=24):
-    """A 2-class image folder of PNG files whose modes cycle through ``modes`` (e.g. greyscale, RGBA, palette)."""
+def mixed_pictures(root, modes, n=24, classes=2):
+    """A ``classes``-class image folder of PNG files whose modes cycle through ``modes`` (e.g. greyscale, RGBA,
+    palette)."""
     from PIL import Image
 
     (root / "images").mkdir(parents=True)
@@ -214,12 +215,13 @@ def mixed_pictures(root, modes, n=24):
     entries = []
     for i in range(n):
         pixels = (rng.random((36 + i % 5, 40)) * 100).astype(np.uint8)
-        pixels[8:20, 8:20] = 250 if i % 2 else pixels[8:20, 8:20]
+        pixels[8:20, 8:20] = 250 * (i % classes) // max(classes - 1, 1)
         mode = modes[i % len(modes)]
         Image.fromarray(pixels).convert(mode).save(root / "images" / f"{i:02d}.png")
-        entries.append({"image": f"images/{i:02d}.png", "label": i % 2})
+        entries.append({"image": f"images/{i:02d}.png", "label": i % classes})
     lists = {"training": entries[: n // 2], "validation": entries[n // 2 : 3 * n // 4], "test": entries[3 * n // 4 :]}
-    (root / "dataset.json").write_text(json.dumps({"labels": {"0": "normal", "1": "lesion"}, **lists}))
+    names = {str(c): f"class{c}" for c in range(classes)}
+    (root / "dataset.json").write_text(json.dumps({"labels": names, **lists}))
     return root
 
 
@@ -240,6 +242,20 @@ def test_pictures_of_mixed_modes_are_planned_and_trained_with_one_channel_count(
     lists = {key: load_datalist(colour / "dataset.json", key) for key in ("training", "validation")}
     measured = fingerprint_dataset(lists, task="classification")
     assert measured["channels_seen"] == {"1": 6, "3": 12} and measured["in_channels"] == 3
+
+
+def test_lists_without_a_class_accepted_on_request_still_choose_and_score_checkpoints(tmp_path):
+    data = mixed_pictures(tmp_path / "data", ["L"], n=36, classes=3)
+    lists = json.loads((data / "dataset.json").read_text())
+    for key in ("validation", "test"):  # no image of class 2 in them
+        lists[key] = [e for e in lists[key] if e["label"] != 2]
+    (data / "dataset.json").write_text(json.dumps(lists))
+    settings = {"dataset_dir": str(data), "allow_missing_classes": True, "patch_size": [32, 32], "batch_size": 4}
+    run_stage(BUNDLE, "train_teacher", tmp_path, iterations_per_epoch=2, **settings)
+    assert (tmp_path / "models" / "teacher.pt").is_file()  # chosen by the AUC over classes 0 and 1, not NaN
+    run_stage(BUNDLE, "evaluate", tmp_path, networks="$dict(teacher=@teacher)", **settings)
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert [r["network"] for r in results] == ["teacher"] and math.isfinite(results[0]["auc"])
 
 
 def test_the_3d_bundle_classifies_volumes_through_every_stage(tmp_path):

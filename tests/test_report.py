@@ -108,3 +108,25 @@ def test_gains_are_paired_by_network_and_seed():
         "| kd | sf | 1 | +0.0500 ± 0.0000 (1/1) | +0.1000 ± 0.0000 (1/1) |",
     ]
     assert paired_gains(rows[4:]) == ""  # no student-alone runs left
+
+
+def test_auc_is_macro_over_the_classes_present():
+    from monai.metrics import ROCAUCMetric
+
+    from medkd.training.evaluators import PresentClassesROCAUC
+
+    scores = torch.tensor([[0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.1, 0.3, 0.6], [0.4, 0.4, 0.2], [0.3, 0.1, 0.6]])
+    labels = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 1, 0]), 3)
+    ours, monai = PresentClassesROCAUC(), ROCAUCMetric(average="macro")
+    for metric in (ours, monai):
+        metric(scores, labels)
+    assert ours.aggregate() == pytest.approx(float(monai.aggregate()))  # every class present: MONAI's macro AUC
+    no_class_2 = PresentClassesROCAUC()
+    no_class_2(scores[[0, 1, 3]], labels[[0, 1, 3]])
+    per_class = ROCAUCMetric(average="none")
+    per_class(scores[[0, 1, 3]], labels[[0, 1, 3]])
+    first_two = [float(v) for v in per_class.aggregate()][:2]
+    assert no_class_2.aggregate() == pytest.approx(sum(first_two) / 2)  # MONAI's macro: NaN
+    one_class = PresentClassesROCAUC()
+    one_class(scores[[1, 3]], labels[[1, 3]])
+    assert math.isnan(one_class.aggregate())

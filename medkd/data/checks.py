@@ -338,7 +338,7 @@ def accept_missing_classes(
     if not allow:
         return list(problems)
     note = (
-        "ROC-AUC is undefined without samples of every class, so the validation AUC will be NaN"
+        "the ROC-AUC of a class without samples is undefined, so the AUC is the mean over the classes present"
         if task == "classification"
         else "validation Dice leaves it out of the mean"
     )

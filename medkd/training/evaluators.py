@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,9 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Accuracy
 from monai.engines import Evaluator, SupervisedEvaluator
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn, default_prepare_batch
-from monai.handlers import ROCAUC, MeanDice, from_engine
+from monai.handlers import IgniteMetricHandler, MeanDice, from_engine
 from monai.inferers import Inferer, SimpleInferer
+from monai.metrics import ROCAUCMetric
 from monai.transforms import Activationsd, AsDiscreted, Compose
 from monai.utils import ImageMetaKey
 from monai.utils.enums import CommonKeys as Keys
@@ -283,11 +285,31 @@ def _stacked(network: str) -> Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
     return transform
 
 
+class PresentClassesROCAUC(ROCAUCMetric):
+    """MONAI's one-vs-rest ROC-AUC, averaged over the classes that have samples in the list (macro): the same as
+    ``ROCAUCMetric(average="macro")`` when every class has, and a number instead of NaN when a class is absent (a
+    small validation or test list accepted with ``allow_missing_classes``); NaN when no class has both positive and
+    negative samples."""
+
+    def __init__(self) -> None:
+        super().__init__(average="none")
+
+    def aggregate(self, average: Any = None) -> float:  # noqa: ARG002 - always over the classes present
+        with warnings.catch_warnings():  # MONAI warns for each absent class: its AUC is NaN, left out here
+            warnings.filterwarnings("ignore", message="y values can not be all")
+            values = [float(v) for v in super().aggregate(average="none")]
+        present = [v for v in values if not math.isnan(v)]
+        return sum(present) / len(present) if present else float("nan")
+
+
 def classification_metrics(networks: Sequence[str], with_accuracy: bool = True) -> dict[str, Any]:
-    """Macro ROC-AUC (``val_auc_<network>``) and top-1 accuracy (``val_acc_<network>``) per network."""
+    """Macro ROC-AUC over the classes present (``val_auc_<network>``, :class:`PresentClassesROCAUC`) and top-1
+    accuracy (``val_acc_<network>``) per network."""
     metrics: dict[str, Any] = {}
     for n in networks:
-        metrics[metric_name("auc", n)] = ROCAUC(output_transform=from_engine([pred_key(n), Keys.LABEL]))
+        metrics[metric_name("auc", n)] = IgniteMetricHandler(
+            metric_fn=PresentClassesROCAUC(), output_transform=from_engine([pred_key(n), Keys.LABEL])
+        )
         if with_accuracy:
             metrics[metric_name("acc", n)] = Accuracy(output_transform=_stacked(n))
     return metrics
