@@ -337,3 +337,21 @@ def test_segmentation_crop_keeps_the_central_pixels_then_tiles(tmp_path):
     tiles = [(int(r["x0"]), int(r["y0"])) for r in sources(tmp_path / "t") if r["group"] == "r1"]
     assert sorted(tiles) == [(10, 2), (10, 12), (20, 2), (20, 12)]
     assert main([*argv, "--output", str(tmp_path / "bad"), "--crop", "0"]) == 1
+
+
+def test_classification_finds_dicom_files_without_extension(tmp_path, capsys):
+    from pydicom.data import get_testdata_file
+
+    root = tmp_path / "raw"
+    for cls, name in (("ct", "CT_small.dcm"), ("mr", "MR_small.dcm")):
+        for i in range(5):  # named as PACS exports name them
+            (root / cls).mkdir(parents=True, exist_ok=True)
+            (root / cls / f"1.2.840.113619.2.{i}").write_bytes(Path(get_testdata_file(name)).read_bytes())
+    (root / "ct" / "notes").write_text("not an image")
+    out = tmp_path / "out"
+    assert main(["prepare", "classification", "--root", str(root), "--output", str(out)]) == 0
+    found = {Path(e["image"]).name for e in lists(out)["training"]}
+    assert found == {f"1.2.840.113619.2.{i}" for i in range(5)} and len(lists(out)["training"]) == 10
+    report = json.dumps(json.loads((out / "prepare.json").read_text()))
+    assert "ct/notes" in report and "not an image format the loaders read" in report
+    assert "No validation or test list: the bundles hold them out of the training list" in capsys.readouterr().out

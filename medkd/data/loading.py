@@ -39,6 +39,7 @@ __all__ = [
     "drop_unit_axes",
     "find_images",
     "image_loader",
+    "is_image_file",
     "load_datalist",
     "reader_for",
     "reader_kind",
@@ -283,12 +284,18 @@ def _is_dicom_file(path: Path) -> bool:
     return path.name.lower().endswith(DICOM_SUFFIXES) or _sniff_dicom(path)
 
 
+def is_image_file(path: PathLike) -> bool:
+    """Whether the file ``path`` has a format the loaders read: by its suffix, or, without a known one, DICOM by its
+    content (PACS exports name files ``IM0001`` or by their UID)."""
+    path = Path(path)
+    return path.name.lower().endswith(NIFTI_SUFFIXES + PIL_SUFFIXES + NUMPY_SUFFIXES) or _is_dicom_file(path)
+
+
 def _is_image(path: Path) -> bool:
     """A file of a format the loaders read, or a folder holding DICOM files (one series)."""
     if path.is_dir():
         return any(f.is_file() and not f.name.startswith(".") and _is_dicom_file(f) for f in path.iterdir())
-    name = path.name.lower()
-    return name.endswith(NIFTI_SUFFIXES + PIL_SUFFIXES + NUMPY_SUFFIXES) or _is_dicom_file(path)
+    return is_image_file(path)
 
 
 def _contents(folder: Path) -> str:

@@ -14,7 +14,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from medkd.data.duplicates import DEFAULT_MAX_DISTANCE, find_duplicates
-from medkd.data.loading import IMAGE_SUFFIXES, PIL_SUFFIXES, DataError
+from medkd.data.loading import PIL_SUFFIXES, DataError, is_image_file
 from medkd.prepare.output import Prepared, output_folder, relative, shown, write_prepared
 from medkd.prepare.pairing import group_of, group_regex
 from medkd.prepare.pixels import GREY_MODES, to_grey
@@ -45,7 +45,7 @@ def _class_images(folder: Path, root: Path, split: str | None, ignored: list[dic
         rel = path.relative_to(root).as_posix()
         if any(part.startswith(".") for part in path.relative_to(root).parts):
             continue
-        if path.name.lower().endswith(IMAGE_SUFFIXES):
+        if is_image_file(path):
             found.append(Source(rel, split, folder.name))
         else:
             ignored.append({"path": rel, "reason": "not an image format the loaders read"})

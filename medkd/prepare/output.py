@@ -154,7 +154,10 @@ def report_lines(prepared: Prepared, limit: int = 20) -> list[str]:
     lines.append(f"  (each entry's source file{'s' if prepared.layout == 'segmentation' else ''} and group).")
     missing = [s for s in SPLITS if not prepared.entries.get(s)]
     if missing:
-        lines.append(f"No {' or '.join(missing)} list: the bundles' stages that read it need one.")
+        lines.append(
+            f"No {' or '.join(missing)} list: the bundles hold {'it' if len(missing) == 1 else 'them'} out of the "
+            "training list on their first run (medkd_splits.json beside the datalist; docs/data.md)."
+        )
     if prepared.hints:
         lines.append("Next:")
         lines += [f"  {hint}" for hint in prepared.hints]

@@ -307,13 +307,15 @@ def _summarise(prepared: Prepared, stats: dict, names: Sequence[str], tiled: boo
 
 def _hints(out: Path, spacing_hint: list[float] | None, png: bool) -> list[str]:
     hints = [f"python -m medkd check-data --datalist {out / 'dataset.json'} --key all"]
-    pixdim = "[1.0, 1.0]" if png else str(spacing_hint) if spacing_hint else "[SIZE, SIZE]"
+    pixdim = "[1.0, 1.0]" if png else str(spacing_hint) if spacing_hint else None
     hints.append(
         "cd bundles/segmentation_2d && python -m monai.bundle run --config_file \"['configs/train.json',"
-        f'\'configs/train_teacher.json\']" --dataset_dir {out} --pixdim "{pixdim}"  # then the other stages'
+        f"'configs/train_teacher.json']\" --dataset_dir {out}"
+        + (f' --pixdim "{pixdim}"' if pixdim else "")
+        + "  # then the other stages"
     )
     if png:
         hints.append("PNG files hold no pixel spacing, so the bundle's --pixdim is in pixels: keep [1.0, 1.0].")
     elif not spacing_hint:
-        hints.append("The bundle resamples every image to --pixdim (default [0.8, 0.8]): give the pixel size wanted.")
+        hints.append("The plan resamples every image to their median pixel size (pixdim); --pixdim sets another.")
     return hints
