@@ -259,7 +259,7 @@ def check_inputs(datalists: Mapping[str, Sequence[Mapping]], in_channels: int, s
                 f"{path} (first image of the {key} list) is {dims}D but this bundle has spatial_dims={spatial_dims}: "
                 f"{bundle_hint(dims)}, or convert the data."
             )
-        if channels != in_channels and not (is_picture(path) and in_channels in (1, 3)):
+        if channels != in_channels and not (is_picture(path, dims) and in_channels in (1, 3)):
             what = "an RGB(A) image" if channels in (3, 4) and spatial_dims == 2 else f"{channels} channels"
             raise ConfigError(
                 f"{path} (first image of the {key} list) has {what} but the bundle's in_channels is {in_channels}: "

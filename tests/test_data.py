@@ -545,3 +545,22 @@ def test_inference_inputs_of_other_dimensions_are_named_and_a_folder_of_slices_i
         "series' slices in a sub-folder of --input_dir (a folder of slices given as --input_dir is read slice by "
         "slice)."
     )
+
+
+def test_a_colour_dicom_is_a_2d_picture_with_three_channels(tmp_path):
+    from medkd.data.channels import MatchChannelsd, is_picture
+
+    ds = pydicom.dcmread(dicom_file("MR_small.dcm"))
+    rgb = np.stack([np.full((ds.Rows, ds.Columns), v, np.uint8) for v in (10, 20, 30)], axis=-1)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = rgb.tobytes()
+    ds.save_as(tmp_path / "colour")  # an ultrasound or photograph, named without extension
+    image = LoadMedicalImage(ensure_channel_first=True)(tmp_path / "colour")
+    assert tuple(image.shape) == (3, ds.Columns, ds.Rows) and len(image.pixdim) == 2  # not a 3D volume of 3 slices
+    assert image[:, 0, 0].tolist() == [10, 20, 30]
+    assert is_picture(str(tmp_path / "colour")) and not is_picture(str(tmp_path / "colour"), spatial_dims=3)
+    grey = MatchChannelsd("image", channels=1)({"image": image})["image"]
+    assert grey.shape == (1, ds.Columns, ds.Rows) and float(grey[0, 0, 0]) == pytest.approx(
+        0.299 * 10 + 0.587 * 20 + 0.114 * 30
+    )

@@ -1,9 +1,10 @@
-"""Pictures (PNG, JPEG, BMP) with the channel count the networks take.
+"""Pictures (PNG, JPEG, BMP, 2D DICOM) with the channel count the networks take.
 
 A folder of pictures often mixes greyscale, greyscale with alpha, RGB and RGBA files (one export in a hundred saved
 differently), which a batch cannot stack. :class:`MatchChannelsd` turns each picture into the bundle's
-``in_channels``, 1 (greyscale) or 3 (RGB), the way image viewers do; medical volumes (NIfTI, DICOM, NumPy) are left
-as they are, since their channels are modalities (the bundles' checks name a mismatch there).
+``in_channels``, 1 (greyscale) or 3 (RGB), the way image viewers do; a 2D DICOM image is a picture too (its samples
+are colours). Volumes (NIfTI, DICOM series, NumPy) and cases of several files are left as they are, since their
+channels are modalities (the bundles' checks name a mismatch there).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Hashable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,7 +20,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from monai.utils import ImageMetaKey
 
-from medkd.data.loading import PIL_SUFFIXES
+from medkd.data.loading import PIL_SUFFIXES, reader_kind
 
 __all__ = ["MatchChannelsd", "is_picture", "match_channels", "picture_channels"]
 
@@ -27,9 +29,14 @@ logger = logging.getLogger(__name__)
 LUMINANCE = (0.299, 0.587, 0.114)  # ITU-R BT.601, as Pillow's convert("L")
 
 
-def is_picture(path: Any) -> bool:
-    """Whether ``path`` is one PNG, JPEG or BMP file (not a list of files)."""
-    return isinstance(path, str | os.PathLike) and str(path).lower().endswith(PIL_SUFFIXES)
+def is_picture(path: Any, spatial_dims: int = 2) -> bool:
+    """Whether ``path`` is one picture (not a list of files): a PNG, JPEG or BMP file, or the DICOM file of a 2D image
+    (``spatial_dims`` 2), whose samples are colours (ultrasound, photographs, slides), never modalities."""
+    if not isinstance(path, str | os.PathLike):
+        return False
+    if str(path).lower().endswith(PIL_SUFFIXES):
+        return True
+    return spatial_dims == 2 and Path(path).is_file() and reader_kind(path, check_exists=False) == "dicom"
 
 
 def picture_channels(channels: int) -> int:
@@ -65,7 +72,7 @@ class MatchChannelsd(MapTransform):
         for key in self.key_iterator(d):
             image = d[key]
             path = getattr(image, "meta", {}).get(ImageMetaKey.FILENAME_OR_OBJ)
-            if not is_picture(path) or image.shape[0] == self.channels:
+            if image.shape[0] == self.channels or not is_picture(path, image.ndim - 1):
                 continue
             d[key] = match_channels(image, self.channels)
             if image.shape[0] not in self._told and picture_channels(image.shape[0]) != self.channels:

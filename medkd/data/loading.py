@@ -24,6 +24,7 @@ import numpy as np
 from monai.config import KeysCollection
 from monai.data import MetaTensor, NibabelReader, NumpyReader, PILReader, PydicomReader, load_decathlon_datalist
 from monai.data.image_reader import ImageReader
+from monai.data.utils import affine_to_spacing
 from monai.transforms import LoadImage, MapTransform, Transform
 from monai.utils import MetaKeys, ensure_tuple
 
@@ -493,6 +494,17 @@ class DicomReader(PydicomReader):
         self.filenames = [files] if len(files) > 1 else files
         self.has_series = len(datasets) > 1
         return datasets if len(datasets) > 1 else datasets[0]
+
+    def get_data(self, data: Any):
+        array, meta = super().get_data(data)
+        datasets = data if isinstance(data, list) else [data]
+        colour = len(datasets) == 1 and not isinstance(datasets[0], list) and "SegmentSequence" not in datasets[0]
+        if colour and int(datasets[0].get("SamplesPerPixel", 1)) > 1 and self._num_frames(datasets[0]) <= 1:
+            # a colour image (ultrasound, photograph, slide): its samples are channels, not a third axis
+            meta[MetaKeys.SPATIAL_SHAPE] = tuple(meta[MetaKeys.SPATIAL_SHAPE])[:-1]
+            meta[MetaKeys.ORIGINAL_CHANNEL_DIM] = -1
+            meta["spacing"] = affine_to_spacing(meta[MetaKeys.ORIGINAL_AFFINE], r=2)
+        return array, meta
 
     def _combine_dicom_series(self, data: Sequence, filenames: Sequence[PathLike]):
         slices, names = list(data), [str(f) for f in filenames]

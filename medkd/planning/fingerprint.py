@@ -297,7 +297,7 @@ def fingerprint_dataset(
         array = np.asarray(image.detach().cpu().numpy() if hasattr(image, "detach") else image)
         dims = array.ndim - 1
         dims_seen[dims] += 1
-        if is_picture(item["image"]):  # its alpha is dropped as the bundles load it
+        if is_picture(item["image"], dims):  # its alpha is dropped as the bundles load it
             array = array[: picture_channels(array.shape[0])]
             pictures[array.shape[0]] += 1
         channels_seen[array.shape[0]] += 1
