@@ -18,6 +18,7 @@ from PIL import Image
 
 from medkd.__main__ import main
 from medkd.bundles import stage_config
+from medkd.data.loading import DataError
 from medkd.errors import ConfigError, user_error
 from medkd.planning import (
     NormalizeIntensityd,
@@ -510,3 +511,13 @@ def test_a_case_without_foreground_adds_nothing_to_the_foreground_intensities(tm
     assert with_it["over"] == "foreground" and with_it["image_min"] <= -1000
     (only,) = fingerprint_dataset({"training": [negative]}, class_names=["bg", "a", "b"])["intensity"]
     assert only["mean"] < -800 and only["over"] == "whole image"  # no foreground anywhere: the whole image
+
+
+def test_images_of_two_dimensionalities_are_named(tmp_path):
+    for name, shape in (("flat", (8, 8)), ("volume", (8, 8, 8))):
+        nib.save(nib.Nifti1Image(np.zeros(shape, np.float32), np.eye(4)), tmp_path / f"{name}.nii.gz")
+    lists = {"training": [{"image": str(tmp_path / "flat.nii.gz"), "label": 0}]}
+    lists["validation"] = [{"image": str(tmp_path / "volume.nii.gz"), "label": 1}]
+    with pytest.raises(DataError) as error:
+        fingerprint_dataset(lists, task="classification")
+    assert f"(1 2D, e.g. {tmp_path / 'flat.nii.gz'}, 1 3D, e.g. {tmp_path / 'volume.nii.gz'})" in str(error.value)

@@ -274,6 +274,7 @@ def fingerprint_dataset(
     modalities = [modality] if isinstance(modality, str) or modality is None else list(modality)
 
     dims_seen: Counter = Counter()
+    example: dict[int, str] = {}  # the first image of each dimensionality
     channels_seen: Counter = Counter()
     pictures: Counter = Counter()  # the channels of the PNG, JPEG and BMP files, which the bundles convert
     sizes, spacings, files = [], [], []
@@ -297,6 +298,7 @@ def fingerprint_dataset(
         array = np.asarray(image.detach().cpu().numpy() if hasattr(image, "detach") else image)
         dims = array.ndim - 1
         dims_seen[dims] += 1
+        example.setdefault(dims, str(item["image"]))
         if is_picture(item["image"], dims):  # its alpha is dropped as the bundles load it
             array = array[: picture_channels(array.shape[0])]
             pictures[array.shape[0]] += 1
@@ -352,7 +354,7 @@ def fingerprint_dataset(
             w[2] = w[2] and float(np.all(np.mod(probe, 1) == 0))
 
     if len(dims_seen) > 1:
-        seen = ", ".join(f"{n} {d}D" for d, n in sorted(dims_seen.items()))
+        seen = ", ".join(f"{n} {d}D, e.g. {example[d]}" for d, n in sorted(dims_seen.items()))
         raise DataError(
             f"the datalist mixes images of several dimensionalities ({seen}); a bundle takes one: list 2D and 3D "
             "images in separate datalists (or convert them)."
