@@ -19,9 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ignite.engine import Engine, Events
-from monai.config import KeysCollection
 from monai.data import Dataset, list_data_collate
-from monai.transforms import MapTransform
 from monai.utils import ImageMetaKey
 
 from medkd.data.checks import Problem, error_reason
@@ -98,17 +96,14 @@ class SafeDataset(Dataset):
         return "\n".join([f"Skipped {len(skipped)} of {len(self)} item(s):", *[f"  - {p}" for p in skipped]])
 
 
-class SpatialDimsd(MapTransform):
-    """Raise :class:`~medkd.data.loading.DataError` naming the file when a loaded (channel-first) image of ``keys`` has
-    other spatial dimensions than the networks take (``spatial_dims``): a DICOM slice, a photo or a 2D file among 3D
-    inputs, or a volume among 2D ones. Place it right after the loader (:func:`inference_loading`)."""
-
-    def __init__(self, keys: KeysCollection, spatial_dims: int, allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.spatial_dims = int(spatial_dims)
+class SpatialDimsd(DropUnitAxesd):
+    """:class:`~medkd.data.loading.DropUnitAxesd`, then :class:`~medkd.data.loading.DataError` naming the file when a
+    loaded (channel-first) image of ``keys`` still has other spatial dimensions than the networks take
+    (``spatial_dims``): a DICOM slice, a photo or a 2D file among 3D inputs, or a volume among 2D ones. Place it right
+    after the loader (:func:`inference_loading`)."""
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
+        d = super().__call__(data)
         for key in self.key_iterator(d):
             dims = d[key].ndim - 1
             if dims == self.spatial_dims:
@@ -127,12 +122,11 @@ class SpatialDimsd(MapTransform):
 def inference_loading(load: Sequence[Callable], spatial_dims: int, key: str = "image") -> list[Callable]:
     """A bundle's ``load`` transforms for inference: right after the loader, the checks that make a file unusable
     (non-finite values, :func:`~medkd.training.nonfinite.with_finite_check`; other spatial dimensions,
-    :class:`SpatialDimsd`, after :class:`~medkd.data.loading.DropUnitAxesd` where ``load`` has one), so that
-    :class:`SafeDataset` skips such a file with its reason."""
+    :class:`SpatialDimsd`), so that :class:`SafeDataset` skips such a file with its reason."""
     from medkd.training.nonfinite import CheckFinited, with_finite_check
 
     items = with_finite_check(load)
-    after = 1 + max(i for i, t in enumerate(items) if isinstance(t, CheckFinited | DropUnitAxesd))
+    after = 1 + next(i for i, t in enumerate(items) if isinstance(t, CheckFinited))
     return [*items[:after], SpatialDimsd(key, spatial_dims), *items[after:]]
 
 
