@@ -207,3 +207,20 @@ def test_a_csv_datalist_without_split_column_gets_its_lists_held_out(tmp_path):
     assert lists_to_hold_out(root / "full.csv") == []
     (root / "unlabelled.csv").write_text("image\na.png\nb.png\n")
     assert lists_to_hold_out(root / "unlabelled.csv") == []  # nothing to train on: the bundles' checks say so
+
+
+def test_cases_of_one_patient_stay_in_one_list_by_an_entry_field(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    rows = "".join(f"images/{i:02d}.png,{i % 2},P{i // 3}\n" for i in range(30))  # three images per patient
+    (root / "all.csv").write_text("image,label,patient\n" + rows)
+    split = make_split(root / "all.csv", root / "split.json", options=SplitOptions(group_field="patient"))
+    patients = {
+        key: {e["patient"] for e in load_datalist(split, key=key)} for key in ("training", "validation", "test")
+    }
+    assert sum(map(len, patients.values())) == 10 and all(patients.values())  # each patient in exactly one list
+    assert json.loads(split.read_text())["medkd_split"]["group_field"] == "patient"
+    with pytest.raises(DataError, match=r"group_field 'site': the training entry of 'images/00.png' in .* has no"):
+        make_split(root / "all.csv", root / "s2.json", options=SplitOptions(group_field="site"))
+    with pytest.raises(ConfigError, match="group_by .* or group_field .*, not both"):
+        SplitOptions(group_by="P(\\d+)", group_field="patient")

@@ -56,17 +56,24 @@ class SplitOptions:
         seed: seed of the random choice.
         group_by: a regular expression searched in each image's path (relative to the datalist's folder); cases with
             the same match (its first group when it has one), e.g. one patient's, stay in one list.
+        group_field: instead, a field of each entry (a CSV column, e.g. ``patient``) whose value keeps cases together.
 
     Raises:
-        ConfigError: fractions outside ``[0, 1)`` or that leave no training cases.
+        ConfigError: fractions outside ``[0, 1)`` or that leave no training cases; both ``group_by`` and
+            ``group_field``.
     """
 
     val_fraction: float = 0.2
     test_fraction: float = 0.2
     seed: int = 0
     group_by: str | None = None
+    group_field: str | None = None
 
     def __post_init__(self) -> None:
+        if self.group_by and self.group_field:
+            raise ConfigError(
+                "split_options takes group_by (a path pattern) or group_field (an entry field), not both."
+            )
         v, t = self.val_fraction, self.test_fraction
         if not 0 <= v < 1 or not 0 <= t < 1 or v + t >= 1:
             raise ConfigError(
@@ -245,6 +252,14 @@ def make_split(
     for entry in training:
         image = entry["image"][0] if isinstance(entry["image"], list | tuple) else entry["image"]
         name = os.path.relpath(image, source.parent) if os.path.isabs(image) else str(image)
+        if options.group_field:
+            if entry.get(options.group_field) in (None, ""):
+                raise DataError(
+                    f"split_options group_field {options.group_field!r}: the training entry of {name!r} in {source} "
+                    f"has no such field (fields: {sorted(entry)})."
+                )
+            groups.append(f"{options.group_field}={entry[options.group_field]}")
+            continue
         if (group := group_of(name, regex)) is None:
             raise DataError(f"split_options group_by {options.group_by!r} matches nothing in the image path {name!r}.")
         groups.append(group)
