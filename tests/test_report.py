@@ -23,6 +23,11 @@ def test_rows_per_network_with_named_per_class_means_skipping_nan(tmp_path):
     assert sp["mean_dice"] == 0.7 and sp["params"] == 9
     assert sp["mean_dice:liver"] == pytest.approx(0.7) and sp["mean_dice:tumour"] == pytest.approx(0.75)
     assert not any(math.isnan(v) for v in sp.values() if isinstance(v, float))
+    assert table.absent_note(details) == (
+        "Images without a class in their label map (tumour in 1 of 3) have no score for it and are left out of its "
+        "mean: a network's false positives on them are not counted."
+    )
+    assert table.absent_note({"val_mean_dice_sp": torch.ones(3, 2)}) == ""
 
 
 def test_markdown_table_columns_in_first_seen_order():

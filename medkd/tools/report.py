@@ -116,11 +116,33 @@ class ResultsTable:
                 row["params"] = sum(p.numel() for m in members for p in self.networks[m].parameters())
         return list(table.values())
 
+    def absent_note(self, details: Mapping[str, Any] | None) -> str:
+        """A note naming the classes that some images lack (their per-image score is NaN: Dice is undefined without
+        the class in the label map), so the reader knows those images are left out of that class's mean; ``""`` when
+        every image has every class."""
+        for per_image in (details or {}).values():
+            per_image = torch.as_tensor(per_image, dtype=torch.float64)
+            if self.class_names and per_image.shape[-1] == len(self.class_names):
+                per_image = per_image.reshape(-1, per_image.shape[-1])
+                missing = torch.isnan(per_image).sum(dim=0).tolist()
+                images = per_image.shape[0]
+                counts = [f"{c} in {n} of {images}" for c, n in zip(self.class_names, missing, strict=True) if n]
+                if counts:
+                    return (
+                        f"Images without a class in their label map ({', '.join(counts)}) have no score for it and are "
+                        "left out of its mean: a network's false positives on them are not counted."
+                    )
+                return ""
+        return ""
+
     def __call__(self, engine: Engine) -> None:
-        rows = self.rows(engine.state.metrics, getattr(engine.state, "metric_details", None))
+        details = getattr(engine.state, "metric_details", None)
+        rows = self.rows(engine.state.metrics, details)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / RESULTS_JSON).write_text(json.dumps(rows, indent=2), encoding="utf-8")
         table = markdown_table(rows)
+        if note := self.absent_note(details):
+            table += f"\n\n{note}"
         (self.output_dir / RESULTS_MD).write_text(table + "\n", encoding="utf-8")
         print(f"\nResults ({self.output_dir / RESULTS_MD}):\n{table}\n", flush=True)
 
