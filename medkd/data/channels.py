@@ -59,8 +59,9 @@ def match_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 class MatchChannelsd(MapTransform):
-    """Give each picture of ``keys`` (PNG, JPEG or BMP, by its metadata's file name) ``channels`` channels with
-    :func:`match_channels`; other images pass unchanged. Place it right after the loader (channel first)."""
+    """Give each picture of ``keys`` (:func:`is_picture`, by its metadata's file name: PNG, JPEG, BMP or a 2D DICOM
+    file) ``channels`` channels with :func:`match_channels`; other images pass unchanged. Place it right after the
+    loader (channel first)."""
 
     def __init__(self, keys: KeysCollection, channels: int, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)

@@ -120,9 +120,11 @@ class ResultsTable:
         """A note naming the classes that some images lack (their per-image score is NaN: Dice is undefined without
         the class in the label map), so the reader knows those images are left out of that class's mean; ``""`` when
         every image has every class."""
-        for per_image in (details or {}).values():
-            per_image = torch.as_tensor(per_image, dtype=torch.float64)
-            if self.class_names and per_image.shape[-1] == len(self.class_names):
+        for per_image in (details or {}).values() if self.class_names else ():
+            if not isinstance(per_image, torch.Tensor):  # e.g. the AUC's saved predictions and labels
+                continue
+            per_image = per_image.to(torch.float64)
+            if per_image.shape[-1] == len(self.class_names):
                 per_image = per_image.reshape(-1, per_image.shape[-1])
                 missing = torch.isnan(per_image).sum(dim=0).tolist()
                 images = per_image.shape[0]
