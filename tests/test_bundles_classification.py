@@ -93,7 +93,8 @@ def test_evaluate_writes_auc_accuracy_and_probabilities(trained):
     run_stage(BUNDLE, "evaluate", root)
     rows = json.loads((root / "eval" / "results.json").read_text())
     assert [r["network"] for r in rows] == ["teacher", "sp", "sf", "ensemble"]
-    assert all(0.0 <= r["auc"] <= 1.0 and 0.0 <= r["acc"] <= 1.0 and r["params"] > 0 for r in rows)
+    assert all(0.0 <= r["auc"] <= 1.0 and 0.0 <= r["acc"] <= 1.0 and 0.0 <= r["bacc"] <= 1.0 for r in rows)
+    assert all(r["params"] > 0 for r in rows)
     assert rows[0]["params"] > rows[1]["params"] and rows[3]["params"] == rows[1]["params"] + rows[2]["params"]
     test = json.loads((root / "data" / "dataset.json").read_text())["test"]
     per_image = read_csv(root / "eval" / "probabilities.csv")

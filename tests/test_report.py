@@ -55,9 +55,9 @@ def test_metric_names_are_built_and_read_by_one_rule():
     from medkd.training.evaluators import classification_metrics, metric_name, segmentation_metrics, split_metric_name
 
     built = [*segmentation_metrics(["teacher", "s_p"]), *classification_metrics(["sf"])]
-    assert built == ["val_mean_dice_teacher", "val_mean_dice_s_p", "val_auc_sf", "val_acc_sf"]
+    assert built == ["val_mean_dice_teacher", "val_mean_dice_s_p", "val_auc_sf", "val_acc_sf", "val_bacc_sf"]
     assert [split_metric_name(n) for n in built] == [
-        ("mean_dice", "teacher"), ("mean_dice", "s_p"), ("auc", "sf"), ("acc", "sf")
+        ("mean_dice", "teacher"), ("mean_dice", "s_p"), ("auc", "sf"), ("acc", "sf"), ("bacc", "sf")
     ]  # fmt: skip
     assert split_metric_name(metric_name("auc", "")) is None and split_metric_name("loss/sp/total") is None
 
@@ -135,3 +135,23 @@ def test_auc_is_macro_over_the_classes_present():
     one_class = PresentClassesROCAUC()
     one_class(scores[[1, 3]], labels[[1, 3]])
     assert math.isnan(one_class.aggregate())
+
+
+def test_balanced_accuracy_does_not_reward_the_majority_class():
+    from ignite.metrics import Accuracy
+
+    from medkd.training.evaluators import BalancedAccuracy
+
+    labels = torch.tensor([0] * 9 + [1])  # 90 % / 10 %
+    majority = torch.tensor([[0.9, 0.1]]).repeat(10, 1)  # always class 0
+    for scores, balanced, accuracy in ((majority, 0.5, 0.9), (torch.eye(2)[labels], 1.0, 1.0)):
+        metric, plain = BalancedAccuracy(), Accuracy()
+        for half in (slice(0, 5), slice(5, 10)):  # two batches
+            metric.update((scores[half], labels[half]))
+            plain.update((scores[half], labels[half]))
+        assert metric.compute() == pytest.approx(balanced) and plain.compute() == pytest.approx(accuracy)
+    three = BalancedAccuracy()
+    three.update((torch.eye(3)[[0, 0, 1, 2]], torch.tensor([0, 1, 1, 1])))  # class 2 absent: left out
+    assert three.compute() == pytest.approx((1.0 + 1 / 3) / 2)
+    three.reset()
+    assert math.isnan(three.compute())

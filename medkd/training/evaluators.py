@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
-from ignite.metrics import Accuracy
+from ignite.metrics import Accuracy, Metric
+from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 from monai.engines import Evaluator, SupervisedEvaluator
 from monai.engines.utils import IterationEvents, default_metric_cmp_fn, default_prepare_batch
 from monai.handlers import IgniteMetricHandler, MeanDice, from_engine
@@ -48,7 +49,7 @@ __all__ = [
 ]
 
 
-METRICS = ("mean_dice", "auc", "acc")  # the metrics the bundles compute, as named in results tables
+METRICS = ("mean_dice", "auc", "acc", "bacc")  # the metrics the bundles compute, as named in results tables
 ENSEMBLE = "ensemble"  # the name under which the students' ensemble is scored (metrics, predictions, tables)
 
 
@@ -302,9 +303,40 @@ class PresentClassesROCAUC(ROCAUCMetric):
         return sum(present) / len(present) if present else float("nan")
 
 
+class BalancedAccuracy(Metric):
+    """Balanced accuracy: the mean, over the classes present in the labels, of the share of each class's samples
+    predicted as that class (top-1 recall). Unlike accuracy it does not reward the majority class: a network that
+    predicts one class for every sample scores 1 / (classes present), whatever the class shares.
+
+    Update with ``(probabilities (N, C), class indices (N,))``, as ignite's ``Accuracy``."""
+
+    @reinit__is_reduced
+    def reset(self) -> None:
+        self._hits = torch.zeros(0, dtype=torch.float64)
+        self._samples = torch.zeros(0, dtype=torch.float64)
+
+    @reinit__is_reduced
+    def update(self, output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        scores, labels = output[0].detach(), output[1].detach().long().flatten()
+        classes = int(scores.shape[1])
+        if self._samples.numel() < classes:
+            self._hits = torch.cat([self._hits, torch.zeros(classes - self._hits.numel(), dtype=torch.float64)])
+            self._samples = torch.cat(
+                [self._samples, torch.zeros(classes - self._samples.numel(), dtype=torch.float64)]
+            )
+        right = (scores.argmax(dim=1) == labels).double().cpu()
+        self._samples += torch.bincount(labels.cpu(), minlength=classes)[:classes].double()
+        self._hits += torch.bincount(labels.cpu(), weights=right, minlength=classes)[:classes].double()
+
+    @sync_all_reduce("_hits", "_samples")
+    def compute(self) -> float:
+        present = self._samples > 0
+        return float((self._hits[present] / self._samples[present]).mean()) if present.any() else float("nan")
+
+
 def classification_metrics(networks: Sequence[str], with_accuracy: bool = True) -> dict[str, Any]:
-    """Macro ROC-AUC over the classes present (``val_auc_<network>``, :class:`PresentClassesROCAUC`) and top-1
-    accuracy (``val_acc_<network>``) per network."""
+    """Per network: macro ROC-AUC over the classes present (``val_auc_<network>``, :class:`PresentClassesROCAUC`),
+    top-1 accuracy (``val_acc_<network>``) and balanced accuracy (``val_bacc_<network>``, :class:`BalancedAccuracy`)."""
     metrics: dict[str, Any] = {}
     for n in networks:
         metrics[metric_name("auc", n)] = IgniteMetricHandler(
@@ -312,6 +344,7 @@ def classification_metrics(networks: Sequence[str], with_accuracy: bool = True) 
         )
         if with_accuracy:
             metrics[metric_name("acc", n)] = Accuracy(output_transform=_stacked(n))
+            metrics[metric_name("bacc", n)] = BalancedAccuracy(output_transform=_stacked(n))
     return metrics
 
 
