@@ -376,10 +376,11 @@ def check_before_run(
         return
     files = {key: datalists[key] if isinstance(datalists, Mapping) else datalists for key in keys}
     errors = []
+    checked: dict[str, list[dict]] = {}
     for key, datalist_file in files.items():
         source = str(datalist_file)
         try:
-            items = load_datalist(datalist_file, key=key, base_dir=base_dir)
+            items = checked[key] = load_datalist(datalist_file, key=key, base_dir=base_dir)
         except DataError as e:
             errors.append(f"[{key}] {e}")
             continue
@@ -395,7 +396,7 @@ def check_before_run(
                 f"[{key}] A class absent from a small {key} split can be accepted with --allow_missing_classes true "
                 "(see docs/data.md)."
             )
-    if not errors and (leaks := shared_images(_other_lists(datalists, keys, base_dir), keys)):
+    if not errors and (leaks := shared_images(_with_other_lists(checked, datalists, base_dir), keys)):
         if not allow_leakage:
             errors += [*leaks, LEAKAGE_HINT]
         for line in leaks if allow_leakage else []:
@@ -413,16 +414,16 @@ LEAKAGE_HINT = (
 )
 
 
-def _other_lists(
+def _with_other_lists(
+    checked: Mapping[str, list[dict]],
     datalists: str | os.PathLike | Mapping[str, str | os.PathLike],
-    keys: Sequence[str],
     base_dir: str | os.PathLike | None,
 ) -> dict[str, list[dict]]:
-    """The ``training``, ``validation`` and ``test`` lists of ``datalists`` that can be read, ``keys`` first (a list
-    the datalists lack is left out)."""
-    lists = {}
-    for key in dict.fromkeys([*keys, "training", "validation", "test"]):
-        if isinstance(datalists, Mapping) and key not in datalists:
+    """The lists already ``checked``, then the other ``training``, ``validation`` and ``test`` lists of ``datalists``
+    that can be read (a list the datalists lack is left out)."""
+    lists = dict(checked)
+    for key in ("training", "validation", "test"):
+        if key in lists or (isinstance(datalists, Mapping) and key not in datalists):
             continue
         try:
             lists[key] = load_datalist(datalists[key] if isinstance(datalists, Mapping) else datalists, key, base_dir)
