@@ -122,12 +122,14 @@ class SpatialDimsd(DropUnitAxesd):
 def inference_loading(load: Sequence[Callable], spatial_dims: int, key: str = "image") -> list[Callable]:
     """A bundle's ``load`` transforms for inference: right after the loader, the checks that make a file unusable
     (non-finite values, :func:`~medkd.training.nonfinite.with_finite_check`; other spatial dimensions,
-    :class:`SpatialDimsd`), so that :class:`SafeDataset` skips such a file with its reason."""
+    :class:`SpatialDimsd`), so that :class:`SafeDataset` skips such a file with its reason; at the end, the image
+    named after its case (:class:`~medkd.data.cases.NameAfterCase`), which the outputs are named after."""
+    from medkd.data.cases import NameAfterCase
     from medkd.training.nonfinite import CheckFinited, with_finite_check
 
     items = with_finite_check(load)
     after = 1 + next(i for i, t in enumerate(items) if isinstance(t, CheckFinited))
-    return [*items[:after], SpatialDimsd(key, spatial_dims), *items[after:]]
+    return [*items[:after], SpatialDimsd(key, spatial_dims), *items[after:], NameAfterCase(key)]
 
 
 def skip_none_collate(batch: Sequence[Any]) -> Any:
