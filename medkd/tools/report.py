@@ -104,12 +104,10 @@ class ResultsTable:
             metric, network = parsed
             row = table.setdefault(network, {"network": network, **self.extra})
             row[metric] = float(value)
-            per_image = (details or {}).get(name)
-            if self.class_names and per_image is not None:
-                per_image = torch.as_tensor(per_image, dtype=torch.float64).reshape(-1, per_image.shape[-1])
-                if per_image.shape[-1] == len(self.class_names):
-                    for cls, score in zip(self.class_names, per_image.nanmean(dim=0).tolist(), strict=True):
-                        row[f"{metric}:{cls}"] = score
+            per_image = self._class_scores((details or {}).get(name))
+            if per_image is not None:
+                for cls, score in zip(self.class_names, per_image.nanmean(dim=0).tolist(), strict=True):
+                    row[f"{metric}:{cls}"] = score
         for network, row in table.items():
             members = self.ensemble if network == ENSEMBLE else [network]
             if members and all(m in self.networks for m in members):
@@ -120,22 +118,24 @@ class ResultsTable:
         """A note naming the classes that some images lack (their per-image score is NaN: Dice is undefined without
         the class in the label map), so the reader knows those images are left out of that class's mean; ``""`` when
         every image has every class."""
-        for per_image in (details or {}).values() if self.class_names else ():
-            if not isinstance(per_image, torch.Tensor):  # e.g. the AUC's saved predictions and labels
-                continue
-            per_image = per_image.to(torch.float64)
-            if per_image.shape[-1] == len(self.class_names):
-                per_image = per_image.reshape(-1, per_image.shape[-1])
-                missing = torch.isnan(per_image).sum(dim=0).tolist()
-                images = per_image.shape[0]
-                counts = [f"{c} in {n} of {images}" for c, n in zip(self.class_names, missing, strict=True) if n]
-                if counts:
-                    return (
-                        f"Images without a class in their label map ({', '.join(counts)}) have no score for it and are "
-                        "left out of its mean: a network's false positives on them are not counted."
-                    )
-                return ""
-        return ""
+        per_image = next((t for v in (details or {}).values() if (t := self._class_scores(v)) is not None), None)
+        if per_image is None:
+            return ""
+        missing = torch.isnan(per_image).sum(dim=0).tolist()
+        counts = [f"{c} in {n} of {per_image.shape[0]}" for c, n in zip(self.class_names, missing, strict=True) if n]
+        if not counts:
+            return ""
+        return (
+            f"Images without a class in their label map ({', '.join(counts)}) have no score for it and are left out of "
+            "its mean: a network's false positives on them are not counted."
+        )
+
+    def _class_scores(self, values: Any) -> torch.Tensor | None:
+        """``values`` as per-image scores ``(images, classes)`` of ``class_names``, or ``None`` where they are not
+        (no class names, another number of columns, or the AUC's saved predictions and labels)."""
+        if not self.class_names or not hasattr(values, "shape") or values.shape[-1] != len(self.class_names):
+            return None
+        return torch.as_tensor(values, dtype=torch.float64).reshape(-1, values.shape[-1])
 
     def __call__(self, engine: Engine) -> None:
         details = getattr(engine.state, "metric_details", None)
