@@ -225,11 +225,6 @@ def _channels_and_dims(image: Any) -> tuple[int, int]:
     return int(image.shape[int(channel_dim)]), image.ndim - 1
 
 
-def _unit_axes(image: Any, count: int) -> bool:
-    """Whether the last ``count`` axes of ``image`` have size 1."""
-    return all(int(n) == 1 for n in image.shape[image.ndim - count :])
-
-
 def bundle_hint(dims: int, task: str | None = None) -> str:
     """Which bundle to use for ``dims``-D images (of ``task``, when known), for error messages."""
     if task:
@@ -243,7 +238,7 @@ def check_inputs(datalists: Mapping[str, Sequence[Mapping]], in_channels: int, s
     3D volumes into a 2D bundle), naming the file and the fix. A picture (PNG, JPEG, BMP) takes 1 or 3 channels
     whatever it holds: the bundles convert it (:class:`medkd.data.channels.MatchChannelsd`)."""
     from medkd.data.channels import is_picture
-    from medkd.data.loading import LoadMedicalImage
+    from medkd.data.loading import LoadMedicalImage, unit_axes
 
     loader = LoadMedicalImage(image_only=True, dtype=None)
     for key, items in datalists.items():
@@ -252,7 +247,7 @@ def check_inputs(datalists: Mapping[str, Sequence[Mapping]], in_channels: int, s
         path = items[0]["image"]
         image = loader(path)
         channels, dims = _channels_and_dims(image)
-        if dims > spatial_dims and _unit_axes(image, dims - spatial_dims):
+        if dims > spatial_dims and unit_axes(image, dims - spatial_dims):
             dims = spatial_dims  # a slice stored as (H, W, 1): the bundles drop the axis (DropUnitAxesd)
         if dims != spatial_dims:
             raise ConfigError(

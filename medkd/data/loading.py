@@ -42,6 +42,7 @@ __all__ = [
     "image_loader",
     "is_image_file",
     "load_datalist",
+    "unit_axes",
     "reader_for",
     "reader_kind",
 ]
@@ -776,6 +777,11 @@ class LoadMedicalImaged(MapTransform):
         return d
 
 
+def unit_axes(image: Any, count: int) -> bool:
+    """Whether the last ``count`` axes of ``image`` have size 1."""
+    return all(int(n) == 1 for n in image.shape[image.ndim - count :])
+
+
 def drop_unit_axes(image: Any, spatial_dims: int) -> Any:
     """A channel-first ``image`` with more spatial axes than ``spatial_dims`` whose extra trailing axes have size 1
     (a 2D slice stored in NIfTI as ``(H, W, 1)``), without those axes, as a 2D file would load; any other image as it
@@ -783,7 +789,7 @@ def drop_unit_axes(image: Any, spatial_dims: int) -> Any:
 
     Shapes: ``(C, H, W, 1)`` -> ``(C, H, W)`` for ``spatial_dims`` 2."""
     extra = image.ndim - 1 - int(spatial_dims)
-    if extra <= 0 or any(int(n) != 1 for n in image.shape[image.ndim - extra :]):
+    if extra <= 0 or not unit_axes(image, extra):
         return image
     out = image[(..., *([0] * extra))]
     if isinstance(out, MetaTensor):

@@ -270,6 +270,11 @@ def fingerprint_dataset(
     read = _subset(items, max_cases)
     rng = np.random.default_rng(seed)
     loader = LoadMedicalImage(ensure_channel_first=True, dtype=None)
+
+    def load(path: Any) -> Any:  # as the bundles load it: a slice stored as (H, W, 1) is 2D
+        image = loader(path)
+        return image if spatial_dims is None else drop_unit_axes(image, spatial_dims)
+
     orient = Orientation(axcodes=axcodes, labels=ORIENTATION_LABELS) if axcodes else None
     modalities = [modality] if isinstance(modality, str) or modality is None else list(modality)
 
@@ -292,7 +297,7 @@ def fingerprint_dataset(
     warnings: list[str] = []
 
     for _key, item in read:
-        image = loader(item["image"]) if spatial_dims is None else drop_unit_axes(loader(item["image"]), spatial_dims)
+        image = load(item["image"])
         if orient is not None:
             image = orient(image)
         array = np.asarray(image.detach().cpu().numpy() if hasattr(image, "detach") else image)
@@ -311,7 +316,7 @@ def fingerprint_dataset(
         mask = None
         label = item.get("label")
         if task == "segmentation" and label is not None and not isinstance(label, int | np.integer):
-            lab = loader(label) if spatial_dims is None else drop_unit_axes(loader(label), spatial_dims)
+            lab = load(label)
             if orient is not None:
                 lab = orient(lab)
             lab = np.rint(np.asarray(lab.detach().cpu().numpy())[0])
