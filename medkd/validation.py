@@ -32,6 +32,7 @@ __all__ = [
     "total_stride",
     "check_patch_size",
     "check_inputs",
+    "check_networks",
     "bundle_hint",
     "choose",
 ]
@@ -261,6 +262,18 @@ def check_inputs(datalists: Mapping[str, Sequence[Mapping]], in_channels: int, s
                 f"pass --in_channels {channels} (the networks follow it), or convert the images"
                 + (" to greyscale." if in_channels == 1 else ".")
             )
+
+
+def check_networks(networks: Any, key: str = "networks") -> None:
+    """Raise :class:`ConfigError` unless ``networks`` maps names to networks (what an evaluation scores), saying how
+    to pick some of them: a list of names, for one, is not enough, as the bundle cannot tell which network each is."""
+    if isinstance(networks, Mapping) and networks and all(isinstance(n, nn.Module) for n in networks.values()):
+        return
+    raise ConfigError(
+        f"--{key} must map names to networks, but it is {networks!r}. Evaluate the teacher only with "
+        f"--{key} \"\\${{'teacher': @teacher}}\", the students only with --{key} @students, or one student with "
+        f"--{key} \"\\${{'sp': @students['sp']}}\" (the \\ keeps the shell from reading the $)."
+    )
 
 
 def choose(options: Mapping[str, Any], name: str, key: str) -> Any:

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -221,6 +222,17 @@ def test_evaluation_stops_naming_a_nan_test_image(trained_2d, tmp_path, capsys):
     message = str(user_error_of(err.value))
     assert message.startswith(f"Image file '{bad}' has 5 non-finite value(s) (NaN or Inf) out of 2304.")
     assert "numpy.nan_to_num" in message
+
+
+def test_evaluating_some_networks_by_a_list_of_names_says_how_to_pick_them(trained_2d, tmp_path):
+    root = copy_of(trained_2d, tmp_path)
+    with pytest.raises(RuntimeError) as err:
+        run_stage("segmentation_2d", "evaluate", root, networks=["teacher"])
+    message = str(user_error_of(err.value))
+    assert message.startswith("--networks must map names to networks, but it is ['teacher']. Evaluate the teacher")
+    one_student = re.search(r'one student with --networks "\\(.+?)"', message).group(1)
+    run_stage("segmentation_2d", "evaluate", root, networks=one_student)  # the suggestion, as the shell passes it
+    assert [r["network"] for r in json.loads((root / "eval" / "results.json").read_text())] == ["sp"]
 
 
 def test_inference_without_input_images_is_an_error(trained_2d, tmp_path):

@@ -86,7 +86,11 @@ def test_csv_datalist_segmentation_and_classification(tmp_path):
         ("root.json", "[1, 2]", "must be a JSON object"),
         ("noimage.json", '{"training": [{"label": "a.nii"}]}', "entry 0 of 'training' has no 'image' field"),
         ("cols.csv", "img,label\na.nii,b.nii\n", "has no 'image' column (columns found: ['img', 'label'])"),
-        ("cells.csv", "image,label\na.nii,\n", "line 2: the 'label' cell is empty"),
+        (
+            "cells.csv",
+            "image,label\na.nii,1\nb.nii,\n",
+            "the 'label' cell is empty on line(s) 3 of the 'training' list",
+        ),
     ],
 )
 def test_malformed_datalist_messages(tmp_path, name, content, expected):
@@ -94,6 +98,12 @@ def test_malformed_datalist_messages(tmp_path, name, content, expected):
     with pytest.raises(DataError) as err:
         load_datalist(tmp_path / name)
     assert str(tmp_path / name) in str(err.value) and expected in str(err.value)
+
+
+def test_csv_list_whose_label_cells_are_all_empty_is_unlabelled(tmp_path):
+    (tmp_path / "lists.csv").write_text("image,label,split\na.png,1,train\nb.png,,test\nc.png,,test\n")
+    assert load_datalist(tmp_path / "lists.csv", "test") == [{"image": str(tmp_path / n)} for n in ("b.png", "c.png")]
+    assert load_datalist(tmp_path / "lists.csv") == [{"image": str(tmp_path / "a.png"), "label": 1}]
 
 
 def test_csv_with_excel_byte_order_mark(tmp_path):
@@ -498,6 +508,27 @@ def test_cases_of_several_files_are_named_and_grouped_as_the_datalist_names_them
     per_channel_folder = [{"image": [f"/d/t1/{c}.nii.gz", f"/d/t2/{c}.nii.gz"]} for c in "ab"]
     assert channel_suffixes(per_channel_folder) is None  # named in different ways: no suffix groups them
     assert channel_suffixes([{"image": "/d/a.nii.gz"}]) is None
+    one_channel = [{"image": f"/d/imagesTs/p{i}_0000.nii.gz"} for i in range(3)]  # nnU-Net, one channel
+    assert channel_suffixes(one_channel) == ("_0000.nii.gz",)
+    assert case_name("/d/imagesTs/p1_0000.nii.gz", ("_0000.nii.gz",)) == "/d/imagesTs/p1.nii.gz"
+    assert case_name("/d/new/q.nii.gz", ("_0000.nii.gz",)) == "/d/new/q.nii.gz"  # no suffix to take off
+    assert channel_suffixes([*one_channel, {"image": "/d/imagesTs/q.nii.gz"}]) is None  # not all: other names
+
+
+def test_inference_names_the_outputs_of_one_channel_nnunet_cases_without_the_channel_suffix(tmp_path):
+    from medkd.data.loading import inference_items
+
+    (tmp_path / "dataset.json").write_text(
+        json.dumps({"test": [{"image": "p1_0000.nii.gz"}, {"image": "p2_0000.nii.gz"}]})
+    )
+    listed = inference_items(None, None, tmp_path / "dataset.json")
+    assert [item["case"] for item in listed] == [str(tmp_path / "p1.nii.gz"), str(tmp_path / "p2.nii.gz")]
+    new = tmp_path / "new"
+    new.mkdir()
+    for name in ("n1_0000.nii.gz", "n2.nii.gz"):
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), new / name)
+    cases = inference_items(new, None, tmp_path / "dataset.json")
+    assert [Path(item["case"]).name for item in cases] == ["n1.nii.gz", "n2.nii.gz"]
 
 
 def test_pictures_get_the_networks_channels_and_volumes_keep_theirs(tmp_path, caplog):

@@ -10,6 +10,7 @@ the segmentation of such a case.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ from monai.utils import ImageMetaKey, MetaKeys, ensure_tuple
 __all__ = ["NameAfterCase", "OneLabelMapd", "case_name", "channel_suffixes", "group_cases"]
 
 SEPARATORS = "_-."
+NNUNET_CHANNEL = re.compile(r"_0000(\.[A-Za-z]+)+$")  # the channel suffix of an nnU-Net case of one file
 
 
 def _stem(files: Sequence[str]) -> str:
@@ -30,15 +32,25 @@ def _stem(files: Sequence[str]) -> str:
     return shared[: cut + 1] if cut >= 0 else ""
 
 
-def case_name(files: str | Sequence[str]) -> str:
-    """The path a case of ``files`` is named by: the one file; else what their names share before their channel parts,
-    in the first file's folder with its extension (``.../a_0000.nii.gz`` and ``.../a_0001.nii.gz``: ``.../a.nii.gz``);
-    the folder, for files of one folder whose names share nothing (``a/t1.nii.gz``, ``a/t2.nii.gz``: ``a.nii.gz``);
-    else the first file (``t1/a.nii.gz``, ``t2/a.nii.gz``)."""
+def case_name(files: str | Sequence[str], suffixes: Sequence[str] | None = None) -> str:
+    """The path a case of ``files`` is named by: the one file, without its channel suffix where ``suffixes`` (of
+    :func:`channel_suffixes`) has one (``a_0000.nii.gz``: ``a.nii.gz``, as nnU-Net names a case of one channel); else
+    what their names share before their channel parts, in the first file's folder with its extension
+    (``.../a_0000.nii.gz`` and ``.../a_0001.nii.gz``: ``.../a.nii.gz``); the folder, for files of one folder whose
+    names share nothing (``a/t1.nii.gz``, ``a/t2.nii.gz``: ``a.nii.gz``); else the first file (``t1/a.nii.gz``,
+    ``t2/a.nii.gz``)."""
     files = [str(f) for f in ensure_tuple(files)]
     first, names = files[0], [os.path.basename(str(f)) for f in files]
     extension = ".nii.gz" if first.lower().endswith(".nii.gz") else os.path.splitext(first)[1]
     stem = _stem(names).rstrip(SEPARATORS)
+    if (
+        len(files) == 1
+        and suffixes
+        and len(suffixes) == 1
+        and names[0].endswith(suffixes[0])
+        and names[0] != suffixes[0]
+    ):
+        return first[: len(first) - len(suffixes[0])] + extension
     if len(set(names)) == 1:
         return first
     if stem:
@@ -49,10 +61,15 @@ def case_name(files: str | Sequence[str]) -> str:
 
 
 def channel_suffixes(entries: Sequence[Mapping[str, Any]], image_key: str = "image") -> tuple[str, ...] | None:
-    """How the multi-file cases of ``entries`` (datalist entries) name their channels' files: what follows the part
-    their paths share (``("_0000.nii.gz", "_0001.nii.gz")``), the same for every case; ``None`` when the cases are
-    single files, or name their files in different ways."""
+    """How the cases of ``entries`` (datalist entries) name their channels' files: what follows the part their paths
+    share (``("_0000.nii.gz", "_0001.nii.gz")``), the same for every case; for cases of one file, nnU-Net's channel
+    suffix where every file has it (``("_0000.nii.gz",)``); ``None`` when the cases are other single files, or name
+    their files in different ways."""
     found = set()
+    singles = [str(ensure_tuple(e[image_key])[0]) for e in entries if len(ensure_tuple(e[image_key])) == 1]
+    if entries and len(singles) == len(entries):
+        endings = {m.group(0) for f in singles if (m := NNUNET_CHANNEL.search(os.path.basename(f)))}
+        return (endings.pop(),) if len(endings) == 1 and all(NNUNET_CHANNEL.search(f) for f in singles) else None
     for entry in entries:
         files = [str(f) for f in ensure_tuple(entry[image_key])]
         if len(files) < 2 or len(set(files)) < len(files):

@@ -210,15 +210,18 @@ def _load_csv(path: Path, base_dir: PathLike | None, key: str) -> list[dict]:
         rows = [(line, {k: v for k, v in row.items() if k != SPLIT_COLUMN}) for line, row in named]
     items = []
     bad_labels: list[tuple[int, str]] = []
+    empty = [line for line, row in rows if not row.get("label")]
+    if "label" in columns and empty and len(empty) < len(rows):
+        shown = ", ".join(map(str, empty[:10])) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+        raise DataError(
+            f"Datalist '{path}': the 'label' cell is empty on line(s) {shown} of the {key!r} list, but not on its "
+            "other lines. Fill them or delete those rows (a list without labels, e.g. images to segment, leaves every "
+            "cell empty)."
+        )
     for line, row in rows:
-        item: dict[str, Any] = dict(row)
+        item: dict[str, Any] = {k: v for k, v in row.items() if k != "label"}
         item["image"] = _resolve(base, row["image"])
-        if "label" in columns:
-            label = row.get("label", "")
-            if not label:
-                raise DataError(
-                    f"Datalist '{path}', line {line}: the 'label' cell is empty. Fill it or delete the row."
-                )
+        if "label" in columns and (label := row.get("label", "")):
             if _is_int(label):
                 item["label"] = int(label)
             elif _looks_like_path(base, label):
@@ -371,17 +374,20 @@ def inference_items(
 
     if not input_dir:
         images = [item["image"] for item in load_datalist(datalist, key=key, base_dir=base_dir)]
-        return [{"image": image, "case": case_name(image)} for image in images]
+        suffixes = channel_suffixes([{"image": image} for image in images])
+        return [{"image": image, "case": case_name(image, suffixes)} for image in images]
     files = find_images(input_dir, pattern)
     if spatial_dims == 3 and _one_series(files):
         logger.info("the %d DICOM slices of %s are read as one series", len(files), input_dir)
         files = [str(Path(input_dir).expanduser())]
     try:
-        listed = [e for e in load_datalist(datalist, key=key, base_dir=base_dir) if len(ensure_tuple(e["image"])) > 1]
+        entries = load_datalist(datalist, key=key, base_dir=base_dir)
     except DataError:  # no datalist beside the checkpoints: the folder's files are the cases
-        listed = []
-    if not listed:
-        return [{"image": f, "case": f} for f in files]
+        entries = []
+    listed = [e for e in entries if len(ensure_tuple(e["image"])) > 1]
+    if not listed:  # cases of one file: named after it, without nnU-Net's channel suffix where the list's files have it
+        suffixes = channel_suffixes(entries)
+        return [{"image": f, "case": case_name(f, suffixes)} for f in files]
     suffixes = channel_suffixes(listed)
     example = ", ".join(str(f) for f in ensure_tuple(listed[0]["image"]))
     if suffixes is None:

@@ -236,8 +236,10 @@ def _std(values: Sequence[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _mean_std(values: Sequence[float]) -> str:
-    return f"{statistics.mean(values):.4f} ± {_std(values):.4f}"
+def _mean_std(values: Sequence[float], sign: str = "") -> str:
+    """``"mean ± s.d."`` of ``values``, or only the mean for one value (whose spread is unknown, not zero)."""
+    spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):{sign}.4f}{spread}"
 
 
 def _score_columns(rows: Sequence[Mapping]) -> list[str]:
@@ -287,7 +289,7 @@ def paired_gains(rows: Sequence[Mapping], baseline: str = BASELINE) -> str:
                 float(r[m]) - float(a[m]) for r, a in pairs if r.get(m) not in (None, "") and a.get(m) not in (None, "")
             ]
             won = f" ({sum(g > 0 for g in gains)}/{len(gains)})"
-            line[f"{m} gain"] = f"{statistics.mean(gains):+.4f} ± {_std(gains):.4f}{won}" if gains else None
+            line[f"{m} gain"] = f"{_mean_std(gains, sign='+')}{won}" if gains else None
         table.append(line)
     return markdown_table(table) if table else ""
 
