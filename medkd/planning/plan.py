@@ -46,6 +46,7 @@ MAX_ITERATIONS_PER_EPOCH = 250  # nnU-Net's epoch
 MIN_ITERATIONS_PER_EPOCH = 50  # small data sets are cycled: fewer, longer epochs (less logging and validation)
 EPOCHS = {"segmentation": (20, 1000), "classification": (10, 200)}  # min, max
 VALIDATIONS_PER_RUN = 50  # validate about this many times per run (val_interval)
+IMBALANCE = 3.0  # classification: balanced sampling when the most common class has this many samples per rarest's
 ANISOTROPY = 3.0  # nnU-Net: an axis more than 3x coarser than the others (and with few voxels) is anisotropic
 
 
@@ -338,6 +339,7 @@ def _classification(fingerprint, budget, n_train, kind, lateral, reasons) -> dic
     )
     reasons["rotate_degrees"] = "small rotations (up to 15 degrees) and scaling (0.9-1.1), probability 0.2 each"
     epochs, reasons["max_epochs"] = _epochs(n_train, batch, "classification", budget)
+    balanced, reasons["balanced_sampling"] = _balanced_sampling(fingerprint)
     return {
         "patch_size": patch_size,
         "batch_size": batch,
@@ -348,4 +350,23 @@ def _classification(fingerprint, budget, n_train, kind, lateral, reasons) -> dic
         "rotate_degrees": 15.0,
         "scale_range": 0.1,
         "intensity_augmentation": True,
+        "balanced_sampling": balanced,
     }
+
+
+def _balanced_sampling(fingerprint: Mapping[str, Any]) -> tuple[bool, str]:
+    """Whether to draw every class equally often (:mod:`medkd.data.balance`): when the training list's most common
+    class has at least :data:`IMBALANCE` times the samples of its rarest; and why."""
+    counts = {c["name"]: int(c.get("samples", 0)) for c in fingerprint.get("classes", [])}
+    present = {name: n for name, n in counts.items() if n}
+    if len(present) < 2:
+        return False, "fewer than two classes among the samples read: nothing to balance"
+    common, rare = max(present, key=present.get), min(present, key=present.get)
+    ratio = present[common] / present[rare]
+    if ratio >= IMBALANCE:
+        return True, (
+            f"imbalanced classes ({common} {ratio:.3g}x as many samples as {rare} in the lists read, at least "
+            f"{IMBALANCE:g}x): each "
+            "class drawn equally often, so that the rare classes are not traded for accuracy on the common ones"
+        )
+    return False, f"classes within {IMBALANCE:g}x of each other ({common} {ratio:.3g}x {rare}): uniform sampling"

@@ -12,10 +12,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import torch
+from monai.data import DistributedSampler as MonaiDistributedSampler
+from monai.data import DistributedWeightedRandomSampler
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset, DistributedSampler, Sampler, WeightedRandomSampler
 
 from medkd.training.layout import channels_last as to_channels_last
 
@@ -28,6 +32,7 @@ __all__ = [
     "is_distributed",
     "is_not_rank0",
     "rank0_first",
+    "train_sampler",
     "unwrap",
     "wrap_ddp",
 ]
@@ -125,3 +130,13 @@ def wrap_ddp(
         else:
             wrapped[name] = DistributedDataParallel(net.to(device))
     return wrapped
+
+
+def train_sampler(dataset: Dataset, sampler: Sampler | None = None, **kwargs: Any) -> DistributedSampler:
+    """The training sampler of one process of a ``torchrun`` run: MONAI's ``DistributedSampler`` (each process a
+    shuffled share of ``dataset``), or, where the single-process ``sampler`` is a ``WeightedRandomSampler`` (e.g.
+    :func:`medkd.data.balance.balanced_sampler`), MONAI's ``DistributedWeightedRandomSampler`` drawing from each
+    process's share with the same weights. ``kwargs`` (``num_replicas``, ``rank``) go to the sampler."""
+    if isinstance(sampler, WeightedRandomSampler):
+        return DistributedWeightedRandomSampler(dataset, sampler.weights.tolist(), even_divisible=True, **kwargs)
+    return MonaiDistributedSampler(dataset, even_divisible=True, shuffle=True, **kwargs)
