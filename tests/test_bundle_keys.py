@@ -49,7 +49,8 @@ STAGE_KEYS = {
     },
 }  # fmt: skip
 # what only one task has: the segmentation bundles resample, crop patches, slide windows over U-Nets and map label
-# values to classes; the classification bundle knows lateral findings; the 3D bundle samples several patches per volume
+# values to classes; the classification bundle knows lateral findings and balances classes; the 3D bundle samples
+# several patches per volume
 SEGMENTATION = {
     "axcodes", "pixdim", "interp_modes", "crop", "strides", "teacher_channels", "compression", "student_channels",
     "sw_overlap", "sw_batch_size", "label_values", "map_labels",
@@ -57,8 +58,8 @@ SEGMENTATION = {
 OWN = {
     "segmentation_2d": SEGMENTATION,
     "segmentation_3d": SEGMENTATION | {"base_configs", "samples_per_volume"},
-    "classification_2d": {"shared_configs", "lateral"},
-    "classification_3d": {"shared_configs", "lateral", "base_configs"},
+    "classification_2d": {"shared_configs", "lateral", "balanced_sampling"},
+    "classification_3d": {"shared_configs", "lateral", "balanced_sampling", "base_configs"},
 }
 
 

@@ -22,6 +22,11 @@ def test_data_loader_is_threaded_on_request_and_keeps_the_batches():
     plain, threaded = data_loader(data, 3, num_workers=0), data_loader(data, 3, threaded=True, num_workers=2)
     assert type(plain) is DataLoader and isinstance(threaded, ThreadDataLoader) and threaded.num_workers == 0
     assert all(torch.equal(a, b) for a, b in zip(plain, threaded, strict=True))
+    order = torch.utils.data.SequentialSampler(data)
+    for threaded in (False, True):  # a sampler decides the order: the bundles' `shuffle: true` gives way to it
+        loader = data_loader(data, 5, threaded=threaded, sampler=order, shuffle=True)
+        assert loader.sampler is order and torch.equal(next(iter(loader)).flatten(), torch.arange(5.0))
+    assert isinstance(data_loader(data, 5, sampler=None, shuffle=True).sampler, torch.utils.data.RandomSampler)
 
 
 @pytest.mark.parametrize(("bundle", "epochs"), [("segmentation_2d", 2), ("classification_2d", 1)])

@@ -98,7 +98,8 @@ def _two_process_training(bundle, root, **overrides):
                     "'teacher': medkd.knowledge.features.unwrap(@train#trainer.teacher).state_dict(), "
                     "'teacher_class': type(@train#trainer.teacher).__name__, "
                     "'routes': @train#trainer.routes.state_dict(), 'iteration': @train#trainer.state.iteration, "
-                    "'epoch_length': @train#trainer.state.epoch_length}, "
+                    "'epoch_length': @train#trainer.state.epoch_length, "
+                    "'sampler': type(@train#trainer.data_loader.sampler).__name__}, "
                     "@ckpt_dir + '/rank' + str(torch.distributed.get_rank()) + '.pt')",
                     "$medkd.training.distributed.destroy_process_group()",
                 ]
@@ -122,8 +123,11 @@ def _assert_same_parameters(a, b):
 def test_two_process_gloo_training_keeps_students_identical(bundle, tmp_path):
     """The 2D segmentation bundle's multi_gpu_train.json also serves the classification bundle (config merging)."""
     run_stage(bundle, "train_teacher", tmp_path)
-    r0, r1 = _two_process_training(bundle, tmp_path)
+    balanced = {"balanced_sampling": True} if bundle.startswith("classification") else {}
+    r0, r1 = _two_process_training(bundle, tmp_path, **balanced)
     assert r0["teacher_class"] != "DistributedDataParallel"  # a frozen teacher is only replicated
+    sampler = "DistributedWeightedRandomSampler" if balanced else "DistributedSampler"
+    assert r0["sampler"] == r1["sampler"] == sampler
     datalist = json.loads((tmp_path / "data" / "dataset.json").read_text())
     per_rank = -(-len(datalist["training"]) // 2)  # DistributedSampler splits the training list over 2 ranks
     assert r0["epoch_length"] == r1["epoch_length"] == -(-per_rank // 2)  # batch size 2

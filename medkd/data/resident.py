@@ -33,7 +33,10 @@ def on_device(
 def data_loader(dataset: Any, batch_size: int, threaded: bool = False, num_workers: int = 0, **kwargs: Any) -> Any:
     """MONAI's ``ThreadDataLoader`` when ``threaded`` (with ``num_workers=0``: batches are made in one thread
     beside the step, in the order a ``DataLoader`` makes them), else its ``DataLoader`` with ``num_workers``;
-    ``kwargs`` (``shuffle``, ``sampler``, ...) go to either."""
+    ``kwargs`` (``shuffle``, ``sampler``, ...) go to either, but ``shuffle`` where a ``sampler`` is given (``None``
+    is none): the sampler decides the order."""
+    if kwargs.get("sampler") is not None:
+        kwargs.pop("shuffle", None)
     if threaded:
         return ThreadDataLoader(dataset, batch_size=batch_size, num_workers=0, **kwargs)
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, **kwargs)
