@@ -206,6 +206,24 @@ def test_one_csv_file_for_every_list_is_split_not_scored_on_its_training_images(
     assert [len(lists[key]) for key in datalists] == [20, 6, 6]
 
 
+def test_a_csv_file_that_names_the_classes_needs_no_class_names(tmp_path):
+    from medkd.data.synthetic import ensure_classification_data
+
+    datalist = tmp_path / "data" / "dataset.json"
+    ensure_classification_data(str(datalist.parent), size=32, counts=(16, 8, 8))
+    data = json.loads(datalist.read_text())
+    names = ["no_lesion", "lesion"]
+    rows = [
+        f"{e['image']},{names[e['label']]},{key}\n" for key in ("training", "validation", "test") for e in data[key]
+    ]
+    (tmp_path / "data" / "lists.csv").write_text("image,label,split\n" + "".join(rows))
+    workflow = run_stage(BUNDLE, "train_teacher", tmp_path, datalist_file=str(tmp_path / "data" / "lists.csv"))
+    assert workflow.parser.get_parsed_content("class_names") == ["lesion", "no_lesion"]  # sorted
+    training = workflow.parser.get_parsed_content("train#datalist")
+    assert [e["label"] for e in training] == [1 - e["label"] for e in data["training"]]
+    assert (tmp_path / "models" / "teacher.pt").is_file()
+
+
 def mixed_pictures(root, modes, n=24, classes=2):
     """A ``classes``-class image folder of PNG files whose modes cycle through ``modes`` (e.g. greyscale, RGBA,
     palette)."""

@@ -86,6 +86,7 @@ def test_csv_datalist_segmentation_and_classification(tmp_path):
         ("root.json", "[1, 2]", "must be a JSON object"),
         ("noimage.json", '{"training": [{"label": "a.nii"}]}', "entry 0 of 'training' has no 'image' field"),
         ("cols.csv", "img,label\na.nii,b.nii\n", "has no 'image' column (columns found: ['img', 'label'])"),
+        ("cells.csv", "image,label\na.png,1,x\n", "line 2: 3 cells, but the header names 2 columns (image, label)"),
         (
             "cells.csv",
             "image,label\na.nii,1\nb.nii,\n",
@@ -111,18 +112,33 @@ def test_csv_with_excel_byte_order_mark(tmp_path):
     assert load_datalist(tmp_path / "excel.csv") == [{"image": str(tmp_path / "a.png"), "label": 1}]
 
 
-def test_csv_class_names_as_labels_are_named_with_the_fix(tmp_path):
+def test_csv_class_names_as_labels_are_numbered_in_sorted_order_or_by_the_given_names(tmp_path):
+    from medkd.data.labels import datalist_class_names
+
     path = tmp_path / "cls.csv"
+    (tmp_path / "malignant").mkdir()  # a folder named like a class is not a label map
+    path.write_text("image,label,split\na.png,malignant,train\nb.png,benign,train\nc.png,benign,test\n")
+    assert datalist_class_names(path, task="classification") == ["benign", "malignant"]
+    assert [e["label"] for e in load_datalist(path)] == [1, 0] and load_datalist(path, "test")[0]["label"] == 0
+    assert [e["label"] for e in load_datalist(path, class_names=["malignant", "benign"])] == [0, 1]
+    with pytest.raises(DataError, match=r"label 'benign' \(line 3\) is not one of the class names \['malignant'\]"):
+        load_datalist(path, class_names=["malignant"])
     path.write_text("image,label\na.png,cat\nb.png,0\nc.png,dog\nd.png,1.0\n")
     with pytest.raises(DataError) as err:
         load_datalist(path)
-    message = str(err.value)
-    assert message.startswith(
-        f"Datalist '{path}': labels 'cat' (line 2), 'dog' (line 4), '1.0' (line 5) are neither an integer class index "
-        "nor the path of a label map. Classification labels must be integer class indices 0..N-1"
+    assert str(err.value).startswith(
+        f"Datalist '{path}': labels '0' (line 3), '1.0' (line 5) are not one of the class names ['cat', 'dog']. Write "
+        "each label as one of them (or every label as a class index 0..N-1)"
     )
-    assert "cat -> 0, dog -> 1" in message and "--class_names" in message
-    assert str(tmp_path / "cat") not in message  # not mangled into a path
+    path.write_text("image,label\na.png,0\nd.png,1.0\n")
+    with pytest.raises(DataError, match=r"label '1.0' \(line 3\) is neither an integer class index, a class name"):
+        load_datalist(path)
+    with pytest.raises(DataError, match="is a CSV file, which has no 'labels' map and whose labels are class indices"):
+        datalist_class_names(path, task="classification")
+    # a JSON datalist's labels may name classes of its labels map
+    labels = {"labels": {"0": "benign", "1": "malignant"}, "training": [{"image": "a.png", "label": "malignant"}]}
+    (tmp_path / "named.json").write_text(json.dumps(labels))
+    assert load_datalist(tmp_path / "named.json") == [{"image": str(tmp_path / "a.png"), "label": 1}]
     # label maps given by name only (no folder, no suffix) are paths when the file exists
     (tmp_path / "seg_a").write_bytes(b"")
     (tmp_path / "seg.csv").write_text("image,label\na.nii.gz,seg_a\nb.nii.gz,labels/b.nii.gz\n")

@@ -207,6 +207,16 @@ def test_a_csv_datalist_without_split_column_gets_its_lists_held_out(tmp_path):
     assert lists_to_hold_out(root / "full.csv") == []
     (root / "unlabelled.csv").write_text("image\na.png\nb.png\n")
     assert lists_to_hold_out(root / "unlabelled.csv") == []  # nothing to train on: the bundles' checks say so
+    # class names as labels: the split file keeps them, with the labels map that numbers them
+    (root / "named.csv").write_text("image,label,site\n" + rows.replace(",0,", ",normal,").replace(",1,", ",effusion,"))
+    make_split(root / "named.csv", root / "named.json", task="classification")
+    named = json.loads((root / "named.json").read_text())
+    assert named["labels"] == {"0": "effusion", "1": "normal"} and named["test"][0]["label"] in ("normal", "effusion")
+    by_name = {e["image"]: e["label"] for e in load_datalist(root / "named.csv")}
+    assert all(by_name[e["image"]] == e["label"] for e in load_datalist(root / "named.json", key="test"))
+    assert load_datalist(root / "named.json", key="test", class_names=["normal", "effusion"])[0]["label"] == (
+        1 - load_datalist(root / "named.json", key="test")[0]["label"]
+    )  # the bundle's class names, in another order, number them alike in every list
 
 
 def test_cases_of_one_patient_stay_in_one_list_by_an_entry_field(tmp_path):

@@ -357,6 +357,7 @@ def check_before_run(
     allow_missing_classes: bool = False,
     label_values: Sequence[int] | None = None,
     allow_leakage: bool = False,
+    class_names: Sequence[str] | None = None,
 ) -> None:
     """Check the ``keys`` lists before a bundle run; on any problem print them all and exit with status 1
     (``SystemExit`` passes through MONAI's config parser, so the user sees the report, not a traceback).
@@ -368,7 +369,8 @@ def check_before_run(
     :class:`~medkd.errors.ConfigError`). An image file in one of ``keys`` and in another of the ``training``,
     ``validation`` and ``test`` lists is a problem (:func:`shared_images`), a logged warning with
     ``allow_leakage`` (the bundle key of that name). In a ``torchrun`` run, rank 0 checks and the other processes
-    go on.
+    go on. ``class_names``: the bundle's, by which labels that name a class are read
+    (:func:`~medkd.data.loading.load_datalist`).
     """
     if label_values is not None and num_classes is not None and task == "segmentation":
         label_values = check_label_values(label_values, num_classes)
@@ -380,7 +382,7 @@ def check_before_run(
     for key, datalist_file in files.items():
         source = str(datalist_file)
         try:
-            items = checked[key] = load_datalist(datalist_file, key=key, base_dir=base_dir)
+            items = checked[key] = load_datalist(datalist_file, key=key, base_dir=base_dir, class_names=class_names)
         except DataError as e:
             errors.append(f"[{key}] {e}")
             continue
@@ -396,7 +398,7 @@ def check_before_run(
                 f"[{key}] A class absent from a small {key} split can be accepted with --allow_missing_classes true "
                 "(see docs/data.md)."
             )
-    if not errors and (leaks := shared_images(_with_other_lists(checked, datalists, base_dir), keys)):
+    if not errors and (leaks := shared_images(_with_other_lists(checked, datalists, base_dir, class_names), keys)):
         if not allow_leakage:
             errors += [*leaks, LEAKAGE_HINT]
         for line in leaks if allow_leakage else []:
@@ -418,6 +420,7 @@ def _with_other_lists(
     checked: Mapping[str, list[dict]],
     datalists: str | os.PathLike | Mapping[str, str | os.PathLike],
     base_dir: str | os.PathLike | None,
+    class_names: Sequence[str] | None = None,
 ) -> dict[str, list[dict]]:
     """The lists already ``checked``, then the other ``training``, ``validation`` and ``test`` lists of ``datalists``
     that can be read (a list the datalists lack is left out)."""
@@ -426,7 +429,8 @@ def _with_other_lists(
         if key in lists or (isinstance(datalists, Mapping) and key not in datalists):
             continue
         try:
-            lists[key] = load_datalist(datalists[key] if isinstance(datalists, Mapping) else datalists, key, base_dir)
+            source = datalists[key] if isinstance(datalists, Mapping) else datalists
+            lists[key] = load_datalist(source, key, base_dir, class_names)
         except DataError:
             continue
     return lists
@@ -566,9 +570,10 @@ def check_data_command(args: argparse.Namespace) -> int:
     keys = _datalist_keys(args.datalist, args.key)
     lists: dict[str, list[dict]] = {}
     failed = False
+    given = args.class_names.split(",") if args.class_names else None
     for key in keys:
         try:
-            lists[key] = load_datalist(args.datalist, key=key, base_dir=args.base_dir)
+            lists[key] = load_datalist(args.datalist, key=key, base_dir=args.base_dir, class_names=given)
         except DataError as e:
             print(f"ERROR: {e}" if len(keys) == 1 else f"ERROR: [{key}] {e}")
             failed = True
@@ -580,8 +585,7 @@ def check_data_command(args: argparse.Namespace) -> int:
         task = infer_task(everything)
         if task == "classification":
             print("Task: classification (every label is an integer class index; pass --task to override)")
-    names = args.class_names.split(",") if args.class_names else None
-    values = None
+    names, values = given, None
     if names is None:
         names, values = optional_class_names(args.datalist), optional_label_values(args.datalist)
         if names is not None and args.num_classes is not None and len(names) != args.num_classes:

@@ -20,12 +20,12 @@ import json
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from medkd.data.loading import DataError, csv_lists, load_datalist
+from medkd.data.loading import DataError, csv_class_names, csv_lists, load_datalist
 from medkd.errors import ConfigError
 from medkd.training.distributed import rank0_first
 
@@ -106,10 +106,25 @@ def _fields(data: Mapping[str, Any]) -> dict[str, Any]:
 
 def _source_data(source: Path) -> dict[str, Any]:
     """A datalist's content as a JSON datalist's object: a CSV datalist's lists (:func:`csv_lists`), with paths
-    relative to its folder as in a JSON datalist, and no other field."""
+    relative to its folder as in a JSON datalist, and no other field but, where its labels are class names, the
+    ``labels`` map numbering them (:func:`csv_class_names`)."""
     if source.suffix.lower() != ".csv":
         return json.loads(source.read_text())
-    return {key: [_relative(e, source.parent) for e in load_datalist(source, key)] for key in csv_lists(source)}
+    names = csv_class_names(source)
+    lists = {
+        key: [_named(_relative(e, source.parent), names) for e in load_datalist(source, key)]
+        for key in csv_lists(source)
+    }
+    return {"labels": {str(i): name for i, name in enumerate(names)}, **lists} if names else lists
+
+
+def _named(entry: Mapping[str, Any], names: Sequence[str] | None) -> dict[str, Any]:
+    """``entry`` with its class index written as the class's name (of ``names``), which the bundles read back by
+    their ``class_names`` (:func:`medkd.data.loading.load_datalist`): the split file keeps a CSV file's class names."""
+    entry = dict(entry)
+    if names and isinstance(entry.get("label"), int):
+        entry["label"] = names[entry["label"]]
+    return entry
 
 
 def lists_to_hold_out(datalist_file: str | os.PathLike) -> list[str]:
@@ -293,7 +308,10 @@ def make_split(
         "counts": {key: len(lists[key]) for key in SPLITS},
     }
     beside = path.parent.resolve() == source.parent  # paths relative to the datalist's folder stay relative
-    split.update({key: [_relative(e, source.parent) if beside else e for e in lists[key]] for key in SPLITS})
+    names = csv_class_names(source) if source.suffix.lower() == ".csv" else None
+    split.update(
+        {key: [_named(_relative(e, source.parent) if beside else e, names) for e in lists[key]] for key in SPLITS}
+    )
     write_plan(split, path, key="split_file")
     counts = ", ".join(f"{key} {len(lists[key])}" for key in SPLITS)
     logger.info(

@@ -41,6 +41,12 @@ def datalist_labels(datalist_file: str | os.PathLike) -> dict[int, str]:
             distinct non-negative integers).
     """
     path = Path(datalist_file)
+    if path.suffix.lower() == ".csv" and path.is_file():
+        raise DataError(
+            f"the datalist {path} is a CSV file, which has no 'labels' map and whose labels are class indices: give "
+            "the classes on the command line, --class_names \"['benign', 'malignant']\" (num_classes follows), or "
+            "write the class names in its label column."
+        )
     try:
         labels = json.loads(path.read_text()).get("labels")
     except FileNotFoundError as e:
@@ -90,9 +96,18 @@ def datalist_class_names(datalist_file: str | os.PathLike, task: str = "segmenta
     For ``task="classification"`` the keys must be the class indices ``0..N-1``, since a sample's label is its
     class index.
 
+    A CSV datalist whose ``label`` column holds class names has those, sorted
+    (:func:`medkd.data.loading.csv_class_names`).
+
     Raises:
         DataError: naming the file when it has no usable ``labels`` map.
     """
+    if Path(datalist_file).suffix.lower() == ".csv" and Path(datalist_file).is_file():
+        from medkd.data.loading import csv_class_names
+
+        names = csv_class_names(datalist_file)
+        if names is not None:
+            return names
     labels = datalist_labels(datalist_file)
     if task == "classification" and list(labels) != list(range(len(labels))):
         raise DataError(
@@ -103,11 +118,14 @@ def datalist_class_names(datalist_file: str | os.PathLike, task: str = "segmenta
 
 
 def optional_class_names(datalist: str | os.PathLike | Mapping[str, str | os.PathLike]) -> list[str] | None:
-    """The class names of :func:`datalist_class_names`, or ``None`` where the datalist has no usable ``labels`` map
-    (a CSV file, a missing or broken file): for tools to which the names are optional. ``datalist`` is a datalist
-    file, or a file per list (the ``training`` list's is read)."""
-    labels = _optional_labels(datalist)
-    return None if labels is None else list(labels.values())
+    """The class names of :func:`datalist_class_names`, or ``None`` where the datalist has none (a CSV file of class
+    indices, a missing or broken file): for tools to which the names are optional. ``datalist`` is a datalist file,
+    or a file per list (the ``training`` list's is read)."""
+    path = datalist.get("training") if isinstance(datalist, Mapping) else datalist
+    try:
+        return None if path is None else datalist_class_names(path)
+    except DataError:
+        return None
 
 
 def optional_label_values(datalist: str | os.PathLike | Mapping[str, str | os.PathLike]) -> list[int] | None:

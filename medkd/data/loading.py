@@ -37,6 +37,7 @@ __all__ = [
     "LoadMedicalImaged",
     "DropUnitAxesd",
     "csv_lists",
+    "csv_class_names",
     "drop_unit_axes",
     "find_images",
     "image_loader",
@@ -79,7 +80,9 @@ class DataError(MedkdError, ValueError):
 # --------------------------------------------------------------------------------------------------- datalists
 
 
-def load_datalist(path: PathLike, key: str = "training", base_dir: PathLike | None = None) -> list[dict]:
+def load_datalist(
+    path: PathLike, key: str = "training", base_dir: PathLike | None = None, class_names: Sequence[str] | None = None
+) -> list[dict]:
     """Load a datalist as a list of ``{"image": ..., "label": ...}`` dicts with absolute paths.
 
     Args:
@@ -91,16 +94,20 @@ def load_datalist(path: PathLike, key: str = "training", base_dir: PathLike | No
         key: list to read (``training``, ``validation``, ``test``, ...); a CSV file without a ``split`` column is
             one list, read whatever the key (:func:`csv_lists`).
         base_dir: folder relative paths are resolved against; defaults to the datalist's folder.
+        class_names: class names by index: a label that is one of them becomes its index (classification lists that
+            name the classes, ``"label": "malignant"``). Default: a JSON datalist's ``labels`` map, or a CSV file's
+            own class names (:func:`csv_class_names`); give them wherever several files make up the lists, so that
+            every file numbers the classes alike.
 
     Raises:
         DataError: the file is missing or malformed (bad JSON, missing key or columns, entries without image, CSV
-            labels that are neither integer class indices nor label-map paths, CSV split names that name no list, no
-            CSV row of the ``key`` list).
+            labels that are neither integer class indices, class names nor label-map paths, CSV split names that
+            name no list, no CSV row of the ``key`` list).
     """
     path = _existing(path)
     if path.suffix.lower() == ".csv":
-        return _load_csv(path, base_dir, key)
-    return _load_json(path, key, base_dir)
+        return _load_csv(path, base_dir, key, class_names)
+    return _load_json(path, key, base_dir, class_names)
 
 
 def csv_lists(path: PathLike) -> list[str]:
@@ -126,7 +133,7 @@ def _existing(path: PathLike) -> Path:
     return path
 
 
-def _load_json(path: Path, key: str, base_dir: PathLike | None) -> list[dict]:
+def _load_json(path: Path, key: str, base_dir: PathLike | None, class_names: Sequence[str] | None) -> list[dict]:
     try:
         content = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -158,8 +165,15 @@ def _load_json(path: Path, key: str, base_dir: PathLike | None) -> list[dict]:
         return [{"image": _resolve(base, e)} for e in entries]
     if any(isinstance(e, str) for e in entries):
         raise DataError(f"Datalist '{path}': '{key}' mixes bare paths and objects. Use {{\"image\": ...}} everywhere.")
-    items = load_decathlon_datalist(path, is_segmentation=True, data_list_key=key, base_dir=base_dir)
-    return [dict(item) for item in items]
+    items = [
+        dict(item) for item in load_decathlon_datalist(path, is_segmentation=True, data_list_key=key, base_dir=base_dir)
+    ]
+    labels = content.get("labels")
+    names = list(class_names) if class_names else list(labels.values()) if isinstance(labels, dict) else []
+    for item, entry in zip(items, entries, strict=True):  # MONAI resolved every label as a path: names back to indices
+        if isinstance(entry.get("label"), str) and entry["label"] in names:
+            item["label"] = names.index(entry["label"])
+    return items
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
@@ -178,6 +192,12 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
         )
     cells = []
     for line, row in enumerate(rows, start=2):
+        if None in row:  # csv.DictReader keeps the cells past the header's columns under None
+            raise DataError(
+                f"Datalist '{path}', line {line}: {len(columns) + len(row[None])} cells, but the header names "
+                f"{len(columns)} columns ({', '.join(columns)}). Name every column in the header, or quote cells "
+                'that hold a comma ("a, b").'
+            )
         row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
         if not row.get("image"):
             raise DataError(f"Datalist '{path}', line {line}: the 'image' cell is empty. Fill it or delete the row.")
@@ -196,7 +216,7 @@ def _split_name(path: Path, line: int, row: Mapping[str, str]) -> str:
     return SPLIT_NAMES[cell.lower()]
 
 
-def _load_csv(path: Path, base_dir: PathLike | None, key: str) -> list[dict]:
+def _load_csv(path: Path, base_dir: PathLike | None, key: str, class_names: Sequence[str] | None) -> list[dict]:
     base = Path(base_dir).expanduser() if base_dir is not None else path.parent
     columns, rows = _read_csv(path)
     if SPLIT_COLUMN in columns:
@@ -218,11 +238,14 @@ def _load_csv(path: Path, base_dir: PathLike | None, key: str) -> list[dict]:
             "other lines. Fill them or delete those rows (a list without labels, e.g. images to segment, leaves every "
             "cell empty)."
         )
+    names = list(class_names) if class_names and csv_class_names(path, base_dir) else csv_class_names(path, base_dir)
     for line, row in rows:
         item: dict[str, Any] = {k: v for k, v in row.items() if k != "label"}
         item["image"] = _resolve(base, row["image"])
         if "label" in columns and (label := row.get("label", "")):
-            if _is_int(label):
+            if names is not None and label in names:
+                item["label"] = names.index(label)
+            elif _is_int(label) and names is None:
                 item["label"] = int(label)
             elif _looks_like_path(base, label):
                 item["label"] = _resolve(base, label)
@@ -230,38 +253,52 @@ def _load_csv(path: Path, base_dir: PathLike | None, key: str) -> list[dict]:
                 bad_labels.append((line, label))
         items.append(item)
     if bad_labels:
-        raise DataError(_label_message(path, bad_labels))
+        raise DataError(_label_message(path, bad_labels, names))
     return items
 
 
+def csv_class_names(path: PathLike, base_dir: PathLike | None = None) -> list[str] | None:
+    """The class names a CSV datalist's ``label`` column holds instead of class indices (``benign``, ``malignant``),
+    sorted: class ``i`` is the ``i``-th name (as :mod:`medkd.prepare` numbers class folders), in every list of the
+    file. ``None`` when its labels are class indices, label-map paths or empty (paths are resolved against
+    ``base_dir``, default the file's folder)."""
+    path = _existing(path)
+    base = Path(base_dir).expanduser() if base_dir is not None else path.parent
+    columns, rows = _read_csv(path)
+    if "label" not in columns:
+        return None
+    cells = {row.get("label", "") for _, row in rows} - {""}
+    words = {c for c in cells if not _is_number(c) and not _looks_like_path(base, c)}
+    return sorted(words) if words else None
+
+
 def _looks_like_path(base: Path, text: str) -> bool:
-    """Whether a CSV label names a label map: it has a folder part or an image suffix, or the file exists."""
+    """Whether a CSV label names a label map: it has a folder part or an image suffix, or the file exists (a folder
+    named like a class, ``benign/``, is not one)."""
     p = Path(text).expanduser()
     return (
         "/" in text
         or "\\" in text
         or text.lower().endswith(IMAGE_SUFFIXES)
-        or (base / p).exists()
-        or (p.is_absolute() and p.exists())
+        or (base / p).is_file()
+        or (p.is_absolute() and p.is_file())
     )
 
 
-def _label_message(path: Path, bad: Sequence[tuple[int, str]]) -> str:
+def _label_message(path: Path, bad: Sequence[tuple[int, str]], names: Sequence[str] | None = None) -> str:
     shown = ", ".join(f"{value!r} (line {line})" for line, value in bad[:5])
     more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
     verb = "is" if len(bad) == 1 else "are"
-    words = [v for v in dict.fromkeys(value for _, value in bad) if not _is_number(v)][:4]
-    mapping = ""
-    if words:
-        example = ", ".join(f"{name} -> {i}" for i, name in enumerate(words))
-        mapping = (
-            f" Replace each class name by its index (e.g. {example}) and give the names in that order as the class "
-            f'names (bundles: --class_names "{words}"; check-data: --class-names {",".join(words)}).'
+    if names is not None:
+        return (
+            f"Datalist '{path}': {'label' if len(bad) == 1 else 'labels'} {shown}{more} {verb} not one of the class "
+            f"names {list(names)}. Write each label as one of them (or every label as a class index 0..N-1), or give "
+            "every class name (--class_names)."
         )
     return (
         f"Datalist '{path}': {'label' if len(bad) == 1 else 'labels'} {shown}{more} {verb} neither an integer class "
-        "index nor the path of a label map. Classification labels must be integer class indices 0..N-1 (write 1, "
-        f"not 1.0).{mapping} For segmentation, the label must be the path of an existing label map."
+        "index, a class name nor the path of a label map. Classification labels are class indices 0..N-1 (write 1, "
+        "not 1.0) or class names; for segmentation, the label must be the path of an existing label map."
     )
 
 
