@@ -531,6 +531,22 @@ def test_cases_of_several_files_are_named_and_grouped_as_the_datalist_names_them
     assert channel_suffixes([*one_channel, {"image": "/d/imagesTs/q.nii.gz"}]) is None  # not all: other names
 
 
+def test_inputs_whose_outputs_would_share_a_name_are_named_apart(tmp_path, caplog):
+    from medkd.data.cases import distinct_names
+    from medkd.data.loading import inference_items
+
+    assert distinct_names(["/n/scan.nii", "/n/scan.nii.gz", "/n/other.png", "/n/case1", "/n/case1.nii.gz"]) == [
+        "/n/scan_nii.nii", "/n/scan_nii_gz.nii.gz", "/n/other.png", "/n/case1", "/n/case1_nii_gz.nii.gz"
+    ]  # fmt: skip
+    assert distinct_names(["/a/x.png", "/b/x.png", "/c/y.png"]) == ["/a/a_x_png.png", "/b/b_x_png.png", "/c/y.png"]
+    for name in ("scan.nii", "scan.nii.gz"):
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), tmp_path / name)
+    with caplog.at_level(logging.WARNING):
+        cases = inference_items(tmp_path, None, tmp_path / "none.json")
+    assert sorted(Path(item["case"]).name for item in cases) == ["scan_nii.nii", "scan_nii_gz.nii.gz"]
+    assert f"{tmp_path / 'scan.nii'}: its output is named after {tmp_path / 'scan_nii.nii'}" in caplog.text
+
+
 def test_inference_names_the_outputs_of_one_channel_nnunet_cases_without_the_channel_suffix(tmp_path):
     from medkd.data.loading import inference_items
 
@@ -592,6 +608,12 @@ def test_inference_inputs_of_other_dimensions_are_named_and_a_folder_of_slices_i
         "series' slices in a sub-folder of --input_dir (a folder of slices given as --input_dir is read slice by "
         "slice)."
     )
+    rgb = tmp_path / "rgb.nii.gz"  # a volume of 3 channels among 1-channel ones: skipped, not the end of the run
+    nib.save(nib.Nifti1Image(np.zeros((6, 4, 5, 3), np.float32), np.eye(4)), rgb)
+    load = Compose(inference_loading([image_loader(["image"])], spatial_dims=3, in_channels=1))
+    dataset = SafeDataset([{"image": str(rgb)}, {"image": str(tmp_path / "series")}], load, report_file=tmp_path / "c")
+    assert dataset[0] is None and dataset[1]["image"].shape == (1, 6, 4, 5)
+    assert dataset.skipped[0].reason == f"'{rgb}' has 3 channel(s) but the networks take 1."
 
 
 def test_a_colour_dicom_is_a_2d_picture_with_three_channels(tmp_path):

@@ -18,7 +18,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from monai.utils import ImageMetaKey, MetaKeys, ensure_tuple
 
-__all__ = ["NameAfterCase", "OneLabelMapd", "case_name", "channel_suffixes", "group_cases"]
+__all__ = ["NameAfterCase", "OneLabelMapd", "case_name", "channel_suffixes", "group_cases", "distinct_names"]
 
 SEPARATORS = "_-."
 NNUNET_CHANNEL = re.compile(r"_0000(\.[A-Za-z]+)+$")  # the channel suffix of an nnU-Net case of one file
@@ -91,6 +91,42 @@ def group_cases(files: Sequence[str], suffixes: Sequence[str]) -> tuple[list[lis
                 cases.append(case)
     used = {f for case in cases for f in case}
     return cases, [f for f in files if f not in used]
+
+
+def _split_name(path: str) -> tuple[str, str]:
+    """A path's folder, file name without extension and extension, as MONAI's ``SaveImage`` names its output after
+    it (``create_file_basename``: one extension, two for ``.gz``)."""
+    folder, name = os.path.split(path)
+    stem, ext = os.path.splitext(name)
+    if ext == ".gz":
+        stem, first = os.path.splitext(stem)
+        ext = first + ext
+    return os.path.join(folder, stem), ext
+
+
+def distinct_names(cases: Sequence[str]) -> list[str]:
+    """``cases`` (the paths outputs are named after, :func:`case_name`) renamed where two would give outputs of one
+    name, which would overwrite each other (``scan.nii`` and ``scan.nii.gz``, a series folder ``case1`` beside
+    ``case1.nii.gz``, ``a/scan.png`` and ``b/scan.png`` written to one folder): each of them takes its extension
+    into its name (``scan_nii.nii``, ``scan_nii_gz.nii.gz``), then its folder's name, then its position, until the
+    names differ. The others are kept."""
+    names = list(cases)
+    for attempt in ("extension", "folder", "position"):
+        stems = [os.path.basename(_split_name(c)[0]) for c in names]
+        clashing = [i for i, stem in enumerate(stems) if stems.count(stem) > 1]
+        if not clashing:
+            break
+        for n, i in enumerate(clashing):
+            base, ext = _split_name(names[i])
+            folder, stem = os.path.split(base)
+            if attempt == "extension":
+                stem += ext.replace(".", "_")
+            elif attempt == "folder":
+                stem = f"{os.path.basename(os.path.dirname(cases[i])) or 'root'}_{stem}"
+            else:
+                stem += f"_{n + 1}"
+            names[i] = os.path.join(folder, stem + ext)
+    return names
 
 
 class NameAfterCase(MapTransform):

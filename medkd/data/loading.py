@@ -412,7 +412,7 @@ def inference_items(
     if not input_dir:
         images = [item["image"] for item in load_datalist(datalist, key=key, base_dir=base_dir)]
         suffixes = channel_suffixes([{"image": image} for image in images])
-        return [{"image": image, "case": case_name(image, suffixes)} for image in images]
+        return _distinct_cases([{"image": image, "case": case_name(image, suffixes)} for image in images])
     files = find_images(input_dir, pattern)
     if spatial_dims == 3 and _one_series(files):
         logger.info("the %d DICOM slices of %s are read as one series", len(files), input_dir)
@@ -424,7 +424,7 @@ def inference_items(
     listed = [e for e in entries if len(ensure_tuple(e["image"])) > 1]
     if not listed:  # cases of one file: named after it, without nnU-Net's channel suffix where the list's files have it
         suffixes = channel_suffixes(entries)
-        return [{"image": f, "case": case_name(f, suffixes)} for f in files]
+        return _distinct_cases([{"image": f, "case": case_name(f, suffixes)} for f in files])
     suffixes = channel_suffixes(listed)
     example = ", ".join(str(f) for f in ensure_tuple(listed[0]["image"]))
     if suffixes is None:
@@ -441,7 +441,20 @@ def inference_items(
             f"'{datalist}' (<case>{'/<case>'.join(suffixes)}, e.g. {example}); {shown} form no case. Add the missing "
             "files, or pick the cases' files with --input_pattern."
         )
-    return [{"image": case, "case": case_name(case)} for case in cases]
+    return _distinct_cases([{"image": case, "case": case_name(case)} for case in cases])
+
+
+def _distinct_cases(items: list[dict]) -> list[dict]:
+    """``items`` with the cases whose outputs would have one name renamed (:func:`~medkd.data.cases.distinct_names`),
+    each rename logged."""
+    from medkd.data.cases import distinct_names
+
+    names = distinct_names([item["case"] for item in items])
+    for item, name in zip(items, names, strict=True):
+        if name != item["case"]:
+            logger.warning("%s: its output is named after %s, as another input has its name", item["image"], name)
+            item["case"] = name
+    return items
 
 
 def _one_series(files: Sequence[str]) -> bool:

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from ignite.engine import Engine, Events
+from monai.config import KeysCollection
 from monai.data import Dataset, list_data_collate
+from monai.transforms import MapTransform
 from monai.utils import ImageMetaKey
 
 from medkd.data.checks import Problem, error_reason
@@ -28,6 +30,7 @@ from medkd.data.loading import DataError, DropUnitAxesd, reader_kind
 __all__ = [
     "SafeDataset",
     "SpatialDimsd",
+    "InputChannelsd",
     "inference_loading",
     "skip_none_collate",
     "skip_empty_batches",
@@ -119,17 +122,39 @@ class SpatialDimsd(DropUnitAxesd):
         return d
 
 
-def inference_loading(load: Sequence[Callable], spatial_dims: int, key: str = "image") -> list[Callable]:
+class InputChannelsd(MapTransform):
+    """:class:`~medkd.data.loading.DataError` naming the file when a loaded (channel-first) image of ``keys`` has
+    another number of channels than the networks take (``in_channels``): a 3-channel volume among 1-channel ones. Place
+    it after the bundle's ``load``, which converts pictures (:class:`~medkd.data.channels.MatchChannelsd`)."""
+
+    def __init__(self, keys: KeysCollection, in_channels: int, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.in_channels = int(in_channels)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if (channels := int(d[key].shape[0])) != self.in_channels:
+                path = str(getattr(d[key], "meta", {}).get(ImageMetaKey.FILENAME_OR_OBJ, key))
+                raise DataError(f"'{path}' has {channels} channel(s) but the networks take {self.in_channels}.")
+        return d
+
+
+def inference_loading(
+    load: Sequence[Callable], spatial_dims: int, in_channels: int | None = None, key: str = "image"
+) -> list[Callable]:
     """A bundle's ``load`` transforms for inference: right after the loader, the checks that make a file unusable
     (non-finite values, :func:`~medkd.training.nonfinite.with_finite_check`; other spatial dimensions,
-    :class:`SpatialDimsd`), so that :class:`SafeDataset` skips such a file with its reason; at the end, the image
-    named after its case (:class:`~medkd.data.cases.NameAfterCase`), which the outputs are named after."""
+    :class:`SpatialDimsd`), and after ``load``, other channels than ``in_channels`` (:class:`InputChannelsd`), so
+    that :class:`SafeDataset` skips such a file with its reason; at the end, the image named after its case
+    (:class:`~medkd.data.cases.NameAfterCase`), which the outputs are named after."""
     from medkd.data.cases import NameAfterCase
     from medkd.training.nonfinite import CheckFinited, with_finite_check
 
     items = with_finite_check(load)
     after = 1 + next(i for i, t in enumerate(items) if isinstance(t, CheckFinited))
-    return [*items[:after], SpatialDimsd(key, spatial_dims), *items[after:], NameAfterCase(key)]
+    channels = [] if in_channels is None else [InputChannelsd(key, in_channels)]
+    return [*items[:after], SpatialDimsd(key, spatial_dims), *items[after:], *channels, NameAfterCase(key)]
 
 
 def skip_none_collate(batch: Sequence[Any]) -> Any:
