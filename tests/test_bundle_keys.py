@@ -33,8 +33,8 @@ SHARED = {
     "route_graph", "feature_layers", "loss", "optimizer", "optimizers", "warmup_epochs", "hint_layers",
     "lr_decay_power", "teacher_mode", "teacher_init", "teacher_optimizer", "train_teacher", "ensemble",
     # transforms and engines
-    "load_keys", "load", "augment", "inferer", "fingerprint", "best_checkpoints", "resume_checkpoint", "train",
-    "validate", "initialize", "run",
+    "load_keys", "load", "augment", "inferer", "input_settings", "fingerprint", "best_checkpoints",
+    "resume_checkpoint", "train", "validate", "initialize", "run",
 }  # fmt: skip
 STAGE_KEYS = {
     "train": set(),

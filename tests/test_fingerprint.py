@@ -173,3 +173,44 @@ def test_compare_refuses_an_output_made_with_another_dataset(tmp_path):
     assert json.loads((aside / "fingerprint.json").read_text())["dataset_dir"] == str(tmp_path / "a")
     assert json.loads((out / "fingerprint.json").read_text())["dataset_dir"] == str(tmp_path / "b")
     assert build_parser().parse_args(["compare", str(bundle), "--fresh"]).fresh
+
+
+def test_a_checkpoint_trained_on_other_inputs_is_named_with_the_settings_it_needs(tmp_path):
+    from medkd.training.checkpoints import check_trained_inputs
+    from medkd.training.run_fingerprint import input_settings
+
+    plan = {"in_channels": 1, "pixdim": [0.7, 0.7, 5.0], "normalization": {"scheme": "zscore"}, "strides": [2, 2]}
+    trained = input_settings({**plan, "patch_size": [64, 64, 8], "max_epochs": 3}, "segmentation", axcodes="RAS")
+    assert trained == {**plan, "axcodes": "RAS"}  # patch size and epochs may change between stages
+    torch.save({"teacher": {}, "fingerprint": {"inputs": trained}}, tmp_path / "teacher.pt")
+    torch.save({"sp": {}}, tmp_path / "sp.pt")  # no record (an earlier medkd): passed over
+    check_trained_inputs({"teacher": tmp_path / "teacher.pt", "sp": tmp_path / "sp.pt", "sf": None}, trained)
+    other = {**trained, "pixdim": [0.7, 0.7, 2.5]}
+    with pytest.raises(CheckpointError) as err:
+        check_trained_inputs({"teacher": tmp_path / "teacher.pt"}, other)
+    assert str(err.value) == (
+        f"checkpoint {tmp_path / 'teacher.pt'} (teacher) was trained on other inputs than this run gives it: pixdim: "
+        "[0.7, 0.7, 5.0] → [0.7, 0.7, 2.5]. Run with the settings it was trained with (--pixdim '[0.7, 0.7, 5.0]', "
+        "or the plan file it was trained with), or train it for these settings in other folders (--bundle_root)."
+    )
+    assert input_settings({"patch_size": [96, 96], "pixdim": [1, 1]}, "classification") == {"patch_size": [96, 96]}
+
+
+def test_every_stage_stops_on_checkpoints_trained_on_other_inputs(tmp_path):
+    run_stage("segmentation_2d", "train_teacher", tmp_path)
+    changed = {"normalization": {"scheme": "minmax"}}  # the embedded data's default plan: per-image z-score
+    with pytest.raises(RuntimeError) as info:  # distillation from a frozen teacher trained on other inputs
+        run_stage("segmentation_2d", "train", tmp_path, **changed)
+    assert "teacher.pt (teacher) was trained on other inputs than this run gives it: normalization: " in str(
+        _user_error(info)
+    )
+    run_stage("segmentation_2d", "train", tmp_path)
+    with pytest.raises(RuntimeError) as info:  # resuming a run with other inputs
+        run_stage("segmentation_2d", "train_teacher", tmp_path, max_epochs=2, **changed)
+    assert "inputs normalization: {'scheme': 'zscore'} → {'scheme': 'minmax'}" in str(_user_error(info))
+    for stage, settings in (("evaluate", {}), ("inference", {"network_name": "sf"})):
+        with pytest.raises(RuntimeError) as info:
+            run_stage("segmentation_2d", stage, tmp_path, **settings, **changed)
+        message, first = str(_user_error(info)), "teacher.pt (teacher)" if stage == "evaluate" else "sf.pt (sf)"
+        assert f"{first} was trained on other inputs than this run gives it: normalization: " in message
+        assert 'Run with the settings it was trained with (--normalization \'{"scheme": "zscore"}\'' in message

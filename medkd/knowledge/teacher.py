@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 from medkd.errors import ConfigError
 from medkd.knowledge.routes import TEACHER
 from medkd.knowledge.teacher_cache import TeacherCache
-from medkd.training.checkpoints import load_network_weights
+from medkd.training.checkpoints import check_trained_inputs, load_network_weights
 from medkd.training.distributed import unwrap, wrap_ddp
 
 __all__ = [
@@ -259,11 +259,18 @@ def default_init(mode: str) -> str:
     return "checkpoint" if mode == "frozen" else "scratch"
 
 
-def start_checkpoint(checkpoint: str | os.PathLike, init: str) -> str | os.PathLike | None:
+def start_checkpoint(
+    checkpoint: str | os.PathLike, init: str, inputs: Mapping[str, Any] | None = None
+) -> str | os.PathLike | None:
     """The checkpoint the teacher's weights are loaded from: ``checkpoint`` when ``init`` is ``"checkpoint"``, else
-    ``None`` (a teacher trained from scratch)."""
+    ``None`` (a teacher trained from scratch). With ``inputs`` (the run's
+    :func:`~medkd.training.run_fingerprint.input_settings`), a checkpoint trained on other inputs stops the run
+    (:func:`~medkd.training.checkpoints.check_trained_inputs`)."""
     _check_choice("teacher_init", init, TEACHER_INITS)
-    return checkpoint if init == "checkpoint" else None
+    chosen = checkpoint if init == "checkpoint" else None
+    if inputs is not None:
+        check_trained_inputs({TEACHER: chosen}, inputs)
+    return chosen
 
 
 def online_optimizer(mode: str, optimizer: Callable[..., Optimizer], teacher: nn.Module) -> Optimizer | None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ __all__ = [
     "CheckpointError",
     "load_checkpoint",
     "load_network_weights",
+    "check_trained_inputs",
+    "trained_files",
     "atomic_save",
     "save_or_explain",
     "set_aside",
@@ -68,6 +71,43 @@ def load_network_weights(
             f"checkpoint {path} does not match the {role or 'network'} ({type(target).__name__}): {e}. "
             "Check that the network settings in the config are those it was trained with."
         ) from e
+
+
+def check_trained_inputs(
+    checkpoints: str | os.PathLike | Mapping[str, str | os.PathLike | None] | None, inputs: Mapping[str, Any]
+) -> None:
+    """Raise :class:`CheckpointError` when a checkpoint was trained on other inputs than ``inputs`` (the settings that
+    define them, :func:`medkd.training.run_fingerprint.input_settings`: spacing, normalisation, channels, strides,
+    a classifier's image size), as its run fingerprint records them; its weights would load, and then score inputs
+    unlike those it learnt from. The message lists what changed and the overrides that give the trained settings back.
+
+    ``checkpoints``: a checkpoint file, or files by network name; a missing file, ``None`` (nothing to load) or a
+    checkpoint without a record (made by an earlier medkd, or outside medkd) is passed over.
+    """
+    from medkd.training.run_fingerprint import fingerprint_changes
+
+    files = checkpoints if isinstance(checkpoints, Mapping) else {"network": checkpoints}
+    for name, path in files.items():
+        if path is None or not Path(path).is_file():
+            continue
+        trained = (load_checkpoint(path).get("fingerprint") or {}).get("inputs")
+        if trained is None or (changes := fingerprint_changes({"inputs": trained}, {"inputs": dict(inputs)})) == []:
+            continue
+        back = " ".join(f"--{k} '{json.dumps(v)}'" for k, v in trained.items() if inputs.get(k) != v)
+        raise CheckpointError(
+            f"checkpoint {path} ({name}) was trained on other inputs than this run gives it: "
+            f"{'; '.join(c.removeprefix('inputs ') for c in changes)}. Run with the settings it was trained with "
+            f"({back}, or the plan file it was trained with), or train it for these settings in other folders "
+            "(--bundle_root)."
+        )
+
+
+def trained_files(load_dir: str | os.PathLike, networks: Iterable[str]) -> dict[str, Path]:
+    """The checkpoint file of each of ``networks`` (names, or a mapping by name) in ``load_dir``, as
+    :class:`~medkd.training.handlers.BestCheckpoints` names them; for :func:`check_trained_inputs`."""
+    from medkd.bundles import checkpoint_file
+
+    return {name: Path(load_dir) / checkpoint_file(name) for name in networks}
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:

@@ -23,7 +23,14 @@ from torch import nn
 from medkd.knowledge.routes import PRESETS, TEACHER, Route, parse_routes, preset_routes
 from medkd.training.distributed import unwrap
 
-__all__ = ["run_fingerprint", "datalist_digest", "describe_network", "fingerprint_changes"]
+__all__ = [
+    "run_fingerprint",
+    "datalist_digest",
+    "describe_network",
+    "fingerprint_changes",
+    "input_settings",
+    "INPUT_KEYS",
+]
 
 PathLike = str | os.PathLike
 _UNSET = "(not set)"
@@ -83,6 +90,23 @@ def _route_graph(routes: Sequence[Route], students: Sequence[str]) -> str:
     return "custom"
 
 
+# the planned settings that define what a network's input is (its channels, grid, intensities) and how it is built
+# beyond its layer shapes: a checkpoint is only good for inputs made with the same ones
+INPUT_KEYS = {
+    "segmentation": ("in_channels", "pixdim", "normalization", "strides"),
+    "classification": ("in_channels", "patch_size", "normalization"),
+}
+
+
+def input_settings(settings: Mapping[str, Any], task: str, **extra: Any) -> dict[str, Any]:
+    """The settings of ``settings`` (a bundle's ``plan_used``) that define the networks' inputs for ``task``
+    (:data:`INPUT_KEYS`; a classifier's ``patch_size`` is the size every image is resized to), with ``extra`` ones
+    (``axcodes``), as JSON values: recorded in a run's fingerprint and compared when a checkpoint is used
+    (:func:`medkd.training.checkpoints.check_trained_inputs`)."""
+    chosen = {key: settings[key] for key in INPUT_KEYS[task] if key in settings}
+    return json.loads(json.dumps({**chosen, **extra}, default=str))
+
+
 def run_fingerprint(
     datalist: PathLike | Mapping[str, PathLike],
     networks: Mapping[str, nn.Module],
@@ -92,6 +116,7 @@ def run_fingerprint(
     teacher_mode: str | None = None,
     teacher_init: str | None = None,
     label_values: Sequence[int] | None = None,
+    inputs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The fingerprint of a training run (see the module docstring).
 
@@ -106,6 +131,7 @@ def run_fingerprint(
         teacher_init: ``"checkpoint"`` or ``"scratch"``; ``None`` as for ``teacher_mode``.
         label_values: the value of each class in the label maps (:mod:`medkd.data.labels`); recorded only where it is
             not ``0..N-1``, so that the fingerprints of runs made before label values existed stay the same.
+        inputs: the settings that define the networks' inputs (:func:`input_settings`).
     """
     fingerprint: dict[str, Any] = {
         "data": datalist_digest(datalist),
@@ -125,6 +151,8 @@ def run_fingerprint(
     for key, value in (("teacher_mode", teacher_mode), ("teacher_init", teacher_init)):
         if value is not None:
             fingerprint[key] = value
+    if inputs is not None:
+        fingerprint["inputs"] = dict(inputs)
     return json.loads(json.dumps(fingerprint, default=str))  # tuples to lists: equal to itself after a round trip
 
 
@@ -178,7 +206,7 @@ def fingerprint_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[
     changes: list[str] = []
     for key in dict.fromkeys([*old, *new]):
         a, b = old.get(key, _IMPLIED.get(key)), new.get(key, _IMPLIED.get(key))
-        if a == b:
+        if a == b or (key == "inputs" and (a is None or b is None)):  # runs made before inputs were recorded
             continue
         if key == "route_graph":
             changes.append(f"routes: {a} → {b}")
