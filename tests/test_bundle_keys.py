@@ -20,9 +20,9 @@ SHARED = {
     "split_options", "datalists", "default_data", "make_default_data", "allow_missing_classes", "allow_leakage",
     "check_data", "check_settings", "class_names", "num_classes",
     # planned settings
-    "spatial_dims", "auto_plan", "plan_file", "plan_options", "default_plan", "plan", "plan_used", "show_plan",
-    "in_channels", "patch_size", "batch_size", "max_epochs", "iterations_per_epoch", "val_interval", "normalization",
-    "flip_axes", "rot90_axes", "rotate_degrees", "scale_range", "intensity_augmentation",
+    "spatial_dims", "axcodes", "auto_plan", "plan_file", "plan_options", "default_plan", "plan", "plan_used",
+    "show_plan", "in_channels", "patch_size", "batch_size", "max_epochs", "iterations_per_epoch", "val_interval",
+    "normalization", "flip_axes", "rot90_axes", "rotate_degrees", "scale_range", "intensity_augmentation",
     # run
     "num_workers", "learning_rate", "seed", "amp", "amp_kwargs", "compile", "compile_kwargs", "channels_last",
     "data_on_device", "keep_freed_memory", "device", "is_not_rank0", "resume", "nan_policy", "resume_file",
@@ -52,7 +52,7 @@ STAGE_KEYS = {
 # values to classes; the classification bundle knows lateral findings and balances classes; the 3D bundle samples
 # several patches per volume
 SEGMENTATION = {
-    "axcodes", "pixdim", "interp_modes", "crop", "strides", "teacher_channels", "compression", "student_channels",
+    "pixdim", "interp_modes", "crop", "strides", "teacher_channels", "compression", "student_channels",
     "sw_overlap", "sw_batch_size", "label_values", "map_labels",
 }  # fmt: skip
 OWN = {

@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -294,3 +295,22 @@ def test_the_3d_bundle_classifies_volumes_through_every_stage(tmp_path):
     rows = read_csv(tmp_path / "eval" / "predictions" / "probabilities_sp.csv")
     assert [r["image"] for r in rows] == [str(tmp_path / "data" / case["image"]) for case in test]
     assert all(case["image"].endswith(".nii.gz") for case in test)
+
+
+def test_volumes_stored_in_other_orientations_reach_the_networks_the_same_way_round(tmp_path):
+    """A lesion on the patient's left is on the same side of the input whatever the file's axis order (RAS or LPS)."""
+    from monai.transforms import Compose
+
+    from medkd.bundles import stage_config
+
+    volume = np.zeros((16, 12, 8), np.float32)
+    volume[2:5, 5:7, 3:5] = 1.0  # low x: the patient's right in RAS
+    ras = np.diag([1.0, 1.0, 1.0, 1.0])
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    lps[:3, 3] = [15.0, 11.0, 0.0]  # the same grid in space, stored with x and y reversed
+    nib.save(nib.Nifti1Image(volume, ras), tmp_path / "ras.nii.gz")
+    nib.save(nib.Nifti1Image(volume[::-1, ::-1].copy(), lps), tmp_path / "lps.nii.gz")
+    overrides = {"bundle_root": str(tmp_path), "auto_plan": False, "patch_size": [16, 12, 8], "class_names": ["a", "b"]}
+    load = Compose(stage_config(BUNDLES / "classification_3d", "train", overrides).get_parsed_content("load"))
+    a, b = (load({"image": str(tmp_path / f"{name}.nii.gz"), "label": 0})["image"] for name in ("ras", "lps"))
+    assert torch.allclose(torch.as_tensor(a), torch.as_tensor(b))

@@ -239,6 +239,8 @@ def test_lateral_classes_by_name():
     pairs, singles = lateral_by_name(names)
     assert sorted(pairs) == [(1, 2), (3, 4), (7, 8), (12, 11)]
     assert singles == [9]  # 'ren sinister' has no partner; 'L1' (a vertebra), 'heart', 'liver' are not lateral
+    findings = ["lesion_left", "lesion_right", "normal"]  # a classifier's class 0 is a finding, not the background
+    assert lateral_by_name(findings, background=False) == ([(0, 1)], []) and lateral_by_name(findings) == ([], [1])
 
 
 def test_lateral_classes_by_position_and_no_false_positives(tmp_path):

@@ -68,10 +68,11 @@ def _base(name: str) -> str:
     return " ".join(w for w in _tokens(name) if w not in LEFT | RIGHT)
 
 
-def lateral_by_name(class_names: Sequence[str]) -> tuple[list[tuple[int, int]], list[int]]:
+def lateral_by_name(class_names: Sequence[str], background: bool = True) -> tuple[list[tuple[int, int]], list[int]]:
     """``(pairs, singles)``: ``(left, right)`` class indices whose names differ only by a side word, and classes
-    named with a side but without a partner (background, index 0, is never lateral)."""
-    sides = {i: name_side(n) for i, n in enumerate(class_names) if i > 0}
+    named with a side but without a partner. With ``background`` (segmentation), class 0 is the background and never
+    lateral; a classifier's class 0 is a finding like the others."""
+    sides = {i: name_side(n) for i, n in enumerate(class_names) if i > 0 or not background}
     pairs, paired = [], set()
     for i, side in sides.items():
         if side != "left":
@@ -420,7 +421,7 @@ def fingerprint_dataset(
             row["samples"] = int(present[i]) if i < present.size else 0
         classes.append(row)
 
-    lateral = _lateral(names, centroids, dims)
+    lateral = _lateral(names, centroids, dims, background=task == "segmentation")
     for w in warnings:
         logger.warning("plan: %s", w)
     fingerprint = {
@@ -472,10 +473,12 @@ def _class_stats(lab, spacing, voxels, present, extents, objects) -> dict[int, l
     return centres
 
 
-def _lateral(names: Sequence[str], centroids: Sequence[Mapping[int, Sequence[float]]], dims: int) -> list[dict]:
+def _lateral(
+    names: Sequence[str], centroids: Sequence[Mapping[int, Sequence[float]]], dims: int, background: bool = True
+) -> list[dict]:
     """Lateral classes: name pairs, position pairs, and single classes named with a side, each with its axis."""
     by_position = {tuple(sorted(p["classes"])): p for p in lateral_by_position(centroids)} if centroids else {}
-    pairs, singles = lateral_by_name(names)
+    pairs, singles = lateral_by_name(names, background)
     found = []
     for left, right in pairs:
         pos = by_position.pop(tuple(sorted((left, right))), None)
