@@ -443,3 +443,17 @@ def test_2d_slices_stored_with_a_third_axis_of_one_train_plan_and_infer_as_2d(tm
     shutil.copy(data / datalist["test"][0]["image"], new / "slice.nii.gz")
     run_stage("segmentation_2d", "inference", tmp_path, input_dir=str(new), output_dir=str(out), network_name="teacher")
     assert nib.load(out / "slice_teacher_seg.nii.gz").shape == (48, 48)
+
+
+def test_3d_patches_are_drawn_from_a_scan_without_foreground_whatever_its_intensities():
+    """After CT normalisation most of a scan is below 0; a threshold on intensities would leave no centre for the
+    negative patches of a scan without foreground (MONAI: 'No sampling location available')."""
+    from monai.transforms import Compose
+
+    from medkd.bundles import stage_config
+
+    parser = stage_config(BUNDLES / "segmentation_3d", "train", {"patch_size": [8, 8, 8], "samples_per_volume": 2})
+    crop = Compose(parser.get_parsed_content("crop"))
+    scan = {"image": -torch.rand(1, 16, 16, 12) - 1.0, "label": torch.zeros(1, 16, 16, 12)}
+    patches = crop(scan)
+    assert len(patches) == 2 and all(p["image"].shape == (1, 8, 8, 8) for p in patches)
