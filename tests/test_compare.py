@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -249,3 +250,16 @@ def test_job_pool_starts_and_preloads_its_workers_before_any_job(tmp_path, monke
         assert len(loaded) == 2  # both workers started and imported it while no job was given
         pids = pool.run([Job(i, f"job {i}", os.getpid) for i in range(4)])
     assert set(pids.values()) <= loaded  # the jobs ran in those workers
+
+
+def test_an_unknown_preset_is_one_error_line(tmp_path):
+    command = [sys.executable, "-m", "medkd", "compare", "bundles/classification_2d", "--presets", "kdd"]
+    result = subprocess.run(
+        [*command, "--output", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+        timeout=120,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "ERROR: --presets: unknown ['kdd']; choose from student, kd" in result.stderr

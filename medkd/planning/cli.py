@@ -38,7 +38,8 @@ def plan_command(args: argparse.Namespace) -> int:
     print(summary(plan, output))
     if moved:
         print(f"(the previous plan was moved aside to {moved[output]})")
-    print(f"\nPlan written to {output}; the bundles read it when run with --dataset_dir {dataset_dir}.")
+    read = f"--dataset_dir {dataset_dir}" + ("" if output == dataset_dir / PLAN_FILE else f" --plan_file {output}")
+    print(f"\nPlan written to {output}; the bundles read it when run with {read}.")
     return 0
 
 

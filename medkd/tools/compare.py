@@ -216,9 +216,9 @@ def compare(
     bundle, output = Path(bundle).resolve(), Path(output).resolve()
     unknown = sorted(set(presets) - set(PRESETS))
     if unknown:
-        raise ValueError(f"unknown presets {unknown}; choose from {', '.join(PRESETS)}.")
+        raise ConfigError(f"--presets: unknown {unknown}; choose from {', '.join(PRESETS)}.")
     if jobs < 1 or (threads is not None and threads < 1):
-        raise ValueError(f"jobs and threads must be at least 1, got jobs={jobs}, threads={threads}.")
+        raise ConfigError(f"--jobs and --threads must be at least 1, got --jobs {jobs}, --threads {threads}.")
     common = dict(overrides or {})
     check_overrides(stage_files(bundle, "evaluate"), common)
     claim_output(output, compare_fingerprint(bundle, common), fresh=fresh)
@@ -337,7 +337,11 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--output", default="results", help="output folder (default ./results)")
     p.add_argument("--max-epochs", type=int, default=None, help="distillation epochs (default: the bundle's)")
     p.add_argument("--teacher-epochs", type=int, default=None, help="teacher epochs (default: the bundle's)")
-    p.add_argument("--dataset-dir", default=None, help="your data: folder holding dataset.json (default: generated)")
+    p.add_argument(
+        "--dataset-dir",
+        default=None,
+        help="your data: folder holding dataset.json (default: the bundle's embedded data)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any bundle config override")
     p.add_argument(
         "--fresh",
