@@ -131,8 +131,9 @@ def command_line_overrides(argv: Sequence[str]) -> dict[str, Any]:
 
 def check_command_line(argv: Sequence[str] | None = None) -> None:
     """Under ``python -m monai.bundle run`` (or ``torchrun -m monai.bundle run``), check the command line's override
-    keys, and those of its ``--args_file``, against its ``--config_file`` list (:func:`check_overrides`); a no-op
-    in any other program (e.g. a ``ConfigWorkflow`` built in Python, whose caller checks its own overrides)."""
+    keys, and those of its ``--args_file``, against its ``--config_file`` list (:func:`check_overrides`), and that
+    a ``--datalist_file`` comes with its ``--dataset_dir``; a no-op in any other program (e.g. a ``ConfigWorkflow``
+    built in Python, whose caller checks its own overrides)."""
     argv = list(sys.argv if argv is None else argv)
     if not argv or Path(argv[0]).parts[-3:] != ("monai", "bundle", "__main__.py"):
         return
@@ -144,6 +145,13 @@ def check_command_line(argv: Sequence[str] | None = None) -> None:
         return
     files = [config_files] if isinstance(config_files, str) else list(config_files)
     check_overrides(files, overrides)
+    if "datalist_file" in overrides and "dataset_dir" not in overrides:
+        folder = Path(str(overrides["datalist_file"])).expanduser().parent
+        raise ConfigError(
+            f"--datalist_file {overrides['datalist_file']} without --dataset_dir: the bundle would read its relative "
+            "paths from, and write its split file, plan and sample data to, its own data folder (bundle_root/data). "
+            f"Add --dataset_dir {folder} (the folder its paths start from)."
+        )
 
 
 def total_stride(network: nn.Module) -> list[int] | None:

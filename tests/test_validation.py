@@ -58,6 +58,10 @@ def test_command_line_check_applies_to_monai_bundle_run_only(tmp_path):
     args.write_text(json.dumps({"config_file": str(SEG2D / "train.json"), "max_epoch": 2}))
     with pytest.raises(ConfigError, match="did you mean --max_epochs"):
         check_command_line([main, "run", "--args_file", str(args)])
+    alone = ["run", "--config_file", str(SEG2D / "train.json"), "--datalist_file", "/data/mine/all.csv"]
+    with pytest.raises(ConfigError, match=r"without --dataset_dir: .* Add --dataset_dir /data/mine \(the folder"):
+        check_command_line([main, *alone])
+    check_command_line([main, *alone, "--dataset_dir", "/data/mine"])
 
 
 @pytest.mark.parametrize(
