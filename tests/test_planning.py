@@ -355,6 +355,10 @@ def test_plan_file_mistakes_are_named(tmp_path):
     volumes.write_text(json.dumps({"training": [{"image": f"v{i}.nii.gz", "label": i} for i in range(2)]}))
     with pytest.raises(ConfigError, match="are 3D but this bundle has spatial_dims=2: use bundles/classification_3d"):
         make_plan(volumes, task="classification", spatial_dims=2)
+    seg = tmp_path / "seg.json"  # the 2D segmentation bundle reorients to RA: the volumes are named, not a traceback
+    seg.write_text(json.dumps({"training": [{"image": f"v{i}.nii.gz", "label": f"v{i}.nii.gz"} for i in range(2)]}))
+    with pytest.raises(ConfigError, match="are 3D but this bundle has spatial_dims=2: use bundles/segmentation_3d"):
+        make_plan(seg, task="segmentation", spatial_dims=2, axcodes="RA")
 
 
 def test_plan_command_writes_the_plan_and_prints_a_summary(tmp_path, capsys):

@@ -299,7 +299,7 @@ def fingerprint_dataset(
 
     for _key, item in read:
         image = load(item["image"])
-        if orient is not None:
+        if orient is not None and len(axcodes) == image.ndim - 1:  # other dimensions: reported below, with the files
             image = orient(image)
         array = np.asarray(image.detach().cpu().numpy() if hasattr(image, "detach") else image)
         dims = array.ndim - 1
@@ -318,7 +318,7 @@ def fingerprint_dataset(
         label = item.get("label")
         if task == "segmentation" and label is not None and not isinstance(label, int | np.integer):
             lab = load(label)
-            if orient is not None:
+            if orient is not None and len(axcodes) == lab.ndim - 1:
                 lab = orient(lab)
             lab = np.rint(np.asarray(lab.detach().cpu().numpy())[0])
             if to_index is not None:
