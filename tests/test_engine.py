@@ -142,8 +142,11 @@ def test_teacher_checkpoint_is_loaded_and_bad_one_named(tmp_path, batches):
     with pytest.raises(RuntimeError, match=r"teacher\.pt cannot be read"):
         make_trainer(batches, routes="kd", teacher_checkpoint=str(path))
     torch.save(tiny_unet((4, 8, 8)).state_dict(), path)
-    with pytest.raises(RuntimeError, match=r"teacher\.pt does not match the teacher"):
+    with pytest.raises(RuntimeError, match=r"teacher\.pt does not match the teacher") as err:
         make_trainer(batches, routes="kd", teacher_checkpoint=str(path))
+    message = str(err.value)  # the first mismatches, then how many more, then what to do: not torch's every line
+    assert "size mismatch for " in message and " more. It was trained with other network settings" in message
+    assert message.count("size mismatch") <= 3 and len(message) < 1000
 
 
 def test_non_finite_loss_is_reported_or_skipped(batches):

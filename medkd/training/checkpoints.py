@@ -67,9 +67,13 @@ def load_network_weights(
     try:
         target.load_state_dict(obj)
     except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        shown = "; ".join(lines[:3]) + (f"; and {len(lines) - 3} more" if len(lines) > 3 else "")
         raise CheckpointError(
-            f"checkpoint {path} does not match the {role or 'network'} ({type(target).__name__}): {e}. "
-            "Check that the network settings in the config are those it was trained with."
+            f"checkpoint {path} does not match the {role or 'network'} ({type(target).__name__}): {shown or e}. It "
+            "was trained with other network settings (e.g. for another data set's plan: teacher_channels, "
+            "student_channels, in_channels, classes): use the settings it was trained with (its settings_*.json "
+            "beside it), or train this network for these settings in other folders (--bundle_root)."
         ) from e
 
 
