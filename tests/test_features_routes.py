@@ -1,5 +1,7 @@
 """Feature capture by module name and the route graph: presets, validation and clear errors."""
 
+import logging
+
 import pytest
 import torch
 from conftest import tiny_unet
@@ -106,6 +108,19 @@ def test_named_weights_apply_to_listed_routes_and_presets():
         parse_routes("kd", ["sp"], weights={"alpha": 1.0})
     with pytest.raises(ConfigError, match=r"unknown keys: \['weight'\]"):
         parse_routes({"preset": "kd", "weight": 1.0}, ["sp"])
+
+
+def test_a_listed_route_that_takes_a_named_weight_of_0_is_said_to_do_nothing(caplog):
+    attention = {"source": "sp", "target": "sf", "kind": "attention", "layers": "encoder"}
+    with caplog.at_level(logging.WARNING, logger="medkd.knowledge.routes"):
+        (route,) = parse_routes([attention], ["sp", "sf"], weights={"peer_feature_weight": 0.0})
+    assert route.weight == 0.0
+    assert "the route sp → sf (attention) has no weight of its own and takes peer_feature_weight, which is 0" in (
+        caplog.text
+    )
+    caplog.clear()
+    parse_routes([{**attention, "weight": 0.5}], ["sp", "sf"], weights={"peer_feature_weight": 0.0})
+    assert caplog.text == ""  # its own weight: nothing to say
 
 
 def test_hint_layers_reach_every_feature_route_without_its_own_layers():

@@ -13,6 +13,7 @@ hooks the networks, builds the adapters from one probe forward and computes each
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,8 @@ __all__ = [
     "preset_routes",
     "parse_routes",
 ]
+
+logger = logging.getLogger("medkd.knowledge.routes")
 
 TEACHER = "teacher"
 PRESETS = ("student", "kd", "fitnets", "dml", "kd_dml", "diversified")
@@ -141,7 +144,7 @@ WEIGHTS = {
     "hint_weight": "teacher → student feature terms",
     "peer_prediction_weight": "student ↔ student prediction terms",
     "peer_feature_weight": "student ↔ student feature terms",
-}  # the named loss weights (α, β, γ, δ of METHOD.md), by the routes they weight
+}  # the named loss weights (α, β, γ, δ of the paper), by the routes they weight
 
 
 def weight_key(source: str, kind: str) -> str:
@@ -204,7 +207,14 @@ def parse_routes(
     parsed = []
     for route in routes:
         if isinstance(route, Mapping) and {"source", "kind"} <= set(route):
-            route = {"weight": named[weight_key(route["source"], str(route["kind"]))], **route}
+            key = weight_key(route["source"], str(route["kind"]))
+            if "weight" not in route and named[key] == 0:
+                logger.warning(
+                    "the route %s → %s (%s) has no weight of its own and takes %s, which is 0: it does nothing. "
+                    'Give it one ("weight": 0.5) or set --%s.',
+                    route["source"], route.get("target"), route["kind"], key, key,
+                )  # fmt: skip
+            route = {"weight": named[key], **route}
             if route["kind"] == "prediction" and temperature is not None:
                 route.setdefault("temperature", temperature)
             if warmup_epochs is not None:
@@ -226,7 +236,7 @@ def preset_routes(
     warmup_epochs: int = 0,
     hint_layers: str | None = None,
 ) -> list[Route]:
-    """The routes of a named method (see METHOD.md).
+    """The routes of a named method (those of the paper, and its baselines).
 
     Args:
         preset: one of ``student`` (supervised only), ``kd`` (teacher predictions to every student), ``fitnets``
