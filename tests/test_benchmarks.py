@@ -83,3 +83,13 @@ def test_pixel_accuracy_pools_the_test_pixels_of_each_network(tmp_path):
     labels = torch.cat([batch["label"].flatten() for batch in parser.get_parsed_content("dataloader")])
     expected = {name: float((labels == cls).float().mean()) for name, cls in constant.items()}
     assert found == pytest.approx(expected) and 0 < expected["sp"] < expected["teacher"] < 1
+
+
+def test_imbalanced_subset_thins_the_chosen_classes_of_the_training_and_validation_lists_only():
+    subset = _load("imbalanced_subset")
+    lists = {key: [{"image": f"{key}{i}.png", "label": i % 2} for i in range(400)] for key in ("training", "test")}
+    out = subset.imbalanced({"labels": {"0": "a", "1": "b"}, **lists}, {1: 0.25})
+    kept = [e["label"] for e in out["training"]]
+    assert kept.count(0) == 200 and 30 <= kept.count(1) <= 70 and out["test"] == lists["test"]
+    assert out["labels"] == {"0": "a", "1": "b"}
+    assert subset.imbalanced(lists, {1: 0.25})["training"] == out["training"]  # seeded: the same images again
