@@ -358,9 +358,9 @@ def test_an_image_in_two_lists_stops_the_run_naming_them(tmp_path, seg_items, ca
     report = capsys.readouterr().err.splitlines()
     shown = ", ".join(e["image"] for e in seg_items)
     assert report[:3] == [
-        f"[leakage] 3 image file(s) are in both the 'training' and the 'validation' list: {shown}",
-        f"[leakage] 3 image file(s) are in both the 'training' and the 'test' list: {shown}",
-        f"[leakage] 3 image file(s) are in both the 'validation' and the 'test' list: {shown}",
+        f"ERROR: [leakage] 3 image file(s) are in both the 'training' and the 'validation' list: {shown}",
+        f"ERROR: [leakage] 3 image file(s) are in both the 'training' and the 'test' list: {shown}",
+        f"ERROR: [leakage] 3 image file(s) are in both the 'validation' and the 'test' list: {shown}",
     ]
     assert "--allow_leakage true runs anyway" in report[3]
     same_file = str(tmp_path / "." / Path(seg_items[2]["image"]).name)  # another spelling of one path
@@ -371,7 +371,7 @@ def test_an_image_in_two_lists_stops_the_run_naming_them(tmp_path, seg_items, ca
     with pytest.raises(SystemExit):
         check_before_run(path, num_classes=3, keys=["test"])  # the evaluation's check: test against the others
     assert capsys.readouterr().err.splitlines()[0] == (
-        f"[leakage] 1 image file(s) are in both the 'test' and the 'validation' list: {seg_items[2]['image']}"
+        f"ERROR: [leakage] 1 image file(s) are in both the 'test' and the 'validation' list: {seg_items[2]['image']}"
     )
     with caplog.at_level(logging.WARNING, logger="medkd.data.checks"):
         check_before_run(path, num_classes=3, keys=["test"], allow_leakage=True)  # no exit
@@ -398,3 +398,30 @@ def test_a_label_in_another_orientation_of_the_same_grid_is_accepted(tmp_path):
     assert check_datalist([{**entry, "label": str(tmp_path / "lps.nii.gz")}], num_classes=2) == []
     (problem,) = check_datalist([{**entry, "label": str(tmp_path / "other.nii.gz")}], num_classes=2)
     assert "label origin/orientation differ from the image" in problem.reason
+
+
+def test_check_data_and_plan_read_an_nnunet_raw_dataset(tmp_path, capsys):
+    """nnU-Net v2's raw layout lists no cases in dataset.json; the bundles find them in its folders, and so do
+    check-data and plan."""
+    rng = np.random.default_rng(0)
+    for folder in ("imagesTr", "labelsTr"):
+        (tmp_path / folder).mkdir()
+    for i in range(5):
+        label = np.zeros((12, 12, 8), np.uint8)
+        label[3:8, 4:9, 2:6] = 1
+        nib.save(
+            nib.Nifti1Image(rng.random((12, 12, 8)).astype(np.float32), np.eye(4)),
+            tmp_path / "imagesTr" / f"c{i}_0000.nii.gz",
+        )
+        nib.save(nib.Nifti1Image(label, np.eye(4)), tmp_path / "labelsTr" / f"c{i}.nii.gz")
+    raw = {
+        "channel_names": {"0": "MRI"},
+        "labels": {"background": 0, "organ": 1},
+        "numTraining": 5,
+        "file_ending": ".nii.gz",
+    }
+    (tmp_path / "dataset.json").write_text(json.dumps(raw))
+    assert main(["check-data", "--datalist", str(tmp_path / "dataset.json")]) == 0
+    assert "OK: 5 items checked" in capsys.readouterr().out
+    assert main(["plan", "--dataset-dir", str(tmp_path)]) == 0
+    assert "the lists are in" in capsys.readouterr().out and (tmp_path / "medkd_plan.json").is_file()

@@ -404,7 +404,7 @@ def check_before_run(
         for line in leaks if allow_leakage else []:
             logger.warning("%s; accepted (allow_leakage)", line)
     if errors:
-        print("\n".join(errors), file=sys.stderr, flush=True)
+        print("\n".join(f"ERROR: {e}" for e in errors), file=sys.stderr, flush=True)
         raise SystemExit(1)
     logger.info("data check passed for %s", ", ".join(f"{key} ({file})" for key, file in files.items()))
 
@@ -561,6 +561,20 @@ def _print_duplicates(args: argparse.Namespace, lists: dict[str, list[dict]], na
     return len(leakage)
 
 
+def _check_list(datalist: str, key: str, base_dir: str | None, class_names: Sequence[str] | None) -> list[dict]:
+    """The ``key`` list of ``datalist`` (:func:`load_datalist`); the training cases of an nnU-Net v2 raw dataset,
+    whose ``dataset.json`` lists none (:func:`~medkd.data.held_out.nnunet_training`)."""
+    from medkd.data.held_out import is_nnunet_raw, nnunet_training
+
+    try:
+        content = json.loads(Path(datalist).read_text()) if datalist.lower().endswith(".json") else None
+    except (OSError, ValueError):
+        content = None  # load_datalist names the problem
+    if key == "training" and is_nnunet_raw(content):
+        return nnunet_training(Path(datalist).parent, content)
+    return load_datalist(datalist, key=key, base_dir=base_dir, class_names=class_names)
+
+
 def check_data_command(args: argparse.Namespace) -> int:
     """Run ``check-data``: print every problem and return 1, or print ``OK: N items checked`` and return 0.
 
@@ -573,7 +587,7 @@ def check_data_command(args: argparse.Namespace) -> int:
     given = args.class_names.split(",") if args.class_names else None
     for key in keys:
         try:
-            lists[key] = load_datalist(args.datalist, key=key, base_dir=args.base_dir, class_names=given)
+            lists[key] = _check_list(args.datalist, key, args.base_dir, given)
         except DataError as e:
             print(f"ERROR: {e}" if len(keys) == 1 else f"ERROR: [{key}] {e}")
             failed = True

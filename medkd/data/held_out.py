@@ -34,6 +34,7 @@ __all__ = [
     "SPLIT_FILE",
     "SplitOptions",
     "lists_to_hold_out",
+    "is_nnunet_raw",
     "nnunet_training",
     "bundle_datalists",
     "make_split",
@@ -94,7 +95,7 @@ def _lists_sha256(source: Path, data: Mapping[str, Any]) -> str:
     """A hash of a datalist's lists, or of an nnU-Net dataset's label file names (the other fields of a datalist, such
     as ``labels``, may change without a new split)."""
     lists = {k: data.get(k) for k in SPLITS}
-    if "training" not in data and _is_nnunet(data):
+    if is_nnunet_raw(data):
         lists["training"] = sorted(p.name for p in (source.parent / "labelsTr").glob(f"*{data['file_ending']}"))
     return hashlib.sha256(json.dumps(lists, sort_keys=True).encode()).hexdigest()
 
@@ -140,7 +141,7 @@ def lists_to_hold_out(datalist_file: str | os.PathLike) -> list[str]:
         data = _source_data(path)
     except (OSError, ValueError):  # DataError is a ValueError
         return []
-    if isinstance(data, dict) and "training" not in data and _is_nnunet(data):
+    if is_nnunet_raw(data):
         return list(HELD_OUT)
 
     def labelled(entries: Any) -> bool:
@@ -151,8 +152,14 @@ def lists_to_hold_out(datalist_file: str | os.PathLike) -> list[str]:
     return [key for key in HELD_OUT if not labelled(data.get(key))]
 
 
-def _is_nnunet(data: Mapping[str, Any]) -> bool:
-    return isinstance(data.get("file_ending"), str) and isinstance(data.get("channel_names"), dict)
+def is_nnunet_raw(data: Any) -> bool:
+    """Whether ``data`` (a ``dataset.json``'s content) is an nnU-Net v2 raw dataset's, which lists no cases."""
+    return (
+        isinstance(data, Mapping)
+        and "training" not in data
+        and isinstance(data.get("file_ending"), str)
+        and isinstance(data.get("channel_names"), dict)
+    )
 
 
 def nnunet_training(root: str | os.PathLike, data: Mapping[str, Any]) -> list[dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +51,13 @@ def _datalists(datalist: Path, dataset_dir: Path, task: str | None) -> str | dic
     if not missing:
         return str(datalist)
     from medkd.data.checks import infer_task
+    from medkd.data.held_out import is_nnunet_raw
     from medkd.data.loading import load_datalist
 
-    task = task or infer_task(load_datalist(datalist))
+    if task is None:  # an nnU-Net raw dataset lists no cases: its labels are label maps
+        task = (
+            "segmentation" if is_nnunet_raw(json.loads(datalist.read_text())) else infer_task(load_datalist(datalist))
+        )
     datalists = bundle_datalists(datalist, dataset_dir / SPLIT_FILE, task=task)
     print(f"{datalist} lacks {' and '.join(missing)}: the lists are in {datalists['training']}")
     return datalists
