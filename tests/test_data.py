@@ -339,6 +339,12 @@ def test_dicom_series_folder_errors(tmp_path):
     with pytest.raises(DataError, match="several slices at the same position"):
         LoadMedicalImage()(tmp_path / "dup")
 
+    write_series(tmp_path / "gap", n=6)  # a slice lost: on one regular grid a mask would be misplaced
+    (lost,) = [f for f in (tmp_path / "gap").iterdir() if float(pydicom.dcmread(f).ImagePositionPatient[2]) == -25.0]
+    lost.unlink()
+    with pytest.raises(DataError, match=r"has a gap: .* are 5 mm apart, the other slices 2.5 mm \(a missing slice\?\)"):
+        LoadMedicalImage()(tmp_path / "gap")
+
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("x")
     with pytest.raises(DataError, match="contains no DICOM image slices"):

@@ -490,6 +490,9 @@ def _functional_group(ds: Any, frame: int, sequence: str, attr: str) -> Any:
     return None
 
 
+GAP = 1.5  # a DICOM series whose slices are this many times further apart somewhere than their median step has a gap
+
+
 class DicomReader(PydicomReader):
     """:class:`monai.data.PydicomReader` hardened for real-world files.
 
@@ -584,11 +587,19 @@ class DicomReader(PydicomReader):
                 f"DICOM series in '{os.path.dirname(names[0])}' has several slices at the same position (e.g. {dup}): "
                 "it probably mixes acquisitions or echoes. Keep one slice per position in the folder."
             )
+        if steps.size and steps.max() > GAP * np.median(steps):
+            at = int(np.argmax(steps))
+            raise DataError(
+                f"DICOM series in '{os.path.dirname(names[0])}' has a gap: {os.path.basename(names[order[at]])} and "
+                f"{os.path.basename(names[order[at + 1]])} are {steps[at]:.3g} mm apart, the other slices "
+                f"{np.median(steps):.3g} mm (a missing slice?). On one regular grid the slices, and a segmentation, "
+                "would be misplaced. Add the missing slices, or convert the series to NIfTI (e.g. dcm2niix)."
+            )
         if steps.size and not np.allclose(steps, steps[0], rtol=0.05, atol=1e-3):
-            warnings.warn(
-                f"DICOM series '{os.path.dirname(names[0])}' has uneven slice spacing {np.unique(steps.round(3))}; "
-                "missing slices? The mean spacing is used.",
-                stacklevel=2,
+            logger.warning(
+                "DICOM series '%s' has uneven slice spacing %s; the mean spacing is used.",
+                os.path.dirname(names[0]),
+                np.unique(steps.round(3)),
             )
         arrays = [self._get_array_data(slices[i], names[i]) for i in order]
         shapes = {a.shape for a in arrays}
