@@ -163,10 +163,11 @@ def _outside_problem(bad: Sequence[int], label_values: Sequence[int] | None, num
         )
     hint = (
         "; a 0/255 mask: divide it by 255, or give each class's value in the datalist's 'labels' map "
-        '({"0": "background", "255": "lesion"})'
+        '({"0": "background", "255": "lesion"}; a CSV datalist has none: --label_values "[0, 255]")'
         if 255 in bad
         else "; if the label maps use other values for the classes, give each class's value as the key of the "
-        'datalist\'s \'labels\' map (BraTS: {"0": "background", "1": ..., "2": ..., "4": ...})'
+        'datalist\'s \'labels\' map (BraTS: {"0": "background", "1": ..., "2": ..., "4": ...}; a CSV datalist '
+        'has none: --label_values "[0, 1, 2, 4]")'
     )
     return f"label values {bad[:10]} outside 0..{num_classes - 1}{hint}"
 
