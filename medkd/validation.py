@@ -268,7 +268,7 @@ def check_inputs(datalists: Mapping[str, Sequence[Mapping]], in_channels: int, s
             raise ConfigError(
                 f"{path} (first image of the {key} list) has {what} but the bundle's in_channels is {in_channels}: "
                 f"pass --in_channels {channels} (the networks follow it), or convert the images"
-                + (" to greyscale." if in_channels == 1 else ".")
+                + (" to greyscale." if in_channels == 1 and channels in (3, 4) and spatial_dims == 2 else ".")
             )
 
 

@@ -331,7 +331,10 @@ def plot_comparison(rows: Sequence[Mapping], curves: Mapping[tuple[str, int], Pa
             key = next((k for k in history[0] if (split_metric_name(k) or ("", ""))[1] == student), None)
             if key:
                 epochs = [int(h["epoch"]) for h in history]
-                lines.plot(epochs, [float(h[key]) for h in history], style, color=color, alpha=0.8, linewidth=1)
+                marker = "o" if len(epochs) < 5 else None  # a short run's few validations: seen as points
+                lines.plot(
+                    epochs, [float(h[key]) for h in history], style, color=color, alpha=0.8, linewidth=1, marker=marker
+                )
     for preset in presets:
         lines.plot([], [], color=colors[presets.index(preset) % len(colors)], label=preset)
     for student, style in zip(students, ("-", "--", ":", "-."), strict=False):
