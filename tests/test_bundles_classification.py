@@ -165,6 +165,12 @@ def test_inference_output_of_each_network_is_kept(trained):
     for name in ("sp", "sf"):
         rows = read_csv(out / f"probabilities_{name}.csv")
         assert [r["image"] for r in rows] == [str(new / "a.png"), str(new / "b.jpg")]
+    # the students' ensemble: their checkpoints, and the mean of their probabilities
+    run_stage(BUNDLE, "inference", root, input_dir=str(new), output_dir=str(out), network_name="ensemble")
+    sp, sf, ensemble = (read_csv(out / f"probabilities_{name}.csv") for name in ("sp", "sf", "ensemble"))
+    for a, b, mean in zip(sp, sf, ensemble, strict=True):
+        columns = [k for k in mean if k != "image"]
+        assert columns and all(abs((float(a[k]) + float(b[k])) / 2 - float(mean[k])) < 1e-5 for k in columns)
 
 
 def test_a_datalist_without_validation_list_gets_one_held_out_class_by_class(tmp_path):

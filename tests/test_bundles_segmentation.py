@@ -80,6 +80,11 @@ def test_all_stages_run_end_to_end(bundle, tmp_path):
         assert seg.shape == image.shape
         np.testing.assert_allclose(seg.affine, image.affine, atol=1e-5)
         assert set(np.unique(seg.get_fdata())) <= {0.0, 1.0, 2.0}
+    run_stage(bundle, "inference", tmp_path, network_name="ensemble")  # the students' checkpoints, averaged
+    for case in datalist["test"]:
+        name = case["image"].split("/")[-1].replace(".nii.gz", "_ensemble_seg.nii.gz")
+        seg = nib.load(tmp_path / "eval" / "segmentations" / name)
+        assert seg.shape == nib.load(tmp_path / "data" / case["image"]).shape
 
 
 def test_routes_preset_and_classes_from_command_line(tmp_path):

@@ -123,3 +123,18 @@ def test_ensemble_row_in_the_results_table_counts_its_members_parameters(tmp_pat
     rows = table.rows(metrics)
     assert [r["network"] for r in rows] == ["teacher", "sp", "sf", "ensemble"]
     assert rows[-1] == {"network": "ensemble", "auc": 0.8, "params": 9 + 6}
+
+
+def test_the_ensemble_network_gives_the_logits_of_its_members_mean_softmax():
+    from medkd.training.evaluators import EnsembleNetwork, checkpointed, ensemble_logits, inference_networks
+
+    torch.manual_seed(0)
+    members = {"sp": nn.Conv2d(1, 3, 1), "sf": nn.Conv2d(1, 3, 1)}
+    ensemble = EnsembleNetwork(members)
+    x = torch.randn(2, 1, 4, 4)
+    assert torch.allclose(ensemble(x), ensemble_logits([members["sp"](x), members["sf"](x)]))
+    mean = (members["sp"](x).softmax(1) + members["sf"](x).softmax(1)) / 2
+    assert torch.allclose(ensemble(x).softmax(1), mean, atol=1e-6)
+    assert checkpointed("ensemble", ensemble) == members and checkpointed("sp", members["sp"]) == {"sp": members["sp"]}
+    assert list(inference_networks(nn.Identity(), members)) == ["teacher", "sp", "sf", "ensemble"]
+    assert "ensemble" not in inference_networks(nn.Identity(), members, ensemble=False)

@@ -41,6 +41,9 @@ __all__ = [
     "ensemble_members",
     "scored_networks",
     "ensemble_logits",
+    "EnsembleNetwork",
+    "inference_networks",
+    "checkpointed",
     "segmentation_postprocessing",
     "segmentation_metrics",
     "classification_postprocessing",
@@ -92,6 +95,36 @@ def ensemble_logits(logits: Sequence[torch.Tensor]) -> torch.Tensor:
     the ensemble goes through the same postprocessing and metrics as a network."""
     log_probs = torch.stack([x.float().log_softmax(dim=1) for x in logits])
     return torch.logsumexp(log_probs, dim=0) - math.log(len(logits))
+
+
+class EnsembleNetwork(nn.Module):
+    """The students' ensemble as one network, for inference: its output is :func:`ensemble_logits` of its members'
+    (the log of their mean softmax), so it goes through the same postprocessing as a network's logits. Its weights
+    are its members' (loaded from their checkpoints, :func:`checkpointed`).
+
+    Args:
+        members: the networks averaged, by name.
+    """
+
+    def __init__(self, members: Mapping[str, nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleDict(dict(members))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, C, *spatial) → the ensemble's logits (B, classes, ...)."""
+        return ensemble_logits([member(x) for member in self.members.values()])
+
+
+def inference_networks(teacher: nn.Module, students: Mapping[str, nn.Module], ensemble: bool = True) -> dict:
+    """The networks an inference run can use, by name: the teacher, each student and, when ``ensemble`` and there
+    are at least two students, their ensemble (:class:`EnsembleNetwork`, ``"ensemble"``)."""
+    members = ensemble_members(students, ensemble)
+    return {TEACHER: teacher, **students, **({ENSEMBLE: EnsembleNetwork(students)} if members else {})}
+
+
+def checkpointed(name: str, network: nn.Module) -> dict[str, nn.Module]:
+    """The networks whose checkpoints make ``network`` (named ``name``): itself, or an ensemble's members."""
+    return dict(network.members) if isinstance(network, EnsembleNetwork) else {name: network}
 
 
 class MultiNetworkEvaluator(UserErrorsFirst, Evaluator):
