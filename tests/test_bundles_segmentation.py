@@ -238,6 +238,10 @@ def test_evaluating_some_networks_by_a_list_of_names_says_how_to_pick_them(train
     one_student = re.search(r'one student with --networks "\\(.+?)"', message).group(1)
     run_stage("segmentation_2d", "evaluate", root, networks=one_student)  # the suggestion, as the shell passes it
     assert [r["network"] for r in json.loads((root / "eval" / "results.json").read_text())] == ["sp"]
+    for stage in ("evaluate", "inference"):  # a window the U-Nets' skip connections cannot take: named, as in training
+        with pytest.raises(RuntimeError) as err:
+            run_stage("segmentation_2d", stage, root, patch_size=[20, 20])
+        assert str(user_error_of(err.value)).startswith("patch_size [20, 20] is not a multiple of [16, 16]")
 
 
 def test_inference_without_input_images_is_an_error(trained_2d, tmp_path):

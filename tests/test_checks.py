@@ -12,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from PIL import Image
 
 from medkd.__main__ import main
 from medkd.data.checks import Problem, assert_valid_datalist, check_before_run, check_datalist
@@ -219,7 +220,7 @@ def test_cli_infers_classification_from_integer_labels(tmp_path, capsys):
     (tmp_path / "cls.csv").write_text(f"image,label\n{image},0\n{image},1\n{image},3\n")
     assert main(["check-data", "--datalist", str(tmp_path / "cls.csv"), "--num-classes", "3"]) == 1
     out = capsys.readouterr().out
-    assert out.startswith("Task: classification (every label is an integer class index; pass --task to override)")
+    assert out.startswith("Task: classification (every label is a class index or name; pass --task to override)")
     assert f"{image}: label 3 outside 0..2" in out and "class 2 has no sample" in out
     assert "not a label-map path" not in out  # what checking the integers as segmentation labels said
 
@@ -425,3 +426,22 @@ def test_check_data_and_plan_read_an_nnunet_raw_dataset(tmp_path, capsys):
     assert "OK: 5 items checked" in capsys.readouterr().out
     assert main(["plan", "--dataset-dir", str(tmp_path)]) == 0
     assert "the lists are in" in capsys.readouterr().out and (tmp_path / "medkd_plan.json").is_file()
+
+
+def test_a_list_without_labels_is_named_before_training_or_evaluation(tmp_path, seg_items, capsys):
+    path = write_datalist(tmp_path, seg_items, test=[{"image": seg_items[0]["image"]}, *seg_items[1:2]])
+    with pytest.raises(SystemExit):
+        check_before_run(path, keys=["test"], num_classes=3, allow_leakage=True)
+    assert f"ERROR: [test] 1 of the 2 entries of {path} ['test'] have no label (e.g. {seg_items[0]['image']}): " in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_classification_list_of_one_class_is_named_even_with_missing_classes_allowed(tmp_path, capsys):
+    items = [{"image": str(tmp_path / f"{i}.png"), "label": i % 2} for i in range(4)]
+    for item in items:
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(item["image"])
+    path = write_datalist(tmp_path, items, validation=[{"image": items[1]["image"], "label": 1}])
+    with pytest.raises(SystemExit):
+        check_before_run(path, num_classes=2, task="classification", allow_missing_classes=True, allow_leakage=True)
+    assert "['validation'] holds only class [1]: its AUC, which chooses the best checkpoints" in capsys.readouterr().err

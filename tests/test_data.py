@@ -135,6 +135,9 @@ def test_csv_class_names_as_labels_are_numbered_in_sorted_order_or_by_the_given_
         load_datalist(path)
     with pytest.raises(DataError, match="is a CSV file, which has no 'labels' map and whose labels are class indices"):
         datalist_class_names(path, task="classification")
+    path.write_text("image,label\na.png,benign\nb.png,Benign\nc.png,malignant\n")
+    with pytest.raises(DataError, match=r"the class names \['Benign', 'benign'\] differ only in case"):
+        load_datalist(path)
     # a JSON datalist's labels may name classes of its labels map
     labels = {"labels": {"0": "benign", "1": "malignant"}, "training": [{"image": "a.png", "label": "malignant"}]}
     (tmp_path / "named.json").write_text(json.dumps(labels))
@@ -551,6 +554,8 @@ def test_inputs_whose_outputs_would_share_a_name_are_named_apart(tmp_path, caplo
         cases = inference_items(tmp_path, None, tmp_path / "none.json")
     assert sorted(Path(item["case"]).name for item in cases) == ["scan_nii.nii", "scan_nii_gz.nii.gz"]
     assert f"{tmp_path / 'scan.nii'}: its output is named after {tmp_path / 'scan_nii.nii'}" in caplog.text
+    kept = inference_items(tmp_path, None, tmp_path / "none.json", name_apart=False)  # one CSV of rows: no clash
+    assert [item["case"] for item in kept] == [item["image"] for item in kept]
 
 
 def test_inference_names_the_outputs_of_one_channel_nnunet_cases_without_the_channel_suffix(tmp_path):

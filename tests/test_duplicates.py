@@ -130,7 +130,7 @@ def test_distinct_images_report_nothing(tmp_path, capsys):
     path = datalist(tmp_path, training=train, validation=val)
     assert main(["check-data", "--datalist", path, "--key", "all"]) == 0
     assert capsys.readouterr().out.splitlines() == [
-        "Task: classification (every label is an integer class index; pass --task to override)",
+        "Task: classification (every label is a class index or name; pass --task to override)",
         "[training] OK: 6 items checked",
         "[validation] OK: 2 items checked",
     ]

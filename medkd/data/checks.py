@@ -387,10 +387,23 @@ def check_before_run(
         except DataError as e:
             errors.append(f"[{key}] {e}")
             continue
+        if unlabelled := [e for e in items if e.get("label") in (None, "")]:
+            errors.append(
+                f"[{key}] {len(unlabelled)} of the {len(items)} entries of {source} ['{key}'] have no label (e.g. "
+                f"{unlabelled[0]['image']}): training and evaluation need labels. Label them, or run the images "
+                "through inference (configs/inference.json), which needs none."
+            )
+            continue
         problems = check_datalist(items, num_classes, task, source=source, label_values=label_values)
         problems = accept_missing_classes(
             problems, allow_missing_classes and key != "training", f"{source} ['{key}']", task
         )
+        if task == "classification" and not problems and len(present := {e["label"] for e in items}) < 2:
+            errors.append(
+                f"[{key}] {source} ['{key}'] holds only class {sorted(present)}: its AUC, which chooses the best "
+                "checkpoints and scores the networks, needs at least two classes. Add images of another class."
+            )
+            continue
         if not problems:
             continue
         errors.append(f"[{key}] {format_problems(problems, source)}")
@@ -599,7 +612,7 @@ def check_data_command(args: argparse.Namespace) -> int:
     if task is None:
         task = infer_task(everything)
         if task == "classification":
-            print("Task: classification (every label is an integer class index; pass --task to override)")
+            print("Task: classification (every label is a class index or name; pass --task to override)")
     names, values = given, None
     if names is None:
         names, values = optional_class_names(args.datalist), optional_label_values(args.datalist)

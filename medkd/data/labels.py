@@ -52,7 +52,7 @@ def datalist_labels(datalist_file: str | os.PathLike) -> dict[int, str]:
     except FileNotFoundError as e:
         raise DataError(
             f"the datalist {path} does not exist; check --dataset_dir (the folder holding dataset.json) or "
-            "--datalist_file."
+            "--datalist_file (with --datalists of your own, give the classes: --class_names \"['a', 'b']\")."
         ) from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(

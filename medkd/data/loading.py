@@ -269,6 +269,14 @@ def csv_class_names(path: PathLike, base_dir: PathLike | None = None) -> list[st
         return None
     cells = {row.get("label", "") for _, row in rows} - {""}
     words = {c for c in cells if not _is_number(c) and not _looks_like_path(base, c)}
+    alike: dict[str, list[str]] = {}
+    for word in sorted(words):
+        alike.setdefault(word.casefold(), []).append(word)
+    if clash := next((names for names in alike.values() if len(names) > 1), None):
+        raise DataError(
+            f"Datalist '{path}': the class names {clash} differ only in case, so they would be classes of their own. "
+            "Write each class one way."
+        )
     return sorted(words) if words else None
 
 
@@ -396,13 +404,15 @@ def inference_items(
     key: str = "test",
     base_dir: PathLike | None = None,
     spatial_dims: int | None = None,
+    name_apart: bool = True,
 ) -> list[dict]:
     """The inputs of an inference run as ``[{"image": path or paths, "case": name}, ...]``: the images of
     ``input_dir`` (:func:`find_images`), or without one, the images of the datalist's ``key`` list. Where that list's
     cases are several files, one per channel, the files of ``input_dir`` are grouped into cases named the same way
     (:func:`~medkd.data.cases.group_cases`). For 3D networks (``spatial_dims`` 3), an ``input_dir`` that holds only
     single-frame DICOM files is one series. ``case`` is the path the output is named after
-    (:func:`~medkd.data.cases.case_name`).
+    (:func:`~medkd.data.cases.case_name`); with ``name_apart``, cases whose outputs would share a name are renamed
+    (:func:`~medkd.data.cases.distinct_names`; not for outputs of one file per run, such as a classifier's CSV).
 
     Raises:
         DataError: files of ``input_dir`` that form no case, or a list whose cases name their files in different ways.
@@ -412,7 +422,7 @@ def inference_items(
     if not input_dir:
         images = [item["image"] for item in load_datalist(datalist, key=key, base_dir=base_dir)]
         suffixes = channel_suffixes([{"image": image} for image in images])
-        return _distinct_cases([{"image": image, "case": case_name(image, suffixes)} for image in images])
+        return _distinct_cases([{"image": image, "case": case_name(image, suffixes)} for image in images], name_apart)
     files = find_images(input_dir, pattern)
     if spatial_dims == 3 and _one_series(files):
         logger.info("the %d DICOM slices of %s are read as one series", len(files), input_dir)
@@ -424,7 +434,7 @@ def inference_items(
     listed = [e for e in entries if len(ensure_tuple(e["image"])) > 1]
     if not listed:  # cases of one file: named after it, without nnU-Net's channel suffix where the list's files have it
         suffixes = channel_suffixes(entries)
-        return _distinct_cases([{"image": f, "case": case_name(f, suffixes)} for f in files])
+        return _distinct_cases([{"image": f, "case": case_name(f, suffixes)} for f in files], name_apart)
     suffixes = channel_suffixes(listed)
     example = ", ".join(str(f) for f in ensure_tuple(listed[0]["image"]))
     if suffixes is None:
@@ -441,14 +451,16 @@ def inference_items(
             f"'{datalist}' (<case>{'/<case>'.join(suffixes)}, e.g. {example}); {shown} form no case. Add the missing "
             "files, or pick the cases' files with --input_pattern."
         )
-    return _distinct_cases([{"image": case, "case": case_name(case)} for case in cases])
+    return _distinct_cases([{"image": case, "case": case_name(case)} for case in cases], name_apart)
 
 
-def _distinct_cases(items: list[dict]) -> list[dict]:
+def _distinct_cases(items: list[dict], enabled: bool = True) -> list[dict]:
     """``items`` with the cases whose outputs would have one name renamed (:func:`~medkd.data.cases.distinct_names`),
-    each rename logged."""
+    each rename logged; as they are unless ``enabled``."""
     from medkd.data.cases import distinct_names
 
+    if not enabled:
+        return items
     names = distinct_names([item["case"] for item in items])
     for item, name in zip(items, names, strict=True):
         if name != item["case"]:

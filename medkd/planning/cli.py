@@ -55,9 +55,8 @@ def _datalists(datalist: Path, dataset_dir: Path, task: str | None) -> str | dic
     from medkd.data.loading import load_datalist
 
     if task is None:  # an nnU-Net raw dataset lists no cases: its labels are label maps
-        task = (
-            "segmentation" if is_nnunet_raw(json.loads(datalist.read_text())) else infer_task(load_datalist(datalist))
-        )
+        raw = datalist.suffix.lower() == ".json" and is_nnunet_raw(json.loads(datalist.read_text()))
+        task = "segmentation" if raw else infer_task(load_datalist(datalist))
     datalists = bundle_datalists(datalist, dataset_dir / SPLIT_FILE, task=task)
     print(f"{datalist} lacks {' and '.join(missing)}: the lists are in {datalists['training']}")
     return datalists

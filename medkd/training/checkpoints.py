@@ -67,7 +67,7 @@ def load_network_weights(
     try:
         target.load_state_dict(obj)
     except RuntimeError as e:
-        lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        lines = [_cut(line.strip()) for line in str(e).splitlines()[1:] if line.strip()]
         shown = "; ".join(lines[:3]) + (f"; and {len(lines) - 3} more" if len(lines) > 3 else "")
         raise CheckpointError(
             f"checkpoint {path} does not match the {role or 'network'} ({type(target).__name__}): {shown or e}. It "
@@ -75,6 +75,11 @@ def load_network_weights(
             "student_channels, in_channels, classes): use the settings it was trained with (its settings_*.json "
             "beside it), or train this network for these settings in other folders (--bundle_root)."
         ) from e
+
+
+def _cut(line: str, limit: int = 240) -> str:
+    """``line`` cut to ``limit`` characters (torch lists every missing key of a state dict on one line)."""
+    return line if len(line) <= limit else line[:limit] + " ..."
 
 
 def check_trained_inputs(
