@@ -238,7 +238,8 @@ def _load_csv(path: Path, base_dir: PathLike | None, key: str, class_names: Sequ
             "other lines. Fill them or delete those rows (a list without labels, e.g. images to segment, leaves every "
             "cell empty)."
         )
-    names = list(class_names) if class_names and csv_class_names(path, base_dir) else csv_class_names(path, base_dir)
+    found = csv_class_names(path, base_dir)
+    names = list(class_names) if class_names and found else found
     for line, row in rows:
         item: dict[str, Any] = {k: v for k, v in row.items() if k != "label"}
         item["image"] = _resolve(base, row["image"])
