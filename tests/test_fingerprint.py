@@ -204,6 +204,8 @@ def test_every_stage_stops_on_checkpoints_trained_on_other_inputs(tmp_path):
     assert "teacher.pt (teacher) was trained on other inputs than this run gives it: normalization: " in str(
         _user_error(info)
     )
+    alone = {"ckpt_dir": str(tmp_path / "alone"), "output_dir": str(tmp_path / "alone_eval")}
+    run_stage("segmentation_2d", "train", tmp_path, routes_preset="student", **alone, **changed)  # reads no teacher
     run_stage("segmentation_2d", "train", tmp_path)
     with pytest.raises(RuntimeError) as info:  # resuming a run with other inputs
         run_stage("segmentation_2d", "train_teacher", tmp_path, max_epochs=2, **changed)

@@ -260,17 +260,25 @@ def default_init(mode: str) -> str:
 
 
 def start_checkpoint(
-    checkpoint: str | os.PathLike, init: str, inputs: Mapping[str, Any] | None = None
+    checkpoint: str | os.PathLike, init: str, inputs: Mapping[str, Any] | None = None, read: bool = True
 ) -> str | os.PathLike | None:
     """The checkpoint the teacher's weights are loaded from: ``checkpoint`` when ``init`` is ``"checkpoint"``, else
     ``None`` (a teacher trained from scratch). With ``inputs`` (the run's
     :func:`~medkd.training.run_fingerprint.input_settings`), a checkpoint trained on other inputs stops the run
-    (:func:`~medkd.training.checkpoints.check_trained_inputs`)."""
+    (:func:`~medkd.training.checkpoints.check_trained_inputs`), where the run reads the teacher (``read``,
+    :func:`teacher_is_read`)."""
     _check_choice("teacher_init", init, TEACHER_INITS)
     chosen = checkpoint if init == "checkpoint" else None
-    if inputs is not None:
+    if inputs is not None and read:
         check_trained_inputs({TEACHER: chosen}, inputs)
     return chosen
+
+
+def teacher_is_read(mode: str, routes: Iterable[Any]) -> bool:
+    """Whether a distillation uses its teacher: an online teacher trains with the students; a frozen one only where
+    a route takes knowledge from it (not in the ``student`` and ``dml`` presets)."""
+    check_teacher_mode(mode)
+    return mode == "online" or any(route.source == TEACHER for route in routes)
 
 
 def online_optimizer(mode: str, optimizer: Callable[..., Optimizer], teacher: nn.Module) -> Optimizer | None:

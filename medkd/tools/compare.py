@@ -62,6 +62,7 @@ from medkd.bundles import (
 )
 from medkd.errors import ConfigError
 from medkd.knowledge.routes import PRESETS, TEACHER
+from medkd.knowledge.teacher import teacher_is_read
 from medkd.tools.jobs import Job, JobPool, JobsFailed, threads_per_job, visible_gpus
 from medkd.tools.report import inference_ms, write_comparison
 from medkd.training.checkpoints import set_aside
@@ -106,9 +107,7 @@ def reads_teacher(bundle: str | Path, overrides: Mapping[str, Any]) -> bool:
     parser = stage_config(Path(bundle), "train", overrides)
     if parser.get_parsed_content(TEACHER_INIT) != "checkpoint":
         return False
-    if parser.get_parsed_content(TEACHER_MODE) == "online":
-        return True
-    return any(route.source == TEACHER for route in parser.get_parsed_content(ROUTE_GRAPH))
+    return teacher_is_read(parser.get_parsed_content(TEACHER_MODE), parser.get_parsed_content(ROUTE_GRAPH))
 
 
 def _bundle_networks(bundle: Path, overrides: Mapping[str, Any]) -> tuple[dict[str, torch.nn.Module], list[int]]:
