@@ -68,8 +68,9 @@ def channel_suffixes(entries: Sequence[Mapping[str, Any]], image_key: str = "ima
     found = set()
     singles = [str(ensure_tuple(e[image_key])[0]) for e in entries if len(ensure_tuple(e[image_key])) == 1]
     if entries and len(singles) == len(entries):
-        endings = {m.group(0) for f in singles if (m := NNUNET_CHANNEL.search(os.path.basename(f)))}
-        return (endings.pop(),) if len(endings) == 1 and all(NNUNET_CHANNEL.search(f) for f in singles) else None
+        matches = [NNUNET_CHANNEL.search(os.path.basename(f)) for f in singles]
+        endings = {m.group(0) for m in matches if m}
+        return (endings.pop(),) if all(matches) and len(endings) == 1 else None
     for entry in entries:
         files = [str(f) for f in ensure_tuple(entry[image_key])]
         if len(files) < 2 or len(set(files)) < len(files):

@@ -219,6 +219,7 @@ def _split_name(path: Path, line: int, row: Mapping[str, str]) -> str:
 def _load_csv(path: Path, base_dir: PathLike | None, key: str, class_names: Sequence[str] | None) -> list[dict]:
     base = Path(base_dir).expanduser() if base_dir is not None else path.parent
     columns, rows = _read_csv(path)
+    all_rows = rows  # the class names are those of every list of the file
     if SPLIT_COLUMN in columns:
         wanted = SPLIT_NAMES.get(key, key)
         named = [(line, row) for line, row in rows if _split_name(path, line, row) == wanted]
@@ -238,7 +239,7 @@ def _load_csv(path: Path, base_dir: PathLike | None, key: str, class_names: Sequ
             "other lines. Fill them or delete those rows (a list without labels, e.g. images to segment, leaves every "
             "cell empty)."
         )
-    found = csv_class_names(path, base_dir)
+    found = _class_names(path, base, columns, all_rows)
     names = list(class_names) if class_names and found else found
     for line, row in rows:
         item: dict[str, Any] = {k: v for k, v in row.items() if k != "label"}
@@ -265,7 +266,13 @@ def csv_class_names(path: PathLike, base_dir: PathLike | None = None) -> list[st
     ``base_dir``, default the file's folder)."""
     path = _existing(path)
     base = Path(base_dir).expanduser() if base_dir is not None else path.parent
-    columns, rows = _read_csv(path)
+    return _class_names(path, base, *_read_csv(path))
+
+
+def _class_names(
+    path: Path, base: Path, columns: Sequence[str], rows: Sequence[tuple[int, Mapping[str, str]]]
+) -> list[str] | None:
+    """:func:`csv_class_names` of a file already read (:func:`_read_csv`)."""
     if "label" not in columns:
         return None
     cells = {row.get("label", "") for _, row in rows} - {""}

@@ -238,7 +238,7 @@ def _std(values: Sequence[float]) -> float:
 
 def _mean_std(values: Sequence[float], sign: str = "") -> str:
     """``"mean ± s.d."`` of ``values``, or only the mean for one value (whose spread is unknown, not zero)."""
-    spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+    spread = f" ± {_std(values):.4f}" if len(values) > 1 else ""
     return f"{statistics.mean(values):{sign}.4f}{spread}"
 
 
