@@ -578,13 +578,9 @@ def _print_duplicates(args: argparse.Namespace, lists: dict[str, list[dict]], na
 def _check_list(datalist: str, key: str, base_dir: str | None, class_names: Sequence[str] | None) -> list[dict]:
     """The ``key`` list of ``datalist`` (:func:`load_datalist`); the training cases of an nnU-Net v2 raw dataset,
     whose ``dataset.json`` lists none (:func:`~medkd.data.held_out.nnunet_training`)."""
-    from medkd.data.held_out import is_nnunet_raw, nnunet_training
+    from medkd.data.held_out import nnunet_raw, nnunet_training
 
-    try:
-        content = json.loads(Path(datalist).read_text()) if datalist.lower().endswith(".json") else None
-    except (OSError, ValueError):
-        content = None  # load_datalist names the problem
-    if key == "training" and is_nnunet_raw(content):
+    if key == "training" and (content := nnunet_raw(datalist)) is not None:
         return nnunet_training(Path(datalist).parent, content)
     return load_datalist(datalist, key=key, base_dir=base_dir, class_names=class_names)
 

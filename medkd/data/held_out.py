@@ -35,6 +35,7 @@ __all__ = [
     "SplitOptions",
     "lists_to_hold_out",
     "is_nnunet_raw",
+    "nnunet_raw",
     "nnunet_training",
     "bundle_datalists",
     "make_split",
@@ -150,6 +151,19 @@ def lists_to_hold_out(datalist_file: str | os.PathLike) -> list[str]:
     if not isinstance(data, dict) or not labelled(data.get("training")):
         return []
     return [key for key in HELD_OUT if not labelled(data.get(key))]
+
+
+def nnunet_raw(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The content of ``path`` where it is the ``dataset.json`` of an nnU-Net v2 raw dataset (:func:`is_nnunet_raw`),
+    else ``None``, also for a file that cannot be read (the datalist loaders name that)."""
+    path = Path(path)
+    if path.suffix.lower() != ".json":
+        return None
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return content if is_nnunet_raw(content) else None
 
 
 def is_nnunet_raw(data: Any) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +50,11 @@ def _datalists(datalist: Path, dataset_dir: Path, task: str | None) -> str | dic
     if not missing:
         return str(datalist)
     from medkd.data.checks import infer_task
-    from medkd.data.held_out import is_nnunet_raw
+    from medkd.data.held_out import nnunet_raw
     from medkd.data.loading import load_datalist
 
     if task is None:  # an nnU-Net raw dataset lists no cases: its labels are label maps
-        raw = datalist.suffix.lower() == ".json" and is_nnunet_raw(json.loads(datalist.read_text()))
-        task = "segmentation" if raw else infer_task(load_datalist(datalist))
+        task = "segmentation" if nnunet_raw(datalist) is not None else infer_task(load_datalist(datalist))
     datalists = bundle_datalists(datalist, dataset_dir / SPLIT_FILE, task=task)
     print(f"{datalist} lacks {' and '.join(missing)}: the lists are in {datalists['training']}")
     return datalists
