@@ -104,7 +104,7 @@ def test_compare_writes_csv_table_and_plot(tmp_path):
 
 
 def test_readme_routes_example_builds_on_the_bundle_networks():
-    block = re.search(r'```json\n"routes": (\[.*?\n\])\n```', (REPO / "README.md").read_text(), re.S).group(1)
+    block = re.search(r'```json\n"routes": (\[.*?\n\])\n```', (REPO / "docs" / "guide.md").read_text(), re.S).group(1)
     routes = parse_routes(json.loads(block), ["sp", "sf"])
     config = stage_config(BUNDLES / "segmentation_2d", "train", {"class_names": ["background", "a", "b"]})
     nets = {}
