@@ -195,6 +195,13 @@ class RouteKind(nn.Module):
         """Check (and normalise) the values of the options; raise :class:`ConfigError` naming the bad one."""
         return options
 
+    @classmethod
+    def role(cls, options: Mapping[str, Any]) -> str:
+        """``"prediction"`` when a route of this kind with ``options`` (as given) compares the networks' predictions,
+        ``"feature"`` otherwise (the default): it says which named weight the route takes when it has no weight of
+        its own (:func:`medkd.knowledge.routes.weight_key`)."""
+        return "feature"
+
     def layers(self, defaults: LayerDefaults) -> dict[str, list[str]]:
         """The layers this route reads, by network name (none by default). Called once, before :meth:`build`;
         ``defaults(network)`` gives the network's ``feature_layers`` or default layer (``None`` when unknown),
@@ -291,6 +298,10 @@ class PredictionKind(RouteKind):
         options["temperature"] = number(options["temperature"], f"the temperature of route {route}", positive=True)
         options["class_weights"] = _class_weights(options["class_weights"], route)
         return options
+
+    @classmethod
+    def role(cls, options: Mapping[str, Any]) -> str:
+        return "prediction"
 
     def __init__(self, route: Route) -> None:
         super().__init__(route)
