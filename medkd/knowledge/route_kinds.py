@@ -360,10 +360,10 @@ class LayerPairsKind(RouteKind):
     target's: the term is the mean over the pairs of :meth:`pair_loss`.
 
     Option ``layers``: ``[[source_layer, target_layer], ...]`` module names; ``"multi"`` (encoder, bottleneck and
-    decoder layers at the resolutions both networks have), ``"encoder"`` (encoder and bottleneck) or
-    ``"decoder"``, found by :func:`medkd.knowledge.features.feature_depths` and paired by
-    :func:`medkd.knowledge.features.match_depths`; default (``None``): each network's ``feature_layers``, or its default
-    layer (the bottleneck), paired in order.
+    decoder layers at the resolutions both networks have), ``"encoder"`` (encoder and bottleneck), ``"decoder"``
+    or ``"last_decoder"`` (the finest decoder layer both have, just before the output head), found by
+    :func:`medkd.knowledge.features.feature_depths` and paired by :func:`medkd.knowledge.features.match_depths`;
+    default (``None``): each network's ``feature_layers``, or its default layer (the bottleneck), paired in order.
     """
 
     options = {"layers": None}

@@ -72,12 +72,12 @@ class Route:
         weight: multiplier of the term in the target's loss.
         warmup_epochs: the weight ramps linearly from 0 over the first ``warmup_epochs`` epochs
             (:meth:`weight_at`); 0 (the default) is off.
-        temperature: softmax temperature of a prediction route (default 4) or a region route (default 1).
-        layers: for a route that reads feature maps (feature, attention, affinity, region), ``[[source_layer,
-            target_layer], ...]`` module names, or ``"multi"``, ``"encoder"``, ``"decoder"`` (layers at several
-            depths, :func:`medkd.knowledge.features.feature_depths`); ``None`` pairs the networks' ``feature_layers``
-            (or
-            default layers) in order.
+        temperature: softmax temperature of a prediction or channel route (default 4) or a region or dist route
+            (default 1).
+        layers: for a route that reads feature maps (feature, attention, affinity, region, channel), ``[[source_layer,
+            target_layer], ...]`` module names, or ``"multi"``, ``"encoder"``, ``"decoder"``, ``"last_decoder"``
+            (layers at several depths, :func:`medkd.knowledge.features.feature_depths`); ``None`` pairs the networks'
+            ``feature_layers`` (or default layers) in order.
         mode: feature loss, ``"mse"`` (normalised hint, the default) or ``"attention"`` (attention transfer).
         options: options of a kind of one's own, beside those above.
 
