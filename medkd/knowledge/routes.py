@@ -41,6 +41,7 @@ __all__ = [
     "WEIGHTS",
     "weight_key",
     "TEACHER",
+    "TEMPERATURE_KINDS",
     "PRESETS",
     "ROUTE_KINDS",
     "Route",
@@ -182,11 +183,10 @@ def parse_routes(
 
     The named ``weights`` (:data:`WEIGHTS`, each 1 unless given) weight every route that does not set its own
     ``weight``, by its role (:func:`weight_key`), ``temperature`` applies to every prediction and channel route
-    (:data:`TEMPERATURE_KINDS`),
-    ``warmup_epochs`` to every route and ``hint_layers`` (``"multi"``, ``"encoder"``, ``"decoder"``; ``None``: the
-    bottleneck) to every feature route that does not set its own: so a bundle's ``kd_weight``, ``temperature``,
-    ``warmup_epochs`` or ``hint_layers`` still means something when its routes are listed. A preset dict's own
-    values take precedence over the arguments.
+    (:data:`TEMPERATURE_KINDS`), ``warmup_epochs`` to every route and ``hint_layers`` (``"multi"``, ``"encoder"``,
+    ``"decoder"``, ``"last_decoder"``; ``None``: the bottleneck) to every feature route that does not set its own:
+    so a bundle's ``kd_weight``, ``temperature``, ``warmup_epochs`` or ``hint_layers`` still means something when
+    its routes are listed. A preset dict's own values take precedence over the arguments.
     """
     named = _named_weights(weights)
     if isinstance(routes, Mapping):
@@ -260,7 +260,7 @@ def preset_routes(
         temperature: softmax temperature of every prediction and channel term (DIST keeps its own, 1).
         warmup_epochs: epochs over which every route's weight ramps up from 0 (:meth:`Route.weight_at`; 0: off).
         hint_layers: the layers of every feature route: ``None`` the bottleneck (or the networks' ``feature_layers``),
-            ``"multi"``, ``"encoder"`` or ``"decoder"`` layers at several depths (:attr:`Route.layers`); and of
+            ``"multi"``, ``"encoder"``, ``"decoder"`` or ``"last_decoder"`` (:attr:`Route.layers`); and of
             ``diversified_cwd``'s channel route on features (``None``: ``"last_decoder"``).
     """
     students = list(students)
