@@ -43,6 +43,7 @@ __all__ = [
     "TEACHER",
     "TEMPERATURE_KINDS",
     "PRESETS",
+    "PAPER_PRESETS",
     "ROUTE_KINDS",
     "Route",
     "RouteKind",
@@ -56,7 +57,8 @@ __all__ = [
 logger = logging.getLogger("medkd.knowledge.routes")
 
 TEACHER = "teacher"
-PRESETS = ("student", "kd", "fitnets", "dml", "kd_dml", "diversified", "cwd", "dist", "diversified_cwd")
+PAPER_PRESETS = ("student", "kd", "fitnets", "dml", "kd_dml", "diversified")  # the paper's methods, compared by default
+PRESETS = (*PAPER_PRESETS, "cwd", "dist", "diversified_cwd")
 _OPTION_FIELDS = ("temperature", "layers", "mode")  # kind options with a field of their own in Route
 TEMPERATURE_KINDS = ("prediction", "channel")  # the KL kinds the bundle's (or a preset's) temperature applies to
 
