@@ -20,7 +20,7 @@ from medkd.bundles import stage_config
 from medkd.data.synthetic import ensure_segmentation_data
 from medkd.errors import user_error
 from medkd.knowledge.features import FeatureExtractor, default_feature_layer
-from medkd.knowledge.routes import PRESETS, KnowledgeRoutes, parse_routes
+from medkd.knowledge.routes import PAPER_PRESETS, PRESETS, KnowledgeRoutes, parse_routes
 from medkd.tools.compare import _bundle_networks, claim_output, compare, compare_fingerprint, reads_teacher
 from medkd.tools.jobs import Job, JobPool, JobsFailed, run_jobs
 from medkd.validation import parse_value
@@ -56,11 +56,17 @@ def test_set_values_are_read_as_the_bundle_command_line_reads_them(text, value):
 def test_the_runs_that_read_the_teacher_are_those_of_its_routes_or_of_an_online_teacher_from_its_checkpoint():
     bundle, tiny = BUNDLES / "segmentation_2d", {**TINY["segmentation_2d"], "class_names": ["background", "a", "b"]}
     found = {preset: reads_teacher(bundle, {**tiny, "routes_preset": preset}) for preset in PRESETS}
-    assert found == {"student": False, "kd": True, "fitnets": True, "dml": False, "kd_dml": True, "diversified": True}
+    teacher_presets = ("kd", "fitnets", "kd_dml", "diversified", "cwd", "dist", "diversified_cwd")
+    assert found == {preset: preset in teacher_presets for preset in PRESETS}
     online = {**tiny, "routes_preset": "student", "teacher_mode": "online"}
     assert reads_teacher(bundle, {**online, "teacher_init": "checkpoint"})  # the online teacher starts from it
     assert not reads_teacher(bundle, online)  # an online teacher starts from scratch by default
     assert not reads_teacher(BUNDLES / "classification_2d", {"routes_preset": "dml", "class_names": ["a", "b"]})
+
+
+def test_compare_runs_the_papers_presets_unless_told_otherwise():
+    assert build_parser().parse_args(["compare", "bundles/x"]).presets.split(",") == list(PAPER_PRESETS)
+    assert set(PAPER_PRESETS) < set(PRESETS)  # the others (cwd, dist, ...) when named in --presets
 
 
 def test_compare_writes_csv_table_and_plot(tmp_path):

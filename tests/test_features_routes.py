@@ -55,12 +55,20 @@ def test_presets_build_the_documented_graphs(preset):
             ("sp", "sf", "feature"),
             ("sf", "sp", "feature"),
         },
+        "cwd": {("teacher", "sp", "channel"), ("teacher", "sf", "channel")},
+        "dist": {("teacher", "sp", "dist"), ("teacher", "sf", "dist")},
+        "diversified_cwd": {
+            ("teacher", "sp", "channel"),
+            ("teacher", "sf", "channel"),
+            ("sp", "sf", "prediction"),
+            ("sf", "sp", "prediction"),
+        },
     }
     expected["kd_dml"] = expected["kd"] | expected["dml"]
     assert edges == expected[preset]
     for r in routes:
         if r.source == "teacher":
-            assert r.weight == (0.5 if r.kind == "prediction" else 2.0)
+            assert r.weight == (0.5 if r.kind_class.role(r.options) == "prediction" else 2.0)
 
 
 def test_parse_routes_from_json_dicts_and_errors():

@@ -74,7 +74,7 @@ def test_attention_and_named_depths_need_no_adapter_and_errors_name_the_route():
     assert [k.pairs for k in kinds] == [[(UNET2[0], UNET2[0]), (UNET2[1], UNET2[1])], [(UNET2[2], UNET2[2])]]
     assert trainer.routes.parameters_of("sp") == [] and trainer.routes.parameters_of("sf") == []
     with pytest.raises(ConfigError, match=r"the layers of route sp/feature_from_teacher must be .* or one of "
-                       r"\['multi', 'encoder', 'decoder'\]"):  # fmt: skip
+                       r"\['multi', 'encoder', 'decoder', 'last_decoder'\]"):  # fmt: skip
         Route("teacher", "sp", "feature", layers="all")
     graph = KnowledgeRoutes([Route("teacher", "sp", "feature", layers="decoder")], ["sp"])
     classifier = DenseNet(2, 1, 2, init_features=8, growth_rate=4, block_config=(2, 2))

@@ -25,6 +25,7 @@ DEPTHS = {
     "multi": ("encoder", "bottleneck", "decoder"),
     "encoder": ("encoder", "bottleneck"),
     "decoder": ("decoder",),
+    "last_decoder": ("decoder",),  # only the finest decoder depth both networks have: the last before the output
 }  # the names a route's "layers" may give instead of module names, by the roles of the depths they take
 
 
@@ -243,8 +244,9 @@ def feature_depths(network: nn.Module, example_input: torch.Tensor) -> list[Dept
 
 def match_depths(source: Sequence[Depth], target: Sequence[Depth], which: str = "multi") -> list[tuple[str, str]]:
     """``[(source_layer, target_layer), ...]``: the depths of the roles ``which`` names (:data:`DEPTHS`: ``"multi"``
-    every depth, ``"encoder"`` the encoder's and the bottleneck, ``"decoder"`` the decoder's) paired by role and
-    resolution (the bottlenecks pair whatever their resolutions), in the source's order."""
+    every depth, ``"encoder"`` the encoder's and the bottleneck, ``"decoder"`` the decoder's, ``"last_decoder"`` the
+    finest of the decoder's, the layer just before the output head) paired by role and resolution (the bottlenecks
+    pair whatever their resolutions), in the source's order."""
     roles = DEPTHS[which]
     by_key = {(d.role, None if d.role == "bottleneck" else d.size): d for d in target}
     pairs = []
@@ -252,7 +254,7 @@ def match_depths(source: Sequence[Depth], target: Sequence[Depth], which: str = 
         match = by_key.get((d.role, None if d.role == "bottleneck" else d.size))
         if d.role in roles and match is not None:
             pairs.append((d.layer, match.layer))
-    return pairs
+    return pairs[-1:] if which == "last_decoder" else pairs  # decoder depths run coarsest first
 
 
 class FeatureExtractor:

@@ -1,4 +1,4 @@
-"""Distillation losses: prediction KL, feature hints and the per-sample normalisation they share.
+"""Distillation losses: prediction KL, feature hints, channel-wise KL, DIST and the helpers they share.
 
 Every loss works for classification logits ``(B, C)`` and segmentation logits ``(B, C, H, W[, D])``;
 segmentation terms are computed per pixel/voxel and averaged.
@@ -18,13 +18,18 @@ __all__ = [
     "AffinityDistillationLoss",
     "RegionPredictionLoss",
     "RegionFeatureLoss",
+    "ChannelWiseDistillationLoss",
+    "DISTLoss",
     "affinity_matrix",
+    "channel_adapter",
     "attention_map",
     "class_pixel_weights",
     "inverse_frequency",
     "label_indices",
     "normalize_per_sample",
+    "pearson_correlation",
     "region_means",
+    "resize_to",
 ]
 
 
@@ -142,9 +147,21 @@ def attention_map(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.pow(2).mean(dim=1).flatten(1), dim=1)
 
 
-def _conv_1x1(spatial_dims: int, in_channels: int, out_channels: int) -> nn.Module:
+def channel_adapter(dst_channels: int, src_channels: int, spatial_dims: int) -> nn.Module:
+    """A learnable 1x1(x1) convolution without bias mapping ``dst_channels`` onto ``src_channels`` (1, 2 or 3
+    ``spatial_dims``), or ``nn.Identity`` when they are equal."""
+    if dst_channels == src_channels:
+        return nn.Identity()
     conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[spatial_dims - 1]
-    return conv(in_channels, out_channels, kernel_size=1, bias=False)
+    return conv(dst_channels, src_channels, kernel_size=1, bias=False)
+
+
+def resize_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``(B, C, *spatial)`` resized (linear, bilinear or trilinear) to the spatial ``size``; ``x`` when it has it."""
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    mode = ("linear", "bilinear", "trilinear")[x.ndim - 3]
+    return F.interpolate(x, size=tuple(size), mode=mode, align_corners=False)
 
 
 class FeatureDistillationLoss(nn.Module):
@@ -176,18 +193,11 @@ class FeatureDistillationLoss(nn.Module):
         self.mode = mode
         self.normalize = normalize
         self.spatial_dims = spatial_dims
-        needs_adapter = mode == "mse" and dst_channels != src_channels
-        self.adapter = _conv_1x1(spatial_dims, dst_channels, src_channels) if needs_adapter else nn.Identity()
-
-    def _resize(self, x: torch.Tensor, size: torch.Size) -> torch.Tensor:
-        if x.shape[2:] == size:
-            return x
-        mode = ("linear", "bilinear", "trilinear")[self.spatial_dims - 1]
-        return F.interpolate(x, size=size, mode=mode, align_corners=False)
+        self.adapter = channel_adapter(dst_channels, src_channels, spatial_dims) if mode == "mse" else nn.Identity()
 
     def forward(self, dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
         src = src.detach().float()
-        dst = self._resize(self.adapter(dst).float(), src.shape[2:])
+        dst = resize_to(self.adapter(dst).float(), src.shape[2:])
         if self.mode == "attention":
             return (attention_map(dst) - attention_map(src)).pow(2).mean()
         if self.normalize:
@@ -351,3 +361,91 @@ class RegionFeatureLoss(nn.Module):
         relation_dst = affinity_matrix(proto_dst.transpose(1, 2))  # (B, K, K)
         relation_src = affinity_matrix(proto_src.transpose(1, 2))
         return ((relation_dst - relation_src).pow(2) * pairs).sum() / pairs.sum().clamp_min(1.0)
+
+
+class ChannelWiseDistillationLoss(nn.Module):
+    """Channel-wise distillation (Shu et al., ICCV 2021): each channel's map becomes a distribution over the spatial
+    positions, ``φ(y_c)(x) = softmax_x(y_c(x) / τ)``, and the destination matches the source's in every channel:
+    ``τ² / (B·C) · Σ_{b,c} KL(φ(y^src_{b,c}) ‖ φ(y^dst_{b,c}))``, the KL summed over the positions, averaged over
+    the channels and the batch. Where a pixel-wise KL weighs every pixel alike, this asks for the places each
+    channel (a class, for logits) responds most strongly.
+
+    Args:
+        temperature: softmax temperature ``τ`` (> 0).
+
+    Shapes:
+        - ``dst``, ``src``: ``(B, C, *spatial)``, one shape (logits, or a feature map through an adapter and
+          resized); the source detached here.
+        - output: scalar, ``>= 0``, zero when the maps are equal.
+    """
+
+    def __init__(self, temperature: float = 4.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        self.temperature = float(temperature)
+
+    def forward(self, dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        if dst.shape != src.shape or dst.ndim < 3:
+            raise ValueError(
+                f"channel-wise distillation needs maps (B, C, *spatial) of one shape, got destination "
+                f"{tuple(dst.shape)} and source {tuple(src.shape)}."
+            )
+        tau = self.temperature
+        log_p_dst = F.log_softmax(dst.float().flatten(2) / tau, dim=2)
+        log_p_src = F.log_softmax(src.detach().float().flatten(2) / tau, dim=2)
+        return _KLSum.apply(log_p_dst, log_p_src, log_p_src.exp(), tau * tau / (dst.shape[0] * dst.shape[1]))
+
+
+def pearson_correlation(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson correlation of each row of ``a`` with the same row of ``b``: the cosine similarity of the rows
+    centred on their means (``eps`` added to the product of norms, as in DIST). ``(N, K)``, ``(N, K)`` -> ``(N,)``;
+    a constant row gives 0."""
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+class DISTLoss(nn.Module):
+    """DIST (Huang et al., NeurIPS 2022, "Knowledge Distillation from A Stronger Teacher"): the destination matches
+    the source's class probabilities ``p = softmax(z / τ)`` up to a linear relation, by correlation rather than KL.
+    With the predictions as a matrix of samples by classes,
+
+    - inter-class relation: ``mean over samples i of 1 − Pearson(p_dst[i, :], p_src[i, :])``;
+    - intra-class relation: ``mean over classes c of 1 − Pearson(p_dst[:, c], p_src[:, c])``;
+    - loss ``τ² · (β · inter + γ · intra)``.
+
+    For segmentation every pixel (voxel) of the batch is a sample: inter over the ``C`` classes at each pixel,
+    intra per class over all the pixels of the batch.
+
+    Args:
+        temperature: softmax temperature ``τ`` (> 0); 1 in the authors' code and ImageNet setting.
+        beta: weight ``β`` of the inter-class term (>= 0).
+        gamma: weight ``γ`` of the intra-class term (>= 0).
+
+    Shapes:
+        - ``dst_logits``, ``src_logits``: ``(B, C)`` or ``(B, C, *spatial)``, one shape; the source detached here.
+        - output: scalar in ``[0, 2 τ² (β + γ)]``, (nearly) zero when the predictions are equal.
+    """
+
+    def __init__(self, temperature: float = 1.0, beta: float = 1.0, gamma: float = 1.0) -> None:
+        super().__init__()
+        if temperature <= 0 or beta < 0 or gamma < 0:
+            raise ValueError(f"DIST needs temperature > 0, beta >= 0, gamma >= 0; got {temperature}, {beta}, {gamma}.")
+        self.temperature, self.beta, self.gamma = float(temperature), float(beta), float(gamma)
+
+    def samples(self, logits: torch.Tensor) -> torch.Tensor:
+        """The probabilities ``softmax(z / τ)`` as a matrix ``(samples, C)``: one row per sample or pixel."""
+        p = F.softmax(logits.float() / self.temperature, dim=1)
+        return p.movedim(1, -1).reshape(-1, p.shape[1])
+
+    def forward(self, dst_logits: torch.Tensor, src_logits: torch.Tensor) -> torch.Tensor:
+        if dst_logits.shape != src_logits.shape:
+            raise ValueError(
+                f"DIST needs logits of one shape, got destination {tuple(dst_logits.shape)} and source "
+                f"{tuple(src_logits.shape)}: the networks must predict the same classes."
+            )
+        p_dst, p_src = self.samples(dst_logits), self.samples(src_logits.detach())
+        inter = 1.0 - pearson_correlation(p_dst, p_src).mean()
+        intra = 1.0 - pearson_correlation(p_dst.T, p_src.T).mean()
+        return self.temperature**2 * (self.beta * inter + self.gamma * intra)

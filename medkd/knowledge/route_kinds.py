@@ -195,6 +195,13 @@ class RouteKind(nn.Module):
         """Check (and normalise) the values of the options; raise :class:`ConfigError` naming the bad one."""
         return options
 
+    @classmethod
+    def role(cls, options: Mapping[str, Any]) -> str:
+        """``"prediction"`` when a route of this kind with ``options`` (as given) compares the networks' predictions,
+        ``"feature"`` otherwise (the default): it says which named weight the route takes when it has no weight of
+        its own (:func:`medkd.knowledge.routes.weight_key`)."""
+        return "feature"
+
     def layers(self, defaults: LayerDefaults) -> dict[str, list[str]]:
         """The layers this route reads, by network name (none by default). Called once, before :meth:`build`;
         ``defaults(network)`` gives the network's ``feature_layers`` or default layer (``None`` when unknown),
@@ -292,6 +299,10 @@ class PredictionKind(RouteKind):
         options["class_weights"] = _class_weights(options["class_weights"], route)
         return options
 
+    @classmethod
+    def role(cls, options: Mapping[str, Any]) -> str:
+        return "prediction"
+
     def __init__(self, route: Route) -> None:
         super().__init__(route)
         self.loss = PredictionDistillationLoss(route.temperature)
@@ -349,10 +360,10 @@ class LayerPairsKind(RouteKind):
     target's: the term is the mean over the pairs of :meth:`pair_loss`.
 
     Option ``layers``: ``[[source_layer, target_layer], ...]`` module names; ``"multi"`` (encoder, bottleneck and
-    decoder layers at the resolutions both networks have), ``"encoder"`` (encoder and bottleneck) or
-    ``"decoder"``, found by :func:`medkd.knowledge.features.feature_depths` and paired by
-    :func:`medkd.knowledge.features.match_depths`; default (``None``): each network's ``feature_layers``, or its default
-    layer (the bottleneck), paired in order.
+    decoder layers at the resolutions both networks have), ``"encoder"`` (encoder and bottleneck), ``"decoder"``
+    or ``"last_decoder"`` (the finest decoder layer both have, just before the output head), found by
+    :func:`medkd.knowledge.features.feature_depths` and paired by :func:`medkd.knowledge.features.match_depths`;
+    default (``None``): each network's ``feature_layers``, or its default layer (the bottleneck), paired in order.
     """
 
     options = {"layers": None}

@@ -3,12 +3,13 @@
 A route is ``{source, target, kind, weight, warmup_epochs, temperature, layers, mode}``: ``source`` teaches ``target``
 (each ``"teacher"`` or a student name) in the form its ``kind`` names: ``"prediction"`` (temperature-scaled KL),
 ``"feature"`` (hint loss with an adapter), ``"attention"`` (attention transfer), ``"affinity"`` (pairwise
-affinities of positions) or ``"region"`` (class-region statistics), each a class of
-:mod:`medkd.knowledge.route_kinds` found by name in a registry (:func:`register_kind`), or a class of one's own named by
-its
-dotted path. Any graph of routes over one teacher and N students is allowed; the presets (student alone, KD,
-FitNets, DML, KD+DML, diversified) are named graphs. :class:`KnowledgeRoutes` runs a graph: it chooses the layers,
-hooks the networks, builds the adapters from one probe forward and computes each student's weighted total.
+affinities of positions), ``"region"`` (class-region statistics), ``"channel"`` (channel-wise distillation) or
+``"dist"`` (DIST), each a class of :mod:`medkd.knowledge.route_kinds` or :mod:`medkd.knowledge.distribution_kinds`
+found by name in a registry (:func:`register_kind`), or a class of one's own named by its dotted path. Any graph of
+routes over one teacher and N students is allowed; the presets (student alone, KD, FitNets, DML, KD+DML,
+diversified, CWD, DIST, diversified with CWD) are named graphs. :class:`KnowledgeRoutes` runs a graph: it chooses
+the layers, hooks the networks, builds the adapters from one probe forward and computes each student's weighted
+total.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from medkd.errors import ConfigError
+from medkd.knowledge import distribution_kinds  # noqa: F401  (registers the channel and dist kinds)
 from medkd.knowledge.features import FeatureExtractor
 from medkd.knowledge.route_kinds import (
     ROUTE_KINDS,
@@ -39,7 +41,9 @@ __all__ = [
     "WEIGHTS",
     "weight_key",
     "TEACHER",
+    "TEMPERATURE_KINDS",
     "PRESETS",
+    "PAPER_PRESETS",
     "ROUTE_KINDS",
     "Route",
     "RouteKind",
@@ -53,8 +57,10 @@ __all__ = [
 logger = logging.getLogger("medkd.knowledge.routes")
 
 TEACHER = "teacher"
-PRESETS = ("student", "kd", "fitnets", "dml", "kd_dml", "diversified")
+PAPER_PRESETS = ("student", "kd", "fitnets", "dml", "kd_dml", "diversified")  # the paper's methods, compared by default
+PRESETS = (*PAPER_PRESETS, "cwd", "dist", "diversified_cwd")
 _OPTION_FIELDS = ("temperature", "layers", "mode")  # kind options with a field of their own in Route
+TEMPERATURE_KINDS = ("prediction", "channel")  # the KL kinds the bundle's (or a preset's) temperature applies to
 
 
 @dataclass
@@ -69,12 +75,12 @@ class Route:
         weight: multiplier of the term in the target's loss.
         warmup_epochs: the weight ramps linearly from 0 over the first ``warmup_epochs`` epochs
             (:meth:`weight_at`); 0 (the default) is off.
-        temperature: softmax temperature of a prediction route (default 4) or a region route (default 1).
-        layers: for a route that reads feature maps (feature, attention, affinity, region), ``[[source_layer,
-            target_layer], ...]`` module names, or ``"multi"``, ``"encoder"``, ``"decoder"`` (layers at several
-            depths, :func:`medkd.knowledge.features.feature_depths`); ``None`` pairs the networks' ``feature_layers``
-            (or
-            default layers) in order.
+        temperature: softmax temperature of a prediction or channel route (default 4) or a region or dist route
+            (default 1).
+        layers: for a route that reads feature maps (feature, attention, affinity, region, channel), ``[[source_layer,
+            target_layer], ...]`` module names, or ``"multi"``, ``"encoder"``, ``"decoder"``, ``"last_decoder"``
+            (layers at several depths, :func:`medkd.knowledge.features.feature_depths`); ``None`` pairs the networks'
+            ``feature_layers`` (or default layers) in order.
         mode: feature loss, ``"mse"`` (normalised hint, the default) or ``"attention"`` (attention transfer).
         options: options of a kind of one's own, beside those above.
 
@@ -147,11 +153,12 @@ WEIGHTS = {
 }  # the named loss weights (α, β, γ, δ of the paper), by the routes they weight
 
 
-def weight_key(source: str, kind: str) -> str:
-    """The named weight (:data:`WEIGHTS`) of a route from ``source`` of ``kind``: ``kd_weight`` or ``hint_weight``
-    from the teacher, ``peer_prediction_weight`` or ``peer_feature_weight`` from a student (prediction routes, or
-    any other kind: features, attention, a kind of one's own)."""
-    prediction = kind == "prediction"
+def weight_key(source: str, kind: str | type[RouteKind], options: Mapping[str, Any] | None = None) -> str:
+    """The named weight (:data:`WEIGHTS`) of a route from ``source`` of ``kind`` with ``options``: ``kd_weight`` or
+    ``hint_weight`` from the teacher, ``peer_prediction_weight`` or ``peer_feature_weight`` from a student, as the
+    kind's :meth:`RouteKind.role` says: prediction-like (``prediction``, ``dist``, ``channel`` on predictions), or
+    any other (features, attention, affinity, region, a kind of one's own by default)."""
+    prediction = resolve_kind(kind, f"a route from {source}")[1].role(options or {}) == "prediction"
     if source == TEACHER:
         return "kd_weight" if prediction else "hint_weight"
     return "peer_prediction_weight" if prediction else "peer_feature_weight"
@@ -177,11 +184,11 @@ def parse_routes(
     "hint_layers": "multi"}`` dict, or a list of :class:`Route` or dicts (as written in bundle JSON).
 
     The named ``weights`` (:data:`WEIGHTS`, each 1 unless given) weight every route that does not set its own
-    ``weight``, by its role (:func:`weight_key`), ``temperature`` applies to every prediction route,
-    ``warmup_epochs`` to every route and ``hint_layers`` (``"multi"``, ``"encoder"``, ``"decoder"``; ``None``: the
-    bottleneck) to every feature route that does not set its own: so a bundle's ``kd_weight``, ``temperature``,
-    ``warmup_epochs`` or ``hint_layers`` still means something when its routes are listed. A preset dict's own
-    values take precedence over the arguments.
+    ``weight``, by its role (:func:`weight_key`), ``temperature`` applies to every prediction and channel route
+    (:data:`TEMPERATURE_KINDS`), ``warmup_epochs`` to every route and ``hint_layers`` (``"multi"``, ``"encoder"``,
+    ``"decoder"``, ``"last_decoder"``; ``None``: the bottleneck) to every feature route that does not set its own:
+    so a bundle's ``kd_weight``, ``temperature``, ``warmup_epochs`` or ``hint_layers`` still means something when
+    its routes are listed. A preset dict's own values take precedence over the arguments.
     """
     named = _named_weights(weights)
     if isinstance(routes, Mapping):
@@ -207,7 +214,8 @@ def parse_routes(
     parsed = []
     for route in routes:
         if isinstance(route, Mapping) and {"source", "kind"} <= set(route):
-            key = weight_key(route["source"], str(route["kind"]))
+            kind, cls = resolve_kind(route["kind"], f"route {route['source']} -> {route.get('target')}")
+            key = weight_key(route["source"], cls, route)
             if "weight" not in route and named[key] == 0:
                 logger.warning(
                     "the route %s → %s (%s) has no weight of its own and takes %s, which is 0: it does nothing. "
@@ -215,11 +223,11 @@ def parse_routes(
                     route["source"], route.get("target"), route["kind"], key, key,
                 )  # fmt: skip
             route = {"weight": named[key], **route}
-            if route["kind"] == "prediction" and temperature is not None:
+            if kind in TEMPERATURE_KINDS and temperature is not None:
                 route.setdefault("temperature", temperature)
             if warmup_epochs is not None:
                 route.setdefault("warmup_epochs", warmup_epochs)
-            if route["kind"] == "feature" and hint_layers is not None:
+            if kind == "feature" and hint_layers is not None:
                 route.setdefault("layers", hint_layers)
         parsed.append(route if isinstance(route, Route) else Route.from_dict(route))
     return parsed
@@ -242,16 +250,20 @@ def preset_routes(
         preset: one of ``student`` (supervised only), ``kd`` (teacher predictions to every student), ``fitnets``
             (teacher features to every student), ``dml`` (students exchange predictions, no teacher), ``kd_dml``,
             ``diversified`` (teacher predictions to the first student, teacher features to the second, students
-            exchange predictions and features).
-        students: student names; ``diversified`` needs exactly two (prediction student first).
+            exchange predictions and features); ``cwd`` (teacher to every student, channel-wise on the predictions),
+            ``dist`` (teacher to every student, DIST), ``diversified_cwd`` (teacher to the first student
+            channel-wise on the predictions, teacher to the second channel-wise on the feature maps of the decoder
+            layer just before the output, students exchange predictions).
+        students: student names; ``diversified`` and ``diversified_cwd`` need exactly two (prediction student first).
         kd_weight: weight of teacher → student prediction terms (α).
         hint_weight: weight of teacher → student feature terms (β).
         peer_prediction_weight: weight of peer prediction terms (γ).
         peer_feature_weight: weight of peer feature terms (δ).
-        temperature: softmax temperature of every prediction term.
+        temperature: softmax temperature of every prediction and channel term (DIST keeps its own, 1).
         warmup_epochs: epochs over which every route's weight ramps up from 0 (:meth:`Route.weight_at`; 0: off).
         hint_layers: the layers of every feature route: ``None`` the bottleneck (or the networks' ``feature_layers``),
-            ``"multi"``, ``"encoder"`` or ``"decoder"`` layers at several depths (:attr:`Route.layers`).
+            ``"multi"``, ``"encoder"``, ``"decoder"`` or ``"last_decoder"`` (:attr:`Route.layers`); and of
+            ``diversified_cwd``'s channel route on features (``None``: ``"last_decoder"``).
     """
     students = list(students)
     w = _named_weights(
@@ -275,9 +287,9 @@ def preset_routes(
         return preset_routes("kd", students, **w, temperature=temperature, warmup_epochs=warmup_epochs) + (
             preset_routes("dml", students, **w, temperature=temperature, warmup_epochs=warmup_epochs)
         )  # no feature routes: hint_layers does not apply
+    if preset in ("diversified", "diversified_cwd") and len(students) != 2:
+        raise ConfigError(f"the {preset} preset needs exactly two students, got {students}.")
     if preset == "diversified":
-        if len(students) != 2:
-            raise ConfigError(f"the diversified preset needs exactly two students, got {students}.")
         sp, sf = students
         return [
             Route(TEACHER, sp, weight=w["kd_weight"], **pred),
@@ -286,6 +298,33 @@ def preset_routes(
             Route(sp, sf, weight=w["peer_prediction_weight"], **pred),
             Route(sf, sp, weight=w["peer_feature_weight"], **feat),
             Route(sp, sf, weight=w["peer_feature_weight"], **feat),
+        ]
+    return _distribution_presets(preset, students, w, temperature, warmup_epochs, hint_layers)
+
+
+def _distribution_presets(
+    preset: str,
+    students: list[str],
+    w: Mapping[str, float],
+    temperature: float,
+    warmup_epochs: int,
+    hint_layers: str | None,
+) -> list[Route]:
+    """The presets of the ``channel`` and ``dist`` kinds (:func:`preset_routes`, whose arguments these are)."""
+    channel = dict(kind="channel", temperature=temperature, warmup_epochs=warmup_epochs)
+    if preset == "cwd":
+        return [Route(TEACHER, s, weight=w["kd_weight"], **channel) for s in students]
+    if preset == "dist":
+        return [Route(TEACHER, s, kind="dist", weight=w["kd_weight"], warmup_epochs=warmup_epochs) for s in students]
+    if preset == "diversified_cwd":
+        sp, sf = students
+        pred = dict(kind="prediction", temperature=temperature, warmup_epochs=warmup_epochs)
+        features = dict(layers=hint_layers or "last_decoder", options={"signal": "features"})
+        return [
+            Route(TEACHER, sp, weight=w["kd_weight"], **channel),
+            Route(TEACHER, sf, weight=w["hint_weight"], **channel, **features),
+            Route(sf, sp, weight=w["peer_prediction_weight"], **pred),
+            Route(sp, sf, weight=w["peer_prediction_weight"], **pred),
         ]
     raise ConfigError(f"unknown routes preset {preset!r}; choose one of {', '.join(PRESETS)}.")
 

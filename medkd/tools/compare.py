@@ -61,7 +61,7 @@ from medkd.bundles import (
     stage_workflow,
 )
 from medkd.errors import ConfigError
-from medkd.knowledge.routes import PRESETS, TEACHER
+from medkd.knowledge.routes import PAPER_PRESETS, PRESETS, TEACHER
 from medkd.knowledge.teacher import teacher_is_read
 from medkd.tools.jobs import Job, JobPool, JobsFailed, threads_per_job, visible_gpus
 from medkd.tools.report import inference_ms, write_comparison
@@ -180,7 +180,7 @@ def claim_output(output: str | Path, fingerprint: Mapping[str, Any], fresh: bool
 
 def compare(
     bundle: str | Path,
-    presets: Sequence[str] = PRESETS,
+    presets: Sequence[str] = PAPER_PRESETS,
     seeds: Sequence[int] = (0, 1, 2),
     output: str | Path = "results",
     max_epochs: int | None = None,
@@ -194,7 +194,8 @@ def compare(
 
     Args:
         bundle: bundle folder.
-        presets: routes presets to compare (see :data:`medkd.knowledge.routes.PRESETS`).
+        presets: routes presets to compare (see :data:`medkd.knowledge.routes.PRESETS`; default the paper's six,
+            :data:`medkd.knowledge.routes.PAPER_PRESETS`).
         seeds: random seeds; each preset is trained once per seed.
         output: folder of every run, of ``results.csv``, ``results.md`` and ``comparison.png``.
         max_epochs: distillation epochs (default: the bundle's).
@@ -331,7 +332,11 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("bundle", help="bundle folder, e.g. bundles/segmentation_2d")
-    p.add_argument("--presets", default=",".join(PRESETS), help=f"comma-separated presets (default: all: {PRESETS})")
+    p.add_argument(
+        "--presets",
+        default=",".join(PAPER_PRESETS),
+        help=f"comma-separated presets of {PRESETS} (default: the paper's six, {','.join(PAPER_PRESETS)})",
+    )
     p.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default 3)")
     p.add_argument("--output", default="results", help="output folder (default ./results)")
     p.add_argument("--max-epochs", type=int, default=None, help="distillation epochs (default: the bundle's)")
