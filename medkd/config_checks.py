@@ -168,11 +168,11 @@ def check_override_values(config_files: Sequence[str | os.PathLike], overrides: 
             raise ConfigError(f"--{key} {value!r} {problem}.")
 
 
-def check_targets(config: Any, where: str = "") -> None:
+def check_targets(config: Any) -> None:
     """Raise :class:`ConfigError` for a ``"_target_"`` that names no class or function MONAI or Python can import,
     naming the key and the nearest name MONAI knows."""
     locator = ComponentLocator()
-    for key, target in _strings(config, where):
+    for key, target in _strings(config):
         if not key.endswith("_target_") or target[:1] in ("$", "@", "%"):
             continue
         if locator.get_component_module_name(target) is not None or locate(target) is not None:
