@@ -30,6 +30,10 @@ __all__ = [
     "run_command",
     "checkpoint_file",
     "run_folders",
+    "SHARED_KEYS",
+    "STAGE_KEYS",
+    "OWN_KEYS",
+    "known_keys",
 ]
 
 # a bundle's metadata and logging configuration, in its configs folder
@@ -73,6 +77,65 @@ RESULTS_CSV = "results.csv"
 COMPARISON_PNG = "comparison.png"
 COMPARE_FINGERPRINT = "fingerprint.json"
 COMPARE_LOG = "compare.log"
+
+# the top-level keys of the bundles as shipped (tests/test_bundle_keys.py keeps them equal to the configs): the keys
+# every bundle defines in every stage, for the same thing (see docs/architecture.md#bundle-keys), ...
+SHARED_KEYS = frozenset({
+    # folders and data
+    "imports", "bundle_root", "ckpt_dir", "output_dir", "log_dir", "dataset_dir", "datalist_file", "split_file",
+    "split_options", "datalists", "default_data", "make_default_data", "allow_missing_classes", "allow_leakage",
+    "check_data", "check_lengths", "check_settings", "class_names", "num_classes",
+    # planned settings
+    "spatial_dims", "axcodes", "auto_plan", "plan_file", "plan_options", "default_plan", "plan", "plan_used",
+    "show_plan", "in_channels", "patch_size", "batch_size", "max_epochs", "iterations_per_epoch", "val_interval",
+    "normalization", "flip_axes", "rot90_axes", "rotate_degrees", "scale_range", "intensity_augmentation",
+    # run
+    "num_workers", "learning_rate", "seed", "amp", "amp_kwargs", "compile", "compile_kwargs", "channels_last",
+    "data_on_device", "keep_freed_memory", "device", "is_not_rank0", "resume", "nan_policy", "resume_file",
+    "history_file", "settings_file",
+    # networks and knowledge
+    "teacher_def", "student_def", "teacher", "students", "train_students", "teacher_ckpt", "routes_preset",
+    "kd_weight", "hint_weight", "peer_prediction_weight", "peer_feature_weight", "temperature", "routes",
+    "route_graph", "feature_layers", "loss", "optimizer", "optimizers", "warmup_epochs", "hint_layers",
+    "lr_decay_power", "teacher_mode", "teacher_init", "teacher_optimizer", "train_teacher", "ensemble",
+    # transforms and engines
+    "load_keys", "load", "augment", "inferer", "input_settings", "fingerprint", "best_checkpoints",
+    "resume_checkpoint", "train", "validate", "initialize", "run",
+})  # fmt: skip
+# ... the keys a stage file adds, ...
+STAGE_KEYS = {
+    "train": frozenset(),
+    "train_teacher": frozenset({"teacher_train_network"}),
+    "evaluate": frozenset({
+        "networks", "ensemble_members", "scored_networks", "test_datalist", "dataset", "dataloader", "handlers",
+        "evaluator",
+    }),
+    "inference": frozenset({
+        "network_name", "input_dir", "input_pattern", "network", "infer_datalist", "preprocessing", "dataset",
+        "dataloader", "postprocessing", "handlers", "evaluator",
+    }),
+    "multi_gpu_train": frozenset({"backend", "finalize", "teacher_train_network"}),
+}  # fmt: skip
+# ... and what only one task has: the segmentation bundles resample, crop patches, slide windows over U-Nets and map
+# label values to classes; the classification bundle knows lateral findings and balances classes; the 3D bundle
+# samples several patches per volume
+_SEGMENTATION_KEYS = frozenset({
+    "pixdim", "interp_modes", "crop", "strides", "teacher_channels", "compression", "student_channels",
+    "sw_overlap", "sw_batch_size", "label_values", "map_labels",
+})  # fmt: skip
+OWN_KEYS = {
+    "segmentation_2d": _SEGMENTATION_KEYS,
+    "segmentation_3d": _SEGMENTATION_KEYS | {"base_configs", "samples_per_volume"},
+    "classification_2d": frozenset({"shared_configs", "lateral", "balanced_sampling"}),
+    "classification_3d": frozenset({"shared_configs", "lateral", "balanced_sampling", "base_configs"}),
+}
+
+
+def known_keys() -> frozenset[str]:
+    """Every top-level key of a shipped bundle, in any stage (a key of a config file that is none of these and that
+    nothing refers to is a typo: :func:`medkd.config_checks.check_config_keys`)."""
+    return SHARED_KEYS.union(*STAGE_KEYS.values(), *OWN_KEYS.values())
+
 
 STAGES = ("train_teacher", "train", "evaluate", "inference", "multi_gpu_train")
 # how a user starts a stage from the bundle folder; the multi-GPU stage is started by torchrun (here on 2 GPUs)

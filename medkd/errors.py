@@ -3,12 +3,15 @@
 Every error medkd raises about its input (data, checkpoints, configuration) derives from :class:`MedkdError` and
 says which file or key is wrong, what is wrong and what to do. MONAI's config parser wraps such an error in
 ``RuntimeError: Failed to evaluate ConfigExpression ...``; :func:`user_error` finds it again in the exception chain,
-and :func:`install_excepthook` (called first in every bundle stage's ``initialize``) prints just its message.
+and :func:`install_excepthook` (called first in every bundle stage's ``initialize``, and by ``python -m medkd``)
+prints just its message (naming the file of a JSON syntax error MONAI met reading a config file).
 """
 
 from __future__ import annotations
 
+import json
 import sys
+import traceback
 from types import TracebackType
 
 __all__ = ["MedkdError", "ConfigError", "user_error", "install_excepthook", "UserErrorsFirst"]
@@ -33,8 +36,21 @@ def user_error(error: BaseException | None) -> MedkdError | None:
     return None
 
 
+def config_file_error(error: BaseException, tb: TracebackType | None) -> MedkdError | None:
+    """A JSON syntax ``error`` that MONAI met reading a config file (``ConfigParser.load_config_file``, whose
+    ``filepath`` the traceback ``tb`` holds) as a :class:`ConfigError` naming the file, or ``None``."""
+    if not isinstance(error, json.JSONDecodeError):
+        return None
+    for frame, _ in traceback.walk_tb(tb):
+        if frame.f_code.co_name == "load_config_file" and "filepath" in frame.f_locals:
+            from medkd.config_checks import json_error
+
+            return json_error(frame.f_locals["filepath"], error)
+    return None
+
+
 def _excepthook(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
-    found = user_error(error)
+    found = user_error(error) or config_file_error(error, tb)
     if found is None:
         sys.__excepthook__(kind, error, tb)
         return

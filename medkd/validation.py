@@ -110,8 +110,10 @@ def parse_value(text: str) -> Any:
 
 
 def command_line_overrides(argv: Sequence[str]) -> dict[str, Any]:
-    """``--key value`` / ``--key=value`` / ``--flag`` pairs of a ``monai.bundle run`` command line (as fire reads
-    them: hyphens in keys become underscores)."""
+    """``--key value`` / ``--key=value`` / ``--flag`` pairs of a ``monai.bundle run`` command line, read as fire reads
+    them (hyphens in keys become underscores; ``True`` is a boolean, ``false`` the text ``"false"``)."""
+    from fire.parser import DefaultParseValue
+
     found: dict[str, Any] = {}
     i = 0
     while i < len(argv):
@@ -125,26 +127,34 @@ def command_line_overrides(argv: Sequence[str]) -> dict[str, Any]:
                 text, i = argv[i], i + 1
             else:
                 text = "True"
-        found[key.replace("-", "_")] = parse_value(text)
+        found[key.replace("-", "_")] = DefaultParseValue(text)
     return found
 
 
 def check_command_line(argv: Sequence[str] | None = None) -> None:
-    """Under ``python -m monai.bundle run`` (or ``torchrun -m monai.bundle run``), check the command line's override
-    keys, and those of its ``--args_file``, against its ``--config_file`` list (:func:`check_overrides`), and that
-    a ``--datalist_file`` comes with its ``--dataset_dir``; a no-op in any other program (e.g. a ``ConfigWorkflow``
+    """Under ``python -m monai.bundle run`` (or ``torchrun -m monai.bundle run``), check the bundle's config as a
+    whole before any work: the keys of its ``--config_file`` list and of its ``--args_file``
+    (:func:`medkd.config_checks.check_config_keys`), the ``_target_`` classes, the command line's override keys
+    (:func:`check_overrides`) and values (:func:`medkd.config_checks.check_override_values`), and that a
+    ``--datalist_file`` comes with its ``--dataset_dir``; a no-op in any other program (e.g. a ``ConfigWorkflow``
     built in Python, whose caller checks its own overrides)."""
+    from medkd import config_checks
+
     argv = list(sys.argv if argv is None else argv)
     if not argv or Path(argv[0]).parts[-3:] != ("monai", "bundle", "__main__.py"):
         return
     overrides = command_line_overrides(argv[1:])
     if "args_file" in overrides:
-        overrides = {**ConfigParser.load_config_file(str(overrides["args_file"])), **overrides}
+        overrides = {**config_checks.read_config_file(str(overrides["args_file"])), **overrides}
     config_files = overrides.get("config_file")
     if config_files is None:
         return
     files = [config_files] if isinstance(config_files, str) else list(config_files)
+    settings = {key: value for key, value in overrides.items() if key not in RUN_ARGUMENTS}
+    config_checks.check_config_keys(files, settings)
     check_overrides(files, overrides)
+    config_checks.check_override_values(files, settings)
+    config_checks.check_targets(ConfigParser.load_config_files(files))
     if "datalist_file" in overrides and "dataset_dir" not in overrides:
         folder = Path(str(overrides["datalist_file"])).expanduser().parent
         raise ConfigError(

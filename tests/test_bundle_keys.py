@@ -13,54 +13,7 @@ from medkd.bundles import run_folders, stage_config
 from medkd.errors import ConfigError
 from medkd.validation import RENAMED, check_overrides
 
-# keys every bundle defines in every stage, for the same thing (see docs/architecture.md#bundle-keys)
-SHARED = {
-    # folders and data
-    "imports", "bundle_root", "ckpt_dir", "output_dir", "log_dir", "dataset_dir", "datalist_file", "split_file",
-    "split_options", "datalists", "default_data", "make_default_data", "allow_missing_classes", "allow_leakage",
-    "check_data", "check_settings", "class_names", "num_classes",
-    # planned settings
-    "spatial_dims", "axcodes", "auto_plan", "plan_file", "plan_options", "default_plan", "plan", "plan_used",
-    "show_plan", "in_channels", "patch_size", "batch_size", "max_epochs", "iterations_per_epoch", "val_interval",
-    "normalization", "flip_axes", "rot90_axes", "rotate_degrees", "scale_range", "intensity_augmentation",
-    # run
-    "num_workers", "learning_rate", "seed", "amp", "amp_kwargs", "compile", "compile_kwargs", "channels_last",
-    "data_on_device", "keep_freed_memory", "device", "is_not_rank0", "resume", "nan_policy", "resume_file",
-    "history_file", "settings_file",
-    # networks and knowledge
-    "teacher_def", "student_def", "teacher", "students", "train_students", "teacher_ckpt", "routes_preset",
-    "kd_weight", "hint_weight", "peer_prediction_weight", "peer_feature_weight", "temperature", "routes",
-    "route_graph", "feature_layers", "loss", "optimizer", "optimizers", "warmup_epochs", "hint_layers",
-    "lr_decay_power", "teacher_mode", "teacher_init", "teacher_optimizer", "train_teacher", "ensemble",
-    # transforms and engines
-    "load_keys", "load", "augment", "inferer", "input_settings", "fingerprint", "best_checkpoints",
-    "resume_checkpoint", "train", "validate", "initialize", "run",
-}  # fmt: skip
-STAGE_KEYS = {
-    "train": set(),
-    "train_teacher": {"teacher_train_network"},
-    "evaluate": {
-        "networks", "ensemble_members", "scored_networks", "test_datalist", "dataset", "dataloader", "handlers",
-        "evaluator",
-    },
-    "inference": {
-        "network_name", "input_dir", "input_pattern", "network", "infer_datalist", "preprocessing", "dataset",
-        "dataloader", "postprocessing", "handlers", "evaluator",
-    },
-}  # fmt: skip
-# what only one task has: the segmentation bundles resample, crop patches, slide windows over U-Nets and map label
-# values to classes; the classification bundle knows lateral findings and balances classes; the 3D bundle samples
-# several patches per volume
-SEGMENTATION = {
-    "pixdim", "interp_modes", "crop", "strides", "teacher_channels", "compression", "student_channels",
-    "sw_overlap", "sw_batch_size", "label_values", "map_labels",
-}  # fmt: skip
-OWN = {
-    "segmentation_2d": SEGMENTATION,
-    "segmentation_3d": SEGMENTATION | {"base_configs", "samples_per_volume"},
-    "classification_2d": {"shared_configs", "lateral", "balanced_sampling"},
-    "classification_3d": {"shared_configs", "lateral", "balanced_sampling", "base_configs"},
-}
+SHARED, STAGE_KEYS, OWN = bundles.SHARED_KEYS, bundles.STAGE_KEYS, bundles.OWN_KEYS
 
 
 def top_level_keys(bundle: str, stage: str) -> set[str]:

@@ -234,7 +234,7 @@ def test_allow_missing_classes_in_validation_only(tmp_path, seg_items, caplog, c
     assert err.value.code == 1
     report = capsys.readouterr().err
     assert f"[validation] Data check failed: 1 problem(s) in {path}:" in report
-    assert "class 2 never appears in any label map" in report and "--allow_missing_classes true" in report
+    assert "class 2 never appears in any label map" in report and "--allow_missing_classes True" in report
     with caplog.at_level(logging.WARNING, logger="medkd.data.checks"):
         check_before_run(path, num_classes=3, allow_missing_classes=True)  # no exit
     assert f"{path} ['validation']: class 2 never appears in any label map; accepted (allow_missing_classes)" in (
@@ -363,7 +363,7 @@ def test_an_image_in_two_lists_stops_the_run_naming_them(tmp_path, seg_items, ca
         f"ERROR: [leakage] 3 image file(s) are in both the 'training' and the 'test' list: {shown}",
         f"ERROR: [leakage] 3 image file(s) are in both the 'validation' and the 'test' list: {shown}",
     ]
-    assert "--allow_leakage true runs anyway" in report[3]
+    assert "--allow_leakage True runs anyway" in report[3]
     same_file = str(tmp_path / "." / Path(seg_items[2]["image"]).name)  # another spelling of one path
     path = write_datalist(
         tmp_path, seg_items[:2], validation=[{**seg_items[2], "image": same_file}], test=seg_items[2:]

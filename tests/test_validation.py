@@ -165,7 +165,7 @@ def _assert_one_message(proc, *fragments):
     "stage, overrides, fragments",
     [
         ("train", {"temprature": 2}, ["--temprature (did you mean --temperature?)"]),
-        ("train", {"kd_weight": "abc"}, ["kd_weight (the weight of teacher → student prediction terms)", "'abc'"]),
+        ("train", {"kd_weight": "abc"}, ["--kd_weight 'abc' is not a number: give e.g. --kd_weight 1.0"]),
         ("train", {"patch_size": [30, 30]}, ["patch_size [30, 30] is not a multiple of [16, 16]"]),
     ],
 )

@@ -409,7 +409,7 @@ def check_before_run(
         errors.append(f"[{key}] {format_problems(problems, source)}")
         if key != "training" and any(p.kind == MISSING_CLASS for p in problems):
             errors.append(
-                f"[{key}] A class absent from a small {key} split can be accepted with --allow_missing_classes true "
+                f"[{key}] A class absent from a small {key} split can be accepted with --allow_missing_classes True "
                 "(see docs/data.md)."
             )
     if not errors and (leaks := shared_images(_with_other_lists(checked, datalists, base_dir, class_names), keys)):
@@ -426,7 +426,7 @@ def check_before_run(
 LEAKAGE_HINT = (
     "[leakage] A score on a list that shares images with the training list (or the validation list that picks the "
     "checkpoint) is optimistic. Keep each image in one list: fix the datalist, or delete the split file to split "
-    "again (see docs/data.md); --allow_leakage true runs anyway."
+    "again (see docs/data.md); --allow_leakage True runs anyway."
 )
 
 
