@@ -117,6 +117,17 @@ def _bundle_networks(bundle: Path, overrides: Mapping[str, Any]) -> tuple[dict[s
     return {k: v.cpu() for k, v in networks.items()}, shape
 
 
+def _earlier_runs(output: Path, runs: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
+    """The finished (evaluated) runs of earlier commands in ``output`` that are not among ``runs``: the comparison
+    covers them too (the folder's fingerprint says they were made with the same bundle, data and overrides)."""
+    found = []
+    for path in output.glob(f"*/seed*/{EVAL_DIR}/{RESULTS_JSON}"):
+        preset, seed = path.parts[-4], path.parts[-3].removeprefix("seed")
+        if preset in PRESETS and seed.isdigit() and (preset, int(seed)) not in runs:
+            found.append((preset, int(seed)))
+    return found
+
+
 def _curves(output: Path, runs: Sequence[tuple[str, int]]) -> dict[tuple[str, int], Path]:
     """The students' validation history of each run that wrote one."""
     paths = {run: _run_dir(output, *run) / EVAL_DIR / STUDENTS_HISTORY for run in runs}
@@ -272,13 +283,19 @@ def compare(
             "the teacher took %.1f s, the %d runs ended %.1f s after it (%d at a time)",
             teacher_s, len(todo), time.perf_counter() - start - teacher_s, jobs,
         )  # fmt: skip
-        rows += [{**r, "preset": preset, "seed": seed} for preset, seed in runs for r in results[(preset, seed)]]
+    if earlier := _earlier_runs(output, runs):
+        listed = ", ".join(f"{preset} seed {seed}" for preset, seed in sorted(earlier))
+        logger.info("the results also cover %d earlier finished runs in %s: %s", len(earlier), output, listed)
+        results.update({run: _results(_run_dir(output, *run)) for run in earlier})
+    runs = sorted([*runs, *earlier], key=lambda run: (run[1], PRESETS.index(run[0])))
+    rows += [{**r, "preset": preset, "seed": seed} for preset, seed in runs for r in results[(preset, seed)]]
     networks, shape = _bundle_networks(bundle, common)
     ms = inference_ms(networks, shape)
     ms[ENSEMBLE] = sum(ms[name] for name in ensemble_members(networks))  # each student runs once
     for row in rows:
         row["ms_per_image"] = ms[row["network"]]
-    write_comparison(rows, _curves(output, runs), output)
+    evals = {run: _run_dir(output, *run) / EVAL_DIR for run in runs}
+    write_comparison(rows, _curves(output, runs), output, evals)
     return rows
 
 
