@@ -106,7 +106,7 @@ def _probability_columns(columns: Sequence[str], network: str, networks: Sequenc
     blocks = [probabilities[i : i + classes] for i in range(0, len(probabilities), max(classes, 1))]
     for block in blocks:
         owner = max((n for n in networks if block[0].startswith(f"{n}_")), key=len, default=None)
-        if owner == network:
+        if owner == network and all(c.startswith(f"{network}_") for c in block):
             return block
     return []
 
