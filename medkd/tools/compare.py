@@ -4,7 +4,8 @@
 preset for every seed (``train`` stage with ``--routes_preset``), evaluates each on the test list (``evaluate``
 stage) and writes ``results.csv``, ``results.md`` and ``comparison.png``. Runs resume from their checkpoints, so an
 interrupted comparison continues where it stopped when the same command is run again (more presets or seeds are
-added to it). The output folder's ``fingerprint.json`` records the bundle, the dataset and the ``--set`` overrides: an
+added to it); the files cover every finished run in the output folder, those of earlier commands too. The output
+folder's ``fingerprint.json`` records the bundle, the dataset and the ``--set`` overrides: an
 output folder made with other ones stops the command, naming what changed; ``--fresh`` moves it aside to start anew.
 
 ``--jobs N`` runs the (preset, seed) runs N at a time in worker processes. The runs that do not read the teacher
