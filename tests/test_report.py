@@ -91,10 +91,11 @@ def test_comparison_summary_plot_and_files_without_running_anything(tmp_path, ca
     assert (tmp_path / "results.md").read_text(encoding="utf-8") == table + "\n" and table in capsys.readouterr().out
     assert (tmp_path / "results.csv").read_text().splitlines()[0] == "preset,seed,network,auc,params,ms_per_image"
     assert (tmp_path / "comparison.png").read_bytes().startswith(b"\x89PNG")
-    assert "Gain over the students" not in table  # no student-alone runs to pair with
+    assert "over the students trained alone" not in table  # no student-alone runs to pair with
 
 
-def test_gains_are_paired_by_network_and_seed():
+def test_gains_are_paired_by_network_and_seed_with_the_gap_recovered_from_the_teacher():
+    from medkd.tools.gains import method_gains
     from medkd.tools.report import paired_gains
 
     def row(preset, seed, network, auc, acc=None):
@@ -106,13 +107,18 @@ def test_gains_are_paired_by_network_and_seed():
         row("kd", s, n, auc, 0.6) for s, n, auc in ((0, "sp", 0.83), (1, "sp", 0.69), (0, "sf", 0.80), (2, "sp", 1))
     ]
     rows.append(row("dml", 3, "sp", 0.9))  # no student-alone run of seed 3: left out
-    assert paired_gains(rows).splitlines() == [
-        "| method | network | seeds | auc gain | acc gain |",
-        "|---|---|---|---|---|",
-        "| kd | sp | 2 | +0.0100 ± 0.0283 (1/2) | +0.1000 ± 0.0000 (2/2) |",
-        "| kd | sf | 1 | +0.0500 (1/1) | +0.1000 (1/1) |",
+    gains = method_gains(rows, ["auc", "acc"], {}, "student")
+    lines = paired_gains(gains).splitlines()
+    assert lines[2:6] == [
+        "| method | network | seeds | gain | 95% CI | seeds won | gap recovered |",
+        "|---|---|---|---|---|---|---|",
+        "| kd | sp | 2 | +0.0100 ± 0.0283 | – | 1/2 | 4% |",  # 0.01 of the teacher's 0.99 - 0.75
+        "| kd | sf | 1 | +0.0500 | – | 1/1 | 21% |",  # 0.05 / (0.99 - 0.75)
     ]
-    assert paired_gains(rows[4:]) == ""  # no student-alone runs left
+    assert lines[0].startswith("Gain in auc over the students trained alone")
+    assert "| kd | sp | 2 | +0.1000 ± 0.0000 | – | 2/2 | – |" in lines  # acc: no teacher score, no gap
+    assert any(line.startswith("- gap recovered: (method − alone) / (teacher − alone)") for line in lines)
+    assert method_gains(rows[4:], ["auc"], {}, "student") == []  # no student-alone runs left
 
 
 def test_auc_is_macro_over_the_classes_present():

@@ -4,7 +4,8 @@
 preset for every seed (``train`` stage with ``--routes_preset``), evaluates each on the test list (``evaluate``
 stage) and writes ``results.csv``, ``results.md`` and ``comparison.png``. Runs resume from their checkpoints, so an
 interrupted comparison continues where it stopped when the same command is run again (more presets or seeds are
-added to it). The output folder's ``fingerprint.json`` records the bundle, the dataset and the ``--set`` overrides: an
+added to it); the files cover every finished run in the output folder, those of earlier commands too. The output
+folder's ``fingerprint.json`` records the bundle, the dataset and the ``--set`` overrides: an
 output folder made with other ones stops the command, naming what changed; ``--fresh`` moves it aside to start anew.
 
 ``--jobs N`` runs the (preset, seed) runs N at a time in worker processes. The runs that do not read the teacher
@@ -115,6 +116,17 @@ def _bundle_networks(bundle: Path, overrides: Mapping[str, Any]) -> tuple[dict[s
     networks = {TEACHER: parser.get_parsed_content(TEACHER_DEF), **parser.get_parsed_content(STUDENTS)}
     shape = [1, parser.get_parsed_content(IN_CHANNELS), *parser.get_parsed_content(PATCH_SIZE)]
     return {k: v.cpu() for k, v in networks.items()}, shape
+
+
+def _earlier_runs(output: Path, runs: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
+    """The finished (evaluated) runs of earlier commands in ``output`` that are not among ``runs``: the comparison
+    covers them too (the folder's fingerprint says they were made with the same bundle, data and overrides)."""
+    found = []
+    for path in output.glob(f"*/seed*/{EVAL_DIR}/{RESULTS_JSON}"):
+        preset, seed = path.parts[-4], path.parts[-3].removeprefix("seed")
+        if preset in PRESETS and seed.isdigit() and (preset, int(seed)) not in runs:
+            found.append((preset, int(seed)))
+    return found
 
 
 def _curves(output: Path, runs: Sequence[tuple[str, int]]) -> dict[tuple[str, int], Path]:
@@ -273,13 +285,19 @@ def compare(
             "the teacher took %.1f s, the %d runs ended %.1f s after it (%d at a time)",
             teacher_s, len(todo), time.perf_counter() - start - teacher_s, jobs,
         )  # fmt: skip
-        rows += [{**r, "preset": preset, "seed": seed} for preset, seed in runs for r in results[(preset, seed)]]
+    if earlier := _earlier_runs(output, runs):
+        listed = ", ".join(f"{preset} seed {seed}" for preset, seed in sorted(earlier))
+        logger.info("the results also cover %d earlier finished runs in %s: %s", len(earlier), output, listed)
+        results.update({run: _results(_run_dir(output, *run)) for run in earlier})
+    runs = sorted([*runs, *earlier], key=lambda run: (run[1], PRESETS.index(run[0])))
+    rows += [{**r, "preset": preset, "seed": seed} for preset, seed in runs for r in results[(preset, seed)]]
     networks, shape = _bundle_networks(bundle, common)
     ms = inference_ms(networks, shape)
     ms[ENSEMBLE] = sum(ms[name] for name in ensemble_members(networks))  # each student runs once
     for row in rows:
         row["ms_per_image"] = ms[row["network"]]
-    write_comparison(rows, _curves(output, runs), output)
+    evals = {run: _run_dir(output, *run) / EVAL_DIR for run in runs}
+    write_comparison(rows, _curves(output, runs), output, evals)
     return rows
 
 
