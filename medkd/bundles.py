@@ -29,6 +29,7 @@ __all__ = [
     "run_arguments",
     "run_command",
     "checkpoint_file",
+    "snapshot_file",
     "run_folders",
 ]
 
@@ -44,6 +45,7 @@ DATASET_DIR = "dataset_dir"
 DATALISTS = "datalists"  # the data list file of each list
 MAKE_DEFAULT_DATA = "make_default_data"
 TEACHER_CKPT = "teacher_ckpt"  # the teacher checkpoint the distillation reads
+TEACHER_EPOCH = "teacher_epoch"  # the teacher snapshot the distillation reads instead of the best checkpoint
 TEACHER_MODE = "teacher_mode"  # "frozen" or "online"
 TEACHER_INIT = "teacher_init"  # where the distillation's teacher starts: "checkpoint" (TEACHER_CKPT) or "scratch"
 ROUTE_GRAPH = "route_graph"  # the routes of the distillation (a list of medkd.knowledge.routes.Route)
@@ -168,6 +170,12 @@ def checkpoint_file(network: str) -> str:
 
 
 TEACHER_CHECKPOINT = checkpoint_file(TEACHER)
+
+
+def snapshot_file(network: str, epoch: int) -> str:
+    """The file name of a network's snapshot at ``epoch`` in ``ckpt_dir`` (``teacher_epoch10.pt``; see
+    :class:`medkd.training.handlers.EpochSnapshots`)."""
+    return f"{network}_epoch{epoch}.pt"
 
 
 def run_folders(root: str | Path) -> dict[str, str]:

@@ -32,13 +32,14 @@ SHARED = {
     "kd_weight", "hint_weight", "peer_prediction_weight", "peer_feature_weight", "temperature", "routes",
     "route_graph", "feature_layers", "loss", "optimizer", "optimizers", "warmup_epochs", "hint_layers",
     "lr_decay_power", "teacher_mode", "teacher_init", "teacher_optimizer", "train_teacher", "ensemble",
+    "teacher_snapshots", "teacher_epoch", "mix", "mix_alpha", "mix_prob", "mixing",
     # transforms and engines
     "load_keys", "load", "augment", "inferer", "input_settings", "fingerprint", "best_checkpoints",
     "resume_checkpoint", "train", "validate", "initialize", "run",
 }  # fmt: skip
 STAGE_KEYS = {
     "train": set(),
-    "train_teacher": {"teacher_train_network"},
+    "train_teacher": {"teacher_train_network", "teacher_snapshot_checkpoints"},
     "evaluate": {
         "networks", "ensemble_members", "scored_networks", "test_datalist", "dataset", "dataloader", "handlers",
         "evaluator",
