@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from bundle_utils import BUNDLES, run_stage
+from bundle_utils import BUNDLES, REPO, run_stage, stage_command, tiny_overlay
 
 from medkd.bundles import stage_config
 from medkd.errors import ConfigError, user_error
@@ -34,16 +36,27 @@ def test_distillation_mixes_and_is_taught_by_a_teacher_snapshot(bundle, mix, tmp
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
-    [({"mix": "mixin"}, "mix must be null, 'mixup' or 'cutmix', got 'mixin'."),
+    [({"mix": "mixin"}, "mix must be null (None on the command line), 'mixup' or 'cutmix', got 'mixin'."),
      ({"mix": "cutmix", "mix_prob": 2}, "mix_prob must be a number from 0 to 1"),
      ({"teacher_snapshots": [0, 10]}, "teacher_snapshots must be a list of epochs"),
-     ({"teacher_epoch": "ten"}, "teacher_epoch must be null or an epoch")],
+     ({"teacher_epoch": "ten"}, "teacher_epoch must be null (None on the command line) or an epoch")],
 )  # fmt: skip
 def test_bad_protocol_values_stop_the_run_before_it_starts(overrides, message, tmp_path):
     with pytest.raises(RuntimeError) as err:
         run_stage("segmentation_2d", "train", tmp_path, **overrides)
     assert isinstance(user_error(err.value), ConfigError) and str(user_error(err.value)).startswith(message)
     assert not (tmp_path / "models" / "last.pt").exists()
+
+
+def test_a_bad_mix_on_the_command_line_is_one_error_line(tmp_path):
+    overlay = tiny_overlay("segmentation_2d", tmp_path / "tiny.json")
+    cmd = stage_command("segmentation_2d", "train", tmp_path, overlay, mix="mixin")
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "ERROR: mix must be null (None on the command line), 'mixup' or 'cutmix', got 'mixin'."
+    )
 
 
 def test_a_missing_teacher_snapshot_is_named(tmp_path):

@@ -328,5 +328,7 @@ def teacher_checkpoint(ckpt_dir: str | os.PathLike, epoch: int | None = None) ->
     """A bundle's ``teacher_ckpt``: the teacher stage's best checkpoint in ``ckpt_dir``, or with ``teacher_epoch``
     its snapshot of that epoch (``teacher_epoch10.pt``, kept by ``teacher_snapshots``), an early-stopped teacher."""
     if epoch is not None and not _is_epoch(epoch):
-        raise ConfigError(f"teacher_epoch must be null or an epoch of teacher_snapshots (from 1), got {epoch!r}.")
+        raise ConfigError(
+            f"teacher_epoch must be null (None on the command line) or an epoch of teacher_snapshots, got {epoch!r}."
+        )
     return str(Path(ckpt_dir) / (TEACHER_CHECKPOINT if epoch is None else snapshot_file(TEACHER, epoch)))

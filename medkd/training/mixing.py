@@ -119,7 +119,7 @@ def check_mixing(mode: str | None, alpha: float = 1.0, prob: float = 1.0) -> Non
     """Raise a :class:`~medkd.errors.ConfigError` naming the key unless ``mix`` is ``None`` or one of
     :data:`MIX_MODES`, ``mix_alpha`` is positive and ``mix_prob`` is in [0, 1]."""
     if mode is not None and mode not in MIX_MODES:
-        raise ConfigError(f"mix must be null, 'mixup' or 'cutmix', got {mode!r}.")
+        raise ConfigError(f"mix must be null (None on the command line), 'mixup' or 'cutmix', got {mode!r}.")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
         raise ConfigError(f"mix_alpha must be a positive number (the Beta distribution's parameter), got {alpha!r}.")
     if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0 <= prob <= 1:
