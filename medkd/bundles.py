@@ -29,6 +29,7 @@ __all__ = [
     "run_arguments",
     "run_command",
     "checkpoint_file",
+    "snapshot_file",
     "run_folders",
     "SHARED_KEYS",
     "STAGE_KEYS",
@@ -48,6 +49,7 @@ DATASET_DIR = "dataset_dir"
 DATALISTS = "datalists"  # the data list file of each list
 MAKE_DEFAULT_DATA = "make_default_data"
 TEACHER_CKPT = "teacher_ckpt"  # the teacher checkpoint the distillation reads
+TEACHER_EPOCH = "teacher_epoch"  # the teacher snapshot the distillation reads instead of the best checkpoint
 TEACHER_MODE = "teacher_mode"  # "frozen" or "online"
 TEACHER_INIT = "teacher_init"  # where the distillation's teacher starts: "checkpoint" (TEACHER_CKPT) or "scratch"
 ROUTE_GRAPH = "route_graph"  # the routes of the distillation (a list of medkd.knowledge.routes.Route)
@@ -98,6 +100,7 @@ SHARED_KEYS = frozenset({
     "kd_weight", "hint_weight", "peer_prediction_weight", "peer_feature_weight", "temperature", "routes",
     "route_graph", "feature_layers", "loss", "optimizer", "optimizers", "warmup_epochs", "hint_layers",
     "lr_decay_power", "teacher_mode", "teacher_init", "teacher_optimizer", "train_teacher", "ensemble",
+    "teacher_snapshots", "teacher_epoch", "mix", "mix_alpha", "mix_prob", "mixing",
     # transforms and engines
     "load_keys", "load", "augment", "inferer", "input_settings", "fingerprint", "best_checkpoints",
     "resume_checkpoint", "train", "validate", "initialize", "run",
@@ -105,7 +108,7 @@ SHARED_KEYS = frozenset({
 # ... the keys a stage file adds, ...
 STAGE_KEYS = {
     "train": frozenset(),
-    "train_teacher": frozenset({"teacher_train_network"}),
+    "train_teacher": frozenset({"teacher_train_network", "teacher_snapshot_checkpoints"}),
     "evaluate": frozenset({
         "networks", "ensemble_members", "scored_networks", "test_datalist", "dataset", "dataloader", "handlers",
         "evaluator",
@@ -231,6 +234,12 @@ def checkpoint_file(network: str) -> str:
 
 
 TEACHER_CHECKPOINT = checkpoint_file(TEACHER)
+
+
+def snapshot_file(network: str, epoch: int) -> str:
+    """The file name of a network's snapshot at ``epoch`` in ``ckpt_dir`` (``teacher_epoch10.pt``; see
+    :class:`medkd.training.handlers.EpochSnapshots`)."""
+    return f"{network}_epoch{epoch}.pt"
 
 
 def run_folders(root: str | Path) -> dict[str, str]:

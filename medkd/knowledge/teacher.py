@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from medkd.bundles import TEACHER_CHECKPOINT, snapshot_file
 from medkd.errors import ConfigError
 from medkd.knowledge.routes import TEACHER
 from medkd.knowledge.teacher_cache import TeacherCache
@@ -36,6 +37,8 @@ __all__ = [
     "online_optimizer",
     "validated_networks",
     "trained_teacher",
+    "teacher_checkpoint",
+    "check_snapshot_epochs",
 ]
 
 TEACHER_MODES = ("frozen", "online")  # offline (trained first, then frozen) or trained with the students
@@ -305,3 +308,27 @@ def trained_teacher(
     if mode == "online":
         return wrap_ddp({TEACHER: teacher}, device, channels_last=channels_last)[TEACHER]
     return teacher
+
+
+def _is_epoch(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_snapshot_epochs(epochs: Iterable[int]) -> list[int]:
+    """``teacher_snapshots``, the teacher stage's epochs whose weights are kept beside the best checkpoint, checked
+    (positive integers; a :class:`~medkd.errors.ConfigError` otherwise) and sorted."""
+    if isinstance(epochs, (str, bytes)) or not isinstance(epochs, Iterable) or not all(map(_is_epoch, epochs)):
+        raise ConfigError(
+            f"teacher_snapshots must be a list of epochs (integers from 1), e.g. '[10, 20]', got {epochs!r}."
+        )
+    return sorted(set(epochs))
+
+
+def teacher_checkpoint(ckpt_dir: str | os.PathLike, epoch: int | None = None) -> str:
+    """A bundle's ``teacher_ckpt``: the teacher stage's best checkpoint in ``ckpt_dir``, or with ``teacher_epoch``
+    its snapshot of that epoch (``teacher_epoch10.pt``, kept by ``teacher_snapshots``), an early-stopped teacher."""
+    if epoch is not None and not _is_epoch(epoch):
+        raise ConfigError(
+            f"teacher_epoch must be null (None on the command line) or an epoch of teacher_snapshots, got {epoch!r}."
+        )
+    return str(Path(ckpt_dir) / (TEACHER_CHECKPOINT if epoch is None else snapshot_file(TEACHER, epoch)))

@@ -51,9 +51,9 @@ from medkd.bundles import (
     SEED,
     STUDENTS,
     STUDENTS_HISTORY,
-    TEACHER_CHECKPOINT,
     TEACHER_CKPT,
     TEACHER_DEF,
+    TEACHER_EPOCH,
     TEACHER_INIT,
     TEACHER_MODE,
     run_folders,
@@ -63,7 +63,7 @@ from medkd.bundles import (
 )
 from medkd.errors import ConfigError
 from medkd.knowledge.routes import PAPER_PRESETS, PRESETS, TEACHER
-from medkd.knowledge.teacher import teacher_is_read
+from medkd.knowledge.teacher import teacher_checkpoint, teacher_is_read
 from medkd.tools.jobs import Job, JobPool, JobsFailed, threads_per_job, visible_gpus
 from medkd.tools.report import inference_ms, write_comparison
 from medkd.training.checkpoints import set_aside
@@ -71,7 +71,7 @@ from medkd.training.evaluators import ENSEMBLE, ensemble_members
 from medkd.training.run_fingerprint import datalist_digest, fingerprint_changes
 from medkd.validation import check_overrides, parse_value
 
-__all__ = ["compare", "compare_fingerprint", "claim_output", "reads_teacher", "add_compare_parser"]
+__all__ = ["compare", "compare_fingerprint", "claim_output", "reads_teacher", "run_settings", "add_compare_parser"]
 
 logger = logging.getLogger("medkd.tools.compare")
 # what a worker imports as it starts, while the teacher trains: what every run's stages import anyway
@@ -92,6 +92,21 @@ def _run_dir(output: Path, preset: str, seed: int | str) -> Path:
 
 def _results(root: Path) -> list[dict]:
     return json.loads((root / EVAL_DIR / RESULTS_JSON).read_text(encoding="utf-8"))
+
+
+def run_settings(
+    output: Path, preset: str, seed: int, common: Mapping[str, Any], max_epochs: int | None = None
+) -> dict[str, Any]:
+    """The overrides of one (preset, seed) run of a comparison in ``output``: ``common`` (every ``--set``), the run's
+    folders, preset and seed, the comparison's teacher (its snapshot of ``teacher_epoch`` when ``common`` sets one)
+    and ``max_epochs`` (``--max-epochs``). Only the preset and the seed differ between runs, so every preset, the
+    ``student`` baseline included, trains for the same epochs and steps per epoch."""
+    teacher_ckpt = teacher_checkpoint(output / TEACHER / MODELS_DIR, common.get(TEACHER_EPOCH))
+    settings = {**common, **run_folders(_run_dir(output, preset, seed))}
+    settings.update({ROUTES_PRESET: preset, SEED: seed, TEACHER_CKPT: teacher_ckpt})
+    if max_epochs:
+        settings[MAX_EPOCHS] = max_epochs
+    return settings
 
 
 def _train_and_evaluate(bundle: Path, run_dir: Path, settings: Mapping[str, Any]) -> list[dict]:
@@ -235,14 +250,10 @@ def compare(
     check_overrides(stage_files(bundle, "evaluate"), common)
     claim_output(output, compare_fingerprint(bundle, common), fresh=fresh)
     teacher_dir = output / TEACHER
-    teacher_ckpt = str(teacher_dir / MODELS_DIR / TEACHER_CHECKPOINT)
     runs = [(preset, seed) for seed in seeds for preset in presets]
     todo = []
     for preset, seed in runs:
-        run_dir = _run_dir(output, preset, seed)
-        settings = {**common, **run_folders(run_dir), ROUTES_PRESET: preset, SEED: seed, TEACHER_CKPT: teacher_ckpt}
-        if max_epochs:
-            settings[MAX_EPOCHS] = max_epochs
+        run_dir, settings = _run_dir(output, preset, seed), run_settings(output, preset, seed, common, max_epochs)
         todo.append(Job((preset, seed), f"{preset} seed {seed}", _train_and_evaluate, (bundle, run_dir, settings),
                         run_dir / COMPARE_LOG))  # fmt: skip
     rows: list[dict] = []

@@ -24,6 +24,7 @@ from medkd.knowledge.teacher_cache import TeacherCache
 from medkd.training.compiling import compile_in_place, compiled_inferer
 from medkd.training.distributed import unwrap
 from medkd.training.layout import channels_last as to_channels_last
+from medkd.training.mixing import BatchMixer, MixedBatch
 
 __all__ = ["DistillationTrainer", "TeacherTrainer", "LOSSES", "iteration_losses", "student_optimizers"]
 
@@ -143,6 +144,9 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
             routes' feature hooks traced in; ``compile_kwargs`` are ``torch.compile``'s.
         channels_last: convert the teacher, the students and the routes' adapters to the channels-last layout
             (:mod:`medkd.training.layout`).
+        mixing: optional :class:`medkd.training.mixing.BatchMixer` (mixup or cutmix): each batch is mixed before the
+            forwards, so the teacher and the students see the same mixed images, and the supervised losses follow
+            the mixing (:meth:`medkd.training.mixing.MixedBatch.loss`); no ``teacher_cache``.
         Other arguments are those of ``monai.engines.SupervisedTrainer``.
     """
 
@@ -182,6 +186,7 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
         compile: bool = False,
         compile_kwargs: dict | None = None,
         channels_last: bool = False,
+        mixing: BatchMixer | None = None,
     ) -> None:
         super().__init__(
             device=device,
@@ -222,6 +227,12 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
         self.teacher_role = self._teacher_role(
             teacher, teacher_mode, teacher_checkpoint, teacher_optimizer, teacher_cache
         )
+        if mixing is not None and getattr(self.teacher_role, "cache", None) is not None:
+            raise ConfigError(
+                "mix cannot use a teacher cache: the teacher must see each step's mixed images, which no earlier "
+                "epoch saw. Leave out the teacher_cache, or set --mix null."
+            )
+        self.mixing = mixing
         self.networks: dict[str, nn.Module] = {TEACHER: self.teacher} if self.teacher is not None else {}
         self.networks.update(self.students)
         self.routes.setup(
@@ -346,6 +357,8 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
         inputs, targets = batch[0], batch[1]
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}  # as given, metadata included
         inputs, targets = _plain(inputs), _plain(targets)  # the networks and losses run on plain tensors
+        mixed = engine.mixing(inputs, targets) if engine.mixing is not None else MixedBatch(inputs, targets)
+        inputs = mixed.inputs  # what the teacher and the students see
         for student in engine.students.values():
             student.train()
         optimizers = engine.trained_optimizers
@@ -363,8 +376,8 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
                 features[name] = engine.routes.pop_features(name)
             engine.state.output[Keys.PRED] = logits
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            supervised = {name: engine.loss_function(logits[name], targets).mean() for name in optimizers}
-            terms = engine.routes.losses(logits, features, supervised, targets, epoch=engine.state.epoch)
+            supervised = {name: mixed.loss(engine.loss_function, logits[name]) for name in optimizers}
+            terms = engine.routes.losses(logits, features, supervised, mixed.route_targets, epoch=engine.state.epoch)
             if TEACHER in supervised:  # an online teacher learns from the labels only: no route targets it
                 terms.update({f"{TEACHER}/sup": supervised[TEACHER], f"{TEACHER}/total": supervised[TEACHER]})
             loss = sum(terms[f"{name}/total"] for name in optimizers)

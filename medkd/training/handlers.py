@@ -16,7 +16,8 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar as _IgniteProgressBar
 
-from medkd.bundles import checkpoint_file
+from medkd.bundles import checkpoint_file, snapshot_file
+from medkd.knowledge.teacher import check_snapshot_epochs
 from medkd.planning.planfile import write_plan
 from medkd.training.checkpoints import (
     CheckpointError,
@@ -36,6 +37,7 @@ __all__ = [
     "EpochLossTerms",
     "ProgressBar",
     "BestCheckpoints",
+    "EpochSnapshots",
     "FinalValidation",
     "ResumeCheckpoint",
     "LoadNetworks",
@@ -158,6 +160,52 @@ class BestCheckpoints:
     def load_state_dict(self, state: dict) -> None:
         """Restore the best metrics (from a resume checkpoint)."""
         self.best = dict(state["best"])
+
+
+class EpochSnapshots:
+    """Keep each network's weights at chosen epochs, e.g. an early-stopped teacher to distil from.
+
+    Attach to the trainer. After each epoch of ``epochs``, rank 0 writes ``{save_dir}/{name}_epoch{epoch}.pt``
+    (:func:`medkd.bundles.snapshot_file`) atomically, with the records of a best checkpoint
+    (:class:`BestCheckpoints`): ``{name: state_dict, "epoch": epoch, "fingerprint": fingerprint}``, so that a run
+    reading it checks its inputs the same way. Give :meth:`paths` to :class:`ResumeCheckpoint`'s ``set_aside``.
+
+    Args:
+        save_dir: checkpoint folder.
+        networks: networks by name (DDP-wrapped networks are saved unwrapped).
+        epochs: the epochs to keep (checked by :func:`medkd.knowledge.teacher.check_snapshot_epochs`).
+        fingerprint: the run's fingerprint, stored in every file.
+    """
+
+    def __init__(
+        self,
+        save_dir: str,
+        networks: dict[str, torch.nn.Module],
+        epochs: Sequence[int] = (),
+        fingerprint: dict | None = None,
+    ) -> None:
+        self.save_dir = Path(save_dir)
+        self.networks = networks
+        self.epochs = check_snapshot_epochs(epochs)
+        self.fingerprint = fingerprint
+
+    def attach(self, engine: Engine) -> None:
+        """Save at each ``EPOCH_COMPLETED`` of ``epochs`` (list it before :class:`ResumeCheckpoint`)."""
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def paths(self) -> list[Path]:
+        """The files this handler writes, one per network and epoch."""
+        return [self.save_dir / snapshot_file(name, epoch) for name in self.networks for epoch in self.epochs]
+
+    def __call__(self, engine: Engine) -> None:
+        epoch = engine.state.epoch
+        if epoch not in self.epochs or idist.get_rank() != 0:
+            return
+        for name, network in self.networks.items():
+            state = {name: unwrap(network).state_dict(), "epoch": epoch}
+            if self.fingerprint is not None:
+                state["fingerprint"] = self.fingerprint
+            save_or_explain(state, self.save_dir / snapshot_file(name, epoch))
 
 
 class FinalValidation:

@@ -2,8 +2,8 @@
 
 A fingerprint is a JSON-able dict: the data lists (path and a hash of the file's bytes; images are not read), the
 networks (class, parameter count, a hash of the state-dict shapes), the routes with their weights and temperatures
-(and the preset they form), the teacher's role (``teacher_mode``, ``teacher_init``), the class names, the label maps'
-value of each class where it is not the class index, and the seed.
+(and the preset they form), the teacher's role (``teacher_mode``, ``teacher_init``), the batches' mixing (``mix``),
+the class names, the label maps' value of each class where it is not the class index, and the seed.
 :class:`medkd.training.handlers.ResumeCheckpoint` stores it in the resume checkpoint and refuses to resume a run whose
 fingerprint differs, listing :func:`fingerprint_changes`; ``python -m medkd compare`` keeps one of its own in
 ``fingerprint.json``.
@@ -117,6 +117,7 @@ def run_fingerprint(
     teacher_init: str | None = None,
     label_values: Sequence[int] | None = None,
     inputs: Mapping[str, Any] | None = None,
+    mixing: Any = None,
 ) -> dict[str, Any]:
     """The fingerprint of a training run (see the module docstring).
 
@@ -132,6 +133,8 @@ def run_fingerprint(
         label_values: the value of each class in the label maps (:mod:`medkd.data.labels`); recorded only where it is
             not ``0..N-1``, so that the fingerprints of runs made before label values existed stay the same.
         inputs: the settings that define the networks' inputs (:func:`input_settings`).
+        mixing: the distillation batches' :class:`~medkd.training.mixing.BatchMixer`, recorded by
+            :meth:`~medkd.training.mixing.BatchMixer.settings`; ``None`` (no mixing) records nothing.
     """
     fingerprint: dict[str, Any] = {
         "data": datalist_digest(datalist),
@@ -153,6 +156,8 @@ def run_fingerprint(
             fingerprint[key] = value
     if inputs is not None:
         fingerprint["inputs"] = dict(inputs)
+    if mixing is not None:
+        fingerprint["mixing"] = mixing.settings()
     return json.loads(json.dumps(fingerprint, default=str))  # tuples to lists: equal to itself after a round trip
 
 
