@@ -253,6 +253,16 @@ def test_allow_missing_classes_in_validation_only(tmp_path, seg_items, caplog, c
     ]
 
 
+def test_a_0_255_mask_is_not_told_to_allow_missing_classes(tmp_path, seg_items, capsys):
+    image = nifti(tmp_path / "img01.nii.gz", np.random.rand(8, 8).astype(np.float32))
+    mask = {"image": image, "label": nifti(tmp_path / "l01.nii.gz", label_map((0, 255)))}
+    with pytest.raises(SystemExit):
+        check_before_run(write_datalist(tmp_path, seg_items, validation=[mask]), num_classes=3)
+    report = capsys.readouterr().err
+    assert "a 0/255 mask: divide it by 255" in report and "class 1 never appears" in report
+    assert "--allow_missing_classes" not in report  # the classes are hidden under 255, not missing
+
+
 def test_check_before_run_reads_a_file_per_list(tmp_path, seg_items, capsys):
     training = write_datalist(tmp_path, seg_items[:2], test=seg_items[2:])
     validation = tmp_path / "validation.csv"

@@ -255,6 +255,9 @@ def _load_csv(path: Path, base_dir: PathLike | None, key: str, class_names: Sequ
                 bad_labels.append((line, label))
         items.append(item)
     if bad_labels:
+        named = [(line, row["label"]) for line, row in rows if names is not None and row.get("label") in names]
+        if len(named) < len(bad_labels) and all(_is_int(label) for _, label in bad_labels):
+            raise DataError(_odd_names_message(path, key, named, len(bad_labels)))
         raise DataError(_label_message(path, bad_labels, names))
     return items
 
@@ -315,6 +318,19 @@ def _label_message(path: Path, bad: Sequence[tuple[int, str]], names: Sequence[s
         f"Datalist '{path}': {'label' if len(bad) == 1 else 'labels'} {shown}{more} {verb} neither an integer class "
         "index, a class name nor the path of a label map. Classification labels are class indices 0..N-1 (write 1, "
         "not 1.0) or class names; for segmentation, the label must be the path of an existing label map."
+    )
+
+
+def _odd_names_message(path: Path, key: str, named: Sequence[tuple[int, str]], indices: int) -> str:
+    """The message for a few class-name labels among more class indices: the names are the odd cells out."""
+    shown = ", ".join(f"{value!r} (line {line})" for line, value in named[:5])
+    more = f" and {len(named) - 5} more" if len(named) > 5 else ""
+    one = len(named) == 1
+    return (
+        f"Datalist '{path}': {'label' if one else 'labels'} {shown}{more} "
+        f"{'is a class name' if one else 'are class names'} but the other {indices} labels of the {key!r} list are "
+        "class indices. Write "
+        f"{'it as a class index' if one else 'them as class indices'} too (0..N-1), or every label as a class name."
     )
 
 
