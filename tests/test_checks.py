@@ -225,6 +225,20 @@ def test_cli_infers_classification_from_integer_labels(tmp_path, capsys):
     assert "not a label-map path" not in out  # what checking the integers as segmentation labels said
 
 
+def test_cli_reads_json_labels_written_as_numbers_in_strings(tmp_path, capsys):
+    image = nifti(tmp_path / "img.nii.gz", np.zeros((4, 4), np.float32))
+    path = tmp_path / "cls.json"
+    path.write_text(json.dumps({"training": [{"image": image, "label": "0"}, {"image": image, "label": "1"}]}))
+    assert main(["check-data", "--datalist", str(path), "--num-classes", "2"]) == 0
+    assert capsys.readouterr().out.startswith("Task: classification")  # not label maps named "0" and "1"
+    path.write_text(json.dumps({"training": [{"image": image, "label": "0"}, {"image": image, "label": "1.0"}]}))
+    assert main(["check-data", "--datalist", str(path)]) == 1
+    assert capsys.readouterr().out == (
+        f"ERROR: Datalist '{path}': the label '1.0' of entry 1 of 'training' is neither a class index nor the path of "
+        'a label map. Write classification labels as integer class indices (1, not "1.0") or class names.\n'
+    )
+
+
 def test_allow_missing_classes_in_validation_only(tmp_path, seg_items, caplog, capsys):
     image = nifti(tmp_path / "img01.nii.gz", np.random.rand(8, 8).astype(np.float32))
     two_classes = {"image": image, "label": nifti(tmp_path / "l01.nii.gz", label_map((0, 1)))}

@@ -170,10 +170,24 @@ def _load_json(path: Path, key: str, base_dir: PathLike | None, class_names: Seq
     ]
     labels = content.get("labels")
     names = list(class_names) if class_names else list(labels.values()) if isinstance(labels, dict) else []
-    for item, entry in zip(items, entries, strict=True):  # MONAI resolved every label as a path: names back to indices
-        if isinstance(entry.get("label"), str) and entry["label"] in names:
-            item["label"] = names.index(entry["label"])
+    for i, (item, entry) in enumerate(zip(items, entries, strict=True)):  # MONAI resolved every label as a path
+        label = entry.get("label")
+        if isinstance(label, str) and label in names:
+            item["label"] = names.index(label)
+        elif isinstance(label, str) and _is_number(label.strip()) and not Path(item["label"]).is_file():
+            item["label"] = _numeric_label(path, key, i, label.strip())
     return items
+
+
+def _numeric_label(path: Path, key: str, index: int, label: str) -> int:
+    """A JSON label written as a number in a string (``"1"``, as a spreadsheet exports it): the class index it
+    names, or a :class:`DataError` when it is no integer (``"1.0"``)."""
+    if _is_int(label):
+        return int(label)
+    raise DataError(
+        f"Datalist '{path}': the label {label!r} of entry {index} of '{key}' is neither a class index nor the path "
+        'of a label map. Write classification labels as integer class indices (1, not "1.0") or class names.'
+    )
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
