@@ -12,6 +12,7 @@ import difflib
 import json
 import math
 import os
+import shlex
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 from monai.bundle import ConfigParser
 from torch import nn
 
+from medkd.bundles import check_config_files
 from medkd.errors import ConfigError
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "RENAMED",
     "check_overrides",
     "check_command_line",
+    "check_device",
     "command_line_overrides",
     "parse_value",
     "total_stride",
@@ -129,11 +132,25 @@ def command_line_overrides(argv: Sequence[str]) -> dict[str, Any]:
     return found
 
 
+def _other_options(arguments: Sequence[str]) -> list[str]:
+    """The options of a ``monai.bundle run`` command line but ``--config_file`` and ``--meta_file`` (which
+    :func:`~medkd.bundles.run_command` gives), quoted for a shell."""
+    kept: list[str] = []
+    skip = False
+    for token in arguments[1:] if arguments and arguments[0] == "run" else arguments:
+        key = token[2:].partition("=")[0].replace("-", "_") if token.startswith("--") else None
+        if skip or key in ("config_file", "meta_file"):
+            skip = key is not None and "=" not in token
+            continue
+        kept.append(shlex.quote(token))
+    return kept
+
+
 def check_command_line(argv: Sequence[str] | None = None) -> None:
-    """Under ``python -m monai.bundle run`` (or ``torchrun -m monai.bundle run``), check the command line's override
-    keys, and those of its ``--args_file``, against its ``--config_file`` list (:func:`check_overrides`), and that
-    a ``--datalist_file`` comes with its ``--dataset_dir``; a no-op in any other program (e.g. a ``ConfigWorkflow``
-    built in Python, whose caller checks its own overrides)."""
+    """Under ``python -m monai.bundle run`` (or ``torchrun -m monai.bundle run``), check its ``--config_file`` list
+    (:func:`~medkd.bundles.check_config_files`), the command line's override keys, and those of its ``--args_file``,
+    against that list (:func:`check_overrides`), and that a ``--datalist_file`` comes with its ``--dataset_dir``; a
+    no-op in any other program (e.g. a ``ConfigWorkflow`` built in Python, whose caller checks its own overrides)."""
     argv = list(sys.argv if argv is None else argv)
     if not argv or Path(argv[0]).parts[-3:] != ("monai", "bundle", "__main__.py"):
         return
@@ -144,7 +161,10 @@ def check_command_line(argv: Sequence[str] | None = None) -> None:
     if config_files is None:
         return
     files = [config_files] if isinstance(config_files, str) else list(config_files)
+    check_config_files(files, options=_other_options(argv[1:]))
     check_overrides(files, overrides)
+    if "device" in overrides:
+        check_device(overrides["device"])
     if "datalist_file" in overrides and "dataset_dir" not in overrides:
         folder = Path(str(overrides["datalist_file"])).expanduser().parent
         raise ConfigError(
@@ -152,6 +172,31 @@ def check_command_line(argv: Sequence[str] | None = None) -> None:
             "paths from, and write its split file, plan and sample data to, its own data folder (bundle_root/data). "
             f"Add --dataset_dir {folder} (the folder its paths start from)."
         )
+
+
+def check_device(device: Any, key: str = "device") -> None:
+    """Raise :class:`ConfigError` when ``device`` (e.g. ``--device cuda``) names a GPU that this torch cannot use: a
+    torch built without CUDA, no GPU visible, or a GPU index past the last one."""
+    import torch
+
+    if isinstance(device, str) and device.startswith(("$", "@")):
+        return  # an expression: the bundle evaluates it
+    try:
+        wanted = torch.device(device) if isinstance(device, str | torch.device) else None
+    except RuntimeError as e:
+        raise ConfigError(f"--{key} {device!r} is not a device: use cpu, cuda or cuda:N.") from e
+    if wanted is None or wanted.type != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count and (wanted.index is None or wanted.index < count):
+        return
+    if torch.version.cuda is None:
+        why = f"this torch ({torch.__version__}) is built without CUDA; install a CUDA build of torch, or"
+    elif not count:
+        why = "no GPU is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES), or"
+    else:
+        why = f"there are {count} GPU(s), cuda:0..cuda:{count - 1}; pick one of them, or"
+    raise ConfigError(f"--{key} {device}: {why} leave --{key} out to run on the CPU.")
 
 
 def total_stride(network: nn.Module) -> list[int] | None:

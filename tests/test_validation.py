@@ -16,6 +16,7 @@ from medkd.errors import ConfigError, MedkdError, user_error
 from medkd.knowledge.routes import Route, parse_routes, preset_routes
 from medkd.validation import (
     check_command_line,
+    check_device,
     check_inputs,
     check_overrides,
     check_patch_size,
@@ -62,6 +63,27 @@ def test_command_line_check_applies_to_monai_bundle_run_only(tmp_path):
     with pytest.raises(ConfigError, match=r"without --dataset_dir: .* Add --dataset_dir /data/mine \(the folder"):
         check_command_line([main, *alone])
     check_command_line([main, *alone, "--dataset_dir", "/data/mine"])
+
+
+def test_a_gpu_that_torch_cannot_use_is_named_before_the_run(monkeypatch):
+    main = str(next(p for p in sys.modules["monai"].__path__)) + "/bundle/__main__.py"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(ConfigError, match=r"^--device cuda: this torch \(.*\) is built without CUDA; install a CUDA "
+                       "build of torch, or leave --device out to run on the CPU.$"):  # fmt: skip
+        check_command_line([main, "run", "--config_file", str(SEG2D / "train.json"), "--device", "cuda"])
+    check_device("cpu")
+    check_device("$torch.device('cuda')")  # an expression: evaluated by the bundle
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    with pytest.raises(ConfigError, match="no GPU is visible"):
+        check_device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    check_device("cuda")
+    with pytest.raises(ConfigError, match=r"there are 1 GPU\(s\), cuda:0..cuda:0; pick one"):
+        check_device("cuda:1")
+    with pytest.raises(ConfigError, match="'gpu' is not a device: use cpu, cuda or cuda:N"):
+        check_device("gpu")
 
 
 @pytest.mark.parametrize(
