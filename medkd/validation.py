@@ -30,6 +30,7 @@ __all__ = [
     "check_overrides",
     "check_command_line",
     "check_device",
+    "check_writable",
     "command_line_overrides",
     "parse_value",
     "total_stride",
@@ -197,6 +198,23 @@ def check_device(device: Any, key: str = "device") -> None:
     else:
         why = f"there are {count} GPU(s), cuda:0..cuda:{count - 1}; pick one of them, or"
     raise ConfigError(f"--{key} {device}: {why} leave --{key} out to run on the CPU.")
+
+
+def check_writable(folders: Mapping[str, str | os.PathLike], root_key: str | None = "bundle_root") -> None:
+    """Raise :class:`ConfigError` when a folder a run writes (by the key or option that sets it, e.g.
+    ``{"ckpt_dir": ...}``) cannot be written, its nearest existing folder being read-only or a file, before any
+    work; the message names the folder and the options that move it (``--<key>``, or ``--<root_key>``, the folder
+    the bundle writes ``models/``, ``eval/`` and ``runs/`` under)."""
+    for key, folder in folders.items():
+        path = Path(folder).expanduser().absolute()
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
+            continue
+        why = "is read-only" if existing.is_dir() else "is a file"
+        where = f" (or --{root_key}, the folder the bundle writes models/, eval/ and runs/ under)" if root_key else ""
+        raise ConfigError(
+            f"{path} ({key}) cannot be written: {existing} {why}. Give --{key}{where} a folder you can write to."
+        )
 
 
 def total_stride(network: nn.Module) -> list[int] | None:

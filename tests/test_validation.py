@@ -1,8 +1,10 @@
 """Settings are checked before work starts, and every user error reaches the user as one message, exit status 1."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -20,6 +22,7 @@ from medkd.validation import (
     check_inputs,
     check_overrides,
     check_patch_size,
+    check_writable,
     command_line_overrides,
     total_stride,
 )
@@ -84,6 +87,31 @@ def test_a_gpu_that_torch_cannot_use_is_named_before_the_run(monkeypatch):
         check_device("cuda:1")
     with pytest.raises(ConfigError, match="'gpu' is not a device: use cpu, cuda or cuda:N"):
         check_device("gpu")
+
+
+def test_a_folder_that_cannot_be_written_is_named_with_the_option_that_moves_it(tmp_path, monkeypatch):
+    from medkd.bundles import stage_workflow
+    from medkd.tools.compare import compare
+
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != read_only and access(path, mode))
+    with pytest.raises(ConfigError) as err:
+        check_writable({"output_dir": read_only / "eval"})
+    assert str(err.value) == (
+        f"{read_only}/eval (output_dir) cannot be written: {read_only} is read-only. Give --output_dir (or "
+        "--bundle_root, the folder the bundle writes models/, eval/ and runs/ under) a folder you can write to."
+    )
+    check_writable({"output_dir": tmp_path / "new" / "eval"})  # a folder that can be made
+    (tmp_path / "file").write_text("")
+    workflow = stage_workflow(SEG2D.parent, "train", bundle_root=str(tmp_path), ckpt_dir=str(tmp_path / "file" / "m"))
+    with pytest.raises(RuntimeError) as err:  # before any data is made or read
+        workflow.initialize()
+    assert str(user_error(err.value)).startswith(f"{tmp_path}/file/m (ckpt_dir) cannot be written: {tmp_path}/file is")
+    assert not (tmp_path / "data").exists()
+    with pytest.raises(ConfigError, match=r"\(output\) cannot be written: .* is read-only. Give --output a folder"):
+        compare(SEG2D.parent, output=read_only / "results")
 
 
 @pytest.mark.parametrize(
