@@ -297,11 +297,18 @@ def _channels_and_dims(image: Any) -> tuple[int, int]:
     return int(image.shape[int(channel_dim)]), image.ndim - 1
 
 
-def bundle_hint(dims: int, task: str | None = None) -> str:
-    """Which bundle to use for ``dims``-D images (of ``task``, when known), for error messages."""
-    if task:
-        return f"use bundles/{task}_{dims}d"
-    return f"use bundles/segmentation_{dims}d or bundles/classification_{dims}d"
+def bundle_hint(dims: int, task: str | None = None, start: str | os.PathLike | None = None) -> str:
+    """Which bundle to use for ``dims``-D images (of ``task``, when known), for error messages: the command of its
+    train stage typed in ``start`` (default the working folder) where medkd's ``bundles`` folder is at hand, else the
+    bundle's name."""
+    from medkd.bundles import run_command
+
+    names = [f"{task}_{dims}d"] if task else [f"segmentation_{dims}d", f"classification_{dims}d"]
+    bundles = Path(__file__).resolve().parents[1] / "bundles"
+    if not all((bundles / name / "configs" / "train.json").is_file() for name in names):
+        return "use " + " or ".join(f"bundles/{name}" for name in names)
+    start = Path.cwd() if start is None else Path(start)
+    return "run " + " or ".join(run_command(bundles / name, "train", start) for name in names)
 
 
 def check_inputs(datalists: Mapping[str, Sequence[Mapping]], in_channels: int, spatial_dims: int) -> None:

@@ -130,12 +130,18 @@ def test_wrong_config_files_are_told_the_command_to_run_from_where_the_user_is(f
     assert all((start / f).is_file() for f in files)  # relative to where the user is
 
 
-def test_an_overlay_alone_ends_in_one_message(tmp_path):
-    """``python -m monai.bundle run --config_file configs/train.json`` in a 3D bundle (was ``run ID 'run' doesn't
-    exist``, after the whole config was read)."""
+@pytest.mark.parametrize(
+    "listed, stage",
+    [
+        ("configs/train.json", "train"),  # was: run ID 'run' doesn't exist, after the whole config was read
+        ("['configs/train.json','../segmentation_2d/configs/train_teacher.json']", "train_teacher"),  # was: KeyError
+    ],
+)
+def test_a_3d_bundle_without_its_2d_train_json_ends_in_one_message(listed, stage, tmp_path):
+    """``python -m monai.bundle run --config_file ...`` typed in a 3D bundle without the 2D ``train.json``."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.json", "--bundle_root", "out"],
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", listed, "--bundle_root", str(tmp_path)],
         cwd=BUNDLES / "segmentation_3d",
         env=env,
         capture_output=True,
@@ -144,7 +150,6 @@ def test_an_overlay_alone_ends_in_one_message(tmp_path):
     )
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
     last = done.stderr.splitlines()[-1]
-    assert last.startswith(
-        "ERROR: --config_file configs/train.json: the train stage of the bundle segmentation_3d merges"
-    )
-    assert not (BUNDLES / "segmentation_3d" / "out").exists()
+    assert last.startswith("ERROR: --config_file configs/train.json") and f"the {stage} stage of the bundle " in last
+    assert last.endswith(f"Run: {run_command(BUNDLES / 'segmentation_3d', stage)} --bundle_root {tmp_path}")
+    assert not list(tmp_path.iterdir())  # nothing made

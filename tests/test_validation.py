@@ -17,6 +17,7 @@ from PIL import Image
 from medkd.errors import ConfigError, MedkdError, user_error
 from medkd.knowledge.routes import Route, parse_routes, preset_routes
 from medkd.validation import (
+    bundle_hint,
     check_command_line,
     check_device,
     check_inputs,
@@ -112,6 +113,19 @@ def test_a_folder_that_cannot_be_written_is_named_with_the_option_that_moves_it(
     assert not (tmp_path / "data").exists()
     with pytest.raises(ConfigError, match=r"\(output\) cannot be written: .* is read-only. Give --output a folder"):
         compare(SEG2D.parent, output=read_only / "results")
+
+
+def test_the_bundle_for_other_images_is_named_by_the_command_to_type_where_the_user_is():
+    # was "use bundles/segmentation_3d", told in bundles/segmentation_3d to a run of its files in reverse order
+    assert bundle_hint(3, "segmentation", start=BUNDLES / "segmentation_2d") == (
+        "run python -m monai.bundle run --config_file "
+        "\"['configs/train.json','../segmentation_3d/configs/train.json']\" "
+        "--meta_file ../segmentation_3d/configs/metadata.json"
+    )
+    assert bundle_hint(2, start=BUNDLES.parent) == (
+        "run python -m monai.bundle run --config_file bundles/segmentation_2d/configs/train.json or python -m "
+        "monai.bundle run --config_file bundles/classification_2d/configs/train.json"
+    )
 
 
 @pytest.mark.parametrize(
