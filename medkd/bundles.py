@@ -19,6 +19,7 @@ from typing import Any
 
 from monai.bundle import ConfigParser, ConfigWorkflow
 
+from medkd.errors import ConfigError
 from medkd.knowledge.routes import TEACHER
 
 __all__ = [
@@ -181,7 +182,7 @@ def _meant_bundle(files: list[Path], start: Path) -> Path | None:
     bundles = [b for b in map(_bundle_of, files) if b is not None]
     for candidates in (
         [b for b in bundles if _is_overlay(b)],
-        [_bundle_of(f) for f in files if f.name == "train.json" and _bundle_of(f)],
+        [b for f, b in zip(files, map(_bundle_of, files), strict=True) if f.name == "train.json" and b],
         [start] if (start / "configs" / "train.json").is_file() else [],
         bundles,
     ):
@@ -198,8 +199,6 @@ def check_config_files(
     without ``train.json``, a 3D bundle without the 2D ``train.json`` it overlays, or files in the wrong order. The
     message gives the command to run from ``start`` (default the working folder), with the user's other ``options``.
     Other files (the user's own overrides) may come anywhere."""
-    from medkd.errors import ConfigError
-
     start = Path.cwd() if start is None else Path(start)
     files = [(start / Path(f).expanduser()).resolve() for f in config_files]
     given = [f for f in files if f.stem in STAGES and _bundle_of(f) is not None]
