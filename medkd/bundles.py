@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from monai.bundle import ConfigParser, ConfigWorkflow
 
+from medkd.errors import ConfigError
 from medkd.knowledge.routes import TEACHER
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "stage_workflow",
     "run_arguments",
     "run_command",
+    "check_config_files",
     "checkpoint_file",
     "snapshot_file",
     "run_folders",
@@ -206,25 +208,79 @@ def _relative(path: Path, start: Path) -> str:
     return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
 
 
-def run_arguments(bundle_dir: str | Path, stage: str) -> list[str]:
+def run_arguments(bundle_dir: str | Path, stage: str, start: str | Path | None = None) -> list[str]:
     """The arguments that name the config files of ``stage`` to ``python -m monai.bundle run``, with paths relative
-    to the bundle folder: ``--config_file`` (a list when there are several files), and ``--meta_file`` when the first
-    file is another bundle's (MONAI would otherwise read the metadata next to it)."""
+    to ``start`` (default the bundle folder): ``--config_file`` (a list when there are several files), and
+    ``--meta_file`` when the first file is another bundle's (MONAI would otherwise read the metadata next to it)."""
     bundle = Path(bundle_dir)
-    files = [_relative(p, bundle) for p in stage_files(bundle, stage)]
+    start = bundle if start is None else Path(start)
+    paths = stage_files(bundle, stage)
+    files = [_relative(p, start) for p in paths]
     listed = files[0] if len(files) == 1 else "[" + ",".join(f"'{f}'" for f in files) + "]"
     arguments = ["--config_file", listed]
-    if not files[0].startswith("configs/"):
-        arguments += ["--meta_file", METADATA]
+    if paths[0].resolve().parent != (bundle / "configs").resolve():
+        arguments += ["--meta_file", _relative(bundle / METADATA, start)]
     return arguments
 
 
-def run_command(bundle_dir: str | Path, stage: str) -> str:
-    """The command a user types in the bundle folder to run ``stage``, e.g. ``python -m monai.bundle run
-    --config_file "['configs/train.json','configs/evaluate.json']"`` (the bundles' READMEs show these)."""
-    arguments = run_arguments(bundle_dir, stage)
+def run_command(bundle_dir: str | Path, stage: str, start: str | Path | None = None) -> str:
+    """The command a user types in ``start`` (default the bundle folder) to run ``stage``, e.g. ``python -m
+    monai.bundle run --config_file "['configs/train.json','configs/evaluate.json']"`` (the bundles' READMEs show
+    these)."""
+    arguments = run_arguments(bundle_dir, stage, start)
     quoted = [f'"{a}"' if a.startswith("[") else a for a in arguments]
     return " ".join([LAUNCHERS.get(stage, LAUNCHER), *quoted])
+
+
+def _bundle_of(config_file: Path) -> Path | None:
+    """The bundle folder of a config file in a bundle's ``configs`` folder, else ``None``."""
+    folder = config_file.parent
+    return folder.parent if folder.name == "configs" and (folder / "train.json").is_file() else None
+
+
+def _is_overlay(bundle: Path) -> bool:
+    return bool(json.loads((bundle / "configs" / "train.json").read_text()).get("base_configs"))
+
+
+def _meant_bundle(files: list[Path], start: Path) -> Path | None:
+    """The bundle that a ``--config_file`` list means: an overlay it names, else the bundle of its first
+    ``train.json``, else the folder the user is in when it is a bundle, else the bundle of its first file."""
+    bundles = [b for b in map(_bundle_of, files) if b is not None]
+    for candidates in (
+        [b for b in bundles if _is_overlay(b)],
+        [b for f, b in zip(files, map(_bundle_of, files), strict=True) if f.name == "train.json" and b],
+        [start] if (start / "configs" / "train.json").is_file() else [],
+        bundles,
+    ):
+        if candidates:
+            return candidates[0]
+    return None
+
+
+def check_config_files(
+    config_files: Sequence[str | os.PathLike], start: str | Path | None = None, options: Sequence[str] = ()
+) -> None:
+    """Raise :class:`~medkd.errors.ConfigError` when the bundle config files among ``config_files`` (those named
+    after a stage, in a bundle's ``configs`` folder) are not :func:`stage_files` of the stage they name: a stage file
+    without ``train.json``, a 3D bundle without the 2D ``train.json`` it overlays, or files in the wrong order. The
+    message gives the command to run from ``start`` (default the working folder), with the user's other ``options``.
+    Other files (the user's own overrides) may come anywhere."""
+    start = Path.cwd() if start is None else Path(start)
+    files = [(start / Path(f).expanduser()).resolve() for f in config_files]
+    given = [f for f in files if f.stem in STAGES and _bundle_of(f) is not None]
+    bundle = _meant_bundle(given, start.resolve())
+    if bundle is None:
+        return
+    stage = next((f.stem for f in reversed(given) if f.stem != "train"), "train")
+    expected = [p.resolve() for p in stage_files(bundle, stage)]
+    if given == expected:
+        return
+    command = " ".join([run_command(bundle, stage, start), *options])
+    raise ConfigError(
+        f"--config_file {', '.join(_relative(f, start) for f in files)}: the {stage} stage of the bundle "
+        f"{bundle.name} merges {', '.join(_relative(f, start) for f in expected)}, in this order (a stage "
+        f"file adds to train.json; a 3D bundle adds to the 2D train.json it names). Run: {command}"
+    )
 
 
 def checkpoint_file(network: str) -> str:

@@ -12,6 +12,7 @@ import difflib
 import json
 import math
 import os
+import shlex
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 from monai.bundle import ConfigParser
 from torch import nn
 
+from medkd.bundles import check_config_files
 from medkd.errors import ConfigError
 
 __all__ = [
@@ -27,6 +29,8 @@ __all__ = [
     "RENAMED",
     "check_overrides",
     "check_command_line",
+    "check_device",
+    "check_writable",
     "command_line_overrides",
     "parse_value",
     "total_stride",
@@ -131,13 +135,28 @@ def command_line_overrides(argv: Sequence[str]) -> dict[str, Any]:
     return found
 
 
+def _other_options(arguments: Sequence[str]) -> list[str]:
+    """The options of a ``monai.bundle run`` command line but ``--config_file`` and ``--meta_file`` (which
+    :func:`~medkd.bundles.run_command` gives), quoted for a shell."""
+    kept: list[str] = []
+    skip = False
+    for token in arguments[1:] if arguments and arguments[0] == "run" else arguments:
+        key = token[2:].partition("=")[0].replace("-", "_") if token.startswith("--") else None
+        if skip or key in ("config_file", "meta_file"):
+            skip = key is not None and "=" not in token
+            continue
+        kept.append(shlex.quote(token))
+    return kept
+
+
 def check_command_line(argv: Sequence[str] | None = None) -> None:
     """Under ``python -m monai.bundle run`` (or ``torchrun -m monai.bundle run``), check the bundle's config as a
-    whole before any work: the keys of its ``--config_file`` list and of its ``--args_file``
-    (:func:`medkd.config_checks.check_config_keys`), the ``_target_`` classes, the command line's override keys
-    (:func:`check_overrides`) and values (:func:`medkd.config_checks.check_override_values`), and that a
-    ``--datalist_file`` comes with its ``--dataset_dir``; a no-op in any other program (e.g. a ``ConfigWorkflow``
-    built in Python, whose caller checks its own overrides)."""
+    whole before any work: its ``--config_file`` list (:func:`~medkd.bundles.check_config_files`), the keys of those
+    files and of its ``--args_file`` (:func:`medkd.config_checks.check_config_keys`), the ``_target_`` classes, the
+    command line's override keys (:func:`check_overrides`) and values
+    (:func:`medkd.config_checks.check_override_values`), the ``--device``, and that a ``--datalist_file`` comes with
+    its ``--dataset_dir``; a no-op in any other program (e.g. a ``ConfigWorkflow`` built in Python, whose caller
+    checks its own overrides)."""
     from medkd import config_checks
 
     argv = list(sys.argv if argv is None else argv)
@@ -150,17 +169,62 @@ def check_command_line(argv: Sequence[str] | None = None) -> None:
     if config_files is None:
         return
     files = [config_files] if isinstance(config_files, str) else list(config_files)
+    check_config_files(files, options=_other_options(argv[1:]))
     settings = {key: value for key, value in overrides.items() if key not in RUN_ARGUMENTS}
     config_checks.check_config_keys(files, settings)
     check_overrides(files, overrides)
     config_checks.check_override_values(files, settings)
     config_checks.check_targets(ConfigParser.load_config_files(files))
+    if "device" in overrides:
+        check_device(overrides["device"])
     if "datalist_file" in overrides and "dataset_dir" not in overrides:
         folder = Path(str(overrides["datalist_file"])).expanduser().parent
         raise ConfigError(
             f"--datalist_file {overrides['datalist_file']} without --dataset_dir: the bundle would read its relative "
             "paths from, and write its split file, plan and sample data to, its own data folder (bundle_root/data). "
             f"Add --dataset_dir {folder} (the folder its paths start from)."
+        )
+
+
+def check_device(device: Any, key: str = "device") -> None:
+    """Raise :class:`ConfigError` when ``device`` (e.g. ``--device cuda``) names a GPU that this torch cannot use: a
+    torch built without CUDA, no GPU visible, or a GPU index past the last one."""
+    import torch
+
+    if isinstance(device, str) and device.startswith(("$", "@")):
+        return  # an expression: the bundle evaluates it
+    try:
+        wanted = torch.device(device) if isinstance(device, str | torch.device) else None
+    except RuntimeError as e:
+        raise ConfigError(f"--{key} {device!r} is not a device: use cpu, cuda or cuda:N.") from e
+    if wanted is None or wanted.type != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count and (wanted.index is None or wanted.index < count):
+        return
+    if torch.version.cuda is None:
+        why = f"this torch ({torch.__version__}) is built without CUDA; install a CUDA build of torch, or"
+    elif not count:
+        why = "no GPU is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES), or"
+    else:
+        why = f"there are {count} GPU(s), cuda:0..cuda:{count - 1}; pick one of them, or"
+    raise ConfigError(f"--{key} {device}: {why} leave --{key} out to run on the CPU.")
+
+
+def check_writable(folders: Mapping[str, str | os.PathLike], root_key: str | None = "bundle_root") -> None:
+    """Raise :class:`ConfigError` when a folder a run writes (by the key or option that sets it, e.g.
+    ``{"ckpt_dir": ...}``) cannot be written, its nearest existing folder being read-only or a file, before any
+    work; the message names the folder and the options that move it (``--<key>``, or ``--<root_key>``, the folder
+    the bundle writes ``models/``, ``eval/`` and ``runs/`` under)."""
+    for key, folder in folders.items():
+        path = Path(folder).expanduser().absolute()
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
+            continue
+        why = "is read-only" if existing.is_dir() else "is a file"
+        where = f" (or --{root_key}, the folder the bundle writes models/, eval/ and runs/ under)" if root_key else ""
+        raise ConfigError(
+            f"{path} ({key}) cannot be written: {existing} {why}. Give --{key}{where} a folder you can write to."
         )
 
 
@@ -244,11 +308,18 @@ def _channels_and_dims(image: Any) -> tuple[int, int]:
     return int(image.shape[int(channel_dim)]), image.ndim - 1
 
 
-def bundle_hint(dims: int, task: str | None = None) -> str:
-    """Which bundle to use for ``dims``-D images (of ``task``, when known), for error messages."""
-    if task:
-        return f"use bundles/{task}_{dims}d"
-    return f"use bundles/segmentation_{dims}d or bundles/classification_{dims}d"
+def bundle_hint(dims: int, task: str | None = None, start: str | os.PathLike | None = None) -> str:
+    """Which bundle to use for ``dims``-D images (of ``task``, when known), for error messages: the command of its
+    train stage typed in ``start`` (default the working folder) where medkd's ``bundles`` folder is at hand, else the
+    bundle's name."""
+    from medkd.bundles import run_command
+
+    names = [f"{task}_{dims}d"] if task else [f"segmentation_{dims}d", f"classification_{dims}d"]
+    bundles = Path(__file__).resolve().parents[1] / "bundles"
+    if not all((bundles / name / "configs" / "train.json").is_file() for name in names):
+        return "use " + " or ".join(f"bundles/{name}" for name in names)
+    start = Path.cwd() if start is None else Path(start)
+    return "run " + " or ".join(run_command(bundles / name, "train", start) for name in names)
 
 
 def check_inputs(datalists: Mapping[str, Sequence[Mapping]], in_channels: int, spatial_dims: int) -> None:

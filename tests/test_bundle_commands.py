@@ -11,7 +11,8 @@ import sys
 import pytest
 from bundle_utils import BUNDLES, REPO
 
-from medkd.bundles import STAGES, run_command, stage_files
+from medkd.bundles import STAGES, check_config_files, run_command, stage_files
+from medkd.errors import ConfigError
 
 NAMES = ("segmentation_2d", "segmentation_3d", "classification_2d", "classification_3d")
 # documents showing stage commands, by the bundle folder they are typed in
@@ -83,3 +84,72 @@ def test_the_3d_teacher_stage_runs_through_its_plain_command(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "models" / "teacher.pt").is_file()
     assert "meta_file: 'configs/metadata.json'" in done.stdout + done.stderr  # this bundle's, not the 2D one
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("bundle", NAMES)
+def test_the_config_files_of_every_stage_pass_the_check(bundle, stage, tmp_path):
+    check_config_files([*stage_files(BUNDLES / bundle, stage), tmp_path / "tiny.json"], start=REPO)  # own files too
+
+
+@pytest.mark.parametrize(
+    "folder, listed, command",
+    [
+        (  # a 3D overlay without the 2D train.json it adds to
+            "bundles/segmentation_3d",
+            ["configs/train.json"],
+            "--config_file \"['../segmentation_2d/configs/train.json','configs/train.json']\" "
+            "--meta_file configs/metadata.json --bundle_root out",
+        ),
+        (  # the same files in reverse order: the run was told to "use bundles/segmentation_3d" from inside it
+            "bundles/segmentation_3d",
+            ["configs/train.json", "../segmentation_2d/configs/train.json"],
+            "--config_file \"['../segmentation_2d/configs/train.json','configs/train.json']\" "
+            "--meta_file configs/metadata.json --bundle_root out",
+        ),
+        (  # a stage file alone (was NameError: name 'medkd' is not defined)
+            "bundles/segmentation_2d",
+            ["configs/evaluate.json"],
+            "--config_file \"['configs/train.json','configs/evaluate.json']\" --bundle_root out",
+        ),
+        (  # a 3D stage without the 2D train.json, typed from the repository (was KeyError: 'query key: validate')
+            ".",
+            ["bundles/classification_3d/configs/train.json", "bundles/classification_2d/configs/evaluate.json"],
+            "--config_file \"['bundles/classification_2d/configs/train.json','bundles/classification_3d/configs/"
+            "train.json','bundles/classification_2d/configs/evaluate.json']\" --meta_file "
+            "bundles/classification_3d/configs/metadata.json --bundle_root out",
+        ),
+    ],
+)
+def test_wrong_config_files_are_told_the_command_to_run_from_where_the_user_is(folder, listed, command):
+    start = REPO / folder
+    with pytest.raises(ConfigError) as err:
+        check_config_files(listed, start=start, options=["--bundle_root", "out"])
+    assert str(err.value).endswith(f"Run: python -m monai.bundle run {command}")
+    files = ast.literal_eval(option(shlex.split(command), "--config_file"))
+    assert all((start / f).is_file() for f in files)  # relative to where the user is
+
+
+@pytest.mark.parametrize(
+    "listed, stage",
+    [
+        ("configs/train.json", "train"),  # was: run ID 'run' doesn't exist, after the whole config was read
+        ("['configs/train.json','../segmentation_2d/configs/train_teacher.json']", "train_teacher"),  # was: KeyError
+    ],
+)
+def test_a_3d_bundle_without_its_2d_train_json_ends_in_one_message(listed, stage, tmp_path):
+    """``python -m monai.bundle run --config_file ...`` typed in a 3D bundle without the 2D ``train.json``."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", listed, "--bundle_root", str(tmp_path)],
+        cwd=BUNDLES / "segmentation_3d",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith("ERROR: --config_file configs/train.json") and f"the {stage} stage of the bundle " in last
+    assert last.endswith(f"Run: {run_command(BUNDLES / 'segmentation_3d', stage)} --bundle_root {tmp_path}")
+    assert not list(tmp_path.iterdir())  # nothing made

@@ -225,6 +225,20 @@ def test_cli_infers_classification_from_integer_labels(tmp_path, capsys):
     assert "not a label-map path" not in out  # what checking the integers as segmentation labels said
 
 
+def test_cli_reads_json_labels_written_as_numbers_in_strings(tmp_path, capsys):
+    image = nifti(tmp_path / "img.nii.gz", np.zeros((4, 4), np.float32))
+    path = tmp_path / "cls.json"
+    path.write_text(json.dumps({"training": [{"image": image, "label": "0"}, {"image": image, "label": "1"}]}))
+    assert main(["check-data", "--datalist", str(path), "--num-classes", "2"]) == 0
+    assert capsys.readouterr().out.startswith("Task: classification")  # not label maps named "0" and "1"
+    path.write_text(json.dumps({"training": [{"image": image, "label": "0"}, {"image": image, "label": "1.0"}]}))
+    assert main(["check-data", "--datalist", str(path)]) == 1
+    assert capsys.readouterr().out == (
+        f"ERROR: Datalist '{path}': the label '1.0' of entry 1 of 'training' is neither a class index nor the path of "
+        'a label map. Write classification labels as integer class indices (1, not "1.0") or class names.\n'
+    )
+
+
 def test_allow_missing_classes_in_validation_only(tmp_path, seg_items, caplog, capsys):
     image = nifti(tmp_path / "img01.nii.gz", np.random.rand(8, 8).astype(np.float32))
     two_classes = {"image": image, "label": nifti(tmp_path / "l01.nii.gz", label_map((0, 1)))}
@@ -251,6 +265,16 @@ def test_allow_missing_classes_in_validation_only(tmp_path, seg_items, caplog, c
         "validation Dice leaves it out of the mean",
         "OK: 1 items checked",
     ]
+
+
+def test_a_0_255_mask_is_not_told_to_allow_missing_classes(tmp_path, seg_items, capsys):
+    image = nifti(tmp_path / "img01.nii.gz", np.random.rand(8, 8).astype(np.float32))
+    mask = {"image": image, "label": nifti(tmp_path / "l01.nii.gz", label_map((0, 255)))}
+    with pytest.raises(SystemExit):
+        check_before_run(write_datalist(tmp_path, seg_items, validation=[mask]), num_classes=3)
+    report = capsys.readouterr().err
+    assert "a 0/255 mask: divide it by 255" in report and "class 1 never appears" in report
+    assert "--allow_missing_classes" not in report  # the classes are hidden under 255, not missing
 
 
 def test_check_before_run_reads_a_file_per_list(tmp_path, seg_items, capsys):

@@ -130,6 +130,13 @@ def test_csv_class_names_as_labels_are_numbered_in_sorted_order_or_by_the_given_
         f"Datalist '{path}': labels '0' (line 3), '1.0' (line 5) are not one of the class names ['cat', 'dog']. Write "
         "each label as one of them (or every label as a class index 0..N-1)"
     )
+    path.write_text("image,label\n" + "".join(f"{i}.png,{i % 2}\n" for i in range(7)) + "7.png,malignant\n")
+    with pytest.raises(DataError) as err:  # the one class name is the odd cell out, not the seven indices
+        load_datalist(path)
+    assert str(err.value) == (
+        f"Datalist '{path}': label 'malignant' (line 9) is a class name but the other 7 labels of the 'training' list "
+        "are class indices. Write it as a class index too (0..N-1), or every label as a class name."
+    )
     path.write_text("image,label\na.png,0\nd.png,1.0\n")
     with pytest.raises(DataError, match=r"label '1.0' \(line 3\) is neither an integer class index, a class name"):
         load_datalist(path)

@@ -194,6 +194,21 @@ def test_a_checkpoint_trained_on_other_inputs_is_named_with_the_settings_it_need
         "or the plan file it was trained with), or train it for these settings in other folders (--bundle_root)."
     )
     assert input_settings({"patch_size": [96, 96], "pixdim": [1, 1]}, "classification") == {"patch_size": [96, 96]}
+    classifier = input_settings({"in_channels": 1, "patch_size": [64, 64], "normalization": {}}, "classification")
+    torch.save({"teacher": {}, "fingerprint": {"inputs": {**classifier, "axcodes": "RA"}}}, tmp_path / "teacher.pt")
+    with pytest.raises(CheckpointError) as err:  # was told to run with --patch_size, which a segmentation run has
+        check_trained_inputs({"teacher": tmp_path / "teacher.pt"}, {**trained, "axcodes": "RA"})
+    assert str(err.value).startswith(
+        f"checkpoint {tmp_path / 'teacher.pt'} (teacher) is a classification network, not a segmentation one: it is "
+        "another bundle's or data set's. Point --ckpt_dir (or --bundle_root) at checkpoints this bundle trained"
+    )
+    torch.save({"teacher": {}, "fingerprint": {"inputs": {**trained, "axcodes": "RA"}}}, tmp_path / "teacher.pt")
+    with pytest.raises(CheckpointError, match=r"is a network of 2D images, not 3D ones: it is another bundle's"):
+        check_trained_inputs({"teacher": tmp_path / "teacher.pt"}, trained)
+    torch.save({"teacher": {}, "fingerprint": {"inputs": {**trained, "strides": [2, 2, 1]}}}, tmp_path / "teacher.pt")
+    with pytest.raises(CheckpointError) as err:  # only what differs from what the run has
+        check_trained_inputs({"teacher": tmp_path / "teacher.pt"}, other)
+    assert "(--pixdim '[0.7, 0.7, 5.0]' --strides '[2, 2, 1]', or the plan file" in str(err.value)
 
 
 def test_every_stage_stops_on_checkpoints_trained_on_other_inputs(tmp_path):

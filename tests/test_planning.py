@@ -344,7 +344,10 @@ def test_plan_file_mistakes_are_named(tmp_path):
     with pytest.raises(ConfigError, match=r"medkd_plan.json is not valid JSON .*delete it"):
         read_plan(root / "medkd_plan.json")
     (root / "medkd_plan.json").unlink()
-    with pytest.raises(ConfigError, match="are 2D but this bundle has spatial_dims=3: use bundles/segmentation_2d"):
+    with pytest.raises(
+        ConfigError,
+        match="are 2D but this bundle has spatial_dims=3: run .*bundles/segmentation_2d/configs/train.json",
+    ):
         make_plan(str(root / "dataset.json"), spatial_dims=3)
     lists = dict.fromkeys(("training", "validation"), str(root / "dataset.json"))  # a bundle's datalists: one named
     with pytest.raises(ConfigError, match=f"images of {root / 'dataset.json'} are 2D but this bundle has spatial_"):
@@ -353,11 +356,17 @@ def test_plan_file_mistakes_are_named(tmp_path):
     for i in range(2):
         nib.save(nib.Nifti1Image(np.random.rand(8, 8, 8).astype(np.float32), np.eye(4)), tmp_path / f"v{i}.nii.gz")
     volumes.write_text(json.dumps({"training": [{"image": f"v{i}.nii.gz", "label": i} for i in range(2)]}))
-    with pytest.raises(ConfigError, match="are 3D but this bundle has spatial_dims=2: use bundles/classification_3d"):
+    with pytest.raises(
+        ConfigError,
+        match="are 3D but this bundle has spatial_dims=2: run .*bundles/classification_3d/configs/train.json",
+    ):
         make_plan(volumes, task="classification", spatial_dims=2)
     seg = tmp_path / "seg.json"  # the 2D segmentation bundle reorients to RA: the volumes are named, not a traceback
     seg.write_text(json.dumps({"training": [{"image": f"v{i}.nii.gz", "label": f"v{i}.nii.gz"} for i in range(2)]}))
-    with pytest.raises(ConfigError, match="are 3D but this bundle has spatial_dims=2: use bundles/segmentation_3d"):
+    with pytest.raises(
+        ConfigError,
+        match="are 3D but this bundle has spatial_dims=2: run .*bundles/segmentation_3d/configs/train.json",
+    ):
         make_plan(seg, task="segmentation", spatial_dims=2, axcodes="RA")
 
 

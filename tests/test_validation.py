@@ -1,8 +1,10 @@
 """Settings are checked before work starts, and every user error reaches the user as one message, exit status 1."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -15,10 +17,13 @@ from PIL import Image
 from medkd.errors import ConfigError, MedkdError, user_error
 from medkd.knowledge.routes import Route, parse_routes, preset_routes
 from medkd.validation import (
+    bundle_hint,
     check_command_line,
+    check_device,
     check_inputs,
     check_overrides,
     check_patch_size,
+    check_writable,
     command_line_overrides,
     total_stride,
 )
@@ -62,6 +67,65 @@ def test_command_line_check_applies_to_monai_bundle_run_only(tmp_path):
     with pytest.raises(ConfigError, match=r"without --dataset_dir: .* Add --dataset_dir /data/mine \(the folder"):
         check_command_line([main, *alone])
     check_command_line([main, *alone, "--dataset_dir", "/data/mine"])
+
+
+def test_a_gpu_that_torch_cannot_use_is_named_before_the_run(monkeypatch):
+    main = str(next(p for p in sys.modules["monai"].__path__)) + "/bundle/__main__.py"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(ConfigError, match=r"^--device cuda: this torch \(.*\) is built without CUDA; install a CUDA "
+                       "build of torch, or leave --device out to run on the CPU.$"):  # fmt: skip
+        check_command_line([main, "run", "--config_file", str(SEG2D / "train.json"), "--device", "cuda"])
+    check_device("cpu")
+    check_device("$torch.device('cuda')")  # an expression: evaluated by the bundle
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    with pytest.raises(ConfigError, match="no GPU is visible"):
+        check_device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    check_device("cuda")
+    with pytest.raises(ConfigError, match=r"there are 1 GPU\(s\), cuda:0..cuda:0; pick one"):
+        check_device("cuda:1")
+    with pytest.raises(ConfigError, match="'gpu' is not a device: use cpu, cuda or cuda:N"):
+        check_device("gpu")
+
+
+def test_a_folder_that_cannot_be_written_is_named_with_the_option_that_moves_it(tmp_path, monkeypatch):
+    from medkd.bundles import stage_workflow
+    from medkd.tools.compare import compare
+
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != read_only and access(path, mode))
+    with pytest.raises(ConfigError) as err:
+        check_writable({"output_dir": read_only / "eval"})
+    assert str(err.value) == (
+        f"{read_only}/eval (output_dir) cannot be written: {read_only} is read-only. Give --output_dir (or "
+        "--bundle_root, the folder the bundle writes models/, eval/ and runs/ under) a folder you can write to."
+    )
+    check_writable({"output_dir": tmp_path / "new" / "eval"})  # a folder that can be made
+    (tmp_path / "file").write_text("")
+    workflow = stage_workflow(SEG2D.parent, "train", bundle_root=str(tmp_path), ckpt_dir=str(tmp_path / "file" / "m"))
+    with pytest.raises(RuntimeError) as err:  # before any data is made or read
+        workflow.initialize()
+    assert str(user_error(err.value)).startswith(f"{tmp_path}/file/m (ckpt_dir) cannot be written: {tmp_path}/file is")
+    assert not (tmp_path / "data").exists()
+    with pytest.raises(ConfigError, match=r"\(output\) cannot be written: .* is read-only. Give --output a folder"):
+        compare(SEG2D.parent, output=read_only / "results")
+
+
+def test_the_bundle_for_other_images_is_named_by_the_command_to_type_where_the_user_is():
+    # was "use bundles/segmentation_3d", told in bundles/segmentation_3d to a run of its files in reverse order
+    assert bundle_hint(3, "segmentation", start=BUNDLES / "segmentation_2d") == (
+        "run python -m monai.bundle run --config_file "
+        "\"['configs/train.json','../segmentation_3d/configs/train.json']\" "
+        "--meta_file ../segmentation_3d/configs/metadata.json"
+    )
+    assert bundle_hint(2, start=BUNDLES.parent) == (
+        "run python -m monai.bundle run --config_file bundles/segmentation_2d/configs/train.json or python -m "
+        "monai.bundle run --config_file bundles/classification_2d/configs/train.json"
+    )
 
 
 @pytest.mark.parametrize(

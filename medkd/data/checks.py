@@ -52,14 +52,15 @@ logger = logging.getLogger(__name__)
 TASKS = ("segmentation", "classification")
 DATASET = "<datalist>"
 MISSING_CLASS = "missing_class"
+OUTSIDE_VALUES = "outside_values"  # label values that are no class's: a class they hide is not missing from the data
 
 
 @dataclass(frozen=True)
 class Problem:
     """One problem found in a datalist: the file (or entry) concerned and what is wrong with it.
 
-    ``kind`` tags problems that a setting can accept (``"missing_class"``: a class without samples); it is not
-    compared.
+    ``kind`` tags problems that a setting can accept (``"missing_class"``: a class without samples) or that explain
+    others (``"outside_values"``: label values that are no class's); it is not compared.
     """
 
     path: str
@@ -279,7 +280,7 @@ def check_datalist(
         if num_classes is not None:
             bad = [int(v) for v in values if int(v) not in class_of]
             if bad:
-                problems.append(Problem(label_path, _outside_problem(bad, label_values, num_classes)))
+                problems.append(Problem(label_path, _outside_problem(bad, label_values, num_classes), OUTSIDE_VALUES))
             seen.update(class_of[int(v)] for v in values if int(v) in class_of)
 
     if num_classes is not None and labels_checked:
@@ -407,7 +408,8 @@ def check_before_run(
         if not problems:
             continue
         errors.append(f"[{key}] {format_problems(problems, source)}")
-        if key != "training" and any(p.kind == MISSING_CLASS for p in problems):
+        kinds = {p.kind for p in problems}
+        if key != "training" and MISSING_CLASS in kinds and OUTSIDE_VALUES not in kinds:
             errors.append(
                 f"[{key}] A class absent from a small {key} split can be accepted with --allow_missing_classes True "
                 "(see docs/data.md)."

@@ -170,10 +170,24 @@ def _load_json(path: Path, key: str, base_dir: PathLike | None, class_names: Seq
     ]
     labels = content.get("labels")
     names = list(class_names) if class_names else list(labels.values()) if isinstance(labels, dict) else []
-    for item, entry in zip(items, entries, strict=True):  # MONAI resolved every label as a path: names back to indices
-        if isinstance(entry.get("label"), str) and entry["label"] in names:
-            item["label"] = names.index(entry["label"])
+    for i, (item, entry) in enumerate(zip(items, entries, strict=True)):  # MONAI resolved every label as a path
+        label = entry.get("label")
+        if isinstance(label, str) and label in names:
+            item["label"] = names.index(label)
+        elif isinstance(label, str) and _is_number(label.strip()) and not Path(item["label"]).is_file():
+            item["label"] = _numeric_label(path, key, i, label.strip())
     return items
+
+
+def _numeric_label(path: Path, key: str, index: int, label: str) -> int:
+    """A JSON label written as a number in a string (``"1"``, as a spreadsheet exports it): the class index it
+    names, or a :class:`DataError` when it is no integer (``"1.0"``)."""
+    if _is_int(label):
+        return int(label)
+    raise DataError(
+        f"Datalist '{path}': the label {label!r} of entry {index} of '{key}' is neither a class index nor the path "
+        'of a label map. Write classification labels as integer class indices (1, not "1.0") or class names.'
+    )
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
@@ -255,6 +269,9 @@ def _load_csv(path: Path, base_dir: PathLike | None, key: str, class_names: Sequ
                 bad_labels.append((line, label))
         items.append(item)
     if bad_labels:
+        named = [(line, row["label"]) for line, row in rows if names is not None and row.get("label") in names]
+        if len(named) < len(bad_labels) and all(_is_int(label) for _, label in bad_labels):
+            raise DataError(_odd_names_message(path, key, named, len(bad_labels)))
         raise DataError(_label_message(path, bad_labels, names))
     return items
 
@@ -315,6 +332,19 @@ def _label_message(path: Path, bad: Sequence[tuple[int, str]], names: Sequence[s
         f"Datalist '{path}': {'label' if len(bad) == 1 else 'labels'} {shown}{more} {verb} neither an integer class "
         "index, a class name nor the path of a label map. Classification labels are class indices 0..N-1 (write 1, "
         "not 1.0) or class names; for segmentation, the label must be the path of an existing label map."
+    )
+
+
+def _odd_names_message(path: Path, key: str, named: Sequence[tuple[int, str]], indices: int) -> str:
+    """The message for a few class-name labels among more class indices: the names are the odd cells out."""
+    shown = ", ".join(f"{value!r} (line {line})" for line, value in named[:5])
+    more = f" and {len(named) - 5} more" if len(named) > 5 else ""
+    one = len(named) == 1
+    return (
+        f"Datalist '{path}': {'label' if one else 'labels'} {shown}{more} "
+        f"{'is a class name' if one else 'are class names'} but the other {indices} labels of the {key!r} list are "
+        "class indices. Write "
+        f"{'it as a class index' if one else 'them as class indices'} too (0..N-1), or every label as a class name."
     )
 
 

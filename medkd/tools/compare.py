@@ -69,7 +69,7 @@ from medkd.tools.report import inference_ms, write_comparison
 from medkd.training.checkpoints import set_aside
 from medkd.training.evaluators import ENSEMBLE, ensemble_members
 from medkd.training.run_fingerprint import datalist_digest, fingerprint_changes
-from medkd.validation import check_overrides, parse_value
+from medkd.validation import check_overrides, check_writable, parse_value
 
 __all__ = ["compare", "compare_fingerprint", "claim_output", "reads_teacher", "run_settings", "add_compare_parser"]
 
@@ -248,6 +248,7 @@ def compare(
         raise ConfigError(f"--jobs and --threads must be at least 1, got --jobs {jobs}, --threads {threads}.")
     common = dict(overrides or {})
     check_overrides(stage_files(bundle, "evaluate"), common)
+    check_writable({"output": output}, root_key=None)
     claim_output(output, compare_fingerprint(bundle, common), fresh=fresh)
     teacher_dir = output / TEACHER
     runs = [(preset, seed) for seed in seeds for preset in presets]

@@ -102,13 +102,34 @@ def check_trained_inputs(
         trained = (load_checkpoint(path).get("fingerprint") or {}).get("inputs")
         if trained is None or (changes := fingerprint_changes({"inputs": trained}, {"inputs": dict(inputs)})) == []:
             continue
-        back = " ".join(f"--{k} '{json.dumps(v)}'" for k, v in trained.items() if inputs.get(k) != v)
+        if kind := _other_kind(trained, inputs):
+            raise CheckpointError(
+                f"checkpoint {path} ({name}) is {kind}: it is another bundle's or data set's. Point --ckpt_dir (or "
+                "--bundle_root) at checkpoints this bundle trained on this data, or train them here."
+            )
+        back = " ".join(f"--{k} '{json.dumps(v)}'" for k, v in trained.items() if k in inputs and inputs[k] != v)
         raise CheckpointError(
             f"checkpoint {path} ({name}) was trained on other inputs than this run gives it: "
             f"{'; '.join(c.removeprefix('inputs ') for c in changes)}. Run with the settings it was trained with "
-            f"({back}, or the plan file it was trained with), or train it for these settings in other folders "
-            "(--bundle_root)."
+            f"({back + ', or ' if back else ''}the plan file it was trained with), or train it for these settings in "
+            "other folders (--bundle_root)."
         )
+
+
+def _other_kind(trained: Mapping[str, Any], inputs: Mapping[str, Any]) -> str | None:
+    """How a checkpoint's recorded inputs differ in kind from this run's (another task, images of other dimensions),
+    where no setting could give them back; ``None`` when they differ only in settings."""
+    from medkd.training.run_fingerprint import INPUT_KEYS
+
+    tasks = [
+        next((t for t, keys in INPUT_KEYS.items() if set(keys) <= set(record)), None) for record in (trained, inputs)
+    ]
+    if None not in tasks and tasks[0] != tasks[1]:
+        return f"a {tasks[0]} network, not a {tasks[1]} one"
+    dims = [len(str(record.get("axcodes", ""))) for record in (trained, inputs)]
+    if all(dims) and dims[0] != dims[1]:
+        return f"a network of {dims[0]}D images, not {dims[1]}D ones"
+    return None
 
 
 def trained_files(load_dir: str | os.PathLike, networks: Iterable[str]) -> dict[str, Path]:
