@@ -20,7 +20,7 @@ from typing import Any
 from monai.bundle import ConfigParser
 from monai.bundle.config_item import ComponentLocator
 from monai.bundle.reference_resolver import ReferenceResolver
-from monai.bundle.utils import ID_SEP_KEY, MACRO_KEY
+from monai.bundle.utils import ID_SEP_KEY, MACRO_KEY, MERGE_KEY
 
 from medkd.bundles import known_keys
 from medkd.errors import ConfigError
@@ -58,7 +58,8 @@ def json_error(path: str | os.PathLike, error: json.JSONDecodeError) -> ConfigEr
 
 
 def _top(ref: str) -> str:
-    return ref.replace("#", ID_SEP_KEY).split(ID_SEP_KEY)[0]
+    """The top-level key of an id or a file's key (``train#trainer`` → ``train``; a ``+`` merge key → its key)."""
+    return ref.replace("#", ID_SEP_KEY).split(ID_SEP_KEY)[0].removeprefix(MERGE_KEY)
 
 
 def _strings(node: Any, where: str = "") -> Iterator[tuple[str, str]]:
@@ -100,7 +101,7 @@ def check_config_keys(config_files: Sequence[str | os.PathLike], overrides: Mapp
     contents = {str(path): read_config_file(path) for path in config_files}
     overrides = dict(overrides or {})
     merged = {key: value for content in contents.values() for key, value in content.items()}
-    defined = set(merged) | {_top(key) for key in overrides} | {"_meta_"}
+    defined = {_top(key) for key in merged} | {_top(key) for key in overrides} | {"_meta_"}
     referred = references([merged, overrides])
     known = known_keys()
     for path, content in contents.items():
