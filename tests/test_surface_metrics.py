@@ -120,7 +120,7 @@ def test_a_comparison_reports_hd95_and_nsd_and_counts_lower_distances_as_gains()
         {"preset": p, "seed": 1, "network": "sp", "mean_dice": 0.8, "hd95": d, "nsd": 0.7, "hd95:a": d}
         for p, d in (("student", 2.0), ("kd", 1.5))
     ]
-    assert "| mean_dice | hd95 | nsd | hd95:a |" in summarize(rows)
+    assert "| mean_dice | hd95 | hd95:a | nsd |" in summarize(rows)
     assert "| -0.5000 (1/1) |" in paired_gains(rows)  # kd's distance is 0.5 lower: a gain
 
 
@@ -133,6 +133,8 @@ def test_evaluate_writes_hd95_and_nsd_per_class_and_per_case(tmp_path):
     for column in ("hd95", "nsd", "hd95:dim_object", "nsd:bright_object"):
         assert f"| {column} |" in header
     assert "(dim_object 1, bright_object 2; `surface_tolerance_mm`)" in results
+    history = (tmp_path / "eval" / "history_students.csv").read_text().splitlines()[0]
+    assert "mean_dice" in history and "hd95" not in history and "nsd" not in history  # validation: Dice only
     rows = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert all(0.0 <= r["nsd"] <= 1.0 for r in rows)
     for metric in ("hd95", "nsd"):

@@ -127,8 +127,9 @@ class ResultsTable:
         tolerances = ", ".join(f"{c} {t:g}" for c, t in zip(self.class_names, self.surface_tolerances, strict=True))
         return (
             "hd95: the 95th-percentile Hausdorff distance between the prediction's and the label map's surfaces, in "
-            "the images' unit (mm; lower is better); nsd: the normalised surface Dice, the share of both surfaces "
-            f"within a tolerance of the other ({tolerances}; `surface_tolerance_mm`)."
+            "the unit of the images' spacing (`pixdim`: mm for most scans; lower is better); nsd: the normalised "
+            f"surface Dice, the share of both surfaces within a tolerance of the other ({tolerances}; "
+            "`surface_tolerance_mm`)."
         )
 
     def absent_note(self, details: Mapping[str, Any] | None) -> str:
@@ -287,10 +288,11 @@ def _mean_std(values: Sequence[float], sign: str = "") -> str:
 
 
 def _score_columns(rows: Sequence[Mapping]) -> list[str]:
-    """The metrics found in ``rows``, then their per-class columns (``"mean_dice:<class>"``), in first-seen order."""
+    """The metrics found in ``rows``, each followed by its per-class columns (``"mean_dice:<class>"``, in first-seen
+    order)."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
     metrics = [m for m in METRICS if m in keys]
-    return metrics + [k for k in keys if ":" in k and k.split(":")[0] in metrics]
+    return [c for m in metrics for c in (m, *(k for k in keys if ":" in k and k.split(":")[0] == m))]
 
 
 def summarize(rows: Sequence[Mapping]) -> str:

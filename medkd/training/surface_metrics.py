@@ -1,7 +1,7 @@
 """Surface metrics of a segmentation, scored at the evaluate stage beside Dice: MONAI's 95th-percentile Hausdorff
 distance (HD95) and normalised surface Dice (NSD), without the background, in the images' physical unit
-(millimetres for NIfTI and DICOM) from the spacing in each label map's affine, i.e. the bundle's ``pixdim`` after
-its resampling.
+(millimetres for most scans, micrometres for the embedded SEM images) from the spacing in each label map's affine,
+i.e. the bundle's ``pixdim`` after its resampling.
 
 Where a class is in neither the label map nor the prediction, both are NaN (no score, as Dice). Where it is in only
 one of them (a missed class, or one predicted where the label has none), HD95 is ``inf`` (no surface to measure to)
@@ -50,8 +50,8 @@ def surface_tolerances(
     values = list(tolerance) if isinstance(tolerance, Sequence) else [tolerance] * len(class_names)
     if len(values) != len(class_names) or not all(isinstance(v, (int, float)) and v > 0 for v in values):
         raise ConfigError(
-            f"surface_tolerance_mm: got {tolerance!r}; give one positive distance in the images' unit (mm) for "
-            f"every class, or one per foreground class {list(class_names)}, or null for one voxel of pixdim."
+            f"surface_tolerance_mm: got {tolerance!r}; give one positive distance in the unit of pixdim (mm for most "
+            f"scans) for every class, or one per foreground class {list(class_names)}, or null for one voxel of pixdim."
         )
     return [float(v) for v in values]
 
