@@ -4,6 +4,7 @@ missed and absent classes, and their columns in results.md, the per-case CSV fil
 import csv
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -113,6 +114,26 @@ def test_results_table_leaves_infinite_distances_out_and_counts_them():
     assert table.infinite_note(details).startswith("Infinite scores (hd95 of sp: a in 1 of 3, b in 1 of 3) are")
     assert table.infinite_note({"val_hd95_sp": torch.ones(3, 2)}) == ""
     assert "(a 0.5, b 1; `surface_tolerance_mm`)" in table.surface_note()
+
+
+def test_results_md_says_that_an_empty_prediction_is_infinite(tmp_path):
+    empty, square = torch.zeros(12, 12), squares(0)
+    hd95, nsd = HD95Metric(), NSDMetric([0.5])
+    for pred in (square, empty):  # the second image: the network predicted nothing
+        hd95(one_hot(pred, [0.5, 0.5]), one_hot(square, [0.5, 0.5]))
+        nsd(one_hot(pred, [0.5, 0.5]), one_hot(square, [0.5, 0.5]))
+    state = SimpleNamespace(
+        metrics={"val_hd95_sp": float(hd95.aggregate()), "val_nsd_sp": float(nsd.aggregate())},
+        metric_details={"val_hd95_sp": hd95.get_buffer(), "val_nsd_sp": nsd.get_buffer()},
+    )
+    ResultsTable(str(tmp_path), class_names=["a"], surface_tolerances=[0.5])(SimpleNamespace(state=state))
+    assert json.loads((tmp_path / "results.json").read_text()) == [
+        {"network": "sp", "hd95": 0.0, "hd95:a": 0.0, "nsd": 0.5, "nsd:a": 0.5}
+    ]
+    assert (
+        "Infinite scores (hd95 of sp: a in 1 of 2) are images where only one of the prediction and the label"
+        in (tmp_path / "results.md").read_text()
+    )
 
 
 def test_a_comparison_reports_hd95_and_nsd_and_counts_lower_distances_as_gains():
