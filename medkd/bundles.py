@@ -126,7 +126,8 @@ STAGE_KEYS = {
 # samples several patches per volume
 _SEGMENTATION_KEYS = frozenset({
     "pixdim", "interp_modes", "crop", "strides", "teacher_channels", "compression", "student_channels",
-    "sw_overlap", "sw_batch_size", "label_values", "map_labels",
+    "sw_overlap", "sw_batch_size", "label_values", "map_labels", "surface_tolerance_mm",
+    "surface_tolerances",
 })  # fmt: skip
 OWN_KEYS = {
     "segmentation_2d": _SEGMENTATION_KEYS,

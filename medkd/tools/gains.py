@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medkd.training.evaluators import metric_name
+from medkd.training.evaluators import LOWER_IS_BETTER, metric_name
 
 __all__ = [
     "RESAMPLES",
@@ -45,10 +45,11 @@ Scorer = Callable[[np.ndarray], np.ndarray]
 
 
 def mean_scorer(values: Sequence[float]) -> Scorer:
-    """The scorer of a metric that is the mean of per-image scores (Dice, accuracy); NaN images (Dice without the
-    class in the label map nor the prediction) are left out, as in the metric itself."""
+    """The scorer of a metric that is the mean of per-image scores (Dice, accuracy, HD95); images without a finite
+    score (Dice without the class in the label map nor the prediction, an infinite HD95) are left out, as in the
+    metric's mean in ``results.md``."""
     values = np.asarray(values, dtype=np.float64)
-    scored = ~np.isnan(values)
+    scored = np.isfinite(values)
     filled = np.where(scored, values, 0.0)
     return lambda counts: (counts @ filled) / np.maximum(counts @ scored, 1e-12)
 
@@ -152,11 +153,17 @@ def bootstrap_interval(
     return float(low), float(high)
 
 
-def gap_recovered(distilled: float, alone: float, teacher: float) -> float | None:
+def better(metric: str) -> int:
+    """``1`` for a metric a better network raises (Dice, AUC), ``-1`` for one it lowers (HD95)."""
+    return -1 if metric in LOWER_IS_BETTER else 1
+
+
+def gap_recovered(distilled: float, alone: float, teacher: float, sign: int = 1) -> float | None:
     """The share of the teacher–student gap a method closes, ``(distilled - alone) / (teacher - alone)``; ``None``
-    when the teacher does not score above the student trained alone (no gap to close)."""
+    when the teacher does not score better than the student trained alone (no gap to close; ``sign``
+    :func:`better`)."""
     gap = teacher - alone
-    return (distilled - alone) / gap if gap > 0 else None
+    return (distilled - alone) / gap if sign * gap > 0 else None
 
 
 @dataclass
@@ -228,7 +235,7 @@ def method_gains(rows: Sequence[Mapping], metrics: Sequence[str], evals: Runs, b
             method_scores, alone_scores = ([_value(row, metric) for row in side] for side in zip(*scored, strict=True))
             reference = _value(teacher, metric)
             gap = None if reference is None else gap_recovered(
-                statistics.mean(method_scores), statistics.mean(alone_scores), reference
+                statistics.mean(method_scores), statistics.mean(alone_scores), reference, better(metric)
             )  # fmt: skip
             gains = [m - a for m, a in zip(method_scores, alone_scores, strict=True)]
             found.append(Gain(method, network, metric, gains, _interval(metric, scored, rows, evals), gap))
@@ -243,6 +250,6 @@ def gain_cells(gain: Gain) -> dict[str, str]:
     return {
         "gain": f"{gain.mean:+.4f}{spread}{mark}",
         "95% CI": interval,
-        "seeds won": f"{sum(g > 0 for g in gain.gains)}/{len(gain.gains)}",
+        "seeds won": f"{sum(better(gain.metric) * g > 0 for g in gain.gains)}/{len(gain.gains)}",
         "gap recovered": "–" if gain.gap is None else f"{gain.gap:.0%}",
     }

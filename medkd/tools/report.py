@@ -45,7 +45,7 @@ GAINS_LEGEND = """\
 - 95% CI: the gain's 95 % confidence interval from a paired bootstrap over test images and seeds ({resamples} \
 resamples, the same drawn images for both methods; `medkd.tools.gains`); – where per-image scores were not saved.
 - (n.s.): not shown, the interval contains 0.
-- seeds won: seeds with a gain / seeds paired.
+- seeds won: seeds with a gain (for hd95, a lower distance) / seeds paired.
 - gap recovered: (method − alone) / (teacher − alone), means over the paired seeds, the teacher from this \
 comparison; – where the teacher does not score above the network trained alone."""
 
@@ -79,10 +79,14 @@ class ResultsTable:
         class_names: names of the classes that a metric scores one by one, in its order (for Dice without the
             background: the foreground classes). Each network's per-image scores (``engine.state.metric_details``,
             shape ``(images, classes)``) are then averaged per class into columns ``"<metric>:<class>"``, e.g.
-            ``"mean_dice:tumour"``; NaN scores (a class absent from an image and from its prediction) are skipped.
+            ``"mean_dice:tumour"``; NaN scores (a class absent from an image's label map, or from it and its
+            prediction) and infinite ones (the HD95 of a class in only one of them) are left out, and counted in
+            ``results.md``.
         ensemble: the networks averaged into the ``"ensemble"`` row (see
             :func:`medkd.training.evaluators.ensemble_members`);
             its parameter count is the sum of theirs.
+        surface_tolerances: the NSD tolerance of each of ``class_names``, when the evaluation scores HD95 and NSD
+            (:mod:`medkd.training.surface_metrics`): ``results.md`` then says what they measure, in which unit.
     """
 
     def __init__(
@@ -92,8 +96,10 @@ class ResultsTable:
         extra: Mapping | None = None,
         class_names: Sequence[str] | None = None,
         ensemble: Sequence[str] = (),
+        surface_tolerances: Sequence[float] | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
+        self.surface_tolerances = None if surface_tolerances is None else list(surface_tolerances)
         self.networks = dict(networks or {})
         self.ensemble = list(ensemble)
         self.extra = dict(extra or {})
@@ -115,13 +121,25 @@ class ResultsTable:
             row[metric] = float(value)
             per_image = self._class_scores((details or {}).get(name))
             if per_image is not None:
-                for cls, score in zip(self.class_names, per_image.nanmean(dim=0).tolist(), strict=True):
+                for cls, score in zip(self.class_names, _finite_mean(per_image).tolist(), strict=True):
                     row[f"{metric}:{cls}"] = score
         for network, row in table.items():
             members = self.ensemble if network == ENSEMBLE else [network]
             if members and all(m in self.networks for m in members):
                 row["params"] = sum(p.numel() for m in members for p in self.networks[m].parameters())
         return list(table.values())
+
+    def surface_note(self) -> str:
+        """What the HD95 and NSD columns measure, in which unit and at which tolerances; ``""`` without them."""
+        if self.surface_tolerances is None:
+            return ""
+        tolerances = ", ".join(f"{c} {t:g}" for c, t in zip(self.class_names, self.surface_tolerances, strict=True))
+        return (
+            "hd95: the 95th-percentile Hausdorff distance between the prediction's and the label map's surfaces, in "
+            "the unit of the images' spacing (`pixdim`: mm for most scans; lower is better); nsd: the normalised "
+            f"surface Dice, the share of both surfaces within a tolerance of the other ({tolerances}; "
+            "`surface_tolerance_mm`)."
+        )
 
     def absent_note(self, details: Mapping[str, Any] | None) -> str:
         """A note naming the classes that some images lack (their per-image score is NaN: Dice is undefined without
@@ -139,6 +157,27 @@ class ResultsTable:
             "its mean: a network's false positives on them are not counted."
         )
 
+    def infinite_note(self, details: Mapping[str, Any] | None) -> str:
+        """A note counting, for each metric and network, the images whose score of a class is infinite (the HD95 of
+        a class that only one of the prediction and the label map has: a missed class, or one predicted where there
+        is none), left out of the means; ``""`` when there are none."""
+        counts = []
+        for name, values in (details or {}).items():
+            per_image, parsed = self._class_scores(values), split_metric_name(name)
+            if per_image is None or parsed is None or not torch.isinf(per_image).any():
+                continue
+            infinite = torch.isinf(per_image).sum(dim=0).tolist()
+            images = per_image.shape[0]
+            classes = [f"{c} in {n} of {images}" for c, n in zip(self.class_names, infinite, strict=True) if n]
+            counts.append(f"{parsed[0]} of {parsed[1]}: {', '.join(classes)}")
+        if not counts:
+            return ""
+        return (
+            f"Infinite scores ({'; '.join(counts)}) are images where only one of the prediction and the label map has "
+            "the class (a missed class, or one predicted where there is none): left out of the means above; the "
+            "per-case CSV files show them as inf, and their NSD is 0 and counted."
+        )
+
     def _class_scores(self, values: Any) -> torch.Tensor | None:
         """``values`` as per-image scores ``(images, classes)`` of ``class_names``, or ``None`` where they are not
         (no class names, another number of columns, or the AUC's saved predictions and labels)."""
@@ -152,10 +191,16 @@ class ResultsTable:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / RESULTS_JSON).write_text(json.dumps(rows, indent=2), encoding="utf-8")
         table = markdown_table(rows)
-        if note := self.absent_note(details):
-            table += f"\n\n{note}"
+        for note in (self.surface_note(), self.absent_note(details), self.infinite_note(details)):
+            table += f"\n\n{note}" if note else ""
         (self.output_dir / RESULTS_MD).write_text(table + "\n", encoding="utf-8")
         print(f"\nResults ({self.output_dir / RESULTS_MD}):\n{table}\n", flush=True)
+
+
+def _finite_mean(per_image: torch.Tensor) -> torch.Tensor:
+    """The mean of each column of ``per_image`` over its finite values; NaN for a column without any."""
+    finite = torch.isfinite(per_image)
+    return torch.where(finite, per_image, 0.0).sum(dim=0) / finite.sum(dim=0)
 
 
 class NameClassColumns:
@@ -256,10 +301,11 @@ def _mean_std(values: Sequence[float], sign: str = "") -> str:
 
 
 def _score_columns(rows: Sequence[Mapping]) -> list[str]:
-    """The metrics found in ``rows``, then their per-class columns (``"mean_dice:<class>"``), in first-seen order."""
+    """The metrics found in ``rows``, each followed by its per-class columns (``"mean_dice:<class>"``, in first-seen
+    order)."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
     metrics = [m for m in METRICS if m in keys]
-    return metrics + [k for k in keys if ":" in k and k.split(":")[0] in metrics]
+    return [c for m in metrics for c in (m, *(k for k in keys if ":" in k and k.split(":")[0] == m))]
 
 
 def summarize(rows: Sequence[Mapping]) -> str:

@@ -29,9 +29,11 @@ from medkd.errors import ConfigError, UserErrorsFirst
 from medkd.knowledge.routes import TEACHER
 from medkd.training.compiling import compiled_inferer
 from medkd.training.layout import channels_last as to_channels_last
+from medkd.training.surface_metrics import HD95Metric, NSDMetric
 
 __all__ = [
     "METRICS",
+    "LOWER_IS_BETTER",
     "ENSEMBLE",
     "metric_name",
     "split_metric_name",
@@ -52,7 +54,10 @@ __all__ = [
 ]
 
 
-METRICS = ("mean_dice", "auc", "acc", "bacc")  # the metrics the bundles compute, as named in results tables
+# the metrics the bundles compute, as named in results tables; the segmentation bundles score hd95 and nsd (see
+# medkd.training.surface_metrics) at the evaluate stage only
+METRICS = ("mean_dice", "hd95", "nsd", "auc", "acc", "bacc")
+LOWER_IS_BETTER = frozenset({"hd95"})  # the metrics of METRICS that a better network lowers
 ENSEMBLE = "ensemble"  # the name under which the students' ensemble is scored (metrics, predictions, tables)
 
 
@@ -278,14 +283,28 @@ def segmentation_postprocessing(networks: Sequence[str], num_classes: int) -> Co
     )
 
 
-def segmentation_metrics(networks: Sequence[str]) -> dict[str, MeanDice]:
-    """Mean Dice (background excluded) per network, named ``val_mean_dice_<network>``."""
-    return {
-        metric_name("mean_dice", n): MeanDice(
-            include_background=False, output_transform=from_engine([pred_key(n), Keys.LABEL])
-        )
-        for n in networks
+def segmentation_metrics(
+    networks: Sequence[str], surface_tolerances: Sequence[float] | None = None
+) -> dict[str, IgniteMetricHandler]:
+    """Mean Dice (background excluded) per network, named ``val_mean_dice_<network>``; with ``surface_tolerances``
+    (one per foreground class, :func:`medkd.training.surface_metrics.surface_tolerances`), also each network's HD95
+    (``val_hd95_<network>``) and normalised surface Dice at those tolerances (``val_nsd_<network>``), in the label
+    maps' physical unit (:mod:`medkd.training.surface_metrics`). Validation during training scores Dice only."""
+    metrics: dict[str, IgniteMetricHandler] = {
+        metric_name("mean_dice", n): MeanDice(include_background=False, output_transform=_outputs(n)) for n in networks
     }
+    if surface_tolerances is not None:
+        for n in networks:
+            metrics[metric_name("hd95", n)] = IgniteMetricHandler(metric_fn=HD95Metric(), output_transform=_outputs(n))
+            metrics[metric_name("nsd", n)] = IgniteMetricHandler(
+                metric_fn=NSDMetric(surface_tolerances), output_transform=_outputs(n)
+            )
+    return metrics
+
+
+def _outputs(network: str) -> Callable:
+    """Output transform of a metric of ``network``: its prediction and the label."""
+    return from_engine([pred_key(network), Keys.LABEL])
 
 
 def classification_postprocessing(networks: Sequence[str], num_classes: int) -> Compose:
@@ -373,7 +392,7 @@ def classification_metrics(networks: Sequence[str], with_accuracy: bool = True) 
     metrics: dict[str, Any] = {}
     for n in networks:
         metrics[metric_name("auc", n)] = IgniteMetricHandler(
-            metric_fn=PresentClassesROCAUC(), output_transform=from_engine([pred_key(n), Keys.LABEL])
+            metric_fn=PresentClassesROCAUC(), output_transform=_outputs(n)
         )
         if with_accuracy:
             metrics[metric_name("acc", n)] = Accuracy(output_transform=_stacked(n))
