@@ -393,6 +393,12 @@ class ResumeCheckpoint:
             )
         engine.state.max_epochs = max_epochs
         self.saved_epoch = engine.state.epoch
+        batches = _batches(engine.state.dataloader)
+        if batches and engine.state.epoch_length % batches:
+            self._warn_not_identical(
+                f"its epochs ({engine.state.epoch_length} iterations) end within a pass over the training data "
+                f"({batches} batches), which a resumed run starts from its beginning"
+            )
         done = " (training already complete)" if engine.state.epoch == max_epochs else ""
         logging.getLogger("medkd").info(
             "resumed from %s at epoch %d of %d%s", self.path, engine.state.epoch, max_epochs, done
@@ -405,6 +411,14 @@ class ResumeCheckpoint:
             self.path,
             why,
         )
+
+
+def _batches(loader: Any) -> int | None:
+    """The number of batches of one pass over ``loader``, or ``None`` when it has no length."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 class LoadNetworks:
