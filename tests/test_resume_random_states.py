@@ -17,7 +17,8 @@ from medkd.training.random_states import RandomStates
 
 BUNDLE = "segmentation_2d"
 EPOCHS = 2
-ITERATIONS = 2  # per epoch: 4 training images, batch size 2
+# per epoch: the teacher's end within a pass over the 4 training images (2 batches of 2), the students' with one
+ITERATIONS = {"train_teacher": 3, "train": 2}
 # augmentation on (whatever the tiny data's plan says), the loader shuffling in the main process
 SETTINGS = {
     **TINY[BUNDLE],
@@ -41,7 +42,8 @@ def _interrupt(engine):
 def _train(stage, root, interrupt_at=None):
     """Run ``stage`` in ``root``; with ``interrupt_at``, press Ctrl-C after that iteration and return the one-line
     message the run stops with."""
-    workflow = stage_workflow(BUNDLES / BUNDLE, stage, bundle_root=str(root), **SETTINGS)
+    settings = {**SETTINGS, "iterations_per_epoch": ITERATIONS[stage]}
+    workflow = stage_workflow(BUNDLES / BUNDLE, stage, bundle_root=str(root), **settings)
     workflow.initialize()
     if interrupt_at is None:
         workflow.run()
@@ -76,7 +78,7 @@ def runs(tmp_path_factory):
     messages = {}
     for stage in FILES:
         _train(stage, straight)
-        messages[stage] = _train(stage, resumed, interrupt_at=ITERATIONS + 1)
+        messages[stage] = _train(stage, resumed, interrupt_at=ITERATIONS[stage] + 1)
         _train(stage, resumed)
     return straight, resumed, messages
 
@@ -87,7 +89,7 @@ def test_resumed_run_equals_uninterrupted_run(runs, stage):
     checkpoint, history = FILES[stage]
     a = torch.load(straight / "models" / checkpoint, weights_only=True)
     b = torch.load(resumed / "models" / checkpoint, weights_only=True)
-    assert a["engine"]["iteration"] == EPOCHS * ITERATIONS
+    assert a["engine"]["iteration"] == EPOCHS * ITERATIONS[stage]
     _same({k: v for k, v in a.items() if k != "fingerprint"}, {k: v for k, v in b.items() if k != "fingerprint"})
     assert (straight / "eval" / history).read_text() == (resumed / "eval" / history).read_text()
 
@@ -97,8 +99,8 @@ def test_ctrl_c_says_where_and_how_to_resume(runs, stage):
     _, resumed, messages = runs
     path = resumed / "models" / FILES[stage][0]
     assert messages[stage] == (
-        f"Interrupted at epoch 2 (iteration {ITERATIONS + 1}): the last checkpoint is {path} (epoch 1); run the same "
-        "command again to resume."
+        f"Interrupted at epoch 2 (iteration {ITERATIONS[stage] + 1}): the last checkpoint is {path} (epoch 1); run the "
+        "same command again to resume."
     )
 
 
@@ -113,14 +115,14 @@ def test_ctrl_c_prints_one_line_and_exits_130():
 
 
 def test_checkpoint_without_random_states_resumes_with_a_warning(tmp_path, capsys):
-    _train("train_teacher", tmp_path, interrupt_at=ITERATIONS + 1)
+    _train("train_teacher", tmp_path, interrupt_at=ITERATIONS["train_teacher"] + 1)
     path = tmp_path / "models" / "last_teacher.pt"
     old = torch.load(path, weights_only=True)
     del old["random_states"]
     torch.save(old, path)
     _train("train_teacher", tmp_path)
     assert "holds no random states" in capsys.readouterr().out
-    assert torch.load(path, weights_only=True)["engine"]["iteration"] == EPOCHS * ITERATIONS
+    assert torch.load(path, weights_only=True)["engine"]["iteration"] == EPOCHS * ITERATIONS["train_teacher"]
 
 
 def test_random_states_cover_the_transforms_and_the_sampler():

@@ -28,7 +28,7 @@ from medkd.training.checkpoints import (
 from medkd.training.distributed import unwrap
 from medkd.training.engines import iteration_losses
 from medkd.training.evaluators import metric_name
-from medkd.training.random_states import RandomStates
+from medkd.training.random_states import DataPass, RandomStates
 from medkd.training.run_fingerprint import fingerprint_changes
 
 __all__ = [
@@ -206,6 +206,7 @@ class FinalValidation:
 
 
 _RANDOM_STATES = "random_states"
+_DATA_PASS = "data_pass"
 _CHOICES = (
     "Its files stay as they are. To keep both runs, give this one other output folders (--ckpt_dir and --output_dir, "
     "or --bundle_root; with python -m medkd compare, another --output, or --fresh); to start over in this "
@@ -222,12 +223,13 @@ class ResumeCheckpoint:
     :class:`~medkd.training.engines.DistillationTrainer` every student, its optimizer, the routes' adapters and the AMP
     scaler; for a :class:`~medkd.training.engines.TeacherTrainer` the network, its optimizer and the scaler), ``extra``
     stateful objects (e.g. :class:`BestCheckpoints`), the random states
-    (:class:`~medkd.training.random_states.RandomStates` of the engine's data loader, rank 0's in a multi-GPU run)
-    and the run's ``fingerprint``. At ``Events.STARTED``, if the file exists and ``resume`` is true, all of it is
-    loaded and training continues from the saved epoch, drawing the random numbers an uninterrupted run would have
-    drawn (a file without random states, written by an older medkd, resumes with a warning that it does not). A
-    corrupt or mismatched file, or one written by another run (its fingerprint differs, or it has none), stops the
-    run with an error naming it and what changed; nothing is written.
+    (:class:`~medkd.training.random_states.RandomStates` of the engine's data loader, rank 0's in a multi-GPU run,
+    and the :class:`~medkd.training.random_states.DataPass` the epoch ended in) and the run's ``fingerprint``. At
+    ``Events.STARTED``, if the file exists and ``resume`` is true, all of it is loaded and training continues from
+    the saved epoch, drawing the random numbers an uninterrupted run would have drawn (a file without random states,
+    written by an older medkd, resumes with a warning that it does not). A corrupt or mismatched file, or one written
+    by another run (its fingerprint differs, or it has none), stops the run with an error naming it and what
+    changed; nothing is written.
 
     It also makes Ctrl-C during training leave the engine as one line saying where the run stopped, which
     checkpoint is the last and that the same command resumes (:meth:`interrupted`; see
@@ -277,6 +279,7 @@ class ResumeCheckpoint:
         if self.settings_file is not None:
             self.set_aside.append(self.settings_file)
         self.saved_epoch: int | None = None  # the epoch of the checkpoint on disk, once saved or resumed from
+        self.data_pass = DataPass()
 
     def attach(self, engine: Engine) -> None:
         """Resume at ``STARTED``, save at ``EPOCH_COMPLETED`` (list it after the validation handlers); become the
@@ -284,16 +287,19 @@ class ResumeCheckpoint:
         engine.add_event_handler(Events.STARTED, self.load)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self.save)
         engine.resume_checkpoint = self
+        self.data_pass.attach(engine)
 
     def objects(self, engine: Engine) -> dict[str, Any]:
         """The objects saved and restored, by name: the engine, ``extra``, what the trainer says a checkpoint
         must hold (``checkpoint_objects()`` of :class:`~medkd.training.engines.DistillationTrainer` and
-        :class:`~medkd.training.engines.TeacherTrainer`) and ``random_states``."""
+        :class:`~medkd.training.engines.TeacherTrainer`), ``random_states`` and then ``data_pass`` (restored in this
+        order)."""
         return {
             "engine": engine,
             **self.extra,
             **engine.checkpoint_objects(),
             _RANDOM_STATES: RandomStates(engine.state.dataloader),
+            _DATA_PASS: self.data_pass,
         }
 
     def interrupted(self, engine: Engine) -> KeyboardInterrupt:
@@ -357,6 +363,7 @@ class ResumeCheckpoint:
         afresh (:meth:`start_fresh`). Then write ``settings``."""
         if not (self.resume and self.path.is_file()):
             self.start_fresh()
+            self.data_pass.begin(engine)
         else:
             self._resume(engine)
         if self.settings_file is not None and idist.get_rank() == 0:
@@ -367,7 +374,8 @@ class ResumeCheckpoint:
         max_epochs = engine.state.max_epochs
         objects = self.objects(engine)
         if _RANDOM_STATES not in checkpoint:
-            del objects[_RANDOM_STATES]
+            del objects[_RANDOM_STATES], objects[_DATA_PASS]
+            self.data_pass.begin(engine)
         missing = sorted(set(objects) - set(checkpoint))
         self._check_fingerprint(checkpoint, missing)
         if missing:
@@ -393,12 +401,6 @@ class ResumeCheckpoint:
             )
         engine.state.max_epochs = max_epochs
         self.saved_epoch = engine.state.epoch
-        batches = _batches(engine.state.dataloader)
-        if batches and engine.state.epoch_length % batches:
-            self._warn_not_identical(
-                f"its epochs ({engine.state.epoch_length} iterations) end within a pass over the training data "
-                f"({batches} batches), which a resumed run starts from its beginning"
-            )
         done = " (training already complete)" if engine.state.epoch == max_epochs else ""
         logging.getLogger("medkd").info(
             "resumed from %s at epoch %d of %d%s", self.path, engine.state.epoch, max_epochs, done
@@ -411,14 +413,6 @@ class ResumeCheckpoint:
             self.path,
             why,
         )
-
-
-def _batches(loader: Any) -> int | None:
-    """The number of batches of one pass over ``loader``, or ``None`` when it has no length."""
-    try:
-        return len(loader)
-    except TypeError:
-        return None
 
 
 class LoadNetworks:

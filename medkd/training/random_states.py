@@ -7,7 +7,8 @@ shuffling, a sampler without a generator of its own, dropout, the ``worker_init_
 its CUDA generators, and from the generators held by the data loader: the ``R`` (a numpy ``RandomState``) of every
 MONAI ``Randomizable`` transform of its dataset (a ``Compose``, the transforms it holds and those nested in them,
 e.g. a ``RandSpatialCropd``'s cropper) and the ``torch.Generator`` of a sampler or of the loader.
-:class:`RandomStates` gives them all to :class:`medkd.training.handlers.ResumeCheckpoint` as one stateful object.
+:class:`RandomStates` gives them all to :class:`medkd.training.handlers.ResumeCheckpoint` as one stateful object;
+:class:`DataPass` lets a resumed run continue a pass over the training data that the saved epoch ended within.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from ignite.engine import Engine, Events
 
-__all__ = ["RandomStates", "random_sources"]
+__all__ = ["RandomStates", "DataPass", "random_sources"]
 
 Source = np.random.RandomState | torch.Generator
 # a data loader or dataset is followed through these attributes only (not its data or its cache)
@@ -122,3 +124,62 @@ class RandomStates:
             else:
                 lost.append(path)
         return lost + sorted(saved)
+
+
+def _batches(loader: Any) -> int | None:
+    """The number of batches of one pass over ``loader``, or ``None`` when it has no length."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+class DataPass:
+    """Where a training engine is in its pass over its data loader: the random states when the pass began and the
+    batches drawn since.
+
+    An epoch of ``iterations_per_epoch`` iterations may end within a pass (a small training list is cycled). A
+    resumed run then makes the iterator of that pass again from the states it began with and draws its batches
+    again, so that it goes on with the batches an uninterrupted run would draw.
+    """
+
+    def __init__(self) -> None:
+        self.start: dict | None = None
+        self.drawn = 0
+        self.engine: Engine | None = None
+
+    def attach(self, engine: Engine) -> None:
+        """Count the batches ``engine`` draws; take the random states when it is about to begin a new pass."""
+        self.engine = engine
+        engine.add_event_handler(Events.GET_BATCH_COMPLETED, self._count)
+        engine.add_event_handler(Events.DATALOADER_STOP_ITERATION, self.begin)
+
+    def begin(self, engine: Engine) -> None:
+        """A pass begins: ``engine`` makes its next data iterator before it draws any other random number."""
+        self.start = RandomStates(engine.state.dataloader).state_dict()
+        self.drawn = 0
+
+    def _count(self, engine: Engine) -> None:
+        self.drawn += 1
+
+    def state_dict(self) -> dict:
+        """The states the pass began with and the batches drawn since."""
+        return {"start": self.start, "drawn": self.drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the saved pass (after :class:`RandomStates` restored the states of the saved epoch's end): if
+        it was under way, make its iterator again, draw its ``drawn`` batches and restore the epoch's end states;
+        else begin a new pass."""
+        engine = self.engine
+        self.start, self.drawn = state["start"], state["drawn"]
+        if self.start is None or self.drawn in (0, _batches(engine.state.dataloader)):
+            self.begin(engine)
+            return
+        states = RandomStates(engine.state.dataloader)
+        end = states.state_dict()
+        states.load_state_dict(self.start)
+        iterator = iter(engine.state.dataloader)
+        for _ in range(self.drawn):
+            next(iterator)
+        states.load_state_dict(end)
+        engine._dataloader_iter = iterator  # the engine's iterator of the current pass (ignite has no setter for it)
