@@ -108,15 +108,7 @@ class RandomStates:
     def load_state_dict(self, state: dict) -> list[str]:
         """Restore the states of :meth:`state_dict`; return what could not be restored (generators of the loader
         that the saved states lack or name no more, CUDA states on another device count), for a warning."""
-        random.setstate(state["python"])
-        _set_numpy_state(np.random.mtrand._rand, state["numpy"])
-        torch.set_rng_state(state["torch"].cpu())
-        lost = []
-        cuda = [s.cpu() for s in state["cuda"]]
-        if torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-        elif cuda or torch.cuda.is_available():
-            lost.append(f"the CUDA generators (saved {len(cuda)}, now {torch.cuda.device_count()})")
+        lost = self.load_global_state(state)
         saved = dict(state["loader"])
         for path, source in random_sources(self.loader):
             if path in saved:
@@ -124,6 +116,21 @@ class RandomStates:
             else:
                 lost.append(path)
         return lost + sorted(saved)
+
+    @staticmethod
+    def load_global_state(state: dict) -> list[str]:
+        """Restore the global generators of :meth:`state_dict` (Python, numpy, torch), not the loader's; return
+        what could not be restored."""
+        random.setstate(state["python"])
+        _set_numpy_state(np.random.mtrand._rand, state["numpy"])
+        torch.set_rng_state(state["torch"].cpu())
+        cuda = [s.cpu() for s in state["cuda"]]
+        if torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+            return []
+        if cuda or torch.cuda.is_available():
+            return [f"the CUDA generators (saved {len(cuda)}, now {torch.cuda.device_count()})"]
+        return []
 
 
 def _batches(loader: Any) -> int | None:
@@ -168,8 +175,9 @@ class DataPass:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue the saved pass (after :class:`RandomStates` restored the states of the saved epoch's end): if
-        it was under way, make its iterator again, draw its ``drawn`` batches and restore the epoch's end states;
-        else begin a new pass."""
+        it was under way, make its iterator again, draw its ``drawn`` batches (the loader's generators are then where
+        the pass left them, also where a ``ThreadDataLoader`` had made batches ahead) and restore the epoch's end
+        global states; else begin a new pass."""
         engine = self.engine
         self.start, self.drawn = state["start"], state["drawn"]
         if self.start is None or self.drawn in (0, _batches(engine.state.dataloader)):
@@ -181,5 +189,5 @@ class DataPass:
         iterator = iter(engine.state.dataloader)
         for _ in range(self.drawn):
             next(iterator)
-        states.load_state_dict(end)
+        states.load_global_state(end)
         engine._dataloader_iter = iterator  # the engine's iterator of the current pass (ignite has no setter for it)
