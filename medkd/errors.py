@@ -4,7 +4,9 @@ Every error medkd raises about its input (data, checkpoints, configuration) deri
 says which file or key is wrong, what is wrong and what to do. MONAI's config parser wraps such an error in
 ``RuntimeError: Failed to evaluate ConfigExpression ...``; :func:`user_error` finds it again in the exception chain,
 and :func:`install_excepthook` (called first in every bundle stage's ``initialize``, and by ``python -m medkd``)
-prints just its message (naming the file of a JSON syntax error MONAI met reading a config file).
+prints just its message (naming the file of a JSON syntax error MONAI met reading a config file). It
+prints Ctrl-C (``KeyboardInterrupt``) as one line too: a training engine's says where the run stopped and how to
+resume it (:class:`UserErrorsFirst`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ def config_file_error(error: BaseException, tb: TracebackType | None) -> MedkdEr
 
 
 def _excepthook(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        print(str(error) or "Interrupted.", file=sys.stderr, flush=True)
+        return
     found = user_error(error) or config_file_error(error, tb)
     if found is None:
         sys.__excepthook__(kind, error, tb)
@@ -59,15 +64,22 @@ def _excepthook(kind: type[BaseException], error: BaseException, tb: TracebackTy
 
 def install_excepthook() -> None:
     """Print a :class:`MedkdError` found in an uncaught exception as one message (the process still exits with
-    status 1); any other exception keeps its full traceback."""
+    status 1), and a ``KeyboardInterrupt`` as its message alone (the process exits as interrupted: status 130 in a
+    shell); any other exception keeps its full traceback."""
     sys.excepthook = _excepthook
 
 
 class UserErrorsFirst:
-    """Engine mixin: a :class:`MedkdError` leaves the engine at once, before MONAI's ``StatsHandler`` logs it with
-    its whole traceback (other exceptions go through the engine's ``EXCEPTION_RAISED`` handlers as usual)."""
+    """Engine mixin: a :class:`MedkdError` or a ``KeyboardInterrupt`` leaves the engine at once, before MONAI's
+    ``StatsHandler`` logs it with its whole traceback (other exceptions go through the engine's ``EXCEPTION_RAISED``
+    handlers as usual). An engine with a ``resume_checkpoint`` (a
+    :class:`medkd.training.handlers.ResumeCheckpoint` attached to it) leaves a bare Ctrl-C as the one-line
+    ``KeyboardInterrupt`` of its ``interrupted(engine)``."""
 
     def _handle_exception(self, e: BaseException) -> None:
+        if isinstance(e, KeyboardInterrupt):
+            checkpoint = getattr(self, "resume_checkpoint", None)
+            raise (checkpoint.interrupted(self) if checkpoint is not None and not e.args else e) from None
         if user_error(e) is not None:
             raise e
         super()._handle_exception(e)  # type: ignore[misc]

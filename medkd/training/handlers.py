@@ -29,6 +29,7 @@ from medkd.training.checkpoints import (
 from medkd.training.distributed import unwrap
 from medkd.training.engines import iteration_losses
 from medkd.training.evaluators import metric_name
+from medkd.training.random_states import DataPass, RandomStates
 from medkd.training.run_fingerprint import fingerprint_changes
 
 __all__ = [
@@ -252,6 +253,8 @@ class FinalValidation:
             )
 
 
+_RANDOM_STATES = "random_states"
+_DATA_PASS = "data_pass"
 _CHOICES = (
     "Its files stay as they are. To keep both runs, give this one other output folders (--ckpt_dir and --output_dir, "
     "or --bundle_root; with python -m medkd compare, another --output, or --fresh); to start over in this "
@@ -267,10 +270,18 @@ class ResumeCheckpoint:
     the engine state (epoch, iteration), what the trainer's ``checkpoint_objects()`` names (for a
     :class:`~medkd.training.engines.DistillationTrainer` every student, its optimizer, the routes' adapters and the AMP
     scaler; for a :class:`~medkd.training.engines.TeacherTrainer` the network, its optimizer and the scaler), ``extra``
-    stateful objects (e.g. :class:`BestCheckpoints`) and the run's ``fingerprint``. At ``Events.STARTED``, if the
-    file exists and ``resume`` is true, all of it is loaded and training continues from the saved epoch. A corrupt
-    or mismatched file, or one written by another run (its fingerprint differs, or it has none), stops the run with
-    an error naming it and what changed; nothing is written.
+    stateful objects (e.g. :class:`BestCheckpoints`), the random states
+    (:class:`~medkd.training.random_states.RandomStates` of the engine's data loader, rank 0's in a multi-GPU run,
+    and the :class:`~medkd.training.random_states.DataPass` the epoch ended in) and the run's ``fingerprint``. At
+    ``Events.STARTED``, if the file exists and ``resume`` is true, all of it is loaded and training continues from
+    the saved epoch, drawing the random numbers an uninterrupted run would have drawn (a file without random states,
+    written by an older medkd, resumes with a warning that it does not). A corrupt or mismatched file, or one written
+    by another run (its fingerprint differs, or it has none), stops the run with an error naming it and what
+    changed; nothing is written.
+
+    It also makes Ctrl-C during training leave the engine as one line saying where the run stopped, which
+    checkpoint is the last and that the same command resumes (:meth:`interrupted`; see
+    :class:`medkd.errors.UserErrorsFirst`).
 
     Otherwise the run starts afresh, and rank 0 first renames the previous run's files that exist (the resume
     checkpoint itself and those of ``set_aside``: best checkpoints, metrics history) with a timestamp, e.g. ``sp.pt``
@@ -315,20 +326,48 @@ class ResumeCheckpoint:
         self.settings_file = Path(settings_file) if settings_file is not None else None
         if self.settings_file is not None:
             self.set_aside.append(self.settings_file)
+        self.saved_epoch: int | None = None  # the epoch of the checkpoint on disk, once saved or resumed from
+        self.data_pass = DataPass()
 
     def attach(self, engine: Engine) -> None:
-        """Resume at ``STARTED``, save at ``EPOCH_COMPLETED`` (list it after the validation handlers)."""
+        """Resume at ``STARTED``, save at ``EPOCH_COMPLETED`` (list it after the validation handlers); become the
+        engine's ``resume_checkpoint``, which words its Ctrl-C message."""
         engine.add_event_handler(Events.STARTED, self.load)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self.save)
+        engine.resume_checkpoint = self
+        self.data_pass.attach(engine)
 
     def objects(self, engine: Engine) -> dict[str, Any]:
-        """The objects saved and restored, by name: the engine, ``extra`` and what the trainer says a checkpoint
+        """The objects saved and restored, by name: the engine, ``extra``, what the trainer says a checkpoint
         must hold (``checkpoint_objects()`` of :class:`~medkd.training.engines.DistillationTrainer` and
-        :class:`~medkd.training.engines.TeacherTrainer`)."""
-        return {"engine": engine, **self.extra, **engine.checkpoint_objects()}
+        :class:`~medkd.training.engines.TeacherTrainer`), ``random_states`` and then ``data_pass`` (restored in this
+        order)."""
+        return {
+            "engine": engine,
+            **self.extra,
+            **engine.checkpoint_objects(),
+            _RANDOM_STATES: RandomStates(engine.state.dataloader),
+            _DATA_PASS: self.data_pass,
+        }
+
+    def interrupted(self, engine: Engine) -> KeyboardInterrupt:
+        """The ``KeyboardInterrupt`` that Ctrl-C during ``engine``'s run leaves with: one line saying where it
+        stopped, the last checkpoint and what to do."""
+        where = f"Interrupted at epoch {engine.state.epoch} (iteration {engine.state.iteration})"
+        if self.saved_epoch is not None:
+            last = f"the last checkpoint is {self.path} (epoch {self.saved_epoch})"
+        elif self.resume and self.path.is_file():
+            last = f"the last checkpoint is {self.path}"
+        else:
+            return KeyboardInterrupt(
+                f"{where}: no checkpoint was written yet (the first is written after epoch {self.interval}); run "
+                "the same command again to start over."
+            )
+        return KeyboardInterrupt(f"{where}: {last}; run the same command again to resume.")
 
     def save(self, engine: Engine) -> None:
         """Write the resume checkpoint (rank 0 only)."""
+        self.saved_epoch = engine.state.epoch
         if idist.get_rank() == 0:
             state = {k: v.state_dict() for k, v in self.objects(engine).items()}
             if self.fingerprint is not None:
@@ -372,6 +411,7 @@ class ResumeCheckpoint:
         afresh (:meth:`start_fresh`). Then write ``settings``."""
         if not (self.resume and self.path.is_file()):
             self.start_fresh()
+            self.data_pass.begin(engine)
         else:
             self._resume(engine)
         if self.settings_file is not None and idist.get_rank() == 0:
@@ -381,6 +421,9 @@ class ResumeCheckpoint:
         checkpoint = load_checkpoint(self.path, map_location=engine.state.device)
         max_epochs = engine.state.max_epochs
         objects = self.objects(engine)
+        if _RANDOM_STATES not in checkpoint:
+            del objects[_RANDOM_STATES], objects[_DATA_PASS]
+            self.data_pass.begin(engine)
         missing = sorted(set(objects) - set(checkpoint))
         self._check_fingerprint(checkpoint, missing)
         if missing:
@@ -388,10 +431,14 @@ class ResumeCheckpoint:
                 f"resume checkpoint {self.path} lacks {missing}: it was written by another configuration "
                 "(other students or routes). Delete it, point ckpt_dir elsewhere, or pass --resume False."
             )
+        if _RANDOM_STATES not in objects:
+            self._warn_not_identical("it holds no random states (it was written by an older medkd)")
         try:
             for name, obj in objects.items():
-                obj.load_state_dict(checkpoint[name])
-        except (RuntimeError, KeyError, ValueError) as e:
+                lost = obj.load_state_dict(checkpoint[name])
+                if name == _RANDOM_STATES and lost:
+                    self._warn_not_identical(f"its random states lack {', '.join(lost)}")
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
             raise CheckpointError(
                 f"resume checkpoint {self.path} does not match this configuration ({name}: {e}). Delete it, point "
                 "ckpt_dir elsewhere, or pass --resume False."
@@ -401,9 +448,18 @@ class ResumeCheckpoint:
                 f"resume checkpoint {self.path} is at epoch {engine.state.epoch}, beyond max_epochs={max_epochs}."
             )
         engine.state.max_epochs = max_epochs
+        self.saved_epoch = engine.state.epoch
         done = " (training already complete)" if engine.state.epoch == max_epochs else ""
         logging.getLogger("medkd").info(
             "resumed from %s at epoch %d of %d%s", self.path, engine.state.epoch, max_epochs, done
+        )
+
+    def _warn_not_identical(self, why: str) -> None:
+        logging.getLogger("medkd").warning(
+            "resuming from %s, but %s: the resumed epochs draw other random numbers (augmentation, batch order, "
+            "dropout) than an uninterrupted run would, so their results are close to, not identical with, its.",
+            self.path,
+            why,
         )
 
 
