@@ -31,6 +31,7 @@ SETTINGS = {
     "rotate_degrees": 15.0,
     "scale_range": 0.2,
     "intensity_augmentation": True,
+    "mix": "cutmix",  # the distillation's batch mixer has a generator of its own (the teacher stage does not mix)
 }
 FILES = {"train_teacher": ("last_teacher.pt", "history_teacher.csv"), "train": ("last.pt", "history_students.csv")}
 

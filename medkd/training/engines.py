@@ -294,9 +294,12 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
         """What a resume checkpoint must hold besides the engine state, by name, each with ``state_dict`` and
         ``load_state_dict``: ``"routes"`` (the routes' adapters), ``"student_<name>"`` (unwrapped from DDP) and
         ``"optimizer_<name>"`` for every student, what the teacher object trains (nothing for a frozen teacher;
-        ``"teacher"`` and ``"optimizer_teacher"`` for an online one), and ``"scaler"`` while a float16 gradient
-        scaler is in use (from :meth:`run` on, so ask at ``Events.STARTED`` or later)."""
+        ``"teacher"`` and ``"optimizer_teacher"`` for an online one), ``"mixing"`` (the batch mixer's generator)
+        when batches are mixed, and ``"scaler"`` while a float16 gradient scaler is in use (from :meth:`run` on, so
+        ask at ``Events.STARTED`` or later)."""
         objects: dict[str, Any] = {"routes": self.routes}
+        if self.mixing is not None:
+            objects["mixing"] = self.mixing
         for name, student in self.students.items():
             objects[f"student_{name}"] = unwrap(student)
             objects[f"optimizer_{name}"] = self.optimizers[name]

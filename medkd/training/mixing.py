@@ -92,6 +92,14 @@ class BatchMixer:
         self.mode, self.alpha, self.prob = mode, float(alpha), float(prob)
         self.rng = np.random.default_rng(seed)
 
+    def state_dict(self) -> dict:
+        """The generator's state, for the resume checkpoint (a resumed run mixes as an uninterrupted one)."""
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the generator's state of :meth:`state_dict`."""
+        self.rng.bit_generator.state = state["rng"]
+
     def settings(self) -> dict[str, str | float]:
         """``mix``, ``mix_alpha`` and ``mix_prob``, as a run fingerprint records them."""
         return {"mix": self.mode, "mix_alpha": self.alpha, "mix_prob": self.prob}
