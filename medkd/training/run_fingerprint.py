@@ -3,7 +3,8 @@
 A fingerprint is a JSON-able dict: the data lists (path and a hash of the file's bytes; images are not read), the
 networks (class, parameter count, a hash of the state-dict shapes), the routes with their weights and temperatures
 (and the preset they form), the teacher's role (``teacher_mode``, ``teacher_init``), the class names, the label maps'
-value of each class where it is not the class index, and the seed.
+value of each class where it is not the class index, the seed, and a short id of each training image
+(:func:`image_ids`), so that a teacher trained on other images, or a test list holding training images, is known.
 :class:`medkd.training.handlers.ResumeCheckpoint` stores it in the resume checkpoint and refuses to resume a run whose
 fingerprint differs, listing :func:`fingerprint_changes`; ``python -m medkd compare`` keeps one of its own in
 ``fingerprint.json``.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
     "describe_network",
     "fingerprint_changes",
     "input_settings",
+    "image_ids",
     "INPUT_KEYS",
 ]
 
@@ -64,6 +66,18 @@ def datalist_digest(
     paths = {k: Path(f).expanduser().resolve() for k, f in files.items()}
     hashes = {p: _sha256(p) for p in set(paths.values())}
     return {k: {"file": str(p), "sha256": hashes[p]} for k, p in paths.items()}
+
+
+def image_ids(entries: Iterable[Mapping[str, Any]]) -> list[str]:
+    """A short id of each entry's image (16 hex digits of the SHA-256 of its resolved path, or paths for a
+    multi-channel image; the files are not read): what a fingerprint records of a training list, compactly."""
+
+    def one(image: Any) -> str:
+        paths = image if isinstance(image, list | tuple) else [image]
+        key = "|".join(str(Path(p).expanduser().resolve()) for p in paths)
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    return [one(entry["image"]) for entry in entries]
 
 
 def describe_network(network: nn.Module) -> dict[str, Any]:
@@ -117,6 +131,7 @@ def run_fingerprint(
     teacher_init: str | None = None,
     label_values: Sequence[int] | None = None,
     inputs: Mapping[str, Any] | None = None,
+    training_images: Iterable[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The fingerprint of a training run (see the module docstring).
 
@@ -132,6 +147,7 @@ def run_fingerprint(
         label_values: the value of each class in the label maps (:mod:`medkd.data.labels`); recorded only where it is
             not ``0..N-1``, so that the fingerprints of runs made before label values existed stay the same.
         inputs: the settings that define the networks' inputs (:func:`input_settings`).
+        training_images: the training list's entries (their :func:`image_ids` are recorded, sorted).
     """
     fingerprint: dict[str, Any] = {
         "data": datalist_digest(datalist),
@@ -153,6 +169,8 @@ def run_fingerprint(
             fingerprint[key] = value
     if inputs is not None:
         fingerprint["inputs"] = dict(inputs)
+    if training_images is not None:
+        fingerprint["training_images"] = sorted(image_ids(training_images))
     return json.loads(json.dumps(fingerprint, default=str))  # tuples to lists: equal to itself after a round trip
 
 
@@ -205,6 +223,8 @@ def fingerprint_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[
     ``"data list /x/dataset.json content changed"``, ``"seed 0 → 1"``); empty when they are equal."""
     changes: list[str] = []
     for key in dict.fromkeys([*old, *new]):
+        if key == "training_images":  # what the data lists' hashes already tell, image by image
+            continue
         a, b = old.get(key, _IMPLIED.get(key)), new.get(key, _IMPLIED.get(key))
         if a == b or (key == "inputs" and (a is None or b is None)):  # runs made before inputs were recorded
             continue
