@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_utils import BUNDLES, REPO, SCHEMA, STAGES, mlflow_metrics, run_stage, stage_command
+from bundle_utils import BUNDLES, REPO, SCHEMA, STAGES, latest_run, mlflow_metrics, run_stage, stage_command
 from monai.bundle import verify_metadata, verify_net_in_out
 
 from medkd.data.synthetic import ensure_segmentation_data
@@ -76,14 +76,14 @@ def test_all_stages_run_end_to_end(bundle, tmp_path):
     for case in datalist["test"]:
         image = nib.load(tmp_path / "data" / case["image"])
         name = case["image"].split("/")[-1].replace(".nii.gz", "_sp_seg.nii.gz")
-        seg = nib.load(tmp_path / "eval" / "segmentations" / name)
+        seg = nib.load(latest_run(tmp_path / "eval" / "segmentations") / name)
         assert seg.shape == image.shape
         np.testing.assert_allclose(seg.affine, image.affine, atol=1e-5)
         assert set(np.unique(seg.get_fdata())) <= {0.0, 1.0, 2.0}
     run_stage(bundle, "inference", tmp_path, network_name="ensemble")  # the students' checkpoints, averaged
     for case in datalist["test"]:
         name = case["image"].split("/")[-1].replace(".nii.gz", "_ensemble_seg.nii.gz")
-        seg = nib.load(tmp_path / "eval" / "segmentations" / name)
+        seg = nib.load(latest_run(tmp_path / "eval" / "segmentations") / name)
         assert seg.shape == nib.load(tmp_path / "data" / case["image"]).shape
 
 

@@ -68,14 +68,23 @@ def datalist_digest(
     return {k: {"file": str(p), "sha256": hashes[p]} for k, p in paths.items()}
 
 
+def _file_key(path: Path, head: int = 1 << 16) -> bytes:
+    """A file's name, size and first ``head`` bytes (a folder's or a missing file's name alone): the same for the
+    same image moved or copied to another folder, cheap for large volumes."""
+    if not path.is_file():
+        return path.name.encode()
+    with path.open("rb") as f:
+        return b"%s:%d:%s" % (path.name.encode(), path.stat().st_size, f.read(head))
+
+
 def image_ids(entries: Iterable[Mapping[str, Any]]) -> list[str]:
-    """A short id of each entry's image (16 hex digits of the SHA-256 of its resolved path, or paths for a
-    multi-channel image; the files are not read): what a fingerprint records of a training list, compactly."""
+    """A short id of each entry's image (16 hex digits of a SHA-256 of its file name, size and first 64 KiB; of each
+    channel's file for a multi-channel image), the same wherever the data folder is: what a fingerprint records of a
+    training list, compactly."""
 
     def one(image: Any) -> str:
         paths = image if isinstance(image, list | tuple) else [image]
-        key = "|".join(str(Path(p).expanduser().resolve()) for p in paths)
-        return hashlib.sha256(key.encode()).hexdigest()[:16]
+        return hashlib.sha256(b"|".join(_file_key(Path(p).expanduser()) for p in paths)).hexdigest()[:16]
 
     return [one(entry["image"]) for entry in entries]
 
