@@ -97,10 +97,10 @@ def test_a_teacher_trained_on_other_images_stops_the_distillation(trained, tmp_p
 
 def test_a_test_list_holding_training_images_is_refused(trained, tmp_path):
     lists = json.loads((trained / "data" / "dataset.json").read_text())
-    mixed = tmp_path / "mixed.json"
-    mixed.write_text(json.dumps({**lists, "test": lists["test"][:1] + lists["training"][:1]}))
-    source = str(trained / "data" / "dataset.json")
-    datalists = {"training": source, "validation": source, "test": str(mixed)}
+    mixed = trained / "data" / "mixed.json"  # the lists changed after training: a training image moved to the test list
+    training, test = lists["training"], lists["test"][:1] + lists["training"][:1]
+    mixed.write_text(json.dumps({**lists, "training": training[1:], "test": test}))
+    datalists = dict.fromkeys(("training", "validation", "test"), str(mixed))
     for stage in ("evaluate", "inference"):
         with pytest.raises(Exception) as raised:
             run_stage(BUNDLE, stage, trained, datalists=datalists, **native_spacing(BUNDLE))
