@@ -32,6 +32,7 @@ SHARED = {
     "kd_weight", "hint_weight", "peer_prediction_weight", "peer_feature_weight", "temperature", "routes",
     "route_graph", "feature_layers", "loss", "optimizer", "optimizers", "warmup_epochs", "hint_layers",
     "lr_decay_power", "teacher_mode", "teacher_init", "teacher_optimizer", "train_teacher", "ensemble",
+    "allow_other_teacher_data",
     # transforms and engines
     "load_keys", "load", "augment", "inferer", "input_settings", "fingerprint", "best_checkpoints",
     "resume_checkpoint", "train", "validate", "initialize", "run",
@@ -44,8 +45,8 @@ STAGE_KEYS = {
         "evaluator",
     },
     "inference": {
-        "network_name", "input_dir", "input_pattern", "network", "infer_datalist", "preprocessing", "dataset",
-        "dataloader", "postprocessing", "handlers", "evaluator",
+        "network_name", "input_dir", "input_pattern", "run_dir", "network", "infer_datalist", "preprocessing",
+        "dataset", "dataloader", "postprocessing", "handlers", "evaluator",
     },
 }  # fmt: skip
 # what only one task has: the segmentation bundles resample, crop patches, slide windows over U-Nets and map label

@@ -205,6 +205,7 @@ def bundle_datalists(
     split_file: str | os.PathLike,
     task: str = "segmentation",
     trained_in: str | os.PathLike | None = None,
+    resume: bool = True,
     **split_options: Any,
 ) -> dict[str, str]:
     """A bundle's ``datalists`` (``{"training": file, "validation": file, "test": file}``): ``datalist_file`` when it
@@ -217,8 +218,9 @@ def bundle_datalists(
         datalist_file: the bundle's datalist (a Decathlon JSON or a CSV file).
         split_file: where the split is kept (the bundle's ``split_file``).
         task: ``"segmentation"``, or ``"classification"`` (held out class by class).
-        trained_in: a checkpoint folder (the bundle's ``ckpt_dir``, unless it starts afresh): a split is not made
-            from a datalist whose training list trained a network there (:func:`check_not_trained_from`).
+        trained_in: a checkpoint folder (the bundle's ``ckpt_dir``): a split is not made from a datalist whose
+            training list trained a network there (:func:`check_not_trained_from`), unless the run starts afresh.
+        resume: the bundle's ``resume``; ``False`` (a fresh start, which sets those checkpoints aside) splits anyway.
         split_options: the fields of :class:`SplitOptions` (the bundle's ``split_options``).
     """
     options = SplitOptions.of(split_options)
@@ -229,7 +231,7 @@ def bundle_datalists(
         if path.is_file():
             _refresh(path, Path(datalist_file), options)
         else:
-            check_not_trained_from(datalist_file, trained_in)
+            check_not_trained_from(datalist_file, trained_in if resume else None)
             make_split(datalist_file, path, task=task, options=options)
     return dict.fromkeys(SPLITS, str(path))
 

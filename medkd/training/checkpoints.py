@@ -219,13 +219,16 @@ def check_not_trained_on(
     checkpoints: Mapping[str, str | os.PathLike | None],
     items: Iterable[Mapping[str, Any]],
     allow: bool = False,
-    what: str = "test list",
+    input_dir: str | os.PathLike | None = None,
 ) -> None:
     """Raise :class:`CheckpointError` when an image of ``items`` (the test list) is one a checkpoint of
     ``checkpoints`` (files by network name) was trained on, as its fingerprint records, unless ``allow`` (the bundles'
-    ``allow_leakage``); checkpoints without the record (an earlier medkd) are passed over."""
+    ``allow_leakage``); checkpoints without the record (an earlier medkd) are passed over. Items of an inference's
+    ``input_dir`` (not ``None``) are images to segment or classify, not a test list: passed over."""
     from medkd.training.run_fingerprint import image_ids
 
+    if input_dir is not None:
+        return
     items = list(items)
     ids = image_ids(items)
     for name, path in checkpoints.items():
@@ -234,7 +237,7 @@ def check_not_trained_on(
             continue
         first = items[shared[0]]["image"]
         raise CheckpointError(
-            f"{len(shared)} image(s) of the {what} (e.g. {first}) were in the training list of checkpoint {path} "
-            f"({name}): scores on them would overstate it. Give a {what} of other images (e.g. the labelled test list "
-            "the networks were trained beside), or --allow_leakage True to run anyway."
+            f"{len(shared)} image(s) of the test list (e.g. {first}) were in the training list of checkpoint {path} "
+            f"({name}): scores on them would overstate it. Give a test list of other images (e.g. the labelled test "
+            "list the networks were trained beside), or --allow_leakage True to run anyway."
         )
