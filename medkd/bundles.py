@@ -88,6 +88,7 @@ SHARED_KEYS = frozenset({
     # folders and data
     "imports", "bundle_root", "ckpt_dir", "output_dir", "log_dir", "dataset_dir", "datalist_file", "split_file",
     "split_options", "datalists", "default_data", "make_default_data", "allow_missing_classes", "allow_leakage",
+    "allow_other_teacher_data",
     "check_data", "check_lengths", "check_settings", "class_names", "num_classes",
     # planned settings
     "spatial_dims", "axcodes", "auto_plan", "plan_file", "plan_options", "default_plan", "plan", "plan_used",
@@ -116,8 +117,8 @@ STAGE_KEYS = {
         "evaluator",
     }),
     "inference": frozenset({
-        "network_name", "input_dir", "input_pattern", "network", "infer_datalist", "preprocessing", "dataset",
-        "dataloader", "postprocessing", "handlers", "evaluator",
+        "network_name", "input_dir", "input_pattern", "run_dir", "network", "infer_datalist", "preprocessing",
+        "dataset", "dataloader", "postprocessing", "handlers", "evaluator",
     }),
     "multi_gpu_train": frozenset({"backend", "finalize", "teacher_train_network"}),
 }  # fmt: skip

@@ -89,6 +89,13 @@ def run_stage(bundle: str, stage: str, root: Path, **overrides) -> ConfigWorkflo
     return workflow
 
 
+def latest_run(output_dir: Path) -> Path:
+    """The run folder of the last inference into ``output_dir``, as its ``latest.txt`` names it."""
+    from medkd.tools.outputs import LATEST
+
+    return output_dir / (output_dir / LATEST).read_text().strip()
+
+
 def mlflow_metrics(root: Path) -> list[set[str]]:
     """The metric names of every run in the local MLflow store that ``--tracking mlflow`` writes under ``root``."""
     import mlflow  # a dev dependency (pip install -e ".[dev]")

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_utils import BUNDLES, SCHEMA, STAGES, mlflow_metrics, run_stage
+from bundle_utils import BUNDLES, SCHEMA, STAGES, latest_run, mlflow_metrics, run_stage
 from monai.bundle import verify_metadata, verify_net_in_out
 
 from medkd.training.engines import iteration_losses
@@ -117,7 +117,7 @@ def test_inference_writes_one_row_per_image(trained):
     root = trained[0]
     run_stage(BUNDLE, "inference", root)
     test = json.loads((root / "data" / "dataset.json").read_text())["test"]
-    rows = read_csv(root / "eval" / "predictions" / "probabilities_sp.csv")
+    rows = read_csv(latest_run(root / "eval" / "predictions") / "probabilities_sp.csv")
     assert [r["image"] for r in rows] == [str(root / "data" / case["image"]) for case in test]
     for row in rows:
         assert_probabilities(row, ["no_lesion", "lesion"])
@@ -131,9 +131,9 @@ def test_inference_skips_a_corrupt_file_and_says_so(trained):
     (new / "b_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a PNG image")
     out = root / "out"
     run_stage(BUNDLE, "inference", root, input_dir=str(new), output_dir=str(out), network_name="teacher")
-    rows = read_csv(out / "probabilities_teacher.csv")
+    rows = read_csv(latest_run(out) / "probabilities_teacher.csv")
     assert [r["image"] for r in rows] == [str(new / "a_good.png")]
-    skipped = (out / "skipped.tsv").read_text().splitlines()
+    skipped = (latest_run(out) / "skipped.tsv").read_text().splitlines()
     assert len(skipped) == 1 and skipped[0].startswith(str(new / "b_corrupt.png"))
 
 
@@ -158,16 +158,15 @@ def test_inference_output_of_each_network_is_kept(trained):
     new.mkdir()
     (new / "a.png").write_bytes((root / "data" / "images" / "test_0001.png").read_bytes())
     (new / "b.jpg").write_bytes((root / "data" / "images" / "test_0002.png").read_bytes())  # a PNG named .jpg
-    run_stage(BUNDLE, "inference", root, input_dir=str(new), output_dir=str(out))
-    sp = (out / "probabilities_sp.csv").read_text()
-    run_stage(BUNDLE, "inference", root, input_dir=str(new), output_dir=str(out), network_name="sf")
-    assert (out / "probabilities_sp.csv").read_text() == sp  # not overwritten by sf
+    files = {}
+    for name in ("sp", "sf", "ensemble"):  # the ensemble: the students' checkpoints, the mean of their probabilities
+        run_stage(BUNDLE, "inference", root, input_dir=str(new), output_dir=str(out), network_name=name)
+        files[name] = latest_run(out) / f"probabilities_{name}.csv"
+    assert len({f.parent for f in files.values()}) == 3  # a folder per run, named by its network
     for name in ("sp", "sf"):
-        rows = read_csv(out / f"probabilities_{name}.csv")
+        rows = read_csv(files[name])
         assert [r["image"] for r in rows] == [str(new / "a.png"), str(new / "b.jpg")]
-    # the students' ensemble: their checkpoints, and the mean of their probabilities
-    run_stage(BUNDLE, "inference", root, input_dir=str(new), output_dir=str(out), network_name="ensemble")
-    sp, sf, ensemble = (read_csv(out / f"probabilities_{name}.csv") for name in ("sp", "sf", "ensemble"))
+    sp, sf, ensemble = (read_csv(files[name]) for name in ("sp", "sf", "ensemble"))
     for a, b, mean in zip(sp, sf, ensemble, strict=True):
         columns = [k for k in mean if k != "image"]
         assert columns and all(abs((float(a[k]) + float(b[k])) / 2 - float(mean[k])) < 1e-5 for k in columns)
@@ -298,7 +297,7 @@ def test_the_3d_bundle_classifies_volumes_through_every_stage(tmp_path):
     assert all(0.0 <= r["auc"] <= 1.0 for r in rows) and rows[0]["params"] > 30 * rows[1]["params"]
     run_stage("classification_3d", "inference", tmp_path)
     test = json.loads((tmp_path / "data" / "dataset.json").read_text())["test"]
-    rows = read_csv(tmp_path / "eval" / "predictions" / "probabilities_sp.csv")
+    rows = read_csv(latest_run(tmp_path / "eval" / "predictions") / "probabilities_sp.csv")
     assert [r["image"] for r in rows] == [str(tmp_path / "data" / case["image"]) for case in test]
     assert all(case["image"].endswith(".nii.gz") for case in test)
 

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_utils import BUNDLES, REPO, SCHEMA, STAGES, mlflow_metrics, run_stage, stage_command
+from bundle_utils import BUNDLES, REPO, SCHEMA, STAGES, latest_run, mlflow_metrics, run_stage, stage_command
 from monai.bundle import verify_metadata, verify_net_in_out
 
 from medkd.data.synthetic import ensure_segmentation_data
@@ -76,14 +76,14 @@ def test_all_stages_run_end_to_end(bundle, tmp_path):
     for case in datalist["test"]:
         image = nib.load(tmp_path / "data" / case["image"])
         name = case["image"].split("/")[-1].replace(".nii.gz", "_sp_seg.nii.gz")
-        seg = nib.load(tmp_path / "eval" / "segmentations" / name)
+        seg = nib.load(latest_run(tmp_path / "eval" / "segmentations") / name)
         assert seg.shape == image.shape
         np.testing.assert_allclose(seg.affine, image.affine, atol=1e-5)
         assert set(np.unique(seg.get_fdata())) <= {0.0, 1.0, 2.0}
     run_stage(bundle, "inference", tmp_path, network_name="ensemble")  # the students' checkpoints, averaged
     for case in datalist["test"]:
         name = case["image"].split("/")[-1].replace(".nii.gz", "_ensemble_seg.nii.gz")
-        seg = nib.load(tmp_path / "eval" / "segmentations" / name)
+        seg = nib.load(latest_run(tmp_path / "eval" / "segmentations") / name)
         assert seg.shape == nib.load(tmp_path / "data" / case["image"]).shape
 
 
@@ -109,12 +109,13 @@ def test_inference_skips_a_corrupt_file_and_says_so(tmp_path):
     odd_affine = np.array([[-0.7, 0, 0, 12.0], [0, 1.1, 0, -3.0], [0, 0, 1, 0], [0, 0, 0, 1]])
     nib.save(nib.Nifti1Image(np.random.rand(53, 41).astype(np.float32), odd_affine), new / "c_odd.nii.gz")
     run_stage("segmentation_2d", "inference", tmp_path, input_dir=str(new), output_dir=str(tmp_path / "out"))
-    assert (tmp_path / "out" / "a_good_sp_seg.nii.gz").is_file()
-    odd = nib.load(tmp_path / "out" / "c_odd_sp_seg.nii.gz")
+    out = latest_run(tmp_path / "out")
+    assert (out / "a_good_sp_seg.nii.gz").is_file()
+    odd = nib.load(out / "c_odd_sp_seg.nii.gz")
     assert odd.shape == (53, 41)
     np.testing.assert_allclose(odd.affine, odd_affine, atol=1e-5)
-    assert not (tmp_path / "out" / "b_corrupt_sp_seg.nii.gz").exists()
-    skipped = (tmp_path / "out" / "skipped.tsv").read_text().splitlines()
+    assert not (out / "b_corrupt_sp_seg.nii.gz").exists()
+    skipped = (out / "skipped.tsv").read_text().splitlines()
     assert len(skipped) == 1 and skipped[0].startswith(str(new / "b_corrupt.nii.gz"))
 
 
@@ -283,16 +284,18 @@ def test_inference_reads_nifti_png_dicom_and_keeps_each_networks_output(trained_
     (new / "notes.txt").write_text("not an image")
 
     run_stage("segmentation_2d", "inference", root, input_dir=str(new), output_dir=str(out))
-    written = {p.name: p.read_bytes() for p in out.glob("*.nii.gz")}
+    sp = latest_run(out)
+    written = {p.name: p.read_bytes() for p in sp.glob("*.nii.gz")}
     assert set(written) == {"a_sp_seg.nii.gz", "b_sp_seg.nii.gz", "c_sp_seg.nii.gz"}
-    assert nib.load(out / "b_sp_seg.nii.gz").shape == (48, 48) and nib.load(out / "c_sp_seg.nii.gz").shape == (128, 128)
-    skipped = (out / "skipped.tsv").read_text().splitlines()
+    assert nib.load(sp / "b_sp_seg.nii.gz").shape == (48, 48) and nib.load(sp / "c_sp_seg.nii.gz").shape == (128, 128)
+    skipped = (sp / "skipped.tsv").read_text().splitlines()
     nan_file = new / "d_nan.nii.gz"
     assert len(skipped) == 1 and skipped[0].startswith(f"{nan_file}\tImage file '{nan_file}' has 5 non-finite")
 
     run_stage("segmentation_2d", "inference", root, input_dir=str(new), output_dir=str(out), network_name="sf")
-    assert {p.name for p in out.glob("*_sf_seg.nii.gz")} == {"a_sf_seg.nii.gz", "b_sf_seg.nii.gz", "c_sf_seg.nii.gz"}
-    assert all((out / name).read_bytes() == data for name, data in written.items())  # sp's are untouched
+    sf = latest_run(out)
+    assert {p.name for p in sf.glob("*_sf_seg.nii.gz")} == {"a_sf_seg.nii.gz", "b_sf_seg.nii.gz", "c_sf_seg.nii.gz"}
+    assert all((sp / name).read_bytes() == data for name, data in written.items())  # sp's are untouched
 
 
 def test_inference_names_the_network_with_non_finite_output(trained_2d, tmp_path):
@@ -351,9 +354,9 @@ def test_label_maps_in_other_values_train_the_same_and_are_written_back_in_them(
 
     for root in (plain, mapped):
         run_stage("segmentation_2d", "inference", root, network_name="teacher", output_dir=str(root / "out"))
-    for written in sorted((plain / "out").glob("*_seg.nii.gz")):
+    for written in sorted(latest_run(plain / "out").glob("*_seg.nii.gz")):
         indices = np.asarray(nib.load(written).dataobj)
-        in_values = nib.load(mapped / "out" / written.name)
+        in_values = nib.load(latest_run(mapped / "out") / written.name)
         assert in_values.get_data_dtype() == np.uint8
         np.testing.assert_array_equal(np.asarray(in_values.dataobj), np.take(values, indices))
 
@@ -419,9 +422,10 @@ def test_an_nnunet_v2_raw_dataset_runs_as_it_is(tmp_path):
     settings = {"in_channels": 2, "network_name": "teacher", "output_dir": str(out)}
     run_stage("segmentation_2d", "inference", tmp_path, input_dir=str(new), **settings)
     cases = sorted(Path(case["image"][0]).name.replace("case", "new").replace("_0000", "") for case in held["test"])
-    assert sorted(p.name for p in out.glob("*.nii.gz")) == [c.replace(".nii.gz", "_teacher_seg.nii.gz") for c in cases]
+    written = sorted(p.name for p in latest_run(out).glob("*.nii.gz"))
+    assert written == [c.replace(".nii.gz", "_teacher_seg.nii.gz") for c in cases]
     run_stage("segmentation_2d", "inference", tmp_path, **{**settings, "output_dir": str(tmp_path / "listed")})
-    assert len(list((tmp_path / "listed").glob("case?_teacher_seg.nii.gz"))) == 2
+    assert len(list(latest_run(tmp_path / "listed").glob("case?_teacher_seg.nii.gz"))) == 2
     (new / "other_0001.nii.gz").write_bytes((new / Path(cases[0].replace(".nii", "_0001.nii"))).read_bytes())
     with pytest.raises(RuntimeError) as err:
         run_stage("segmentation_2d", "inference", tmp_path, input_dir=str(new), **settings)
@@ -451,7 +455,7 @@ def test_2d_slices_stored_with_a_third_axis_of_one_train_plan_and_infer_as_2d(tm
     new.mkdir()
     shutil.copy(data / datalist["test"][0]["image"], new / "slice.nii.gz")
     run_stage("segmentation_2d", "inference", tmp_path, input_dir=str(new), output_dir=str(out), network_name="teacher")
-    assert nib.load(out / "slice_teacher_seg.nii.gz").shape == (48, 48)
+    assert nib.load(latest_run(out) / "slice_teacher_seg.nii.gz").shape == (48, 48)
 
 
 def test_3d_patches_are_drawn_from_a_scan_without_foreground_whatever_its_intensities():

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -39,6 +40,7 @@ __all__ = [
     "nnunet_training",
     "bundle_datalists",
     "make_split",
+    "check_not_trained_from",
 ]
 
 logger = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ SPLITS = ("training", "validation", "test")
 HELD_OUT = ("validation", "test")
 SPLIT_KEY = "medkd_split"
 SPLIT_FILE = "medkd_splits.json"  # the bundles' split_file, in their dataset_dir
+_STAMPED = re.compile(r"\.\d{8}-\d{6}(-\d+)?\.pt$")  # a checkpoint set aside (checkpoints.set_aside)
 
 
 @dataclass(frozen=True)
@@ -198,7 +201,12 @@ def nnunet_training(root: str | os.PathLike, data: Mapping[str, Any]) -> list[di
 
 
 def bundle_datalists(
-    datalist_file: str | os.PathLike, split_file: str | os.PathLike, task: str = "segmentation", **split_options: Any
+    datalist_file: str | os.PathLike,
+    split_file: str | os.PathLike,
+    task: str = "segmentation",
+    trained_in: str | os.PathLike | None = None,
+    resume: bool = True,
+    **split_options: Any,
 ) -> dict[str, str]:
     """A bundle's ``datalists`` (``{"training": file, "validation": file, "test": file}``): ``datalist_file`` when it
     has labelled validation and test lists, else ``split_file``, made by :func:`make_split` when missing (by rank 0
@@ -210,6 +218,9 @@ def bundle_datalists(
         datalist_file: the bundle's datalist (a Decathlon JSON or a CSV file).
         split_file: where the split is kept (the bundle's ``split_file``).
         task: ``"segmentation"``, or ``"classification"`` (held out class by class).
+        trained_in: a checkpoint folder (the bundle's ``ckpt_dir``): a split is not made from a datalist whose
+            training list trained a network there (:func:`check_not_trained_from`), unless the run starts afresh.
+        resume: the bundle's ``resume``; ``False`` (a fresh start, which sets those checkpoints aside) splits anyway.
         split_options: the fields of :class:`SplitOptions` (the bundle's ``split_options``).
     """
     options = SplitOptions.of(split_options)
@@ -220,8 +231,32 @@ def bundle_datalists(
         if path.is_file():
             _refresh(path, Path(datalist_file), options)
         else:
+            check_not_trained_from(datalist_file, trained_in if resume else None)
             make_split(datalist_file, path, task=task, options=options)
     return dict.fromkeys(SPLITS, str(path))
+
+
+def check_not_trained_from(datalist_file: str | os.PathLike, ckpt_dir: str | os.PathLike | None) -> None:
+    """Raise :class:`ConfigError` when a checkpoint in ``ckpt_dir`` was trained on the training list of
+    ``datalist_file``, as its run fingerprint records: lists held out of that list now (e.g. its test list was replaced
+    by unlabelled images) would hold images those networks learnt from. Checkpoints set aside with a timestamp, or
+    without a record, are passed over."""
+    from medkd.training.checkpoints import load_checkpoint
+
+    if ckpt_dir is None:
+        return
+    source = str(Path(datalist_file).expanduser().resolve())
+    for path in sorted(Path(ckpt_dir).glob("*.pt")):
+        if _STAMPED.search(path.name):
+            continue
+        data = (load_checkpoint(path).get("fingerprint") or {}).get("data") or {}
+        if (data.get("training") or {}).get("file") == source:
+            raise ConfigError(
+                f"the datalist {source} now lacks labelled {' and '.join(lists_to_hold_out(source))} lists, and "
+                f"checkpoint {path} was trained on its training list: lists held out of it would hold that network's "
+                "training images. Give labelled lists again (or --datalists with a test list of other images), or "
+                "train afresh on a new split (--resume False, or other folders: --bundle_root)."
+            )
 
 
 def _refresh(path: Path, source: Path, options: SplitOptions) -> None:

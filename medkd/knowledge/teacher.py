@@ -20,7 +20,7 @@ from medkd.bundles import TEACHER_CHECKPOINT, snapshot_file
 from medkd.errors import ConfigError
 from medkd.knowledge.routes import TEACHER
 from medkd.knowledge.teacher_cache import TeacherCache
-from medkd.training.checkpoints import check_trained_inputs, load_network_weights
+from medkd.training.checkpoints import check_trained_data, check_trained_inputs, load_network_weights
 from medkd.training.distributed import unwrap, wrap_ddp
 
 __all__ = [
@@ -263,17 +263,26 @@ def default_init(mode: str) -> str:
 
 
 def start_checkpoint(
-    checkpoint: str | os.PathLike, init: str, inputs: Mapping[str, Any] | None = None, read: bool = True
+    checkpoint: str | os.PathLike,
+    init: str,
+    inputs: Mapping[str, Any] | None = None,
+    read: bool = True,
+    training: Iterable[Mapping[str, Any]] | None = None,
+    allow_other_data: bool = False,
 ) -> str | os.PathLike | None:
     """The checkpoint the teacher's weights are loaded from: ``checkpoint`` when ``init`` is ``"checkpoint"``, else
-    ``None`` (a teacher trained from scratch). With ``inputs`` (the run's
-    :func:`~medkd.training.run_fingerprint.input_settings`), a checkpoint trained on other inputs stops the run
-    (:func:`~medkd.training.checkpoints.check_trained_inputs`), where the run reads the teacher (``read``,
-    :func:`teacher_is_read`)."""
+    ``None`` (a teacher trained from scratch). Where the run reads the teacher (``read``, :func:`teacher_is_read`), a
+    checkpoint trained on other inputs than ``inputs`` (the run's
+    :func:`~medkd.training.run_fingerprint.input_settings`) stops the run
+    (:func:`~medkd.training.checkpoints.check_trained_inputs`), and so does one trained on other images than
+    ``training`` (the run's training list), unless ``allow_other_data`` (``allow_other_teacher_data``;
+    :func:`~medkd.training.checkpoints.check_trained_data`)."""
     _check_choice("teacher_init", init, TEACHER_INITS)
     chosen = checkpoint if init == "checkpoint" else None
     if inputs is not None and read:
         check_trained_inputs({TEACHER: chosen}, inputs)
+    if training is not None and read:
+        check_trained_data(chosen, training, allow_other_data)
     return chosen
 
 

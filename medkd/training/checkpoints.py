@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -25,6 +26,9 @@ __all__ = [
     "atomic_save",
     "save_or_explain",
     "set_aside",
+    "keep_previous",
+    "check_trained_data",
+    "check_not_trained_on",
 ]
 
 _NETWORK_KEYS = ("network", "model", "state_dict", "teacher")
@@ -187,3 +191,74 @@ def set_aside(paths: Iterable[str | os.PathLike], stamp: str | None = None) -> d
         path.rename(target)
         moved[path] = target
     return moved
+
+
+def keep_previous(paths: Iterable[str | os.PathLike], why: str) -> dict[Path, Path]:
+    """:func:`set_aside` the existing files and folders of ``paths``, with a warning saying ``why`` and where they
+    went (one policy for every stage: nothing a user has is replaced without a word); return ``{old: new}``."""
+    moved = set_aside(paths)
+    if moved:
+        logging.getLogger("medkd").warning(
+            "%s: the previous run's %s moved aside to %s",
+            why,
+            ", ".join(str(old) for old in moved),
+            ", ".join(new.name for new in moved.values()),
+        )
+    return moved
+
+
+def _trained_images(path: str | os.PathLike | None) -> set[str] | None:
+    """The ids of the training images a checkpoint's fingerprint records
+    (:func:`medkd.training.run_fingerprint.image_ids`); ``None`` for a missing file or one without that record."""
+    if path is None or not Path(path).is_file():
+        return None
+    trained = (load_checkpoint(path).get("fingerprint") or {}).get("training_images")
+    return None if trained is None else set(trained)
+
+
+def check_trained_data(
+    checkpoint: str | os.PathLike | None, training: Iterable[Mapping[str, Any]], allow: bool = False
+) -> None:
+    """Raise :class:`CheckpointError` when ``checkpoint`` (a frozen teacher's) was trained on other training images
+    than ``training`` (this run's training list), unless ``allow`` (the bundles' ``allow_other_teacher_data``). A
+    missing file, ``None`` or a checkpoint without the record (an earlier medkd) is passed over."""
+    from medkd.training.run_fingerprint import image_ids
+
+    trained = _trained_images(checkpoint)
+    if allow or trained is None or trained == (ids := set(image_ids(training))):
+        return
+    raise CheckpointError(
+        f"checkpoint {checkpoint} (teacher) was trained on other training images than this run's "
+        f"({len(trained - ids)} of its {len(trained)} are not in this training list, {len(ids - trained)} of this "
+        "list's are new to it), so it would teach what it learnt from other data. Train the teacher on these data "
+        "first (the train_teacher stage, or --bundle_root for other folders), or --allow_other_teacher_data True to "
+        "distil from it anyway."
+    )
+
+
+def check_not_trained_on(
+    checkpoints: Mapping[str, str | os.PathLike | None],
+    items: Iterable[Mapping[str, Any]],
+    allow: bool = False,
+    input_dir: str | os.PathLike | None = None,
+) -> None:
+    """Raise :class:`CheckpointError` when an image of ``items`` (the test list) is one a checkpoint of
+    ``checkpoints`` (files by network name) was trained on, as its fingerprint records, unless ``allow`` (the bundles'
+    ``allow_leakage``); checkpoints without the record (an earlier medkd) are passed over. Items of an inference's
+    ``input_dir`` (not ``None``) are images to segment or classify, not a test list: passed over."""
+    from medkd.training.run_fingerprint import image_ids
+
+    if input_dir is not None:
+        return
+    items = list(items)
+    ids = image_ids(items)
+    for name, path in checkpoints.items():
+        trained = _trained_images(path)
+        if allow or not trained or not (shared := [i for i, x in enumerate(ids) if x in trained]):
+            continue
+        first = items[shared[0]]["image"]
+        raise CheckpointError(
+            f"{len(shared)} image(s) of the test list (e.g. {first}) were in the training list of checkpoint {path} "
+            f"({name}): scores on them would overstate it. Give a test list of other images (e.g. the labelled test "
+            "list the networks were trained beside), or --allow_leakage True to run anyway."
+        )

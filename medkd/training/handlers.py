@@ -21,10 +21,10 @@ from medkd.knowledge.teacher import check_snapshot_epochs
 from medkd.planning.planfile import write_plan
 from medkd.training.checkpoints import (
     CheckpointError,
+    keep_previous,
     load_checkpoint,
     load_network_weights,
     save_or_explain,
-    set_aside,
 )
 from medkd.training.distributed import unwrap
 from medkd.training.engines import iteration_losses
@@ -379,15 +379,8 @@ class ResumeCheckpoint:
         warning saying where."""
         if idist.get_rank() != 0:
             return
-        moved = set_aside([self.path, *self.set_aside])
-        if moved:
-            why = "--resume False" if not self.resume else f"no {self.path.name} to resume from"
-            logging.getLogger("medkd").warning(
-                "starting afresh (%s): the previous run's %s moved aside to %s",
-                why,
-                ", ".join(str(old) for old in moved),
-                ", ".join(new.name for new in moved.values()),
-            )
+        why = "--resume False" if not self.resume else f"no {self.path.name} to resume from"
+        keep_previous([self.path, *self.set_aside], f"starting afresh ({why})")
 
     def _check_fingerprint(self, checkpoint: dict, missing: list[str]) -> None:
         if self.fingerprint is None:

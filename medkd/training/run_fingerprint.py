@@ -3,7 +3,9 @@
 A fingerprint is a JSON-able dict: the data lists (path and a hash of the file's bytes; images are not read), the
 networks (class, parameter count, a hash of the state-dict shapes), the routes with their weights and temperatures
 (and the preset they form), the teacher's role (``teacher_mode``, ``teacher_init``), the batches' mixing (``mix``),
-the class names, the label maps' value of each class where it is not the class index, and the seed.
+the class names, the label maps' value of each class where it is not the class index, the seed, and a short id of
+each training image (:func:`image_ids`), so that a teacher trained on other images, or a test list holding training
+images, is known.
 :class:`medkd.training.handlers.ResumeCheckpoint` stores it in the resume checkpoint and refuses to resume a run whose
 fingerprint differs, listing :func:`fingerprint_changes`; ``python -m medkd compare`` keeps one of its own in
 ``fingerprint.json``.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ __all__ = [
     "describe_network",
     "fingerprint_changes",
     "input_settings",
+    "image_ids",
     "INPUT_KEYS",
 ]
 
@@ -64,6 +67,27 @@ def datalist_digest(
     paths = {k: Path(f).expanduser().resolve() for k, f in files.items()}
     hashes = {p: _sha256(p) for p in set(paths.values())}
     return {k: {"file": str(p), "sha256": hashes[p]} for k, p in paths.items()}
+
+
+def _file_key(path: Path, head: int = 1 << 16) -> bytes:
+    """A file's name, size and first ``head`` bytes (a folder's or a missing file's name alone): the same for the
+    same image moved or copied to another folder, cheap for large volumes."""
+    if not path.is_file():
+        return path.name.encode()
+    with path.open("rb") as f:
+        return b"%s:%d:%s" % (path.name.encode(), path.stat().st_size, f.read(head))
+
+
+def image_ids(entries: Iterable[Mapping[str, Any]]) -> list[str]:
+    """A short id of each entry's image (16 hex digits of a SHA-256 of its file name, size and first 64 KiB; of each
+    channel's file for a multi-channel image), the same wherever the data folder is: what a fingerprint records of a
+    training list, compactly."""
+
+    def one(image: Any) -> str:
+        paths = image if isinstance(image, list | tuple) else [image]
+        return hashlib.sha256(b"|".join(_file_key(Path(p).expanduser()) for p in paths)).hexdigest()[:16]
+
+    return [one(entry["image"]) for entry in entries]
 
 
 def describe_network(network: nn.Module) -> dict[str, Any]:
@@ -118,6 +142,7 @@ def run_fingerprint(
     label_values: Sequence[int] | None = None,
     inputs: Mapping[str, Any] | None = None,
     mixing: Any = None,
+    training_images: Iterable[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The fingerprint of a training run (see the module docstring).
 
@@ -135,6 +160,7 @@ def run_fingerprint(
         inputs: the settings that define the networks' inputs (:func:`input_settings`).
         mixing: the distillation batches' :class:`~medkd.training.mixing.BatchMixer`, recorded by
             :meth:`~medkd.training.mixing.BatchMixer.settings`; ``None`` (no mixing) records nothing.
+        training_images: the training list's entries (their :func:`image_ids` are recorded, sorted).
     """
     fingerprint: dict[str, Any] = {
         "data": datalist_digest(datalist),
@@ -158,6 +184,8 @@ def run_fingerprint(
         fingerprint["inputs"] = dict(inputs)
     if mixing is not None:
         fingerprint["mixing"] = mixing.settings()
+    if training_images is not None:
+        fingerprint["training_images"] = sorted(image_ids(training_images))
     return json.loads(json.dumps(fingerprint, default=str))  # tuples to lists: equal to itself after a round trip
 
 
@@ -210,6 +238,8 @@ def fingerprint_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[
     ``"data list /x/dataset.json content changed"``, ``"seed 0 → 1"``); empty when they are equal."""
     changes: list[str] = []
     for key in dict.fromkeys([*old, *new]):
+        if key == "training_images":  # what the data lists' hashes already tell, image by image
+            continue
         a, b = old.get(key, _IMPLIED.get(key)), new.get(key, _IMPLIED.get(key))
         if a == b or (key == "inputs" and (a is None or b is None)):  # runs made before inputs were recorded
             continue
