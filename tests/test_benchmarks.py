@@ -93,3 +93,24 @@ def test_imbalanced_subset_thins_the_chosen_classes_of_the_training_and_validati
     assert kept.count(0) == 200 and 30 <= kept.count(1) <= 70 and out["test"] == lists["test"]
     assert out["labels"] == {"0": "a", "1": "b"}
     assert subset.imbalanced(lists, {1: 0.25})["training"] == out["training"]  # seeded: the same images again
+
+
+def test_hippocampus_subset_is_a_seeded_draw_split_by_case(tmp_path):
+    subset = _load("hippocampus_subset")
+    source = tmp_path / "Task04_Hippocampus"
+    cases = [{"image": f"./imagesTr/hippocampus_{i:03d}.nii.gz", "label": f"./labelsTr/hippocampus_{i:03d}.nii.gz"}
+             for i in range(12)]  # fmt: skip
+    for case in cases:
+        for path in case.values():
+            (source / path).parent.mkdir(parents=True, exist_ok=True)
+            (source / path).write_bytes(path.encode())
+    (source / "dataset.json").write_text(json.dumps({"reference": "VUMC", "training": cases}))
+    assert subset.main([str(source), str(tmp_path / "out"), "--counts", "4", "2", "2"]) == 0
+    data = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    drawn = subset.draw(cases, (4, 2, 2))
+    assert drawn == subset.draw(cases, (4, 2, 2)) != subset.draw(cases, (4, 2, 2), seed=1)
+    names = [[e["image"].split("/")[-1] for e in data[k]] for k in ("training", "validation", "test")]
+    assert [len(n) for n in names] == [4, 2, 2] and len(set(sum(names, []))) == 8
+    assert names == [[e["image"].split("/")[-1] for e in drawn[k]] for k in ("training", "validation", "test")]
+    for entry in data["test"]:  # copied unchanged, label beside image
+        assert (tmp_path / "out" / entry["label"]).read_bytes() == f"./labelsTr/{entry['label'][7:]}".encode()
