@@ -1,0 +1,77 @@
+"""The deployment report (python -m medkd deploy-report): its files and rows, and that its numbers are right."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from bundle_utils import BUNDLES, TINY, native_spacing, run_stage
+from monai.inferers import SimpleInferer
+
+from medkd.tools import deploy
+
+BUNDLE = "segmentation_2d"
+SETTINGS = {**TINY[BUNDLE], **native_spacing(BUNDLE)}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny 2D segmentation bundle: teacher, students (1 epoch each) and their test scores."""
+    root = tmp_path_factory.mktemp("trained")
+    for stage in ("train_teacher", "train", "evaluate"):
+        run_stage(BUNDLE, stage, root, **native_spacing(BUNDLE))
+    return root
+
+
+def test_the_report_has_one_row_per_network_and_runtime_and_a_second_run_sets_the_first_aside(trained, monkeypatch):
+    rows = deploy.deploy_report(trained, BUNDLES / BUNDLE, SETTINGS, repeats=1, warmup=0, memory=False)
+    folder = trained / deploy.DEPLOY_DIR
+    bundle = deploy.load_bundle(trained, BUNDLES / BUNDLE, SETTINGS)
+    assert list(bundle.networks) == ["teacher", "sp", "sf", "ensemble"]
+    assert [(r["network"], r["runtime"]) for r in rows] == [(n, r) for n in bundle.networks for r in deploy.RUNTIMES]
+    for name in ("deploy_report.md", "deploy_report.csv", "metric_vs_latency.png", "teacher.onnx", "ensemble.onnx"):
+        assert (folder / name).is_file(), name
+    with (folder / deploy.REPORT_CSV).open(newline="") as f:
+        assert len(list(csv.DictReader(f))) == len(rows) == 12
+    for row in rows:
+        assert row["params"] == sum(p.numel() for p in bundle.networks[row["network"]].parameters())
+        assert row["gmacs"] > 0 and row["latency_ms"] > 0 and 0 <= row["mean_dice"] <= 1
+    params = {r["network"]: r["params"] for r in rows}
+    assert params["ensemble"] == params["sp"] + params["sf"]
+    assert all("ok" in r["onnx_second_size"] for r in rows if r["runtime"] == "onnxruntime")
+
+    monkeypatch.setattr(deploy, "onnx_available", lambda: False)  # a second run, without the deploy extra
+    again = deploy.deploy_report(trained, BUNDLES / BUNDLE, SETTINGS, repeats=1, warmup=0, memory=False)
+    assert {r["runtime"] for r in again} == {"eager", "torchscript"}
+    assert "pip install" in (folder / deploy.REPORT_MD).read_text()
+    (aside,) = trained.glob("deploy.*")
+    assert (aside / "teacher.onnx").is_file() and (aside / deploy.REPORT_CSV).is_file()
+
+
+def test_torchscript_and_onnx_runtime_give_pytorchs_outputs_also_at_a_second_size(trained, tmp_path):
+    bundle = deploy.load_bundle(trained, BUNDLES / BUNDLE, SETTINGS)
+    for name, network in bundle.networks.items():
+        example = deploy.network_input(network, bundle.inferer, bundle.image)
+        with torch.no_grad():
+            expected = bundle.inferer(bundle.image, network)
+            for runtime in ("torchscript", "onnxruntime"):
+                run = deploy.build_runtime(runtime, network, example, tmp_path, name, "cpu")
+                assert torch.allclose(bundle.inferer(bundle.image, run), expected, atol=1e-4), (name, runtime)
+        bigger = torch.randn(1, *example.shape[1:2], *(s * 2 for s in example.shape[2:]))
+        with torch.no_grad():
+            assert torch.allclose(run(bigger), network(bigger), atol=1e-4), name
+
+
+def test_macs_of_a_convolution_are_the_hand_count():
+    conv = torch.nn.Conv2d(2, 4, kernel_size=3, padding=1)
+    # each of the 4 x 8 x 8 outputs sums 2 x 3 x 3 products; the bias adds no multiply
+    assert deploy.count_macs(conv, torch.rand(1, 2, 8, 8)) == 4 * 8 * 8 * 2 * 3 * 3
+    assert deploy.count_parameters(conv) == 4 * 2 * 3 * 3 + 4
+
+
+def test_peak_memory_is_the_rss_increase_of_one_inference_in_a_fresh_process(tmp_path):
+    conv = torch.nn.Conv2d(1, 16, kernel_size=3, padding=1).eval()
+    torch.save(conv, tmp_path / "conv.pt")
+    peak = deploy.peak_rss_increase_mb("eager", tmp_path / "conv.pt", torch.rand(1, 1, 512, 512), SimpleInferer())
+    assert peak is not None and 16 <= peak < 200  # the 16-channel output alone is 16 MB
