@@ -12,7 +12,8 @@ from monai.inferers import SimpleInferer
 from medkd.tools import deploy
 
 BUNDLE = "segmentation_2d"
-SETTINGS = {**TINY[BUNDLE], **native_spacing(BUNDLE)}
+SMALL = {"strides": [2, 2], "teacher_channels": [8, 16, 32]}  # fewer, smaller layers: quicker to trace and export
+SETTINGS = {**TINY[BUNDLE], **native_spacing(BUNDLE), **SMALL}
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def trained(tmp_path_factory):
     """A tiny 2D segmentation bundle: teacher, students (1 epoch each) and their test scores."""
     root = tmp_path_factory.mktemp("trained")
     for stage in ("train_teacher", "train", "evaluate"):
-        run_stage(BUNDLE, stage, root, **native_spacing(BUNDLE))
+        run_stage(BUNDLE, stage, root, **native_spacing(BUNDLE), **SMALL)
     return root
 
 
@@ -39,7 +40,10 @@ def test_the_report_has_one_row_per_network_and_runtime_and_a_second_run_sets_th
         assert row["gmacs"] > 0 and row["latency_ms"] > 0 and 0 <= row["mean_dice"] <= 1
     params = {r["network"]: r["params"] for r in rows}
     assert params["ensemble"] == params["sp"] + params["sf"]
-    assert all("ok" in r["onnx_second_size"] for r in rows if r["runtime"] == "onnxruntime")
+    # TorchScript and ONNX Runtime give the eager outputs on the test image, and ONNX also at a second size
+    assert all(r["max_diff_vs_eager"] < 1e-4 for r in rows), rows
+    second = [r["onnx_second_size"] for r in rows if r["runtime"] == "onnxruntime"]
+    assert all(" ok, " in s and float(s.rsplit(" ", 1)[1]) < 1e-4 for s in second), second
 
     monkeypatch.setattr(deploy, "onnx_available", lambda: False)  # a second run, without the deploy extra
     again = deploy.deploy_report(trained, BUNDLES / BUNDLE, SETTINGS, repeats=1, warmup=0, memory=False)
@@ -47,20 +51,6 @@ def test_the_report_has_one_row_per_network_and_runtime_and_a_second_run_sets_th
     assert "pip install" in (folder / deploy.REPORT_MD).read_text()
     (aside,) = trained.glob("deploy.*")
     assert (aside / "teacher.onnx").is_file() and (aside / deploy.REPORT_CSV).is_file()
-
-
-def test_torchscript_and_onnx_runtime_give_pytorchs_outputs_also_at_a_second_size(trained, tmp_path):
-    bundle = deploy.load_bundle(trained, BUNDLES / BUNDLE, SETTINGS)
-    for name, network in bundle.networks.items():
-        example = deploy.network_input(network, bundle.inferer, bundle.image)
-        with torch.no_grad():
-            expected = bundle.inferer(bundle.image, network)
-            for runtime in ("torchscript", "onnxruntime"):
-                run = deploy.build_runtime(runtime, network, example, tmp_path, name, "cpu")
-                assert torch.allclose(bundle.inferer(bundle.image, run), expected, atol=1e-4), (name, runtime)
-        bigger = torch.randn(1, *example.shape[1:2], *(s * 2 for s in example.shape[2:]))
-        with torch.no_grad():
-            assert torch.allclose(run(bigger), network(bigger), atol=1e-4), name
 
 
 def test_macs_of_a_convolution_are_the_hand_count():

@@ -167,7 +167,7 @@ def build_runtime(runtime: str, network: nn.Module, example: torch.Tensor, folde
         return network
     if runtime == "torchscript":
         with torch.no_grad():
-            traced = torch.jit.trace(network, example)
+            traced = torch.jit.trace(network, example, check_trace=False)  # the report compares outputs
         if device == "cpu":
             traced.save(str(folder / f"{name}.torchscript.pt"))
         return traced
@@ -244,26 +244,40 @@ def _memory_file(runtime: str, network: nn.Module, folder: Path, name: str, scra
     return folder / (f"{name}.torchscript.pt" if runtime == "torchscript" else f"{name}.onnx")
 
 
+def _network_row(bundle: DeployBundle, name: str) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """What does not depend on the runtime: the network's parameters and MACs per full image; its input
+    as the inferer feeds it (to trace and export it), and its eager output on the full image (the reference)."""
+    network = bundle.networks[name].cpu()
+    example = network_input(network, bundle.inferer, bundle.image)
+    with torch.no_grad():
+        reference = bundle.inferer(bundle.image, network)
+    macs = count_macs(lambda x: bundle.inferer(x, network), bundle.image)
+    return {"params": count_parameters(network), "gmacs": macs / 1e9}, example, reference
+
+
 def measure(bundle: DeployBundle, folder: Path, runtimes: Sequence[str], devices: Sequence[str], repeats: int = 10,
             warmup: int = 2, memory: bool = True) -> list[dict]:  # fmt: skip
     """One row per network, runtime and device: parameters, MACs per full image, peak memory (CPU), median latency,
-    the ONNX check at a second size, and the test score; tqdm shows the progress."""
+    the largest difference from the eager output, the ONNX check at a second size, and the test score; tqdm shows
+    the progress."""
     rows, jobs = [], [(n, r, d) for n in bundle.networks for d in devices for r in runtimes]
     with tempfile.TemporaryDirectory() as scratch:
         for name, runtime, device in tqdm(jobs, desc="deploy report", unit="run"):
-            network = bundle.networks[name]
-            example = network_input(network.cpu(), bundle.inferer, bundle.image)
+            if not rows or rows[-1]["network"] != name:
+                common, example, reference = _network_row(bundle, name)
+            network, image = bundle.networks[name], bundle.image.to(device)
             run = build_runtime(runtime, network, example, folder, name, device)
-            image = bundle.image.to(device)
-            row = {"network": name, "runtime": runtime, "device": device, "params": count_parameters(network),
-                   "gmacs": count_macs(lambda x, n=network: bundle.inferer(x, n), image) / 1e9}  # fmt: skip
+            row = {"network": name, "runtime": runtime, "device": device, **common}
             if memory and device == "cpu":
                 model = _memory_file(runtime, network, folder, name, Path(scratch))
                 row["peak_rss_mb"] = peak_rss_increase_mb(runtime, model, bundle.image, bundle.inferer)
             row["latency_ms"] = latency_ms(lambda x, r=run: bundle.inferer(x, r), image, repeats, warmup)
+            row.update({"speedup_vs_teacher": None, **bundle.scores.get(name, {})})  # the speed-up: once all ran
+            with torch.no_grad():
+                row["max_diff_vs_eager"] = (bundle.inferer(image, run).cpu() - reference).abs().max().item()
             if runtime == "onnxruntime":
                 row["onnx_second_size"] = second_size_check(run, network.to(device), example.to(device))
-            rows.append({**row, **bundle.scores.get(name, {})})
+            rows.append(row)
             network.cpu()
     return _with_speedup(rows)
 
