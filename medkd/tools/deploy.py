@@ -318,11 +318,16 @@ def plot_metric_vs_latency(rows: Sequence[Mapping], path: Path) -> None:
     metric = _key_metric(rows)
     fig, ax = plt.subplots(figsize=(8, 5))
     markers = dict(zip(RUNTIMES, "os^", strict=True))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    names = list(dict.fromkeys(row["network"] for row in rows))
     for row in rows:
         y = row.get(metric, float("nan")) if metric else float("nan")
-        ax.scatter(row["latency_ms"], y, marker=markers[row["runtime"]], s=50)
+        color, i = colors[names.index(row["network"]) % len(colors)], RUNTIMES.index(row["runtime"])
+        ax.scatter(row["latency_ms"], y, marker=markers[row["runtime"]], s=50, color=color)
         label = f"{row['network']} {row['runtime']}" + ("" if row["device"] == "cpu" else f" {row['device']}")
-        ax.annotate(label, (row["latency_ms"], y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        # the runtimes of one network share its score: their labels at three heights do not overlap
+        ax.annotate(label, (row["latency_ms"], y), textcoords="offset points", xytext=(5, 10 * i - 12), fontsize=8,
+                    color=color)  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("latency per full test image, ms (median, log scale)")
     ax.set_ylabel(f"test {metric}" if metric else "no test score (run the evaluate stage)")
