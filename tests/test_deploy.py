@@ -9,6 +9,8 @@ import torch
 from bundle_utils import BUNDLES, TINY, native_spacing, run_stage
 from monai.inferers import SimpleInferer
 
+from medkd.__main__ import main
+from medkd.errors import ConfigError
 from medkd.tools import deploy
 
 BUNDLE = "segmentation_2d"
@@ -65,3 +67,8 @@ def test_peak_memory_is_the_rss_increase_of_one_inference_in_a_fresh_process(tmp
     torch.save(conv, tmp_path / "conv.pt")
     peak = deploy.peak_rss_increase_mb("eager", tmp_path / "conv.pt", torch.rand(1, 1, 512, 512), SimpleInferer())
     assert peak is not None and 16 <= peak < 200  # the 16-channel output alone is 16 MB
+
+
+def test_the_command_names_the_missing_configs_and_the_option_that_gives_them(tmp_path):
+    with pytest.raises(ConfigError, match="no configs/train.json: .*--bundle"):
+        main(["deploy-report", str(tmp_path)])

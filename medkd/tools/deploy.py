@@ -236,6 +236,15 @@ def onnx_available() -> bool:
     return True
 
 
+def _runs_on(runtime: str, device: str) -> bool:
+    """Whether ``runtime`` can run on ``device`` here (ONNX Runtime on CUDA needs the onnxruntime-gpu package)."""
+    if runtime != "onnxruntime" or device == "cpu":
+        return True
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
 def _memory_file(runtime: str, network: nn.Module, folder: Path, name: str, scratch: Path) -> Path:
     """The file :func:`peak_rss_increase_mb` loads for ``runtime`` (the eager module is pickled to ``scratch``)."""
     if runtime == "eager":
@@ -260,7 +269,7 @@ def measure(bundle: DeployBundle, folder: Path, runtimes: Sequence[str], devices
     """One row per network, runtime and device: parameters, MACs per full image, peak memory (CPU), median latency,
     the largest difference from the eager output, the ONNX check at a second size, and the test score; tqdm shows
     the progress."""
-    rows, jobs = [], [(n, r, d) for n in bundle.networks for d in devices for r in runtimes]
+    rows, jobs = [], [(n, r, d) for n in bundle.networks for d in devices for r in runtimes if _runs_on(r, d)]
     with tempfile.TemporaryDirectory() as scratch:
         for name, runtime, device in tqdm(jobs, desc="deploy report", unit="run"):
             if not rows or rows[-1]["network"] != name:
