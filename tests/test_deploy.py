@@ -62,11 +62,14 @@ def test_macs_of_a_convolution_are_the_hand_count():
     assert deploy.count_parameters(conv) == 4 * 2 * 3 * 3 + 4
 
 
-def test_peak_memory_is_the_rss_increase_of_one_inference_in_a_fresh_process(tmp_path):
+def test_peak_memory_is_the_rss_increase_of_one_inference_in_a_fresh_process(trained, tmp_path):
     conv = torch.nn.Conv2d(1, 16, kernel_size=3, padding=1).eval()
     torch.save(conv, tmp_path / "conv.pt")
     peak = deploy.peak_rss_increase_mb("eager", tmp_path / "conv.pt", torch.rand(1, 1, 512, 512), SimpleInferer())
     assert peak is not None and 16 <= peak < 200  # the 16-channel output alone is 16 MB
+    bundle = deploy.load_bundle(trained, BUNDLES / BUNDLE, SETTINGS)  # the bundle's test image and sliding window
+    torch.save(bundle.networks["sp"], tmp_path / "sp.pt")
+    assert deploy.peak_rss_increase_mb("eager", tmp_path / "sp.pt", bundle.image, bundle.inferer) >= 0
 
 
 def test_the_command_names_the_missing_configs_and_the_option_that_gives_them(tmp_path):

@@ -95,7 +95,9 @@ def load_bundle(root: str | Path, configs: str | Path | None = None, overrides: 
     if members:
         networks[ENSEMBLE] = EnsembleNetwork({m: networks[m] for m in members})
     sample = parser.get_parsed_content("dataset")[0]
-    image = torch.as_tensor(sample["image"]).unsqueeze(0).float()
+    image = (
+        torch.as_tensor(sample["image"]).as_subclass(torch.Tensor).unsqueeze(0).float()
+    )  # plain: loaded with weights_only
     name = Path(str(sample["image"].meta.get("filename_or_obj", "image"))).name
     scores = _test_scores(Path(parser.get_parsed_content(OUTPUT_DIR)) / RESULTS_JSON)
     return DeployBundle({k: v.eval() for k, v in networks.items()}, parser.get_parsed_content("inferer"), image, name,
@@ -200,12 +202,20 @@ def _status_mb(field: str) -> float:
     raise KeyError(field)
 
 
+def _load_runtime_file(runtime: str, path: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The network saved at ``path`` for ``runtime``: a pickled module (eager), a TorchScript file or an ONNX file."""
+    if runtime == "onnxruntime":
+        return _onnx_session(Path(path), "cpu")
+    if runtime == "torchscript":
+        return torch.jit.load(path)
+    return torch.load(path, weights_only=False)  # our own pickle, written by _memory_file
+
+
 def _child_peak(runtime: str, model: str, image: str, inferer: Any) -> float:
     """In a fresh process: load the runtime's file and the image, reset the peak RSS, run one inference and return
     the peak RSS increase in MB."""
     torch.set_num_threads(1)
-    run = _onnx_session(Path(model), "cpu") if runtime == "onnxruntime" else torch.jit.load(model) \
-        if runtime == "torchscript" else torch.load(model, weights_only=False)  # fmt: skip
+    run = _load_runtime_file(runtime, model)
     x = torch.load(image)
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
     before = _status_mb("VmRSS")
@@ -340,7 +350,7 @@ def plot_metric_vs_latency(rows: Sequence[Mapping], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("latency per full test image, ms (median, log scale)")
     ax.set_ylabel(f"test {metric}" if metric else "no test score (run the evaluate stage)")
-    ax.set_title("test score against latency: teacher, students, ensemble")
+    ax.set_title("test score against latency, per network and runtime")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
