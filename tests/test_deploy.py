@@ -9,6 +9,7 @@ import torch
 from bundle_utils import BUNDLES, TINY, native_spacing, run_stage
 from monai.inferers import SimpleInferer
 
+from medkd import bundles
 from medkd.__main__ import main
 from medkd.errors import ConfigError
 from medkd.tools import deploy
@@ -29,13 +30,13 @@ def trained(tmp_path_factory):
 
 def test_the_report_has_one_row_per_network_and_runtime_and_a_second_run_sets_the_first_aside(trained, monkeypatch):
     rows = deploy.deploy_report(trained, BUNDLES / BUNDLE, SETTINGS, repeats=1, warmup=0, memory=False)
-    folder = trained / deploy.DEPLOY_DIR
+    folder = trained / bundles.DEPLOY_DIR
     bundle = deploy.load_bundle(trained, BUNDLES / BUNDLE, SETTINGS)
     assert list(bundle.networks) == ["teacher", "sp", "sf", "ensemble"]
     assert [(r["network"], r["runtime"]) for r in rows] == [(n, r) for n in bundle.networks for r in deploy.RUNTIMES]
     for name in ("deploy_report.md", "deploy_report.csv", "metric_vs_latency.png", "teacher.onnx", "ensemble.onnx"):
         assert (folder / name).is_file(), name
-    with (folder / deploy.REPORT_CSV).open(newline="") as f:
+    with (folder / bundles.DEPLOY_REPORT_CSV).open(newline="") as f:
         assert len(list(csv.DictReader(f))) == len(rows) == 12
     for row in rows:
         assert row["params"] == sum(p.numel() for p in bundle.networks[row["network"]].parameters())
@@ -50,9 +51,9 @@ def test_the_report_has_one_row_per_network_and_runtime_and_a_second_run_sets_th
     monkeypatch.setattr(deploy, "onnx_available", lambda: False)  # a second run, without the deploy extra
     again = deploy.deploy_report(trained, BUNDLES / BUNDLE, SETTINGS, repeats=1, warmup=0, memory=False)
     assert {r["runtime"] for r in again} == {"eager", "torchscript"}
-    assert "pip install" in (folder / deploy.REPORT_MD).read_text()
+    assert "pip install" in (folder / bundles.DEPLOY_REPORT_MD).read_text()
     (aside,) = trained.glob("deploy.*")
-    assert (aside / "teacher.onnx").is_file() and (aside / deploy.REPORT_CSV).is_file()
+    assert (aside / "teacher.onnx").is_file() and (aside / bundles.DEPLOY_REPORT_CSV).is_file()
 
 
 def test_macs_of_a_convolution_are_the_hand_count():

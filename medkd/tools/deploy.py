@@ -31,7 +31,21 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from medkd.bundles import CKPT_DIR, NETWORKS, OUTPUT_DIR, RESULTS_JSON, stage_config
+from medkd.bundles import (
+    CKPT_DIR,
+    DEPLOY_DIR,
+    DEPLOY_PLOT,
+    DEPLOY_REPORT_CSV,
+    DEPLOY_REPORT_MD,
+    ENSEMBLE_MEMBERS,
+    EVAL_DATASET,
+    INFERER,
+    INPUT_SETTINGS,
+    NETWORKS,
+    OUTPUT_DIR,
+    RESULTS_JSON,
+    stage_config,
+)
 from medkd.errors import ConfigError
 from medkd.knowledge.routes import TEACHER
 from medkd.tools.report import markdown_table
@@ -61,10 +75,6 @@ __all__ = [
 logger = logging.getLogger("medkd.tools.deploy")
 
 RUNTIMES = ("eager", "torchscript", "onnxruntime")
-DEPLOY_DIR = "deploy"
-REPORT_MD = "deploy_report.md"
-REPORT_CSV = "deploy_report.csv"
-REPORT_PNG = "metric_vs_latency.png"
 INSTALL_HINT = 'pip install "medkd[deploy]" (or pip install onnx onnxruntime)'
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 
@@ -88,19 +98,19 @@ def load_bundle(root: str | Path, configs: str | Path | None = None, overrides: 
     parser = stage_config(configs or root, "evaluate", {**(overrides or {}), "bundle_root": str(root)})
     networks = dict(parser.get_parsed_content(NETWORKS))
     files = trained_files(parser.get_parsed_content(CKPT_DIR), networks)
-    check_trained_inputs(files, parser.get_parsed_content("input_settings"))
+    check_trained_inputs(files, parser.get_parsed_content(INPUT_SETTINGS))
     for name, network in networks.items():
         load_network_weights(network.cpu(), files[name], map_location="cpu", role=name)
-    members = parser.get_parsed_content("ensemble_members")
+    members = parser.get_parsed_content(ENSEMBLE_MEMBERS)
     if members:
         networks[ENSEMBLE] = EnsembleNetwork({m: networks[m] for m in members})
-    sample = parser.get_parsed_content("dataset")[0]
+    sample = parser.get_parsed_content(EVAL_DATASET)[0]
     image = (
         torch.as_tensor(sample["image"]).as_subclass(torch.Tensor).unsqueeze(0).float()
     )  # plain: loaded with weights_only
     name = Path(str(sample["image"].meta.get("filename_or_obj", "image"))).name
     scores = _test_scores(Path(parser.get_parsed_content(OUTPUT_DIR)) / RESULTS_JSON)
-    return DeployBundle({k: v.eval() for k, v in networks.items()}, parser.get_parsed_content("inferer"), image, name,
+    return DeployBundle({k: v.eval() for k, v in networks.items()}, parser.get_parsed_content(INFERER), image, name,
                         scores)  # fmt: skip
 
 
@@ -361,13 +371,13 @@ def write_report(rows: Sequence[Mapping], folder: Path, header: str) -> str:
     """Write ``deploy_report.csv``, ``deploy_report.md`` (``header``, then the table) and the plot into ``folder``;
     return the markdown table."""
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    with (folder / REPORT_CSV).open("w", newline="", encoding="utf-8") as f:
+    with (folder / DEPLOY_REPORT_CSV).open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
     table = markdown_table(rows)
-    (folder / REPORT_MD).write_text(f"{header}\n\n{table}\n", encoding="utf-8")
-    plot_metric_vs_latency(rows, folder / REPORT_PNG)
+    (folder / DEPLOY_REPORT_MD).write_text(f"{header}\n\n{table}\n", encoding="utf-8")
+    plot_metric_vs_latency(rows, folder / DEPLOY_PLOT)
     return table
 
 
@@ -403,7 +413,7 @@ def deploy_report(root: str | Path, configs: str | Path | None = None, overrides
     devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
     rows = measure(bundle, folder, runtimes, devices, repeats, warmup, memory)
     table = write_report(rows, folder, _header(bundle, runtimes, repeats, memory))
-    print(f"\nDeployment report ({folder / REPORT_MD}, plot {folder / REPORT_PNG}):\n{table}\n", flush=True)
+    print(f"\nDeployment report ({folder / DEPLOY_REPORT_MD}, plot {folder / DEPLOY_PLOT}):\n{table}\n", flush=True)
     return rows
 
 
