@@ -76,3 +76,8 @@ def test_peak_memory_is_the_rss_increase_of_one_inference_in_a_fresh_process(tra
 def test_the_command_names_the_missing_configs_and_the_option_that_gives_them(tmp_path):
     with pytest.raises(ConfigError, match="no configs/train.json: .*--bundle"):
         main(["deploy-report", str(tmp_path)])
+
+
+def test_a_mistyped_setting_stops_the_command_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match="patch_sise.*patch_size"):
+        main(["deploy-report", str(tmp_path), "--bundle", str(BUNDLES / BUNDLE), "--set", "patch_sise=[32,32]"])

@@ -45,6 +45,7 @@ from medkd.bundles import (
     OUTPUT_DIR,
     RESULTS_JSON,
     stage_config,
+    stage_files,
 )
 from medkd.errors import ConfigError
 from medkd.knowledge.routes import TEACHER
@@ -56,7 +57,7 @@ from medkd.training.checkpoints import (
     trained_files,
 )
 from medkd.training.evaluators import ENSEMBLE, METRICS, EnsembleNetwork
-from medkd.validation import parse_value
+from medkd.validation import check_overrides, parse_value
 
 __all__ = [
     "RUNTIMES",
@@ -435,7 +436,9 @@ def _run(args: argparse.Namespace) -> int:
             f"{configs} has no configs/train.json: give the bundle whose configs trained the run with --bundle "
             "(e.g. --bundle bundles/segmentation_2d)."
         )
-    deploy_report(args.bundle_root, configs, _overrides(args.set), args.repeats, args.warmup, not args.no_memory)
+    overrides = _overrides(args.set)
+    check_overrides(stage_files(configs, "evaluate"), overrides)  # a mistyped key would be ignored without a word
+    deploy_report(args.bundle_root, configs, overrides, args.repeats, args.warmup, not args.no_memory)
     return 0
 
 
