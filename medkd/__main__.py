@@ -15,6 +15,7 @@ from medkd.errors import install_excepthook
 from medkd.planning.cli import add_plan_parser
 from medkd.prepare import add_prepare_parser
 from medkd.tools.compare import add_compare_parser
+from medkd.tools.deploy import add_deploy_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_check_data_parser(subparsers)
     add_compare_parser(subparsers)
+    add_deploy_parser(subparsers)
     add_prepare_parser(subparsers)
     add_plan_parser(subparsers)
     return parser

@@ -64,6 +64,10 @@ TEACHER_DEF = "teacher_def"
 STUDENTS = "students"
 IN_CHANNELS = "in_channels"
 PATCH_SIZE = "patch_size"  # the spatial size the networks are fed
+INFERER = "inferer"  # the inferer of validation, evaluation and inference (a sliding window, or one forward)
+INPUT_SETTINGS = "input_settings"  # the settings that define the networks' inputs (checked against checkpoints)
+ENSEMBLE_MEMBERS = "ensemble_members"  # the networks the evaluate stage averages into the students' ensemble
+EVAL_DATASET = "dataset"  # the evaluate stage's test dataset
 
 # the folders a run writes under its bundle_root (the defaults of CKPT_DIR, OUTPUT_DIR and LOG_DIR)
 MODELS_DIR = "models"
@@ -81,6 +85,12 @@ RESULTS_CSV = "results.csv"
 COMPARISON_PNG = "comparison.png"
 COMPARE_FINGERPRINT = "fingerprint.json"
 COMPARE_LOG = "compare.log"
+# files of a deployment report (python -m medkd deploy-report) in the bundle root's DEPLOY_DIR, beside the exported
+# networks (<network>.onnx, <network>.torchscript.pt)
+DEPLOY_DIR = "deploy"
+DEPLOY_REPORT_MD = "deploy_report.md"
+DEPLOY_REPORT_CSV = "deploy_report.csv"
+DEPLOY_PLOT = "metric_vs_latency.png"
 
 # the top-level keys of the bundles as shipped (tests/test_bundle_keys.py keeps them equal to the configs): the keys
 # every bundle defines in every stage, for the same thing (see docs/architecture.md#bundle-keys), ...

@@ -62,8 +62,10 @@ def test_bundle_expressions_call_named_functions_instead_of_inline_logic(config)
 def test_the_keys_medkd_reads_are_shared_keys():
     keys = [bundles.CKPT_DIR, bundles.OUTPUT_DIR, bundles.LOG_DIR, bundles.DATASET_DIR, bundles.DATALISTS,
             bundles.MAKE_DEFAULT_DATA, bundles.TEACHER_CKPT, bundles.ROUTES_PRESET, bundles.SEED, bundles.MAX_EPOCHS,
-            bundles.DEVICE, bundles.TEACHER_DEF, bundles.STUDENTS, bundles.IN_CHANNELS, bundles.PATCH_SIZE]  # fmt: skip
-    assert set(keys) <= SHARED and bundles.NETWORKS in STAGE_KEYS["evaluate"]
+            bundles.DEVICE, bundles.TEACHER_DEF, bundles.STUDENTS, bundles.IN_CHANNELS, bundles.PATCH_SIZE,
+            bundles.INFERER, bundles.INPUT_SETTINGS]  # fmt: skip
+    evaluate = [bundles.NETWORKS, bundles.ENSEMBLE_MEMBERS, bundles.EVAL_DATASET]
+    assert set(keys) <= SHARED and set(evaluate) <= STAGE_KEYS["evaluate"]
 
 
 @pytest.mark.parametrize("bundle", list(OWN))
