@@ -107,8 +107,8 @@ STAGE_KEYS = {
     "train": frozenset(),
     "train_teacher": frozenset({"teacher_train_network"}),
     "evaluate": frozenset({
-        "networks", "ensemble_members", "scored_networks", "test_datalist", "dataset", "dataloader", "handlers",
-        "evaluator",
+        "networks", "ensemble_members", "scored_networks", "overlays", "test_datalist", "dataset", "dataloader",
+        "handlers", "evaluator",
     }),
     "inference": frozenset({
         "network_name", "input_dir", "input_pattern", "network", "infer_datalist", "preprocessing", "dataset",
