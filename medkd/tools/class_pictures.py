@@ -82,7 +82,7 @@ def draw_confusion(counts: np.ndarray, class_names: Sequence[str], network: str,
     plt = pyplot()
     totals = counts.sum(axis=1, keepdims=True)
     shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
-    size = min(0.9 * len(class_names) + 1.6, MAX_WIDTH_PX / DPI / 2)
+    size = min(0.6 * len(class_names) + 1.6, MAX_WIDTH_PX / DPI / 2)
     figure, axes = plt.subplots(1, 2, figsize=(2 * size, size + 0.4))
     for ax, values, title, text in (
         (axes[0], counts, "counts", lambda v: f"{int(v)}"),

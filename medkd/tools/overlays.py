@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,8 @@ WORST_PNG = "worst.png"
 # one fixed colour per foreground class (class 1 first, then cycled), readable on grey images
 CLASS_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#e377c2", "#17becf", "#bcbd22")
 MAX_WIDTH_PX = 1200  # the widest picture drawn
-PANEL_IN, DPI = 2.0, 100  # a panel's size (inches) at most, and pixels per inch
+PANEL_IN, DPI = 2.0, 100  # a panel's size (inches) at most in a gallery, and pixels per inch
+CASE_COLUMNS = 3  # panels per row in the picture of one case
 MAX_SIDE = 512  # a slice larger than this is drawn (and kept) subsampled to about this size
 ALPHA = 0.45  # the weight of a label's colour over the image
 
@@ -115,15 +117,11 @@ def _blend(grey: np.ndarray, labels: np.ndarray | None, num_classes: int) -> np.
     return np.moveaxis(np.asarray(rgb), 0, -1)
 
 
-def _panel_size(columns: int) -> float:
-    return min(PANEL_IN, MAX_WIDTH_PX / DPI / columns)
-
-
 def _draw_row(axes: Sequence[Any], case: Mapping[str, Any], panels: Sequence[tuple[str, str]], num_classes: int):
     """Draw one case on a row of axes: ``panels`` are (title, key of ``case``), ``"image"`` drawn plain."""
     grey = _grey(case["image"])
     for ax, (title, key) in zip(axes, panels, strict=True):
-        ax.imshow(_blend(grey, None if key == "image" else case[key], num_classes), interpolation="nearest")
+        ax.imshow(_blend(grey, None if key == "image" else case[key], num_classes))  # antialiased when shrunk
         ax.set_title(title, fontsize=8)
         ax.set_axis_off()
 
@@ -143,12 +141,19 @@ def _titles(case: Mapping[str, Any], networks: Sequence[str]) -> list[tuple[str,
     ]  # fmt: skip
 
 
-def _gallery(rows: Sequence[tuple[str, Mapping[str, Any], list]], class_names: Sequence[str], title: str, path: Path):
+def _gallery(
+    rows: Sequence[tuple[str, Mapping[str, Any], list]],
+    class_names: Sequence[str],
+    title: str,
+    path: Path,
+    panel_in: float = PANEL_IN,
+) -> None:
     """Save a picture of ``rows`` (row title, case, panels), one row each, with a legend of the foreground
-    ``class_names``; the row titles, in order, go into the PNG's ``Description``."""
+    ``class_names``; panels of ``panel_in`` inches at most; the row titles, in order, go into the PNG's
+    ``Description``."""
     plt = pyplot()
     columns = max(len(panels) for _, _, panels in rows)
-    size = _panel_size(columns)
+    size = min(panel_in, MAX_WIDTH_PX / DPI / columns)
     height = (size + 0.45) * len(rows) + 0.6  # a panel and its two-line title per row, the title and the legend
     figure, axes = plt.subplots(
         len(rows), columns, figsize=(size * columns, height), squeeze=False, layout="constrained"
@@ -157,11 +162,11 @@ def _gallery(rows: Sequence[tuple[str, Mapping[str, Any], list]], class_names: S
         _draw_row(row_axes[: len(panels)], case, panels, len(class_names) + 1)
         for ax in row_axes[len(panels) :]:
             ax.set_axis_off()
-        if row_title:
-            row_axes[0].set_title(f"{row_title}\n{panels[0][0]}", fontsize=8)
+        if row_title:  # in place of the image's title, wrapped to the panel's width
+            row_axes[0].set_title(textwrap.fill(row_title, int(size * 15)), fontsize=8)
     figure.suptitle(title, fontsize=9)
     _legend(figure, class_names)
-    save_png(figure, path, "; ".join(r or title for r, _, _ in rows))
+    save_png(figure, path, "; ".join(dict.fromkeys(r or title for r, _, _ in rows)))
 
 
 def save_png(figure: Any, path: Path, description: str = "") -> None:
@@ -255,7 +260,9 @@ class SegmentationOverlays:
         np.savez_compressed(self.folder / f"{name}.npz", **case)
         where = "" if index is None else f", axial slice {index} of {label.shape[-1]} (most foreground)"
         path = self.folder / f"{name}.png"
-        _gallery([("", case, _titles(case, self.networks))], self.class_names[1:], f"{name}{where}", path)
+        panels = _titles(case, self.networks)  # in rows of three, each panel up to 4 inches: near the image's pixels
+        rows = [("", case, panels[i : i + CASE_COLUMNS]) for i in range(0, len(panels), CASE_COLUMNS)]
+        _gallery(rows, self.class_names[1:], f"{name}{where}", path, panel_in=MAX_WIDTH_PX / DPI / CASE_COLUMNS)
         return path
 
     def _draw_worst(self, engine: Engine) -> None:
@@ -265,7 +272,7 @@ class SegmentationOverlays:
         rows = []
         for name in cases:
             case = dict(np.load(self.folder / f"{name}.npz"))
-            rows.append((f"{name} (students {self.scores[name]:.3f})", case, _titles(case, self.networks)))
+            rows.append((f"{name} (students' mean Dice {self.scores[name]:.3f})", case, _titles(case, self.networks)))
         title = f"The {len(cases)} worst of {len(self.scores)} cases by the students' mean Dice, worst first"
         _gallery(rows, self.class_names[1:], title, self.folder / WORST_PNG)
         logger.info(f"overlays of {len(self.scores)} cases and the worst ones in {self.folder}")
