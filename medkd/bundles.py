@@ -123,8 +123,8 @@ STAGE_KEYS = {
     "train": frozenset(),
     "train_teacher": frozenset({"teacher_train_network", "teacher_snapshot_checkpoints"}),
     "evaluate": frozenset({
-        "networks", "ensemble_members", "scored_networks", "test_datalist", "dataset", "dataloader", "handlers",
-        "evaluator",
+        "networks", "ensemble_members", "scored_networks", "overlays", "test_datalist", "dataset", "dataloader",
+        "handlers", "evaluator",
     }),
     "inference": frozenset({
         "network_name", "input_dir", "input_pattern", "run_dir", "network", "infer_datalist", "preprocessing",

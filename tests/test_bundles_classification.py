@@ -89,7 +89,7 @@ def test_training_stages(trained):
         assert (root / "models" / f"{name}.pt").is_file()
 
 
-def test_evaluate_writes_auc_accuracy_and_probabilities(trained):
+def test_evaluate_writes_auc_accuracy_probabilities_and_pictures(trained):
     root = trained[0]
     run_stage(BUNDLE, "evaluate", root)
     rows = json.loads((root / "eval" / "results.json").read_text())
@@ -107,10 +107,13 @@ def test_evaluate_writes_auc_accuracy_and_probabilities(trained):
         mean = (float(row["sp_lesion"]) + float(row["sf_lesion"])) / 2  # the ensemble: mean probabilities
         assert float(row["ensemble_lesion"]) == pytest.approx(mean, abs=2e-6)
     assert "val_auc_teacher" in (root / "eval" / "metrics.csv").read_text()
+    pictures = ["roc.png", *(f"confusion_{net}.png" for net in ("teacher", "sp", "sf", "ensemble"))]
+    assert all((root / "eval" / name).stat().st_size > 1000 for name in pictures)
 
-    run_stage(BUNDLE, "evaluate", root, ensemble=False, output_dir=str(root / "eval_no_ensemble"))
+    run_stage(BUNDLE, "evaluate", root, ensemble=False, overlays=False, output_dir=str(root / "eval_no_ensemble"))
     rows = json.loads((root / "eval_no_ensemble" / "results.json").read_text())
     assert [r["network"] for r in rows] == ["teacher", "sp", "sf"]
+    assert not list((root / "eval_no_ensemble").glob("*.png"))  # --overlays False: no pictures
 
 
 def test_inference_writes_one_row_per_image(trained):

@@ -55,6 +55,8 @@ def test_evaluating_again_sets_the_previous_results_aside(trained, capsys):
     kept = {p.name: p.read_text() for p in eval_dir.glob("*.*-*.*")}
     assert set(old.values()) <= set(kept.values())  # e.g. results.20261207-151500.md, val_mean_dice_sp_raw.2026...
     assert (eval_dir / "results.md").is_file()
+    overlays = sorted(p.name for p in (eval_dir / "overlays").iterdir())
+    assert [sorted(p.name for p in kept.iterdir()) for kept in eval_dir.glob("overlays.*")] == [overlays]  # pictures
     out = capsys.readouterr().out
     assert "evaluating again: the previous run's" in out and next(n for n in kept if n.startswith("results.")) in out
 

@@ -19,24 +19,39 @@ from pathlib import Path
 from ignite.engine import Engine, Events
 
 from medkd.bundles import RESULTS_JSON, RESULTS_MD
+from medkd.tools.class_pictures import CONFUSION_PNG, ROC_PNG
+from medkd.tools.overlays import OVERLAYS_DIR
 from medkd.training.checkpoints import keep_previous
 
-__all__ = ["EVALUATION_FILES", "LATEST", "evaluation_files", "set_aside_evaluation", "new_run_folder", "LatestRun"]
+__all__ = [
+    "EVALUATION_FILES",
+    "EVALUATION_FOLDERS",
+    "LATEST",
+    "evaluation_files",
+    "set_aside_evaluation",
+    "new_run_folder",
+    "LatestRun",
+]
 
 logger = logging.getLogger("medkd.tools.outputs")
 
 # what the evaluation stage writes into its output_dir: the results table, MONAI's MetricsSaver files (the metrics,
-# per case and per class), a classifier's per-image probabilities
-EVALUATION_FILES = (RESULTS_JSON, RESULTS_MD, "metrics.csv", "*_raw.csv", "*_summary.csv", "probabilities.csv")
+# per case and per class), a classifier's per-image probabilities and pictures, and a segmentation's overlays folder
+EVALUATION_FILES = (
+    RESULTS_JSON, RESULTS_MD, "metrics.csv", "*_raw.csv", "*_summary.csv", "probabilities.csv", ROC_PNG,
+    CONFUSION_PNG.format("*"),
+)  # fmt: skip
+EVALUATION_FOLDERS = (OVERLAYS_DIR,)
 LATEST = "latest.txt"  # in an inference output_dir: the name of its last complete run folder
 
 
 def evaluation_files(output_dir: str | os.PathLike, *inference: str) -> list[Path]:
-    """The files of :data:`EVALUATION_FILES` in ``output_dir``, and its ``inference`` folders (e.g.
-    ``"segmentations"``) that exist: what a fresh training start sets aside, its results being of other networks."""
+    """The files of :data:`EVALUATION_FILES` in ``output_dir``, and its folders of :data:`EVALUATION_FOLDERS` and
+    ``inference`` (e.g. ``"segmentations"``) that exist: what a fresh training start sets aside, its results being of
+    other networks."""
     root = Path(output_dir)
     found = [path for pattern in EVALUATION_FILES for path in sorted(root.glob(pattern)) if path.is_file()]
-    return found + [root / name for name in inference if (root / name).exists()]
+    return found + [root / name for name in (*EVALUATION_FOLDERS, *inference) if (root / name).exists()]
 
 
 def set_aside_evaluation(output_dir: str | os.PathLike) -> None:
