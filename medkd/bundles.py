@@ -83,6 +83,8 @@ RESULTS_MD = "results.md"
 # files of a comparison (python -m medkd compare) in its output folder, and in each run's folder
 RESULTS_CSV = "results.csv"
 COMPARISON_PNG = "comparison.png"
+CASES_PNG = "cases.png"  # a segmentation comparison's page of the same test cases across the methods
+CLASS_NAMES = "class_names"
 COMPARE_FINGERPRINT = "fingerprint.json"
 COMPARE_LOG = "compare.log"
 # files of a deployment report (python -m medkd deploy-report) in the bundle root's DEPLOY_DIR, beside the exported

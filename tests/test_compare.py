@@ -104,6 +104,7 @@ def test_compare_writes_csv_table_and_plot(tmp_path):
         cells = rf"{re.escape(f'{gain:+.4f}')}( \(n\.s\.\))? \| {interval} \| {int(gain > 0)}/1 \| {gap}"
         line = rf"\| diversified \| {network} \| 1 \| {cells} \|"
         assert re.search(line, md), md
+    assert (tmp_path / "out" / "cases.png").read_bytes().startswith(b"\x89PNG")  # the same cases across the methods
     png = (tmp_path / "out" / "comparison.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     fingerprint = json.loads((tmp_path / "out" / "fingerprint.json").read_text())  # what a rerun must match

@@ -32,6 +32,8 @@ import torch
 from tqdm.auto import tqdm
 
 from medkd.bundles import (
+    CASES_PNG,
+    CLASS_NAMES,
     COMPARE_FINGERPRINT,
     COMPARE_LOG,
     DATALISTS,
@@ -65,6 +67,7 @@ from medkd.errors import ConfigError
 from medkd.knowledge.routes import PAPER_PRESETS, PRESETS, TEACHER
 from medkd.knowledge.teacher import teacher_checkpoint, teacher_is_read
 from medkd.tools.jobs import Job, JobPool, JobsFailed, threads_per_job, visible_gpus
+from medkd.tools.overlays import OVERLAYS_DIR, methods_page
 from medkd.tools.report import inference_ms, write_comparison
 from medkd.training.checkpoints import set_aside
 from medkd.training.evaluators import ENSEMBLE, ensemble_members
@@ -310,7 +313,18 @@ def compare(
         row["ms_per_image"] = ms[row["network"]]
     evals = {run: _run_dir(output, *run) / EVAL_DIR for run in runs}
     write_comparison(rows, _curves(output, runs), output, evals)
+    _cases_page(bundle, output, runs, common)
     return rows
+
+
+def _cases_page(bundle: Path, output: Path, runs: Sequence[tuple[str, int]], overrides: Mapping[str, Any]) -> None:
+    """``cases.png``: the worst test cases of the first seed's runs, each method's ensemble side by side
+    (:func:`medkd.tools.overlays.methods_page`), where the evaluations drew their cases (segmentation)."""
+    seed = runs[0][1]
+    folders = {preset: _run_dir(output, preset, s) / EVAL_DIR for preset, s in runs if s == seed}
+    if all((folder / OVERLAYS_DIR).is_dir() for folder in folders.values()):
+        class_names = stage_config(bundle, "train", overrides).get_parsed_content(CLASS_NAMES)
+        methods_page(folders, output / CASES_PNG, class_names)
 
 
 def _parse_set(items: Sequence[str]) -> dict[str, Any]:
