@@ -136,7 +136,7 @@ def test_mlflow_tracking_logs_every_stage_to_a_local_store(tmp_path):
     assert any(expected <= metrics for metrics in runs), runs
     run_stage("segmentation_2d", "evaluate", tmp_path, tracking="mlflow", networks="@students")
     runs = mlflow_metrics(tmp_path)
-    test_scores = {"val_mean_dice_sp", "val_mean_dice_sf", "val_mean_dice_ensemble"}
+    test_scores = {f"val_{m}_{n}" for m in ("mean_dice", "hd95", "nsd") for n in ("sp", "sf", "ensemble")}
     assert len(runs) == 3 and test_scores in runs, runs  # + a run of the test scores
 
 

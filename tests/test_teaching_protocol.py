@@ -52,7 +52,7 @@ def test_a_bad_mix_on_the_command_line_is_one_error_line(tmp_path):
     overlay = tiny_overlay("segmentation_2d", tmp_path / "tiny.json")
     cmd = stage_command("segmentation_2d", "train", tmp_path, overlay, mix="mixin")
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    result = subprocess.run(cmd, capture_output=True, encoding="utf-8", env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == (
         "ERROR: mix must be null (None on the command line), 'mixup' or 'cutmix', got 'mixin'."
