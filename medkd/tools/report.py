@@ -18,6 +18,7 @@ from ignite.engine import Engine, Events
 from torch import nn
 
 from medkd.bundles import COMPARISON_PNG, RESULTS_CSV, RESULTS_JSON, RESULTS_MD
+from medkd.tools.comparison_plot import plot_comparison
 from medkd.tools.gains import RESAMPLES, Gain, Runs, gain_cells, method_gains
 from medkd.training.evaluators import ENSEMBLE, METRICS, split_metric_name
 
@@ -29,7 +30,6 @@ __all__ = [
     "inference_ms",
     "summarize",
     "paired_gains",
-    "plot_comparison",
     "write_comparison",
 ]
 
@@ -268,8 +268,8 @@ def write_comparison(
     """Write a comparison's files to ``output``: every row (``results.csv``), the summary table and, with the
     ``student`` preset, the gains over it (``results.md``, :func:`summarize` and :func:`paired_gains`, also returned
     and printed) and the plot of test scores, gains and validation ``curves`` (``comparison.png``,
-    :func:`plot_comparison`). ``evals``: the evaluation folder of each (preset, seed) run, whose per-image scores
-    give the gains' confidence intervals."""
+    :func:`~medkd.tools.comparison_plot.plot_comparison`). ``evals``: the evaluation folder of each (preset, seed)
+    run, whose per-image scores give the gains' confidence intervals."""
     output = Path(output)
     columns = list(dict.fromkeys(k for r in rows for k in r))
     with (output / RESULTS_CSV).open("w", newline="", encoding="utf-8") as f:
@@ -344,114 +344,3 @@ def paired_gains(gains: Sequence[Gain]) -> str:
         ]
         tables.append(f"{GAINS_TITLE.format(metric=metric)}\n\n{markdown_table(lines)}")
     return "\n\n".join([*tables, GAINS_LEGEND.format(resamples=RESAMPLES)])
-
-
-def _offsets(students: Sequence[str], count: int) -> tuple[float, list[list[float]]]:
-    """Bar width and, per student, the x of its bar for each of ``count`` presets (grouped side by side)."""
-    width = 0.8 / max(len(students), 1)
-    return width, [[j + (i - (len(students) - 1) / 2) * width for j in range(count)] for i in range(len(students))]
-
-
-def _plot_scores(ax: Any, rows: Sequence[Mapping], metric: str, students: list[str], presets: list[str]) -> None:
-    """Bars of the mean test score per preset and student, each seed's score as a dot, the teacher as a line."""
-    width, xs = _offsets(students, len(presets))
-    for student, x in zip(students, xs, strict=True):
-        values = [[float(r[metric]) for r in rows if r["preset"] == p and r["network"] == student] for p in presets]
-        ax.bar(x, [statistics.mean(v) if v else 0.0 for v in values], width, label=student)
-        for xi, v in zip(x, values, strict=True):
-            ax.plot([xi] * len(v), v, ".", color="black", markersize=4, alpha=0.6)
-    for r in rows:
-        if r["preset"] == "-":
-            ax.axhline(float(r[metric]), color="black", linestyle="--", label=f"teacher ({float(r[metric]):.3f})")
-    scores = [float(r[metric]) for r in rows]
-    span = max(scores) - min(scores)
-    ax.set_ylim(max(0.0, min(scores) - max(span, 0.02)), min(1.0, max(scores) + max(span, 0.02)))
-    ax.set_xticks(range(len(presets)), presets, rotation=20)
-    ax.set_ylabel(f"test {metric}")
-    ax.set_title("test score, mean over seeds (dots: each seed)")
-    ax.legend(fontsize=8)
-
-
-def _plot_gains(ax: Any, gains: Sequence[Gain], metric: str, students: list[str]) -> None:
-    """Bars of each method's mean gain over the student trained alone, error bars its 95 % bootstrap interval,
-    hatched and faded where the interval contains 0."""
-    gains = [g for g in gains if g.metric == metric]
-    methods = list(dict.fromkeys(g.method for g in gains))
-    width, xs = _offsets(students, len(methods))
-    colors = _colors()
-    for i, (student, x) in enumerate(zip(students, xs, strict=True)):
-        for j, method in enumerate(methods):
-            gain = next((g for g in gains if (g.method, g.network) == (method, student)), None)
-            if gain is None:
-                continue
-            low, high = gain.interval or (gain.mean, gain.mean)
-            faded = gain.shown is not True
-            ax.bar(x[j], gain.mean, width, color=colors[i % len(colors)], alpha=0.4 if faded else 1.0,
-                   hatch="//" if faded else None, edgecolor="black", linewidth=0.5,
-                   yerr=[[gain.mean - low], [high - gain.mean]] if gain.interval else None, capsize=3)  # fmt: skip
-    from matplotlib.patches import Patch
-
-    handles = [Patch(color=colors[i % len(colors)], label=student) for i, student in enumerate(students)]
-    handles.append(Patch(facecolor="white", hatch="//", edgecolor="black", label="n.s.: 95% CI contains 0"))
-    ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(methods)), methods, rotation=20)
-    ax.set_ylabel(f"gain in test {metric}")
-    ax.set_title("gain over the student alone, 95% CI (paired bootstrap)")
-    ax.legend(handles=handles, fontsize=8)
-
-
-def _colors() -> list[str]:
-    """Matplotlib's default colour cycle."""
-    import matplotlib.pyplot as plt
-
-    return plt.rcParams["axes.prop_cycle"].by_key()["color"]
-
-
-def _plot_curves(ax: Any, curves: Mapping[tuple[str, int], Path], students: list[str], presets: list[str]) -> None:
-    """Every run's validation curve of each student, coloured by preset."""
-    colors, styles = _colors(), ("-", "--", ":", "-.")
-    for (preset, _seed), csv_path in sorted(curves.items()):
-        with csv_path.open(newline="", encoding="utf-8") as f:
-            history = list(csv.DictReader(f))
-        color = colors[presets.index(preset) % len(colors)] if preset in presets else "gray"
-        for student, style in zip(students, styles, strict=False):
-            key = next((k for k in history[0] if (split_metric_name(k) or ("", ""))[1] == student), None)
-            if key:
-                epochs = [int(h["epoch"]) for h in history]
-                marker = "o" if len(epochs) < 5 else None  # a short run's few validations: seen as points
-                ax.plot(epochs, [float(h[key]) for h in history], style, color=color, alpha=0.8, linewidth=1,
-                        marker=marker)  # fmt: skip
-    for preset in presets:
-        ax.plot([], [], color=colors[presets.index(preset) % len(colors)], label=preset)
-    for student, style in zip(students, styles, strict=False):
-        ax.plot([], [], style, color="gray", label=student)
-    ax.set_xlabel("epoch")
-    ax.set_title("validation curves (every seed)")
-    ax.legend(fontsize=8, ncol=2)
-
-
-def plot_comparison(
-    rows: Sequence[Mapping], curves: Mapping[tuple[str, int], Path], path: Path, gains: Sequence[Gain] = ()
-) -> None:
-    """One PNG: the test scores (bars of the mean per preset and student, each seed a dot, the teacher a line), the
-    ``gains`` over the students trained alone in the key metric (95 % intervals as error bars, the gains not shown
-    hatched) where there are any, and the validation curves."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metric = _metric(rows)
-    students = list(dict.fromkeys(str(r["network"]) for r in rows if r["preset"] != "-"))
-    presets = list(dict.fromkeys(str(r["preset"]) for r in rows if r["preset"] != "-"))
-    with_gains = any(g.metric == metric for g in gains)
-    fig, axes = plt.subplots(1, 3 if with_gains else 2, figsize=(19 if with_gains else 13, 4.8))
-    _plot_scores(axes[0], rows, metric, students, presets)
-    if with_gains:
-        _plot_gains(axes[1], gains, metric, students)
-    _plot_curves(axes[-1], curves, students, presets)
-    axes[-1].set_ylabel(f"validation {metric}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
