@@ -92,8 +92,8 @@ class EpochLossTerms:
 
 def tracking_params(settings: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """``settings`` as MLflow parameters: nested mappings flattened into ``"<key>/<sub-key>"`` names, a list of
-    :class:`~medkd.knowledge.routes.Route` into one mapping per route by its name (``"routes/sp/prediction_from_teacher
-    /weight"``), every other value as JSON text (strings as they are)."""
+    :class:`~medkd.knowledge.routes.Route` into one mapping per route by its name (a route's weight is
+    ``"<key>/sp/prediction_from_teacher/weight"``), every other value as JSON text (strings as they are)."""
     params: dict[str, str] = {}
     for key, value in settings.items():
         name = f"{prefix}{key}"
