@@ -15,7 +15,7 @@ from medkd.bundles import METADATA, stage_files, stage_workflow
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
-SCHEMA = Path(__file__).parent / "data" / "bundle_metadata_schema.json"
+SCHEMA = BUNDLES / "meta_schema_20240725.json"  # MONAI's metadata schema, shipped for offline checks
 BASE = BUNDLES / "segmentation_2d" / "configs"
 
 # per bundle: the config files each stage merges, in order (the 3D bundle overlays the 2D bundle's configs)

@@ -6,6 +6,7 @@ runs are run with this interpreter, in the repository folder the Dockerfile's WO
 
 from __future__ import annotations
 
+import ast
 import fnmatch
 import json
 import re
@@ -292,3 +293,74 @@ def test_cmd_lists_the_bundles():
         assert re.search(rf"\b{re.escape(bundle)}\b.*{re.escape(name)}", result.stdout), (
             f"CMD output does not list {bundle} ({name}):\n{result.stdout}"
         )
+
+
+# ------------------------------------------------------------------ the image's torch and the README's commands
+
+README = REPO / "docker" / "README.md"
+BUNDLES = REPO / "bundles"
+
+
+def base_image_torch() -> str:
+    return re.search(r"pytorch/pytorch:(\d+\.\d+\.\d+)-", expand(args_of("FROM")[-1])).group(1)
+
+
+def test_the_image_has_the_torch_of_the_bundles_metadata():
+    """One torch version: the base image's, every bundle's metadata.json's and the one the READMEs install."""
+    versions = {
+        json.loads(m.read_text(encoding="utf-8"))["pytorch_version"] for m in BUNDLES.glob("*/configs/metadata.json")
+    }
+    assert versions == {base_image_torch()}, f"metadata.json says {versions}, the image has {base_image_torch()}"
+    for doc in (README, REPO / "README.md"):
+        installed = set(re.findall(r"torch==([0-9.]+)", doc.read_text(encoding="utf-8")))
+        assert installed <= versions, f"{doc.name} installs torch {installed}, metadata.json says {versions}"
+
+
+def test_the_image_has_a_c_compiler_for_compile():
+    """torch.compile (inductor, Triton) builds C/C++ code at run time: the runtime image lacks gcc unless installed."""
+    image = expand(args_of("FROM")[-1])
+    installs = " ".join(expand(run) for run in args_of("RUN"))
+    assert image.endswith("-devel") or re.search(r"apt-get install[^&;]*\bgcc\b[^&;]*\bg\+\+", installs), installs
+    assert "--compile True" in README.read_text(encoding="utf-8")
+
+
+def docker_commands() -> list[list[str]]:
+    """The command each ``docker run ... medkd`` of the docker README runs in the image (continued lines joined)."""
+    text = README.read_text(encoding="utf-8").replace("\\\n", " ")
+    return [shlex.split(found, comments=True) for found in re.findall(r"^docker run .*? medkd (.+)$", text, re.M)]
+
+
+def test_the_docker_commands_are_the_bundle_readmes_commands():
+    """Each stage command of the image is the bundle README's (medkd.bundles.run_command) typed one folder up, in the
+    image's WORKDIR (config files under ``<bundle>/``), plus options that put every output under /workspace."""
+    from medkd.bundles import STAGES as BUNDLE_STAGES
+    from medkd.bundles import run_command, stage_files
+
+    assert repo_path_of(workdir()) == BUNDLES
+    runs = [argv for argv in docker_commands() if "monai.bundle" in argv]
+    assert len(runs) >= 8, runs
+    for argv in runs:
+        listed = argv[argv.index("--config_file") + 1]
+        files = [BUNDLES / f for f in (ast.literal_eval(listed) if listed.startswith("[") else [listed])]
+        meta = argv[argv.index("--meta_file") + 1] if "--meta_file" in argv else files[0].parents[1].name + "/x"
+        bundle = BUNDLES / meta.split("/")[0]
+        assert argv[argv.index("--bundle_root") + 1] == f"/workspace/{bundle.name}", argv
+        stages = [s for s in BUNDLE_STAGES if stage_files(bundle, s) == files]
+        if not stages:  # the teacher on several GPUs: the teacher stage's files, then the multi-GPU overlay
+            assert files == stage_files(bundle, "train_teacher") + stage_files(bundle, "multi_gpu_train")[-1:], argv
+            continue
+        expected = shlex.split(run_command(bundle, stages[0], start=BUNDLES))
+        assert argv[: len(expected)] == expected, f"{argv} is not the {bundle.name} README's {expected}"
+        readme = (bundle / "docs" / "README.md").read_text(encoding="utf-8")
+        assert run_command(bundle, stages[0]) in readme, f"{bundle.name}'s README lacks {stages[0]}"
+
+
+def test_every_docker_command_writes_under_workspace():
+    """The image's bundles folder is read-only for its user: runs and comparisons write to the /workspace volume."""
+    commands = docker_commands()
+    compares = [argv for argv in commands if argv[:4] == ["python", "-m", "medkd", "compare"]]
+    assert compares, "the docker README shows no comparison"
+    for argv in compares:
+        assert argv[argv.index("--output") + 1].startswith("/workspace/"), argv
+        assert f"bundle_root=/workspace/{argv[4]}" in argv, argv  # the embedded data is copied into <bundle_root>/data
+        assert (repo_path_of(workdir()) / argv[4] / "configs" / "metadata.json").is_file(), argv

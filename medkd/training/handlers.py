@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import os
@@ -15,8 +16,10 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar as _IgniteProgressBar
+from monai.handlers import MLFlowHandler
 
 from medkd.bundles import checkpoint_file, snapshot_file
+from medkd.knowledge.routes import Route
 from medkd.knowledge.teacher import check_snapshot_epochs
 from medkd.planning.planfile import write_plan
 from medkd.training.checkpoints import (
@@ -36,6 +39,8 @@ __all__ = [
     "loss_terms",
     "student_totals",
     "EpochLossTerms",
+    "tracking_params",
+    "TrackedSettings",
     "ProgressBar",
     "BestCheckpoints",
     "EpochSnapshots",
@@ -83,6 +88,56 @@ class EpochLossTerms:
     def _summarise(self, engine: Engine) -> None:
         for name, total in self._sums.items():
             engine.state.metrics[f"loss/{name}"] = float(total) / max(self._count, 1)
+
+
+def tracking_params(settings: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``settings`` as MLflow parameters: nested mappings flattened into ``"<key>/<sub-key>"`` names, a list of
+    :class:`~medkd.knowledge.routes.Route` into one mapping per route by its name (a route's weight is
+    ``"<key>/sp/prediction_from_teacher/weight"``), every other value as JSON text (strings as they are)."""
+    params: dict[str, str] = {}
+    for key, value in settings.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Sequence) and value and all(isinstance(r, Route) for r in value):
+            value = {r.name: {k: v for k, v in r.to_dict().items() if k not in ("source", "target")} for r in value}
+        if isinstance(value, Mapping):
+            params.update(tracking_params(value, f"{name}/"))
+        else:
+            params[name] = value if isinstance(value, str) else json.dumps(value, default=str)
+    return params
+
+
+def _mlflow_handlers(engine: Engine) -> list[MLFlowHandler]:
+    """The ``MLFlowHandler``s attached to ``engine``: ignite keeps no list of handlers but its table of events, in
+    which each registered its bound ``start`` at ``STARTED``."""
+    owners = (getattr(handler, "__self__", None) for handler, *_ in engine._event_handlers[Events.STARTED])
+    return list({id(o): o for o in owners if isinstance(o, MLFlowHandler)}.values())
+
+
+class TrackedSettings:
+    """Give the run's settings and files to MONAI's ``MLFlowHandler`` of the same engine (``--tracking mlflow``),
+    which logs them as parameters (its ``experiment_param``, :func:`tracking_params` of ``params``) when the run starts
+    and as artifacts (beside the executed config MONAI saves) when it completes. Without tracking it does nothing.
+
+    List it in the trainer's handlers: ``--tracking mlflow`` appends its handler after them, so this one's
+    ``STARTED`` comes first.
+
+    Args:
+        params: the settings to log, e.g. the routes, loss weights, temperature, seed and planned settings.
+        artifacts: files (or folders) to log; those missing when the run completes are skipped.
+    """
+
+    def __init__(self, params: Mapping[str, Any], artifacts: Sequence[str | os.PathLike] = ()) -> None:
+        self.params = tracking_params(params)
+        self.artifacts = tuple(str(p) for p in artifacts)
+
+    def attach(self, engine: Engine) -> None:
+        """Hand the settings over at ``STARTED`` of ``engine``."""
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        for tracker in _mlflow_handlers(engine):
+            tracker.experiment_param = {**(tracker.experiment_param or {}), **self.params}
+            tracker.artifacts = (*tracker.artifacts, *self.artifacts)
 
 
 class ProgressBar(_IgniteProgressBar):
