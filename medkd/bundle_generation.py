@@ -195,9 +195,12 @@ def write_configs(bundles: str | Path = BUNDLES) -> list[Path]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if not list(Path(args.bundles).glob(f"*/{SOURCE}")):
+        raise ConfigError(f"--bundles {args.bundles}: no bundle folder there has a {SOURCE}; give the bundles folder "
+                          "of your medkd checkout.")  # fmt: skip
     if args.generate:
         for path in write_configs(args.bundles):
-            print(f"wrote {path}")
+            print(f"wrote {path} (its earlier text is replaced)")
         return 0
     stale = stale_configs(args.bundles)
     if stale:

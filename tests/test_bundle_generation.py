@@ -65,3 +65,8 @@ def test_the_layout_follows_the_source_of_each_value():
     assert '\n    "dataset": {"_target_": "Dataset", ' in text  # one line, as in the 2D evaluate.json
     assert '\n    "default_plan": {\n        "in_channels": 1,\n        "pixdim": [1.0, 1.0, 1.0],' in text  # 3D source
     assert str(REPO) not in text
+
+
+def test_a_folder_without_generated_bundles_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"--bundles .*: no bundle folder there has a source/generate.json"):
+        main(["bundles", "--bundles", str(tmp_path)])
