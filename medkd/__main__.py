@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from medkd.bundle_generation import add_bundles_parser
 from medkd.data.checks import add_check_data_parser
 from medkd.errors import install_excepthook
 from medkd.planning.cli import add_plan_parser
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``medkd`` argument parser with all sub-commands."""
     parser = argparse.ArgumentParser(prog="medkd", description="MONAI-native knowledge distillation toolkit.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_bundles_parser(subparsers)
     add_check_data_parser(subparsers)
     add_compare_parser(subparsers)
     add_deploy_parser(subparsers)

@@ -1,7 +1,8 @@
 """Bundles: the config files, workflow and command of each stage, and the names medkd shares with the bundles.
 
-One policy serves every bundle: a bundle holds only its own configs, and a stage's config list is generated
-(:func:`stage_files`) instead of copying another bundle's files. ``python -m medkd compare``, the tests and the
+One policy serves every bundle: a bundle folder holds every config file it runs (the 3D bundles' are generated from
+the 2D bundles' by :mod:`medkd.bundle_generation`, not copied by hand), and a stage's config list is built by
+:func:`stage_files`. ``python -m medkd compare``, the tests and the
 benchmarks build their lists here, and each bundle's ``docs/README.md`` shows the plain ``python -m monai.bundle run``
 command of every stage (:func:`run_command`; a test keeps them equal).
 
@@ -30,6 +31,7 @@ __all__ = [
     "run_arguments",
     "run_command",
     "check_config_files",
+    "runs_alone",
     "checkpoint_file",
     "snapshot_file",
     "run_folders",
@@ -144,9 +146,9 @@ _SEGMENTATION_KEYS = frozenset({
 })  # fmt: skip
 OWN_KEYS = {
     "segmentation_2d": _SEGMENTATION_KEYS,
-    "segmentation_3d": _SEGMENTATION_KEYS | {"base_configs", "samples_per_volume"},
-    "classification_2d": frozenset({"shared_configs", "lateral", "balanced_sampling"}),
-    "classification_3d": frozenset({"shared_configs", "lateral", "balanced_sampling", "base_configs"}),
+    "segmentation_3d": _SEGMENTATION_KEYS | {"samples_per_volume"},
+    "classification_2d": frozenset({"lateral", "balanced_sampling"}),
+    "classification_3d": frozenset({"lateral", "balanced_sampling"}),
 }
 
 
@@ -163,34 +165,17 @@ LAUNCHER = "python -m monai.bundle run"
 
 
 def stage_files(bundle_dir: str | Path, stage: str) -> list[Path]:
-    """The config files to merge, in order, to run ``stage`` of the bundle in ``bundle_dir``.
-
-    ``train.json`` is the base of every stage (model-zoo convention: ``evaluate.json`` etc. merge after it). A
-    bundle whose ``train.json`` names ``"base_configs"`` (a folder, relative to the bundle) is an overlay: the base
-    folder's ``train.json`` comes first, then the bundle's, then the stage file from the bundle if it has one,
-    else from the base. A bundle whose ``train.json`` names ``"shared_configs"`` takes the stage files it lacks from
-    that folder (e.g. the classification bundle uses the segmentation bundle's ``train_teacher.json`` and
-    ``multi_gpu_train.json``, which hold nothing task-specific) without merging its ``train.json``; an overlay of such a
-    bundle (the 3D classification bundle) takes them from the same folder.
-    """
+    """The config files to merge, in order, to run ``stage`` of the bundle in ``bundle_dir``: its ``train.json``, then
+    its stage file (model-zoo convention: ``evaluate.json`` etc. add to ``train.json``). A bundle folder holds every
+    stage file it runs (the 3D bundles' are generated from the 2D bundles': :mod:`medkd.bundle_generation`)."""
     configs = Path(bundle_dir) / "configs"
-    train = configs / "train.json"
-    if not train.is_file():
-        raise FileNotFoundError(f"{train} does not exist: {bundle_dir} is not a medkd bundle folder.")
-    settings = json.loads(train.read_text())
-    base, shared = ((Path(bundle_dir) / settings[k]).resolve() if settings.get(k) else None
-                    for k in ("base_configs", "shared_configs"))  # fmt: skip
-    if base is not None and shared is None:  # an overlay of a bundle that shares: the base's shared folder
-        folder = json.loads((base / "train.json").read_text()).get("shared_configs")
-        shared = (base.parent / folder).resolve() if folder else None
-    files = ([base / "train.json"] if base else []) + [train]
-    if stage == "train":
-        return files
-    folders = [folder for folder in (configs, base, shared) if folder is not None]
-    for folder in folders:
-        if (folder / f"{stage}.json").is_file():
-            return files + [folder / f"{stage}.json"]
-    raise FileNotFoundError(f"bundle {bundle_dir} has no {stage}.json in {', '.join(str(f) for f in folders)}")
+    files = [configs / "train.json"] + ([] if stage == "train" else [configs / f"{stage}.json"])
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"{file} does not exist: {bundle_dir} is not a medkd bundle folder of a {stage} stage."
+            )
+    return files
 
 
 def stage_config(bundle_dir: str | Path, stage: str, overrides: Mapping[str, Any] | None = None) -> ConfigParser:
@@ -224,17 +209,11 @@ def _relative(path: Path, start: Path) -> str:
 
 def run_arguments(bundle_dir: str | Path, stage: str, start: str | Path | None = None) -> list[str]:
     """The arguments that name the config files of ``stage`` to ``python -m monai.bundle run``, with paths relative
-    to ``start`` (default the bundle folder): ``--config_file`` (a list when there are several files), and
-    ``--meta_file`` when the first file is another bundle's (MONAI would otherwise read the metadata next to it)."""
+    to ``start`` (default the bundle folder): ``--config_file`` (a list when there are several files)."""
     bundle = Path(bundle_dir)
     start = bundle if start is None else Path(start)
-    paths = stage_files(bundle, stage)
-    files = [_relative(p, start) for p in paths]
-    listed = files[0] if len(files) == 1 else "[" + ",".join(f"'{f}'" for f in files) + "]"
-    arguments = ["--config_file", listed]
-    if paths[0].resolve().parent != (bundle / "configs").resolve():
-        arguments += ["--meta_file", _relative(bundle / METADATA, start)]
-    return arguments
+    files = [_relative(p, start) for p in stage_files(bundle, stage)]
+    return ["--config_file", files[0] if len(files) == 1 else "[" + ",".join(f"'{f}'" for f in files) + "]"]
 
 
 def run_command(bundle_dir: str | Path, stage: str, start: str | Path | None = None) -> str:
@@ -252,19 +231,22 @@ def _bundle_of(config_file: Path) -> Path | None:
     return folder.parent if folder.name == "configs" and (folder / "train.json").is_file() else None
 
 
-def _is_overlay(bundle: Path) -> bool:
-    return bool(json.loads((bundle / "configs" / "train.json").read_text()).get("base_configs"))
+def runs_alone(stage_file: str | Path) -> bool:
+    """Whether a bundle's stage file holds every key of its ``train.json`` (a generated ``evaluate.json`` or
+    ``inference.json``), so that it runs alone as well as after ``train.json``."""
+    stage_file = Path(stage_file)
+    keys = [set(json.loads(f.read_text(encoding="utf-8"))) for f in (stage_file, stage_file.parent / "train.json")]
+    return stage_file.name != "train.json" and keys[1] <= keys[0]
 
 
 def _meant_bundle(files: list[Path], start: Path) -> Path | None:
-    """The bundle that a ``--config_file`` list means: an overlay it names, else the bundle of its first
-    ``train.json``, else the folder the user is in when it is a bundle, else the bundle of its first file."""
-    bundles = [b for b in map(_bundle_of, files) if b is not None]
+    """The bundle that a ``--config_file`` list means: the bundle of its first ``train.json``, else the folder the
+    user is in when it is a bundle, else the bundle of its first file."""
+    bundles = [(f, b) for f, b in zip(files, map(_bundle_of, files), strict=True) if b is not None]
     for candidates in (
-        [b for b in bundles if _is_overlay(b)],
-        [b for f, b in zip(files, map(_bundle_of, files), strict=True) if f.name == "train.json" and b],
+        [b for f, b in bundles if f.name == "train.json"],
         [start] if (start / "configs" / "train.json").is_file() else [],
-        bundles,
+        [b for _, b in bundles],
     ):
         if candidates:
             return candidates[0]
@@ -276,9 +258,9 @@ def check_config_files(
 ) -> None:
     """Raise :class:`~medkd.errors.ConfigError` when the bundle config files among ``config_files`` (those named
     after a stage, in a bundle's ``configs`` folder) are not :func:`stage_files` of the stage they name: a stage file
-    without ``train.json``, a 3D bundle without the 2D ``train.json`` it overlays, or files in the wrong order. The
-    message gives the command to run from ``start`` (default the working folder), with the user's other ``options``.
-    Other files (the user's own overrides) may come anywhere."""
+    without ``train.json`` (but a generated ``evaluate.json`` or ``inference.json``, which runs alone), or files in the
+    wrong order. The message gives the command to run from ``start`` (default the working folder), with the user's
+    other ``options``. Other files (the user's own overrides) may come anywhere."""
     start = Path.cwd() if start is None else Path(start)
     files = [(start / Path(f).expanduser()).resolve() for f in config_files]
     given = [f for f in files if f.stem in STAGES and _bundle_of(f) is not None]
@@ -287,13 +269,13 @@ def check_config_files(
         return
     stage = next((f.stem for f in reversed(given) if f.stem != "train"), "train")
     expected = [p.resolve() for p in stage_files(bundle, stage)]
-    if given == expected:
+    if given == expected or given == expected[1:] and runs_alone(expected[-1]):
         return
     command = " ".join([run_command(bundle, stage, start), *options])
     raise ConfigError(
         f"--config_file {', '.join(_relative(f, start) for f in files)}: the {stage} stage of the bundle "
         f"{bundle.name} merges {', '.join(_relative(f, start) for f in expected)}, in this order (a stage "
-        f"file adds to train.json; a 3D bundle adds to the 2D train.json it names). Run: {command}"
+        f"file adds to train.json). Run: {command}"
     )
 
 

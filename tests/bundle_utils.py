@@ -18,7 +18,7 @@ BUNDLES = REPO / "bundles"
 SCHEMA = BUNDLES / "meta_schema_20240725.json"  # MONAI's metadata schema, shipped for offline checks
 BASE = BUNDLES / "segmentation_2d" / "configs"
 
-# per bundle: the config files each stage merges, in order (the 3D bundle overlays the 2D bundle's configs)
+# per bundle: the config files each stage merges, in order
 STAGES = {
     bundle: {
         stage: stage_files(BUNDLES / bundle, stage) for stage in ("train_teacher", "train", "evaluate", "inference")

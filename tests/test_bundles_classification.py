@@ -287,7 +287,7 @@ def test_lists_without_a_class_accepted_on_request_still_choose_and_score_checkp
 
 
 def test_the_3d_bundle_classifies_volumes_through_every_stage(tmp_path):
-    """The 3D bundle (an overlay of this one): a 3D ResNet-18 teacher and 3D DenseNet students on NIfTI volumes."""
+    """The 3D bundle (generated from this one): a 3D ResNet-18 teacher and 3D DenseNet students on NIfTI volumes."""
     teacher = run_stage("classification_3d", "train_teacher", tmp_path)
     assert teacher.parser.get_parsed_content("spatial_dims") == 3
     trainer = run_stage("classification_3d", "train", tmp_path).parser.get_parsed_content("train#trainer")

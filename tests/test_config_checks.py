@@ -39,11 +39,10 @@ def test_a_misspelt_key_in_an_edited_file_names_the_nearest_key(tmp_path):
     typo = edited(tmp_path, edit=lambda c: c.update(kd_wieght=0.5))
     with pytest.raises(ConfigError, match=r"train.json: unknown key\(s\) 'kd_wieght' \(did you mean 'kd_weight'\?\)"):
         check_config_keys([typo])
-    overlay = tmp_path / "overlay.json"  # a 3D bundle's train.json merges after its 2D bundle's (base_configs)
-    overlay.write_text(json.dumps({**json.loads((BUNDLES / "segmentation_3d/configs/train.json").read_text()),
-                                   "samples_per_volum": 4}))  # fmt: skip
-    with pytest.raises(ConfigError, match=r"overlay.json: .*'samples_per_volum' \(did you mean 'samples_per_volume'"):
-        check_config_keys([SEG2D / "configs/train.json", overlay])
+    mine = tmp_path / "mine.json"  # the user's own file after the 3D bundle's train.json
+    mine.write_text(json.dumps({"samples_per_volum": 4}))
+    with pytest.raises(ConfigError, match=r"mine.json: .*'samples_per_volum' \(did you mean 'samples_per_volume'"):
+        check_config_keys([BUNDLES / "segmentation_3d/configs/train.json", mine])
 
 
 def test_a_key_of_ones_own_that_is_referred_to_is_accepted(tmp_path):

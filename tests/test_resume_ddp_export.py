@@ -106,7 +106,7 @@ def _two_process_training(bundle, root, **overrides):
             }
         )
     )
-    cmd = stage_command(bundle, "train", root, overlay, BASE / "multi_gpu_train.json", dump)
+    cmd = stage_command(bundle, "train", root, overlay, BUNDLES / bundle / "configs" / "multi_gpu_train.json", dump)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731"]
     _run(torchrun + cmd[1:])
     return [torch.load(root / "models" / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
@@ -121,7 +121,7 @@ def _assert_same_parameters(a, b):
 
 @pytest.mark.parametrize("bundle", ["segmentation_2d", "classification_2d"])
 def test_two_process_gloo_training_keeps_students_identical(bundle, tmp_path):
-    """The 2D segmentation bundle's multi_gpu_train.json also serves the classification bundle (config merging)."""
+    """The classification bundle's multi_gpu_train.json (generated from the segmentation bundle's) serves it too."""
     run_stage(bundle, "train_teacher", tmp_path)
     balanced = {"balanced_sampling": True} if bundle.startswith("classification") else {}
     r0, r1 = _two_process_training(bundle, tmp_path, **balanced)

@@ -116,11 +116,9 @@ def test_a_folder_that_cannot_be_written_is_named_with_the_option_that_moves_it(
 
 
 def test_the_bundle_for_other_images_is_named_by_the_command_to_type_where_the_user_is():
-    # was "use bundles/segmentation_3d", told in bundles/segmentation_3d to a run of its files in reverse order
+    # was "use bundles/segmentation_3d"
     assert bundle_hint(3, "segmentation", start=BUNDLES / "segmentation_2d") == (
-        "run python -m monai.bundle run --config_file "
-        "\"['configs/train.json','../segmentation_3d/configs/train.json']\" "
-        "--meta_file ../segmentation_3d/configs/metadata.json"
+        "run python -m monai.bundle run --config_file ../segmentation_3d/configs/train.json"
     )
     assert bundle_hint(2, start=BUNDLES.parent) == (
         "run python -m monai.bundle run --config_file bundles/segmentation_2d/configs/train.json or python -m "

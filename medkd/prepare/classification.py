@@ -190,7 +190,7 @@ def prepare_classification(
     prepared.hints = [
         f"python -m medkd check-data --datalist {out / 'dataset.json'} --key all",
         "cd bundles/classification_2d && python -m monai.bundle run --config_file \"['configs/train.json',"
-        f"'../segmentation_2d/configs/train_teacher.json']\" --dataset_dir {out}  # then the other stages",
+        f"'configs/train_teacher.json']\" --dataset_dir {out}  # then the other stages",
     ]
     write_prepared(prepared)
     return prepared
