@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from medkd.data.checks import add_check_data_parser
+from medkd.data.check_data import add_check_data_parser
 from medkd.errors import install_excepthook
 from medkd.planning.cli import add_plan_parser
 from medkd.prepare import add_prepare_parser

@@ -27,6 +27,10 @@ class ConfigError(MedkdError, ValueError):
     """A bundle setting (override, route, network, patch size) that cannot work."""
 
 
+class DataError(MedkdError, ValueError):
+    """Invalid or unreadable input data; the message says which file, what is wrong and what to do."""
+
+
 def user_error(error: BaseException | None) -> MedkdError | None:
     """The first :class:`MedkdError` in ``error``'s chain of causes and contexts, or ``None``."""
     seen: set[int] = set()

@@ -15,18 +15,11 @@ import SimpleITK as sitk
 import torch
 from pydicom.data import get_testdata_file
 
-from medkd.data.loading import (
-    DataError,
-    DicomReader,
-    LoadMedicalImage,
-    LoadMedicalImaged,
-    csv_lists,
-    find_images,
-    image_loader,
-    load_datalist,
-    reader_for,
-    reader_kind,
-)
+from medkd.data.datalists import csv_lists, load_datalist
+from medkd.data.dicom import DicomReader
+from medkd.data.formats import reader_for, reader_kind
+from medkd.data.loading import LoadMedicalImage, LoadMedicalImaged, find_images, image_loader
+from medkd.errors import DataError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
