@@ -98,7 +98,7 @@ def test_split_mistakes_are_named(tmp_path):
         make_split(source, tmp_path / "split.json", options=SplitOptions(group_by="site_"))
     with pytest.raises(DataError, match=r"split_options group_by '\(' is not a valid regular expression"):
         make_split(source, tmp_path / "split.json", options=SplitOptions(group_by="("))
-    from medkd.prepare.pairing import group_regex  # the one compiler of prepare's --group-by too
+    from medkd.data.splits import group_regex  # the one compiler of prepare's --group-by too
 
     with pytest.raises(DataError, match=r"^--group-by '\(' is not a valid regular expression"):
         group_regex("(")
