@@ -234,3 +234,24 @@ def test_cases_of_one_patient_stay_in_one_list_by_an_entry_field(tmp_path):
         make_split(root / "all.csv", root / "s2.json", options=SplitOptions(group_field="site"))
     with pytest.raises(ConfigError, match="group_by .* or group_field .*, not both"):
         SplitOptions(group_by="P(\\d+)", group_field="patient")
+
+
+def test_splitting_needs_nothing_above_the_data_layer(tmp_path):
+    """Making and refreshing a split file imports neither planning nor prepare (issue 28: data lies below them)."""
+    import subprocess
+    import sys
+
+    source = decathlon(tmp_path / "data")
+    code = (
+        "import sys; from medkd.data.held_out import bundle_datalists; "
+        f"bundle_datalists({str(source)!r}, {str(tmp_path / 'split.json')!r}); "
+        f"bundle_datalists({str(source)!r}, {str(tmp_path / 'split.json')!r}); "
+        "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('medkd.') and m.count('.') > 1}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "planning" not in out and "prepare" not in out, out
+    assert json.loads((tmp_path / "split.json").read_text())["medkd_split"]["counts"] == {
+        "training": 12,
+        "validation": 4,
+        "test": 4,
+    }
