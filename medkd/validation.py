@@ -23,13 +23,13 @@ from torch import nn
 
 from medkd.bundles import check_config_files
 from medkd.errors import ConfigError
+from medkd.runtime.devices import check_device
 
 __all__ = [
     "RUN_ARGUMENTS",
     "RENAMED",
     "check_overrides",
     "check_command_line",
-    "check_device",
     "check_writable",
     "command_line_overrides",
     "parse_value",
@@ -184,31 +184,6 @@ def check_command_line(argv: Sequence[str] | None = None) -> None:
             "paths from, and write its split file, plan and sample data to, its own data folder (bundle_root/data). "
             f"Add --dataset_dir {folder} (the folder its paths start from)."
         )
-
-
-def check_device(device: Any, key: str = "device") -> None:
-    """Raise :class:`ConfigError` when ``device`` (e.g. ``--device cuda``) names a GPU that this torch cannot use: a
-    torch built without CUDA, no GPU visible, or a GPU index past the last one."""
-    import torch
-
-    if isinstance(device, str) and device.startswith(("$", "@")):
-        return  # an expression: the bundle evaluates it
-    try:
-        wanted = torch.device(device) if isinstance(device, str | torch.device) else None
-    except RuntimeError as e:
-        raise ConfigError(f"--{key} {device!r} is not a device: use cpu, cuda or cuda:N.") from e
-    if wanted is None or wanted.type != "cuda":
-        return
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count and (wanted.index is None or wanted.index < count):
-        return
-    if torch.version.cuda is None:
-        why = f"this torch ({torch.__version__}) is built without CUDA; install a CUDA build of torch, or"
-    elif not count:
-        why = "no GPU is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES), or"
-    else:
-        why = f"there are {count} GPU(s), cuda:0..cuda:{count - 1}; pick one of them, or"
-    raise ConfigError(f"--{key} {device}: {why} leave --{key} out to run on the CPU.")
 
 
 def check_writable(folders: Mapping[str, str | os.PathLike], root_key: str | None = "bundle_root") -> None:

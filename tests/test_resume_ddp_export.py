@@ -101,7 +101,7 @@ def _two_process_training(bundle, root, **overrides):
                     "'epoch_length': @train#trainer.state.epoch_length, "
                     "'sampler': type(@train#trainer.data_loader.sampler).__name__}, "
                     "@ckpt_dir + '/rank' + str(torch.distributed.get_rank()) + '.pt')",
-                    "$medkd.training.distributed.destroy_process_group()",
+                    "$medkd.runtime.distributed.destroy_process_group()",
                 ]
             }
         )

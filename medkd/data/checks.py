@@ -31,7 +31,7 @@ from monai.utils import ensure_tuple
 from medkd.data.duplicates import DEFAULT_MAX_DISTANCE, find_duplicates
 from medkd.data.labels import check_label_values, optional_class_names, optional_label_values
 from medkd.data.loading import ORIENTATION_LABELS, DataError, LoadMedicalImage, csv_lists, load_datalist
-from medkd.training.distributed import is_not_rank0
+from medkd.runtime.distributed import is_not_rank0
 from medkd.training.nonfinite import count_nonfinite
 
 __all__ = [

@@ -28,7 +28,7 @@ from typing import Any
 
 from medkd.data.loading import DataError, csv_class_names, csv_lists, load_datalist
 from medkd.errors import ConfigError
-from medkd.training.distributed import rank0_first
+from medkd.runtime.distributed import rank0_first
 
 __all__ = [
     "SPLITS",

@@ -30,7 +30,7 @@ from medkd.knowledge.losses import (
     inverse_frequency,
     label_indices,
 )
-from medkd.training.distributed import unwrap
+from medkd.runtime.distributed import unwrap
 
 if TYPE_CHECKING:
     from medkd.knowledge.routes import Route

@@ -35,7 +35,7 @@ from medkd.knowledge.route_kinds import (
     resolve_kind,
 )
 from medkd.knowledge.route_kinds import number as _number
-from medkd.training.distributed import unwrap
+from medkd.runtime.distributed import unwrap
 
 __all__ = [
     "WEIGHTS",

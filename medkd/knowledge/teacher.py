@@ -20,8 +20,8 @@ from medkd.bundles import TEACHER_CHECKPOINT, snapshot_file
 from medkd.errors import ConfigError
 from medkd.knowledge.routes import TEACHER
 from medkd.knowledge.teacher_cache import TeacherCache
+from medkd.runtime.distributed import unwrap, wrap_ddp
 from medkd.training.checkpoints import check_trained_data, check_trained_inputs, load_network_weights
-from medkd.training.distributed import unwrap, wrap_ddp
 
 __all__ = [
     "TEACHER_MODES",
@@ -153,7 +153,7 @@ class OnlineTeacher(Teacher):
         if distributed and torch.distributed.get_world_size() > 1 and unwrap(network) is network:
             raise ConfigError(
                 "an online teacher in multi-process training must be wrapped in DistributedDataParallel like the "
-                "students (medkd.training.distributed.wrap_ddp; multi_gpu_train.json does it for teacher_mode "
+                "students (medkd.runtime.distributed.wrap_ddp; multi_gpu_train.json does it for teacher_mode "
                 "'online'), or its copies would drift apart."
             )
         if checkpoint:

@@ -21,9 +21,9 @@ from medkd.errors import ConfigError, UserErrorsFirst
 from medkd.knowledge.routes import TEACHER, KnowledgeRoutes, Route
 from medkd.knowledge.teacher import Teacher, check_teacher_mode, make_teacher
 from medkd.knowledge.teacher_cache import TeacherCache
+from medkd.runtime.distributed import unwrap
+from medkd.runtime.layout import channels_last as to_channels_last
 from medkd.training.compiling import compile_in_place, compiled_inferer
-from medkd.training.distributed import unwrap
-from medkd.training.layout import channels_last as to_channels_last
 from medkd.training.mixing import BatchMixer, MixedBatch
 
 __all__ = ["DistillationTrainer", "TeacherTrainer", "LOSSES", "iteration_losses", "student_optimizers"]
@@ -61,7 +61,7 @@ class TeacherTrainer(UserErrorsFirst, SupervisedTrainer):
 
     Every medkd engine puts the networks it runs on its own ``device`` (MONAI's engines leave that to the caller),
     so a bundle never has to, converts it to the channels-last layout with ``channels_last``
-    (:mod:`medkd.training.layout`) and compiles it in place with ``compile`` (:mod:`medkd.training.compiling`); the
+    (:mod:`medkd.runtime.layout`) and compiles it in place with ``compile`` (:mod:`medkd.training.compiling`); the
     other arguments are those of ``SupervisedTrainer``.
     """
 
@@ -143,7 +143,7 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
         compile: ``torch.compile`` the teacher and the students in place (:mod:`medkd.training.compiling`), with the
             routes' feature hooks traced in; ``compile_kwargs`` are ``torch.compile``'s.
         channels_last: convert the teacher, the students and the routes' adapters to the channels-last layout
-            (:mod:`medkd.training.layout`).
+            (:mod:`medkd.runtime.layout`).
         mixing: optional :class:`medkd.training.mixing.BatchMixer` (mixup or cutmix): each batch is mixed before the
             forwards, so the teacher and the students see the same mixed images, and the supervised losses follow
             the mixing (:meth:`medkd.training.mixing.MixedBatch.loss`); no ``teacher_cache``.

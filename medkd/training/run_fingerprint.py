@@ -23,7 +23,7 @@ from typing import Any
 from torch import nn
 
 from medkd.knowledge.routes import PRESETS, TEACHER, Route, parse_routes, preset_routes
-from medkd.training.distributed import unwrap
+from medkd.runtime.distributed import unwrap
 
 __all__ = [
     "run_fingerprint",
