@@ -16,9 +16,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from medkd.bundles import TEACHER_CHECKPOINT, snapshot_file
+from medkd.bundles import TEACHER, TEACHER_CHECKPOINT, snapshot_file
 from medkd.errors import ConfigError
-from medkd.knowledge.routes import TEACHER
 from medkd.knowledge.teacher_cache import TeacherCache
 from medkd.runtime.distributed import unwrap, wrap_ddp
 from medkd.training.checkpoints import check_trained_data, check_trained_inputs, load_network_weights

@@ -17,8 +17,9 @@ from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 from torch.optim import Optimizer
 
+from medkd.bundles import TEACHER
 from medkd.errors import ConfigError, UserErrorsFirst
-from medkd.knowledge.routes import TEACHER, KnowledgeRoutes, Route
+from medkd.knowledge.routes import KnowledgeRoutes, Route
 from medkd.knowledge.teacher import Teacher, check_teacher_mode, make_teacher
 from medkd.knowledge.teacher_cache import TeacherCache
 from medkd.runtime.distributed import unwrap

@@ -25,8 +25,8 @@ from monai.utils import ImageMetaKey
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
+from medkd.bundles import TEACHER
 from medkd.errors import ConfigError, UserErrorsFirst
-from medkd.knowledge.routes import TEACHER
 from medkd.runtime.layout import channels_last as to_channels_last
 from medkd.training.compiling import compiled_inferer
 from medkd.training.surface_metrics import HD95Metric, NSDMetric
