@@ -20,12 +20,13 @@ from torch.optim import Optimizer
 from medkd.bundles import TEACHER
 from medkd.errors import ConfigError, UserErrorsFirst
 from medkd.knowledge.routes import KnowledgeRoutes, Route
-from medkd.knowledge.teacher import Teacher, check_teacher_mode, make_teacher
+from medkd.knowledge.teacher import check_teacher_mode
 from medkd.knowledge.teacher_cache import TeacherCache
 from medkd.runtime.distributed import unwrap
 from medkd.runtime.layout import channels_last as to_channels_last
 from medkd.training.compiling import compile_in_place, compiled_inferer
 from medkd.training.mixing import BatchMixer, MixedBatch
+from medkd.training.teachers import Teacher, make_teacher
 
 __all__ = ["DistillationTrainer", "TeacherTrainer", "LOSSES", "iteration_losses", "student_optimizers"]
 
@@ -99,8 +100,8 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
     """Train students with a teacher and with each other, along knowledge routes (see ``medkd.knowledge.routes``).
 
     One iteration (:meth:`_iteration`) runs the teacher once (frozen: no grad, see
-    :class:`medkd.knowledge.teacher.FrozenTeacher`; online: trained, see
-    :class:`medkd.knowledge.teacher.OnlineTeacher`), every student forward, the supervised loss of each student plus
+    :class:`medkd.training.teachers.FrozenTeacher`; online: trained, see
+    :class:`medkd.training.teachers.OnlineTeacher`), every student forward, the supervised loss of each student plus
     the weighted terms of the routes that target it (:meth:`medkd.knowledge.routes.KnowledgeRoutes.losses`), an
     online teacher's supervised loss, one backward, and the optimizer of every network trained
     (:attr:`trained_optimizers`). Sources are detached, so each network is updated only by its own loss. It fires
@@ -121,7 +122,7 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
         optimizers: one optimizer per student, same names. Route adapters are added to the target student's
             optimizer as an extra parameter group.
         loss_function: supervised loss ``(logits, label) -> loss`` (e.g. ``DiceCELoss``, ``CrossEntropyLoss``).
-        teacher: the teacher network, in the role ``teacher_mode`` names, or a :class:`medkd.knowledge.teacher.Teacher`
+        teacher: the teacher network, in the role ``teacher_mode`` names, or a :class:`medkd.training.teachers.Teacher`
             (used as it is). A frozen teacher is needed when a route starts at it, ignored (not loaded, not run)
             otherwise; an online teacher is always trained.
         teacher_checkpoint: optional path of the teacher network's weights, loaded before training (an online
@@ -135,8 +136,8 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
             hit is checked against a recomputed teacher forward (``verify=True``, the default).
         nan_policy: ``"raise"`` stops on a non-finite loss (an online teacher's included) naming the iteration and
             term, ``"skip"`` skips that step with a warning, ``"ignore"`` does not check (no host sync).
-        teacher_mode: ``"frozen"`` (the offline teacher, :class:`medkd.knowledge.teacher.FrozenTeacher`) or ``"online"``
-            (trained with the students by its supervised loss, :class:`medkd.knowledge.teacher.OnlineTeacher`; no
+        teacher_mode: ``"frozen"`` (the offline teacher, :class:`medkd.training.teachers.FrozenTeacher`) or ``"online"``
+            (trained with the students by its supervised loss, :class:`medkd.training.teachers.OnlineTeacher`; no
             ``teacher_cache``).
         teacher_optimizer: the online teacher's optimizer (required online), stepped with the students' ones.
         amp: autocast the forward passes; ``amp_kwargs={"dtype": torch.bfloat16}`` for bf16. A gradient scaler is
