@@ -27,7 +27,7 @@ from medkd.data.datalists import load_datalist
 from medkd.data.labels import check_label_values
 from medkd.data.loading import ORIENTATION_LABELS, LoadMedicalImage
 from medkd.errors import DataError
-from medkd.training.distributed import is_not_rank0
+from medkd.runtime.distributed import is_not_rank0
 from medkd.training.nonfinite import count_nonfinite
 
 __all__ = [

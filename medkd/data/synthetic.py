@@ -20,7 +20,7 @@ from monai.data import create_test_image_2d, create_test_image_3d
 from tqdm.auto import tqdm
 
 from medkd.errors import DataError
-from medkd.training.distributed import rank0_first
+from medkd.runtime.distributed import rank0_first
 
 __all__ = [
     "SEGMENTATION_CLASSES",

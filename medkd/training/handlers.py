@@ -19,6 +19,7 @@ from ignite.handlers import ProgressBar as _IgniteProgressBar
 from medkd.bundles import checkpoint_file, snapshot_file
 from medkd.knowledge.teacher import check_snapshot_epochs
 from medkd.planning.planfile import write_plan
+from medkd.runtime.distributed import unwrap
 from medkd.training.checkpoints import (
     CheckpointError,
     keep_previous,
@@ -26,7 +27,6 @@ from medkd.training.checkpoints import (
     load_network_weights,
     save_or_explain,
 )
-from medkd.training.distributed import unwrap
 from medkd.training.engines import iteration_losses
 from medkd.training.evaluators import metric_name
 from medkd.training.random_states import DataPass, RandomStates
