@@ -17,7 +17,15 @@ import sys
 import traceback
 from types import TracebackType
 
-__all__ = ["MedkdError", "ConfigError", "DataError", "user_error", "json_error", "install_excepthook", "UserErrorsFirst"]
+__all__ = [
+    "MedkdError",
+    "ConfigError",
+    "DataError",
+    "user_error",
+    "json_error",
+    "install_excepthook",
+    "UserErrorsFirst",
+]
 
 
 class MedkdError(Exception):
