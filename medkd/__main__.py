@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from medkd.bundle_generation import add_bundles_parser
-from medkd.data.checks import add_check_data_parser
+from medkd.data.check_data import add_check_data_parser
 from medkd.errors import install_excepthook
 from medkd.planning.cli import add_plan_parser
 from medkd.prepare import add_prepare_parser

@@ -21,9 +21,9 @@ from typing import Any
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from medkd.errors import ConfigError
-from medkd.knowledge.routes import TEACHER
 
 __all__ = [
+    "TEACHER",
     "STAGES",
     "stage_files",
     "stage_config",
@@ -40,6 +40,8 @@ __all__ = [
     "OWN_KEYS",
     "known_keys",
 ]
+
+TEACHER = "teacher"  # the teacher's network name: in routes, term names, checkpoint and history files
 
 # a bundle's metadata and logging configuration, in its configs folder
 METADATA = "configs/metadata.json"

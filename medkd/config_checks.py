@@ -23,7 +23,7 @@ from monai.bundle.reference_resolver import ReferenceResolver
 from monai.bundle.utils import ID_SEP_KEY, MACRO_KEY, MERGE_KEY
 
 from medkd.bundles import known_keys
-from medkd.errors import ConfigError
+from medkd.errors import ConfigError, json_error
 
 __all__ = [
     "read_config_file",
@@ -47,14 +47,6 @@ def read_config_file(path: str | os.PathLike) -> dict:
         return ConfigParser.load_config_file(str(path))
     except json.JSONDecodeError as error:
         raise json_error(path, error) from error
-
-
-def json_error(path: str | os.PathLike, error: json.JSONDecodeError) -> ConfigError:
-    """The :class:`ConfigError` of a JSON syntax ``error`` in the file ``path``."""
-    return ConfigError(
-        f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}. Fix the file there (a "
-        "missing comma or quote, a comma after the last item, or a comment, which JSON does not allow)."
-    )
 
 
 def _top(ref: str) -> str:

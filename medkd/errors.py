@@ -12,11 +12,20 @@ resume it (:class:`UserErrorsFirst`).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from types import TracebackType
 
-__all__ = ["MedkdError", "ConfigError", "user_error", "install_excepthook", "UserErrorsFirst"]
+__all__ = [
+    "MedkdError",
+    "ConfigError",
+    "DataError",
+    "user_error",
+    "json_error",
+    "install_excepthook",
+    "UserErrorsFirst",
+]
 
 
 class MedkdError(Exception):
@@ -25,6 +34,10 @@ class MedkdError(Exception):
 
 class ConfigError(MedkdError, ValueError):
     """A bundle setting (override, route, network, patch size) that cannot work."""
+
+
+class DataError(MedkdError, ValueError):
+    """Invalid or unreadable input data; the message says which file, what is wrong and what to do."""
 
 
 def user_error(error: BaseException | None) -> MedkdError | None:
@@ -38,6 +51,14 @@ def user_error(error: BaseException | None) -> MedkdError | None:
     return None
 
 
+def json_error(path: str | os.PathLike, error: json.JSONDecodeError) -> ConfigError:
+    """The :class:`ConfigError` of a JSON syntax ``error`` in the file ``path``."""
+    return ConfigError(
+        f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}. Fix the file there (a "
+        "missing comma or quote, a comma after the last item, or a comment, which JSON does not allow)."
+    )
+
+
 def config_file_error(error: BaseException, tb: TracebackType | None) -> MedkdError | None:
     """A JSON syntax ``error`` that MONAI met reading a config file (``ConfigParser.load_config_file``, whose
     ``filepath`` the traceback ``tb`` holds) as a :class:`ConfigError` naming the file, or ``None``."""
@@ -45,8 +66,6 @@ def config_file_error(error: BaseException, tb: TracebackType | None) -> MedkdEr
         return None
     for frame, _ in traceback.walk_tb(tb):
         if frame.f_code.co_name == "load_config_file" and "filepath" in frame.f_locals:
-            from medkd.config_checks import json_error
-
             return json_error(frame.f_locals["filepath"], error)
     return None
 

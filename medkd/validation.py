@@ -18,18 +18,22 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from monai.bundle import ConfigParser
 from torch import nn
 
-from medkd.bundles import check_config_files
+from medkd import config_checks
+from medkd.bundles import check_config_files, run_command
+from medkd.data.channels import is_picture
+from medkd.data.loading import LoadMedicalImage, unit_axes
 from medkd.errors import ConfigError
+from medkd.runtime.devices import check_device
 
 __all__ = [
     "RUN_ARGUMENTS",
     "RENAMED",
     "check_overrides",
     "check_command_line",
-    "check_device",
     "check_writable",
     "command_line_overrides",
     "parse_value",
@@ -157,8 +161,6 @@ def check_command_line(argv: Sequence[str] | None = None) -> None:
     (:func:`medkd.config_checks.check_override_values`), the ``--device``, and that a ``--datalist_file`` comes with
     its ``--dataset_dir``; a no-op in any other program (e.g. a ``ConfigWorkflow`` built in Python, whose caller
     checks its own overrides)."""
-    from medkd import config_checks
-
     argv = list(sys.argv if argv is None else argv)
     if not argv or Path(argv[0]).parts[-3:] != ("monai", "bundle", "__main__.py"):
         return
@@ -184,31 +186,6 @@ def check_command_line(argv: Sequence[str] | None = None) -> None:
             "paths from, and write its split file, plan and sample data to, its own data folder (bundle_root/data). "
             f"Add --dataset_dir {folder} (the folder its paths start from)."
         )
-
-
-def check_device(device: Any, key: str = "device") -> None:
-    """Raise :class:`ConfigError` when ``device`` (e.g. ``--device cuda``) names a GPU that this torch cannot use: a
-    torch built without CUDA, no GPU visible, or a GPU index past the last one."""
-    import torch
-
-    if isinstance(device, str) and device.startswith(("$", "@")):
-        return  # an expression: the bundle evaluates it
-    try:
-        wanted = torch.device(device) if isinstance(device, str | torch.device) else None
-    except RuntimeError as e:
-        raise ConfigError(f"--{key} {device!r} is not a device: use cpu, cuda or cuda:N.") from e
-    if wanted is None or wanted.type != "cuda":
-        return
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count and (wanted.index is None or wanted.index < count):
-        return
-    if torch.version.cuda is None:
-        why = f"this torch ({torch.__version__}) is built without CUDA; install a CUDA build of torch, or"
-    elif not count:
-        why = "no GPU is visible (check nvidia-smi and CUDA_VISIBLE_DEVICES), or"
-    else:
-        why = f"there are {count} GPU(s), cuda:0..cuda:{count - 1}; pick one of them, or"
-    raise ConfigError(f"--{key} {device}: {why} leave --{key} out to run on the CPU.")
 
 
 def check_writable(folders: Mapping[str, str | os.PathLike], root_key: str | None = "bundle_root") -> None:
@@ -244,8 +221,6 @@ def _takes(network: nn.Module, size: Sequence[int]) -> bool | None:
     """Whether ``network`` runs on an input of ``size``, tried on the meta device (no memory, no arithmetic, the
     network's own weights untouched); ``None`` where that cannot be told (no convolution to read the input channels
     from, an operator without meta support)."""
-    import torch
-
     conv = next((m for m in network.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
     if conv is None:
         return None
@@ -312,8 +287,6 @@ def bundle_hint(dims: int, task: str | None = None, start: str | os.PathLike | N
     """Which bundle to use for ``dims``-D images (of ``task``, when known), for error messages: the command of its
     train stage typed in ``start`` (default the working folder) where medkd's ``bundles`` folder is at hand, else the
     bundle's name."""
-    from medkd.bundles import run_command
-
     names = [f"{task}_{dims}d"] if task else [f"segmentation_{dims}d", f"classification_{dims}d"]
     bundles = Path(__file__).resolve().parents[1] / "bundles"
     if not all((bundles / name / "configs" / "train.json").is_file() for name in names):
@@ -327,9 +300,6 @@ def check_inputs(datalists: Mapping[str, Sequence[Mapping]], in_channels: int, s
     dimensions than the bundle's ``in_channels`` / ``spatial_dims`` (e.g. a 2-channel volume into a 1-channel bundle,
     3D volumes into a 2D bundle), naming the file and the fix. A picture (PNG, JPEG, BMP) takes 1 or 3 channels
     whatever it holds: the bundles convert it (:class:`medkd.data.channels.MatchChannelsd`)."""
-    from medkd.data.channels import is_picture
-    from medkd.data.loading import LoadMedicalImage, unit_axes
-
     loader = LoadMedicalImage(image_only=True, dtype=None)
     for key, items in datalists.items():
         if not items or "image" not in items[0]:

@@ -15,7 +15,7 @@ from medkd.data.balance import balanced_sampler, class_weights
 from medkd.errors import ConfigError
 from medkd.planning.plan import IMBALANCE
 from medkd.planning.planfile import make_plan
-from medkd.training.distributed import train_sampler
+from medkd.runtime.distributed import train_sampler
 
 
 def imbalanced(counts: dict[int, int]) -> list[dict]:

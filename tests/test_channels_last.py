@@ -6,9 +6,9 @@ import torch
 from bundle_utils import every_stage_with
 from conftest import tiny_batches, tiny_batches3d, tiny_trainer, tiny_unet, tiny_unet3d
 
-from medkd.training.distributed import wrap_ddp
+from medkd.runtime.distributed import wrap_ddp
+from medkd.runtime.layout import channels_last, is_channels_last
 from medkd.training.engines import DistillationTrainer, iteration_losses
-from medkd.training.layout import channels_last, is_channels_last
 
 
 @pytest.mark.parametrize(("make", "layout"), [(tiny_unet, torch.channels_last), (tiny_unet3d, torch.channels_last_3d)])

@@ -15,18 +15,11 @@ import SimpleITK as sitk
 import torch
 from pydicom.data import get_testdata_file
 
-from medkd.data.loading import (
-    DataError,
-    DicomReader,
-    LoadMedicalImage,
-    LoadMedicalImaged,
-    csv_lists,
-    find_images,
-    image_loader,
-    load_datalist,
-    reader_for,
-    reader_kind,
-)
+from medkd.data.datalists import csv_lists, load_datalist
+from medkd.data.dicom import DicomReader
+from medkd.data.formats import FORMATS, SUPPORTED, ImageFormat, is_image_file, reader_for, reader_kind
+from medkd.data.loading import LoadMedicalImage, LoadMedicalImaged, find_images, image_loader
+from medkd.errors import DataError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -388,6 +381,30 @@ def test_reader_selection(tmp_path):
     (tmp_path / "b.JPG").write_bytes(b"")
     assert [reader_kind(tmp_path / n) for n in ("a.nii", "b.JPG")] == ["nifti", "pil"]
     assert reader_kind(tmp_path) == "dicom"
+
+
+def test_formats_table_drives_every_choice_of_reader(tmp_path):
+    """Each row of the formats table: its suffixes pick its reader, its description is in the messages."""
+    for row in FORMATS.values():
+        for suffix in row.suffixes:
+            assert reader_kind(tmp_path / f"x{suffix.upper()}", check_exists=False) == row.kind
+            assert is_image_file(tmp_path / f"x{suffix}")
+        assert row.described in SUPPORTED
+    (tmp_path / "x.mha").write_bytes(b"ObjectType = Image")
+    with pytest.raises(DataError, match=r"unsupported format\. Supported: NIfTI .*NumPy"):
+        reader_kind(tmp_path / "x.mha")
+    assert reader_kind(tmp_path / "not_there_yet", check_exists=False) == "dicom"  # the row that sniffs
+
+
+def test_a_new_format_is_one_row_of_the_table(tmp_path, monkeypatch):
+    from monai.data import PILReader
+    from PIL import Image
+
+    Image.fromarray(np.arange(12, dtype=np.uint8).reshape(3, 4)).save(tmp_path / "a.tif")
+    assert not is_image_file(tmp_path / "a.tif")
+    monkeypatch.setitem(FORMATS, "tiff", ImageFormat("tiff", "TIFF (.tif, .tiff)", (".tif", ".tiff"), PILReader))
+    assert reader_kind(tmp_path / "a.tif") == "tiff" and find_images(tmp_path) == [str(tmp_path / "a.tif")]
+    np.testing.assert_array_equal(LoadMedicalImage()(tmp_path / "a.tif").numpy(), np.arange(12).reshape(3, 4).T)
 
 
 def test_bundle_config_can_build_loaders(tmp_path):

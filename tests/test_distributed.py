@@ -9,18 +9,18 @@ import torch
 import torch.multiprocessing as mp
 
 from medkd.data.checks import check_before_run
-from medkd.training import distributed
+from medkd.runtime import devices, distributed
 
 
 def test_devices_and_backend_follow_the_visible_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert distributed.default_device() == distributed.local_device() == torch.device("cpu")
-    assert distributed.default_backend() == "gloo"
+    assert devices.default_device() == devices.local_device() == torch.device("cpu")
+    assert devices.default_backend() == "gloo"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("LOCAL_RANK", "3")
-    assert distributed.default_device() == torch.device("cuda", 0)
-    assert distributed.local_device() == torch.device("cuda", 3)
-    assert distributed.default_backend() == "nccl"
+    assert devices.default_device() == torch.device("cuda", 0)
+    assert devices.local_device() == torch.device("cuda", 3)
+    assert devices.default_backend() == "nccl"
 
 
 def test_without_a_process_group_every_guard_is_a_no_op(tmp_path):
@@ -47,8 +47,8 @@ def _free_port() -> int:
 
 def _rank0_writes_first(rank: int, port: int, folder: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
-    distributed.init_process_group(distributed.default_backend(), "cpu")
-    distributed.init_process_group(distributed.default_backend(), "cpu")  # already in the group: nothing happens
+    distributed.init_process_group(devices.default_backend(), "cpu")
+    distributed.init_process_group(devices.default_backend(), "cpu")  # already in the group: nothing happens
     assert distributed.is_distributed() and distributed.is_not_rank0() == (rank == 1)
     marker = os.path.join(folder, "data")
     with distributed.rank0_first():

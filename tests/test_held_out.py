@@ -98,7 +98,7 @@ def test_split_mistakes_are_named(tmp_path):
         make_split(source, tmp_path / "split.json", options=SplitOptions(group_by="site_"))
     with pytest.raises(DataError, match=r"split_options group_by '\(' is not a valid regular expression"):
         make_split(source, tmp_path / "split.json", options=SplitOptions(group_by="("))
-    from medkd.prepare.pairing import group_regex  # the one compiler of prepare's --group-by too
+    from medkd.data.splits import group_regex  # the one compiler of prepare's --group-by too
 
     with pytest.raises(DataError, match=r"^--group-by '\(' is not a valid regular expression"):
         group_regex("(")
@@ -234,3 +234,24 @@ def test_cases_of_one_patient_stay_in_one_list_by_an_entry_field(tmp_path):
         make_split(root / "all.csv", root / "s2.json", options=SplitOptions(group_field="site"))
     with pytest.raises(ConfigError, match="group_by .* or group_field .*, not both"):
         SplitOptions(group_by="P(\\d+)", group_field="patient")
+
+
+def test_splitting_needs_nothing_above_the_data_layer(tmp_path):
+    """Making and refreshing a split file imports neither planning nor prepare (issue 28: data lies below them)."""
+    import subprocess
+    import sys
+
+    source = decathlon(tmp_path / "data")
+    code = (
+        "import sys; from medkd.data.held_out import bundle_datalists; "
+        f"bundle_datalists({str(source)!r}, {str(tmp_path / 'split.json')!r}); "
+        f"bundle_datalists({str(source)!r}, {str(tmp_path / 'split.json')!r}); "
+        "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('medkd.') and m.count('.') > 1}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "planning" not in out and "prepare" not in out, out
+    assert json.loads((tmp_path / "split.json").read_text())["medkd_split"]["counts"] == {
+        "training": 12,
+        "validation": 4,
+        "test": 4,
+    }

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from medkd.bundles import TEACHER
 from medkd.errors import ConfigError
-from medkd.knowledge.routes import TEACHER
 from medkd.knowledge.teacher_cache import TeacherCache
 from medkd.training.mixing import BatchMixer, MixedBatch, batch_mixer, check_mixing, cutmix_box
 from tests.conftest import tiny_batches, tiny_batches3d, tiny_trainer, tiny_unet3d

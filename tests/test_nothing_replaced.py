@@ -11,9 +11,9 @@ from bundle_utils import latest_run, native_spacing, run_stage
 
 from medkd.data.held_out import bundle_datalists
 from medkd.errors import ConfigError, user_error
-from medkd.knowledge.teacher import start_checkpoint
 from medkd.training.checkpoints import CheckpointError, check_not_trained_on
 from medkd.training.run_fingerprint import image_ids
+from medkd.training.teachers import start_checkpoint
 
 BUNDLE = "segmentation_2d"
 

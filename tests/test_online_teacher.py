@@ -15,10 +15,11 @@ from test_engine import make_trainer
 from medkd.errors import ConfigError, user_error
 from medkd.knowledge import teacher as teacher_roles
 from medkd.knowledge.routes import Route
-from medkd.knowledge.teacher import FrozenTeacher, OnlineTeacher, check_teacher_settings, make_teacher
+from medkd.knowledge.teacher import check_teacher_settings
 from medkd.knowledge.teacher_cache import TeacherCache
 from medkd.training.engines import iteration_losses
 from medkd.training.handlers import ResumeCheckpoint
+from medkd.training.teachers import FrozenTeacher, OnlineTeacher, make_teacher
 
 
 def online_trainer(batches, teacher_seed=0, lr=1e-2, **kwargs):

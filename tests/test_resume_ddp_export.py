@@ -101,7 +101,7 @@ def _two_process_training(bundle, root, **overrides):
                     "'epoch_length': @train#trainer.state.epoch_length, "
                     "'sampler': type(@train#trainer.data_loader.sampler).__name__}, "
                     "@ckpt_dir + '/rank' + str(torch.distributed.get_rank()) + '.pt')",
-                    "$medkd.training.distributed.destroy_process_group()",
+                    "$medkd.runtime.distributed.destroy_process_group()",
                 ]
             }
         )
@@ -139,7 +139,7 @@ def test_two_process_gloo_training_keeps_students_identical(bundle, tmp_path):
 
 def test_two_process_gloo_training_keeps_an_online_teacher_identical(tmp_path):
     """teacher_mode online: the teacher is wrapped in DDP like the students (unwrapped, each rank's copy would learn
-    from its own half of the data and drift apart; medkd.knowledge.teacher.OnlineTeacher refuses it)."""
+    from its own half of the data and drift apart; medkd.training.teachers.OnlineTeacher refuses it)."""
     r0, r1 = _two_process_training("segmentation_2d", tmp_path, teacher_mode="online", routes_preset="kd")
     assert r0["teacher_class"] == "DistributedDataParallel"
     _assert_same_parameters(r0["teacher"], r1["teacher"])

@@ -13,8 +13,8 @@ from monai.losses import DiceCELoss
 from medkd.errors import ConfigError
 from medkd.knowledge.losses import FeatureDistillationLoss
 from medkd.knowledge.routes import ROUTE_KINDS, KnowledgeRoutes, Route, RouteKind, parse_routes, register_kind
-from medkd.knowledge.teacher import FrozenTeacher
 from medkd.training.engines import DistillationTrainer, iteration_losses
+from medkd.training.teachers import FrozenTeacher
 
 
 class LogitMSE(RouteKind):

@@ -16,10 +16,10 @@ from PIL import Image
 
 from medkd.errors import ConfigError, MedkdError, user_error
 from medkd.knowledge.routes import Route, parse_routes, preset_routes
+from medkd.runtime.devices import check_device
 from medkd.validation import (
     bundle_hint,
     check_command_line,
-    check_device,
     check_inputs,
     check_overrides,
     check_patch_size,

@@ -4,7 +4,7 @@ On imbalanced data (e.g. 90% normal, 10% finding) a network trained on uniformly
 accuracy by favouring the common class; drawing each image with a probability inversely proportional to its class's
 count gives every class the same share of the batches (with replacement: the rare images are seen more often, the
 common ones less). The bundles' ``balanced_sampling`` key turns it on (:func:`balanced_sampler`), in one process or
-on several GPUs (:func:`medkd.training.distributed.train_sampler`).
+on several GPUs (:func:`medkd.runtime.distributed.train_sampler`).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from monai.utils import ImageMetaKey
 
-from medkd.data.loading import PIL_SUFFIXES, reader_kind
+from medkd.data.formats import reader_kind, suffix_kind
 
 __all__ = ["MatchChannelsd", "is_picture", "match_channels", "picture_channels"]
 
@@ -34,7 +34,7 @@ def is_picture(path: Any, spatial_dims: int = 2) -> bool:
     (``spatial_dims`` 2), whose samples are colours (ultrasound, photographs, slides), never modalities."""
     if not isinstance(path, str | os.PathLike):
         return False
-    if str(path).lower().endswith(PIL_SUFFIXES):
+    if suffix_kind(path) == "pil":
         return True
     return spatial_dims == 2 and Path(path).is_file() and reader_kind(path, check_exists=False) == "dicom"
 

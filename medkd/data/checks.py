@@ -1,24 +1,19 @@
-"""Input checks run before training and evaluation, and ``python -m medkd check-data``.
+"""Input checks run before training and evaluation (the ``check-data`` command is :mod:`medkd.data.check_data`).
 
 * :func:`check_datalist` returns every problem of a datalist at once (missing or corrupt files, NaN/Inf pixels,
   image/label mismatch, out-of-range labels, classes without samples).
-* :func:`assert_valid_datalist` raises one :class:`~medkd.data.loading.DataError` listing them all; call it from a
-  bundle's
-  ``initialize`` list so a bad dataset stops the run before any DataLoader worker starts.
-* :func:`check_data_command` backs ``python -m medkd check-data``, which also finds exact and near-duplicate images
-  within and across the lists of a datalist (:mod:`medkd.data.duplicates`).
+* :func:`assert_valid_datalist` raises one :class:`~medkd.errors.DataError` listing them all; call it from a
+  bundle's ``initialize`` list so a bad dataset stops the run before any DataLoader worker starts.
+* :func:`check_before_run` checks a bundle's lists, also for images shared between lists (leakage).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import nibabel as nib
@@ -28,19 +23,18 @@ from monai.data.utils import affine_to_spacing
 from monai.transforms import Orientation
 from monai.utils import ensure_tuple
 
-from medkd.data.duplicates import DEFAULT_MAX_DISTANCE, find_duplicates
-from medkd.data.labels import check_label_values, optional_class_names, optional_label_values
-from medkd.data.loading import ORIENTATION_LABELS, DataError, LoadMedicalImage, csv_lists, load_datalist
-from medkd.training.distributed import is_not_rank0
+from medkd.data.datalists import load_datalist
+from medkd.data.labels import check_label_values
+from medkd.data.loading import ORIENTATION_LABELS, LoadMedicalImage
+from medkd.errors import DataError
+from medkd.runtime.distributed import is_not_rank0
 from medkd.training.nonfinite import count_nonfinite
 
 __all__ = [
     "Problem",
     "accept_missing_classes",
-    "add_check_data_parser",
     "assert_valid_datalist",
     "check_before_run",
-    "check_data_command",
     "check_datalist",
     "error_reason",
     "format_problems",
@@ -216,60 +210,82 @@ def check_datalist(
         problems.append(Problem(source, f"{len(class_names)} class names given for num_classes={num_classes}"))
     values_given = task == "segmentation" and num_classes is not None and label_values is not None
     label_values = check_label_values(label_values, num_classes) if values_given else None
-    class_of = {v: c for c, v in enumerate(label_values or range(num_classes or 0))}
     if not items:
         return [*problems, Problem(source, "the dataset is empty: no entries to check or train on")]
-
-    loader = LoadMedicalImage(image_only=True, dtype=None)
-    seen: set[int] = set()
-    labels_checked = 0
+    tally = _Tally(
+        LoadMedicalImage(image_only=True, dtype=None),
+        task,
+        num_classes,
+        label_values,
+        {v: c for c, v in enumerate(label_values or range(num_classes or 0))},
+        problems,
+    )
     has_labels = any(isinstance(it, Mapping) and label_key in it for it in items)
     for i, item in enumerate(items):
-        where = f"entry {i}"
         if not isinstance(item, Mapping) or not item.get(image_key):
-            problems.append(Problem(where, f"has no '{image_key}' field ({item!r})"))
+            problems.append(Problem(f"entry {i}", f"has no '{image_key}' field ({item!r})"))
             continue
-        image_path = str(item[image_key])
-        image = _load(loader, item[image_key], problems)
-        if image is not None and (bad := _nonfinite_problem(image, image_path)):
+        image = _load(tally.loader, item[image_key], problems)
+        if image is not None and (bad := _nonfinite_problem(image, str(item[image_key]))):
             problems.append(bad)
         if not has_labels:
             continue
         if label_key not in item:
-            problems.append(Problem(image_path, f"has no '{label_key}' while other entries do ({where})"))
-            continue
-        label = item[label_key]
-        if task == "classification":
-            if isinstance(label, bool) or not isinstance(label, int | np.integer):
-                problems.append(Problem(image_path, f"label {label!r} is not an integer class index"))
-            elif num_classes is not None and not 0 <= label < num_classes:
-                problems.append(Problem(image_path, f"label {label} outside 0..{num_classes - 1}"))
-            else:
-                seen.add(int(label))
-                labels_checked += 1
-            continue
+            problems.append(Problem(str(item[image_key]), f"has no '{label_key}' while other entries do (entry {i})"))
+        elif task == "classification":
+            tally.class_index(item[label_key], str(item[image_key]))
+        else:
+            tally.label_map(item[label_key], image, str(item[image_key]))
+    if num_classes is not None and tally.labels_checked:
+        where_seen = "has no sample" if task == "classification" else "never appears in any label map"
+        for c in range(num_classes):
+            if c not in tally.seen:
+                problems.append(Problem(source, f"{_class_name(c, class_names)} {where_seen}", MISSING_CLASS))
+    return problems
+
+
+@dataclass
+class _Tally:
+    """What :func:`check_datalist` found so far: its ``problems``, the classes ``seen`` and the labels checked."""
+
+    loader: LoadMedicalImage
+    task: str
+    num_classes: int | None
+    label_values: Sequence[int] | None
+    class_of: dict[int, int]  # the class of each label value
+    problems: list[Problem]
+    seen: set[int] = field(default_factory=set)
+    labels_checked: int = 0
+
+    def class_index(self, label: Any, image_path: str) -> None:
+        """Check a classification label: an integer class index of ``0..num_classes-1``."""
+        if isinstance(label, bool) or not isinstance(label, int | np.integer):
+            self.problems.append(Problem(image_path, f"label {label!r} is not an integer class index"))
+        elif self.num_classes is not None and not 0 <= label < self.num_classes:
+            self.problems.append(Problem(image_path, f"label {label} outside 0..{self.num_classes - 1}"))
+        else:
+            self.seen.add(int(label))
+            self.labels_checked += 1
+
+    def label_map(self, label: Any, image: Any, image_path: str) -> None:
+        """Check a segmentation label map: readable, finite, on the image's grid, of integer class values."""
         if not isinstance(label, str | os.PathLike | list | tuple):
-            problems.append(
-                Problem(
-                    image_path, f"label {label!r} is not a label-map path; for class indices use --task classification"
-                )
-            )
-            continue
-        label_map = _load(loader, label, problems)
+            reason = f"label {label!r} is not a label-map path; for class indices use --task classification"
+            self.problems.append(Problem(image_path, reason))
+            return
+        label_map = _load(self.loader, label, self.problems)
         if label_map is None:
-            continue
+            return
         label_path = str(label)
         if bad := _nonfinite_problem(label_map, label_path, "label"):
-            problems.append(bad)
-        if image is not None:
-            mismatch = _geometry_problem(image, label_map, image_path)
-            if mismatch:
-                problems.append(Problem(label_path, mismatch))
+            self.problems.append(bad)
+        if image is not None and (mismatch := _geometry_problem(image, label_map, image_path)):
+            self.problems.append(Problem(label_path, mismatch))
         values = _label_values(label_map)
-        labels_checked += 1
+        self.labels_checked += 1
         non_int = values[values != np.round(values)]
         if non_int.size:
-            problems.append(
+            self.problems.append(
                 Problem(
                     label_path,
                     f"non-integer label values (e.g. {non_int[:3].tolist()}); a label map holds class indices "
@@ -277,18 +293,12 @@ def check_datalist(
                 )
             )
             values = np.round(values)
-        if num_classes is not None:
-            bad = [int(v) for v in values if int(v) not in class_of]
-            if bad:
-                problems.append(Problem(label_path, _outside_problem(bad, label_values, num_classes), OUTSIDE_VALUES))
-            seen.update(class_of[int(v)] for v in values if int(v) in class_of)
-
-    if num_classes is not None and labels_checked:
-        where_seen = "has no sample" if task == "classification" else "never appears in any label map"
-        for c in range(num_classes):
-            if c not in seen:
-                problems.append(Problem(source, f"{_class_name(c, class_names)} {where_seen}", MISSING_CLASS))
-    return problems
+        if self.num_classes is None:
+            return
+        if bad_values := [int(v) for v in values if int(v) not in self.class_of]:
+            reason = _outside_problem(bad_values, self.label_values, self.num_classes)
+            self.problems.append(Problem(label_path, reason, OUTSIDE_VALUES))
+        self.seen.update(self.class_of[int(v)] for v in values if int(v) in self.class_of)
 
 
 def format_problems(problems: Sequence[Problem], source: str = DATASET, cli_hint: bool = True) -> str:
@@ -474,160 +484,8 @@ def shared_images(lists: Mapping[str, Sequence[Mapping[str, Any]]], keys: Sequen
     return lines
 
 
-# --------------------------------------------------------------------------------------------------------- CLI
-
-
-def add_check_data_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register the ``check-data`` sub-command on an ``argparse`` sub-parsers object."""
-    p = subparsers.add_parser(
-        "check-data",
-        help="check a datalist before training",
-        description="Check every file of a datalist and print all problems (exit code 1 when any).",
-    )
-    p.add_argument("--datalist", required=True, help="Decathlon-style .json or .csv (image,label) datalist")
-    p.add_argument(
-        "--key",
-        default="training",
-        help="list(s) to check in a JSON datalist: a name, comma-separated names, or 'all' for every list, which "
-        "also finds duplicates across lists (leakage) (default: training)",
-    )
-    p.add_argument("--num-classes", type=int, default=None, help="number of classes including background")
-    p.add_argument(
-        "--task",
-        choices=TASKS,
-        default=None,
-        help="default: classification when every label is an integer class index, else segmentation",
-    )
-    p.add_argument("--class-names", default=None, help="comma-separated class names, e.g. background,liver,tumour")
-    p.add_argument("--base-dir", default=None, help="folder relative paths start from (default: the datalist's)")
-    p.add_argument(
-        "--allow-missing-classes",
-        action="store_true",
-        help="report a class without samples as a warning, not a problem (e.g. a small validation split)",
-    )
-    dup = p.add_argument_group("duplicates (exact pixels, or near: perceptual hash)")
-    dup.add_argument(
-        "--duplicate-distance",
-        type=int,
-        default=DEFAULT_MAX_DISTANCE,
-        help=f"largest perceptual-hash distance (of 256 bits) of near-duplicates; -1: exact duplicates only "
-        f"(default: {DEFAULT_MAX_DISTANCE})",
-    )
-    dup.add_argument("--no-duplicates", action="store_true", help="skip the search for duplicate images")
-    dup.add_argument(
-        "--allow-duplicates",
-        action="store_true",
-        help="report duplicates across lists (leakage) as warnings, not problems",
-    )
-    dup.add_argument("--duplicates-report", default=None, help="write every duplicate pair to this .tsv file")
-    p.set_defaults(handler=check_data_command)
-    return p
-
-
 def infer_task(items: Sequence[Mapping[str, Any]], label_key: str = "label") -> str:
     """``"classification"`` when every label of ``items`` is an integer class index, else ``"segmentation"``."""
     labels = [it[label_key] for it in items if isinstance(it, Mapping) and label_key in it]
     is_index = [isinstance(x, int | np.integer) and not isinstance(x, bool) for x in labels]
     return "classification" if labels and all(is_index) else "segmentation"
-
-
-def _datalist_keys(path: str, key: str) -> list[str]:
-    """The lists ``--key`` names: one, several (comma-separated), or ``all`` (every list of a JSON datalist)."""
-    if key != "all":
-        return [k.strip() for k in key.split(",") if k.strip()] or ["training"]
-    if path.lower().endswith(".csv"):
-        try:
-            return csv_lists(path)
-        except DataError:
-            return ["training"]  # load_datalist names the problem
-    try:
-        content = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return ["training"]  # load_datalist names the problem
-    lists = [k for k, v in content.items() if isinstance(v, list)] if isinstance(content, dict) else []
-    return lists or ["training"]
-
-
-def _print_duplicates(args: argparse.Namespace, lists: dict[str, list[dict]], names: Sequence[str] | None) -> int:
-    """Find duplicate images in and across ``lists``; print them and return the number of leakage problems."""
-    report = find_duplicates(lists, args.duplicate_distance, class_names=names)
-    if args.duplicates_report:
-        report.write_tsv(args.duplicates_report)
-        print(f"Duplicate pairs written to {args.duplicates_report}")
-    for index, reason in report.hashes.errors.items():
-        print(f"WARNING: {report.hashes.paths[index]}: not hashed for duplicates ({reason})")
-    if not report.groups:
-        return 0
-    root = report.root() or os.path.dirname(os.path.abspath(args.datalist))
-    print(f"{report.summary()}; paths relative to {root}")
-    for line in report.warnings(root):
-        print(f"WARNING: {line}")
-    leakage = report.leakage_lines(root)
-    if args.allow_duplicates:
-        for line in leakage:
-            print(f"WARNING: {line}")
-        return 0
-    if leakage:
-        print(
-            f"Leakage: {len(leakage)} pair(s) of duplicate images in different lists (a score on the later list "
-            "would be optimistic). Remove one image of each pair or move the group into one list (python -m medkd "
-            "prepare keeps groups together), or pass --allow-duplicates:"
-        )
-        print("\n".join(f"  {line}" for line in leakage))
-    return len(leakage)
-
-
-def _check_list(datalist: str, key: str, base_dir: str | None, class_names: Sequence[str] | None) -> list[dict]:
-    """The ``key`` list of ``datalist`` (:func:`load_datalist`); the training cases of an nnU-Net v2 raw dataset,
-    whose ``dataset.json`` lists none (:func:`~medkd.data.held_out.nnunet_training`)."""
-    from medkd.data.held_out import nnunet_raw, nnunet_training
-
-    if key == "training" and (content := nnunet_raw(datalist)) is not None:
-        return nnunet_training(Path(datalist).parent, content)
-    return load_datalist(datalist, key=key, base_dir=base_dir, class_names=class_names)
-
-
-def check_data_command(args: argparse.Namespace) -> int:
-    """Run ``check-data``: print every problem and return 1, or print ``OK: N items checked`` and return 0.
-
-    With several lists (``--key all``) each list is checked and reported on its own (``[key] OK: ...``), and
-    duplicate images across lists are problems (leakage) unless ``--allow-duplicates``.
-    """
-    keys = _datalist_keys(args.datalist, args.key)
-    lists: dict[str, list[dict]] = {}
-    failed = False
-    given = args.class_names.split(",") if args.class_names else None
-    for key in keys:
-        try:
-            lists[key] = _check_list(args.datalist, key, args.base_dir, given)
-        except DataError as e:
-            print(f"ERROR: {e}" if len(keys) == 1 else f"ERROR: [{key}] {e}")
-            failed = True
-    if not lists:
-        return 1
-    everything = [item for items in lists.values() for item in items]
-    task = args.task
-    if task is None:
-        task = infer_task(everything)
-        if task == "classification":
-            print("Task: classification (every label is a class index or name; pass --task to override)")
-    names, values = given, None
-    if names is None:
-        names, values = optional_class_names(args.datalist), optional_label_values(args.datalist)
-        if names is not None and args.num_classes is not None and len(names) != args.num_classes:
-            names = values = None
-    for key, items in lists.items():
-        prefix = f"[{key}] " if len(keys) > 1 else ""
-        problems = check_datalist(items, args.num_classes, task, names, source=args.datalist, label_values=values)
-        where = f"{args.datalist} ['{key}']"
-        problems = accept_missing_classes(
-            problems, args.allow_missing_classes, where, task, warn=lambda message: print(f"WARNING: {message}")
-        )
-        if problems:
-            print(prefix + format_problems(problems, args.datalist, cli_hint=False))
-            failed = True
-        else:
-            print(f"{prefix}OK: {len(items)} items checked")
-    if not args.no_duplicates and _print_duplicates(args, lists, names):
-        failed = True
-    return 1 if failed else 0

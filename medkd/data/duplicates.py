@@ -30,7 +30,9 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from medkd.data.loading import PIL_SUFFIXES, DataError, LoadMedicalImage
+from medkd.data.formats import suffix_kind
+from medkd.data.loading import LoadMedicalImage
+from medkd.errors import DataError
 
 __all__ = [
     "DEFAULT_MAX_DISTANCE",
@@ -137,7 +139,7 @@ def hash_images(paths: Sequence[Any], progress: bool = True) -> ImageHashes:
     for i, path in enumerate(tqdm(paths, desc="hashing images", disable=not progress)):
         slot = i % block
         try:
-            if isinstance(path, str | os.PathLike) and str(path).lower().endswith(PIL_SUFFIXES):
+            if isinstance(path, str | os.PathLike) and suffix_kind(path) == "pil":
                 digest, thumbs[slot] = _pil_hashes(str(path))
             else:
                 loader = loader or LoadMedicalImage(image_only=True, dtype=None)

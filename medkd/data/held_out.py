@@ -26,9 +26,12 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from medkd.data.loading import DataError, csv_class_names, csv_lists, load_datalist
-from medkd.errors import ConfigError
-from medkd.training.distributed import rank0_first
+from medkd.data.datalists import csv_class_names, csv_lists, load_datalist
+from medkd.data.splits import Unit, group_of, group_regex, random_splits, relative
+from medkd.errors import ConfigError, DataError
+from medkd.runtime.distributed import rank0_first
+from medkd.runtime.files import atomic_write_json
+from medkd.training.checkpoints import load_checkpoint
 
 __all__ = [
     "SPLITS",
@@ -241,8 +244,6 @@ def check_not_trained_from(datalist_file: str | os.PathLike, ckpt_dir: str | os.
     ``datalist_file``, as its run fingerprint records: lists held out of that list now (e.g. its test list was replaced
     by unlabelled images) would hold images those networks learnt from. Checkpoints set aside with a timestamp, or
     without a record, are passed over."""
-    from medkd.training.checkpoints import load_checkpoint
-
     if ckpt_dir is None:
         return
     source = str(Path(datalist_file).expanduser().resolve())
@@ -261,8 +262,6 @@ def check_not_trained_from(datalist_file: str | os.PathLike, ckpt_dir: str | os.
 
 def _refresh(path: Path, source: Path, options: SplitOptions) -> None:
     """Copy the datalist's fields into the split file again where they changed; warn where the lists or options did."""
-    from medkd.planning.planfile import write_plan
-
     try:
         split = json.loads(path.read_text())
         made = split.get(SPLIT_KEY, {})
@@ -273,7 +272,7 @@ def _refresh(path: Path, source: Path, options: SplitOptions) -> None:
     data = _source_data(source)
     if _fields(split) != _fields(data):
         kept = {k: v for k, v in split.items() if k not in _fields(split)}
-        write_plan({**_fields(data), **kept}, path, key="split_file")
+        _write(path, {**_fields(data), **kept})
         logger.info("the split file %s has the fields of %s again (%s)", path, source, ", ".join(_fields(data)))
     changed = [f"{k} {made.get(k)} → {v}" for k, v in asdict(options).items() if made.get(k) != v]
     if made.get("source_lists_sha256") != _lists_sha256(source, data):
@@ -307,17 +306,71 @@ def make_split(
     Raises:
         DataError: too few training cases to hold out every missing list, or a ``group_by`` that matches nothing.
     """
-    from medkd.planning.planfile import write_plan
-    from medkd.prepare.pairing import group_of, group_regex
-    from medkd.prepare.splits import Unit, random_splits
-
     options = options or SplitOptions()
     source, path = Path(datalist_file).expanduser().resolve(), Path(split_file).expanduser()
     data = _source_data(source)
     missing = lists_to_hold_out(source)
+    training = load_datalist(source, key="training") if "training" in data else nnunet_training(source.parent, data)
+    lists = _hold_out(source, training, missing, task, options)
+    split = _fields(data)
+    split[SPLIT_KEY] = {
+        "source": str(source),
+        "source_lists_sha256": _lists_sha256(source, data),
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "held_out": missing,
+        **asdict(options),
+        "counts": {key: len(lists[key]) for key in SPLITS},
+    }
+    beside = path.parent.resolve() == source.parent  # paths relative to the datalist's folder stay relative
+    names = csv_class_names(source) if source.suffix.lower() == ".csv" else None
+    split.update(
+        {key: [_named(_relative(e, source.parent) if beside else e, names) for e in lists[key]] for key in SPLITS}
+    )
+    _write(path, split)
+    counts = ", ".join(f"{key} {len(lists[key])}" for key in SPLITS)
+    logger.info(
+        "%s held out of the training list of %s (seed %d): %s; written to %s (edit it, or delete it to split again)",
+        " and ".join(missing),
+        source,
+        options.seed,
+        counts,
+        path,
+    )
+    return path
+
+
+def _hold_out(
+    source: Path, training: list[dict], missing: Sequence[str], task: str, options: SplitOptions
+) -> dict[str, list[dict]]:
+    """The ``training``, ``validation`` and ``test`` lists: the ``missing`` lists held out of ``training`` in whole
+    groups (:func:`_groups`), the others read from ``source``."""
     given = {"validation": options.val_fraction, "test": options.test_fraction}
     fractions = {key: given[key] if key in missing else 0.0 for key in HELD_OUT}
-    training = load_datalist(source, key="training") if "training" in data else nnunet_training(source.parent, data)
+    members: dict[str, list[int]] = defaultdict(list)
+    strata: dict[str, str | None] = {}
+    for i, (entry, group) in enumerate(zip(training, _groups(source, training, options), strict=True)):
+        members[group].append(i)
+        strata[group] = str(entry.get("label")) if task == "classification" else None
+    units = [Unit(g, strata[g], len(idx)) for g, idx in sorted(members.items())]
+    assigned = random_splits(units, fractions["validation"], fractions["test"], options.seed)
+    lists: dict[str, list[dict]] = {key: [] for key in SPLITS}
+    for group, indices in sorted(members.items()):
+        lists[assigned[group]] += [training[i] for i in indices]
+    for key in HELD_OUT:
+        if key not in missing:
+            lists[key] = load_datalist(source, key=key)
+    if empty := [key for key in SPLITS if not lists[key]]:
+        raise DataError(
+            f"the datalist {source} has {len(units)} training case(s) (groups), too few to hold out "
+            f"{' and '.join(missing)} lists and keep cases for training ({', '.join(empty)} would be empty); add "
+            "cases, or give the lists yourself (--datalists \"{'training': ..., 'validation': ..., 'test': ...}\")."
+        )
+    return lists
+
+
+def _groups(source: Path, training: Sequence[Mapping[str, Any]], options: SplitOptions) -> list[str]:
+    """The group of each training entry, whose cases stay in one list: its ``group_field`` value, or what
+    ``group_by`` matches in its (first) image's path relative to the datalist's folder (the path itself without)."""
     regex = group_regex(options.group_by, option="split_options group_by")
     groups = []
     for entry in training:
@@ -334,58 +387,22 @@ def make_split(
         if (group := group_of(name, regex)) is None:
             raise DataError(f"split_options group_by {options.group_by!r} matches nothing in the image path {name!r}.")
         groups.append(group)
-    members: dict[str, list[int]] = defaultdict(list)
-    strata: dict[str, str | None] = {}
-    for i, (entry, group) in enumerate(zip(training, groups, strict=True)):
-        members[group].append(i)
-        strata[group] = str(entry.get("label")) if task == "classification" else None
-    units = [Unit(g, strata[g], len(idx)) for g, idx in sorted(members.items())]
-    assigned = random_splits(units, fractions["validation"], fractions["test"], options.seed)
-    lists: dict[str, list[dict]] = {key: [] for key in SPLITS}
-    for group, indices in sorted(members.items()):
-        lists[assigned[group]] += [training[i] for i in indices]
-    for key in HELD_OUT:
-        if key not in missing:
-            lists[key] = load_datalist(source, key=key)
-    empty = [key for key in SPLITS if not lists[key]]
-    if empty:
-        raise DataError(
-            f"the datalist {source} has {len(units)} training case(s) (groups), too few to hold out "
-            f"{' and '.join(missing)} lists and keep cases for training ({', '.join(empty)} would be empty); add "
-            "cases, or give the lists yourself (--datalists \"{'training': ..., 'validation': ..., 'test': ...}\")."
-        )
-    split = _fields(data)
-    split[SPLIT_KEY] = {
-        "source": str(source),
-        "source_lists_sha256": _lists_sha256(source, data),
-        "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        "held_out": missing,
-        **asdict(options),
-        "counts": {key: len(lists[key]) for key in SPLITS},
-    }
-    beside = path.parent.resolve() == source.parent  # paths relative to the datalist's folder stay relative
-    names = csv_class_names(source) if source.suffix.lower() == ".csv" else None
-    split.update(
-        {key: [_named(_relative(e, source.parent) if beside else e, names) for e in lists[key]] for key in SPLITS}
-    )
-    write_plan(split, path, key="split_file")
-    counts = ", ".join(f"{key} {len(lists[key])}" for key in SPLITS)
-    logger.info(
-        "%s held out of the training list of %s (seed %d): %s; written to %s (edit it, or delete it to split again)",
-        " and ".join(missing),
-        source,
-        options.seed,
-        counts,
-        path,
-    )
-    return path
+    return groups
+
+
+def _write(path: Path, split: Mapping[str, Any]) -> None:
+    """Write the split file atomically, or raise :class:`ConfigError` naming the bundle key that names it."""
+    try:
+        atomic_write_json(path, split, default=str)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot write {path} ({e}); pass --split_file a writable path (e.g. in the bundle's folder)."
+        ) from e
 
 
 def _relative(entry: Mapping[str, Any], root: Path) -> dict[str, Any]:
     """``entry`` with each path under ``root`` relative to it (the split file beside the datalist then moves with its
     data)."""
-
-    from medkd.prepare.output import relative
 
     def rel(value: Any) -> Any:
         if isinstance(value, list):

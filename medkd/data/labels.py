@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from monai.transforms import MapLabelValued
 
-from medkd.data.loading import DataError
-from medkd.errors import ConfigError
+from medkd.data.datalists import csv_class_names
+from medkd.errors import ConfigError, DataError
 
 __all__ = [
     "datalist_labels",
@@ -97,14 +97,12 @@ def datalist_class_names(datalist_file: str | os.PathLike, task: str = "segmenta
     class index.
 
     A CSV datalist whose ``label`` column holds class names has those, sorted
-    (:func:`medkd.data.loading.csv_class_names`).
+    (:func:`medkd.data.datalists.csv_class_names`).
 
     Raises:
         DataError: naming the file when it has no usable ``labels`` map.
     """
     if Path(datalist_file).suffix.lower() == ".csv" and Path(datalist_file).is_file():
-        from medkd.data.loading import csv_class_names
-
         names = csv_class_names(datalist_file)
         if names is not None:
             return names

@@ -24,8 +24,12 @@ from monai.data import Dataset, list_data_collate
 from monai.transforms import MapTransform
 from monai.utils import ImageMetaKey
 
+from medkd.data.cases import NameAfterCase
 from medkd.data.checks import Problem, error_reason
-from medkd.data.loading import DataError, DropUnitAxesd, reader_kind
+from medkd.data.formats import reader_kind
+from medkd.data.loading import DropUnitAxesd
+from medkd.errors import DataError
+from medkd.training.nonfinite import CheckFinited, with_finite_check
 
 __all__ = [
     "SafeDataset",
@@ -148,9 +152,6 @@ def inference_loading(
     :class:`SpatialDimsd`), and after ``load``, other channels than ``in_channels`` (:class:`InputChannelsd`), so
     that :class:`SafeDataset` skips such a file with its reason; at the end, the image named after its case
     (:class:`~medkd.data.cases.NameAfterCase`), which the outputs are named after."""
-    from medkd.data.cases import NameAfterCase
-    from medkd.training.nonfinite import CheckFinited, with_finite_check
-
     items = with_finite_check(load)
     after = 1 + next(i for i, t in enumerate(items) if isinstance(t, CheckFinited))
     channels = [] if in_channels is None else [InputChannelsd(key, in_channels)]

@@ -19,7 +19,8 @@ import numpy as np
 from monai.data import create_test_image_2d, create_test_image_3d
 from tqdm.auto import tqdm
 
-from medkd.training.distributed import rank0_first
+from medkd.errors import DataError
+from medkd.runtime.distributed import rank0_first
 
 __all__ = [
     "SEGMENTATION_CLASSES",
@@ -177,8 +178,6 @@ def ensure_shipped_data(dataset_dir: str, name: str) -> str:
         return datalist
     source = SAMPLE_DATA / name
     if not (source / "dataset.json").is_file():
-        from medkd.data.loading import DataError
-
         raise DataError(
             f"medkd's embedded data '{name}' is missing from {source}: reinstall medkd (pip install -e .), or pass "
             "--dataset_dir with data of your own."

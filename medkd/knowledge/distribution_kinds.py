@@ -1,22 +1,20 @@
 """Route kinds that compare softmax distributions other than per pixel: channel-wise distillation (``channel``) and
-DIST (``dist``), registered like the kinds of :mod:`medkd.knowledge.route_kinds` (``medkd.knowledge.routes``
-imports this module, so that routes can name them).
+DIST (``dist``), registered like the kinds of :mod:`medkd.knowledge.route_kinds` (:mod:`medkd.knowledge` imports
+this module, so that routes can name them).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from medkd.errors import ConfigError
 from medkd.knowledge.losses import ChannelWiseDistillationLoss, DISTLoss, channel_adapter, resize_to
-from medkd.knowledge.route_kinds import LayerDefaults, LayerPairsKind, RouteKind, StepOutputs, number, register_kind
-
-if TYPE_CHECKING:
-    from medkd.knowledge.routes import Route
+from medkd.knowledge.route import LayerDefaults, Route, RouteKind, StepOutputs, number, register_kind
+from medkd.knowledge.route_kinds import LayerPairsKind
 
 __all__ = ["CHANNEL_SIGNALS", "ChannelKind", "DistKind"]
 

@@ -17,7 +17,7 @@ from monai.networks.layers import SkipConnection
 from torch import nn
 
 from medkd.errors import ConfigError
-from medkd.training.distributed import unwrap
+from medkd.runtime.distributed import unwrap
 
 __all__ = ["DEPTHS", "Depth", "FeatureExtractor", "default_feature_layer", "feature_depths", "match_depths"]
 

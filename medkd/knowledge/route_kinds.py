@@ -1,6 +1,7 @@
-"""Route kinds: the forms knowledge takes along a route, one class each, found by name in a registry.
+"""Route kinds: the forms knowledge takes along a route, one class each, registered by name in
+:data:`medkd.knowledge.route.ROUTE_KINDS` when this module is imported (:mod:`medkd.knowledge` imports it).
 
-A kind is an ``nn.Module`` made for one :class:`medkd.knowledge.routes.Route`. It says which options it accepts (besides
+A kind is an ``nn.Module`` made for one :class:`medkd.knowledge.route.Route`. It says which options it accepts (besides
 ``weight``, which every route has), which layers it reads from which network, how it builds its adapters from one
 probe forward, and computes the route's unweighted loss term from :class:`StepOutputs`. Its parameters (adapters)
 are trained with the route's target student. A new kind is one subclass of :class:`RouteKind` plus one
@@ -10,16 +11,15 @@ are trained with the route's target student. A new kind is one subclass of :clas
 
 from __future__ import annotations
 
-import importlib
 import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from medkd.errors import ConfigError
-from medkd.knowledge.features import DEPTHS, Depth, default_feature_layer, feature_depths, match_depths
+from medkd.knowledge.features import DEPTHS, match_depths
 from medkd.knowledge.losses import (
     AffinityDistillationLoss,
     FeatureDistillationLoss,
@@ -30,47 +30,18 @@ from medkd.knowledge.losses import (
     inverse_frequency,
     label_indices,
 )
-from medkd.training.distributed import unwrap
-
-if TYPE_CHECKING:
-    from medkd.knowledge.routes import Route
+from medkd.knowledge.route import LayerDefaults, Route, RouteKind, StepOutputs, integer, number, register_kind
 
 __all__ = [
-    "ROUTE_KINDS",
-    "RouteKind",
-    "StepOutputs",
-    "LayerDefaults",
     "LayerPairsKind",
     "PredictionKind",
     "FeatureKind",
     "AttentionKind",
     "AffinityKind",
     "RegionKind",
-    "register_kind",
-    "resolve_kind",
 ]
 
-ROUTE_KINDS: dict[str, type[RouteKind]] = {}
 FEATURE_MODES = ("mse", "attention")
-
-
-def number(value: object, what: str, positive: bool = False) -> float:
-    """``value`` as a float, or a :class:`ConfigError` naming ``what`` when it is not a finite number ``>= 0``
-    (``> 0`` when ``positive``)."""
-    is_number = isinstance(value, int | float) and not isinstance(value, bool)
-    if not is_number or not math.isfinite(value) or value < 0 or (positive and value == 0):
-        bound = "> 0" if positive else ">= 0"
-        raise ConfigError(f"{what} must be a finite number {bound}, got {value!r}.")
-    return float(value)
-
-
-def integer(value: object, what: str, minimum: int = 0) -> int:
-    """``value`` as an int, or a :class:`ConfigError` naming ``what`` when it is not a whole number ``>= minimum``
-    (``5`` or ``5.0``; not ``True``)."""
-    whole = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not whole or value != int(value) or value < minimum:
-        raise ConfigError(f"{what} must be a whole number >= {minimum}, got {value!r}.")
-    return int(value)
 
 
 def labels_of(outputs: StepOutputs, logits: torch.Tensor, route: str, key: str) -> torch.Tensor:
@@ -80,188 +51,6 @@ def labels_of(outputs: StepOutputs, logits: torch.Tensor, route: str, key: str) 
     if outputs.targets is None:
         raise ConfigError(f"route {route}: {key} needs the batch labels, but the step gave none.")
     return outputs.shared(("labels", logits.shape[1]), lambda: label_indices(outputs.targets, logits))
-
-
-class StepOutputs:
-    """What the networks produced in one step, read by every route: ``logits[network]``, the feature maps the routes
-    asked for ``features[network][layer]``, the ``targets`` (labels) of the batch, and :meth:`shared` values that
-    several routes need (one log-softmax per network and temperature), computed once per step."""
-
-    def __init__(
-        self,
-        logits: Mapping[str, torch.Tensor],
-        features: Mapping[str, Mapping[str, torch.Tensor]],
-        targets: torch.Tensor | None = None,
-    ) -> None:
-        self.logits = logits
-        self.features = features
-        self.targets = targets
-        self._shared: dict[Any, Any] = {}
-
-    def shared(self, key: Any, compute: Callable[[], Any]) -> Any:
-        """``compute()``, computed once per step for ``key`` and then reused by every route asking for it."""
-        if key not in self._shared:
-            self._shared[key] = compute()
-        return self._shared[key]
-
-
-class LayerDefaults:
-    """What :meth:`RouteKind.layers` may ask about a network, by name: ``defaults(network)``, its default layers
-    (its ``feature_layers``, else :func:`medkd.knowledge.features.default_feature_layer`), and
-    ``defaults.depths(network)``,
-    its layers at several depths (:func:`medkd.knowledge.features.feature_depths`, from one probe forward, made once).
-
-    Args:
-        feature_layers: module names per network, as given to :class:`medkd.knowledge.routes.KnowledgeRoutes`.
-        networks: the networks by name (``None`` or missing: defaults unknown, ``defaults(network)`` is ``None``).
-        example_inputs: a function giving a batch of inputs for the probe (called at most once), or ``None``.
-    """
-
-    def __init__(
-        self,
-        feature_layers: Mapping[str, Sequence[str]],
-        networks: Mapping[str, nn.Module | None] | None = None,
-        example_inputs: Callable[[], torch.Tensor] | None = None,
-    ) -> None:
-        self.feature_layers = feature_layers
-        self.networks = dict(networks or {})
-        self._example_inputs = example_inputs
-        self._inputs: torch.Tensor | None = None
-        self._depths: dict[str, list[Depth]] = {}
-
-    def inputs(self) -> torch.Tensor | None:
-        """The example inputs (fetched once), or ``None`` when none were given."""
-        if self._inputs is None and self._example_inputs is not None:
-            self._inputs = self._example_inputs()
-        return self._inputs
-
-    def __call__(self, network: str) -> list[str] | None:
-        if self.feature_layers.get(network):
-            return list(self.feature_layers[network])
-        net = self.networks.get(network)
-        if net is None:
-            return None
-        try:
-            return [default_feature_layer(net)]
-        except ConfigError:
-            if self._example_inputs is None:
-                raise
-            return [default_feature_layer(net, self.inputs())]  # probed: an architecture without known names
-
-    def depths(self, network: str) -> list[Depth]:
-        """The layers of ``network`` at several depths; a :class:`ConfigError` when the network or the example
-        inputs are missing."""
-        if network not in self._depths:
-            net = self.networks.get(network)
-            if net is None or self._example_inputs is None:
-                raise ConfigError(
-                    f"finding the depths of network {network!r} needs the network and example inputs (a probe "
-                    "forward); give them to KnowledgeRoutes.setup, or name the layers."
-                )
-            self._depths[network] = feature_depths(unwrap(net), self.inputs())
-        return self._depths[network]
-
-
-class RouteKind(nn.Module):
-    """One route's form of knowledge. Subclass it, set :attr:`name` and :attr:`options`, override :meth:`forward`
-    and, when the kind reads feature maps, :meth:`layers` and :meth:`build`.
-
-    Args:
-        route: the route, with its options already checked and completed by :meth:`check_options`.
-    """
-
-    name: ClassVar[str] = ""  # in the route's term name, "<target>/<name>_from_<source>"
-    options: ClassVar[Mapping[str, Any]] = {}  # the options it accepts besides "weight", with their defaults
-
-    def __init__(self, route: Route) -> None:
-        super().__init__()
-        self.route = route
-
-    @classmethod
-    def check_options(cls, route: str, kind: str, given: Mapping[str, Any]) -> dict[str, Any]:
-        """The options of ``route`` (its term name) of kind ``kind``: ``given`` completed with the defaults, each
-        checked by :meth:`validate`; an option this kind does not accept is a :class:`ConfigError` naming the
-        accepted ones."""
-        unknown = sorted(set(given) - set(cls.options))
-        if unknown:
-            raise ConfigError(
-                f"route {route}: unknown keys {unknown} do(es) nothing on a {kind} route, which accepts "
-                f"{['weight', 'warmup_epochs', *cls.options]}; remove them or fix the spelling."
-            )
-        return cls.validate(route, {**cls.options, **given})
-
-    @classmethod
-    def validate(cls, route: str, options: dict[str, Any]) -> dict[str, Any]:
-        """Check (and normalise) the values of the options; raise :class:`ConfigError` naming the bad one."""
-        return options
-
-    @classmethod
-    def role(cls, options: Mapping[str, Any]) -> str:
-        """``"prediction"`` when a route of this kind with ``options`` (as given) compares the networks' predictions,
-        ``"feature"`` otherwise (the default): it says which named weight the route takes when it has no weight of
-        its own (:func:`medkd.knowledge.routes.weight_key`)."""
-        return "feature"
-
-    def layers(self, defaults: LayerDefaults) -> dict[str, list[str]]:
-        """The layers this route reads, by network name (none by default). Called once, before :meth:`build`;
-        ``defaults(network)`` gives the network's ``feature_layers`` or default layer (``None`` when unknown),
-        ``defaults.depths(network)`` its layers at several depths (:class:`LayerDefaults`)."""
-        return {}
-
-    @property
-    def built(self) -> bool:
-        """Whether :meth:`build` has made what the kind needs (nothing by default)."""
-        return True
-
-    def build(self, features: Mapping[str, Mapping[str, torch.Tensor]], spatial_dims: int) -> None:
-        """Make the adapters from one probe forward's feature maps ``features[network][layer]``."""
-
-    def forward(self, outputs: StepOutputs) -> torch.Tensor:
-        """The route's unweighted loss term. The source's signal must not send gradients back (detach it)."""
-        raise NotImplementedError
-
-
-def register_kind(name: str, kind: type[RouteKind] | None = None) -> Any:
-    """Add a route kind to the registry, so that routes can say ``"kind": name``: ``register_kind("affinity",
-    AffinityKind)``, or ``@register_kind("affinity")`` above the class. Registering the same class again does
-    nothing; another class under a taken name is an error."""
-
-    def add(cls: type[RouteKind]) -> type[RouteKind]:
-        if not (isinstance(cls, type) and issubclass(cls, RouteKind)):
-            raise ConfigError(
-                f"route kind {name!r} must be a subclass of medkd.knowledge.routes.RouteKind, got {cls!r}."
-            )
-        if not name.isidentifier():
-            raise ConfigError(f"route kind name {name!r} must be an identifier (it is part of the term names).")
-        if ROUTE_KINDS.get(name, cls) is not cls:
-            raise ConfigError(f"route kind {name!r} is already {ROUTE_KINDS[name]!r}; register {cls!r} by another name")
-        ROUTE_KINDS[name] = cls
-        return cls
-
-    return add if kind is None else add(kind)
-
-
-def resolve_kind(kind: str | type[RouteKind], route: str = "route") -> tuple[str, type[RouteKind]]:
-    """``(name, class)`` of a route's ``kind``: a registered name, the dotted path of a :class:`RouteKind` subclass
-    (``"mypackage.LogitMSE"``) or the class itself; the name is the registered one, else the class's ``name``."""
-    if isinstance(kind, str) and kind in ROUTE_KINDS:
-        return kind, ROUTE_KINDS[kind]
-    accepted = f"use one of {sorted(ROUTE_KINDS)} or the dotted path of a medkd.knowledge.routes.RouteKind subclass"
-    cls: Any = kind
-    if isinstance(kind, str) and "." in kind:
-        module, _, attr = kind.rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            raise ConfigError(f"{route} has kind {kind!r}, which cannot be imported ({e}); {accepted}.") from e
-    if not (isinstance(cls, type) and issubclass(cls, RouteKind)):
-        raise ConfigError(f"{route} has kind {kind!r}; {accepted}.")
-    if "name" not in vars(cls) or not str(cls.name).isidentifier():
-        raise ConfigError(
-            f"{route} has kind {cls.__module__}.{cls.__qualname__}, which sets no `name` of its own; give the class "
-            "a name = '...' (an identifier: it names the route's loss term)."
-        )
-    return cls.name, cls
 
 
 def _class_weights(value: object, route: str) -> str | list[float] | None:

@@ -5,7 +5,9 @@ A route is ``{source, target, kind, weight, warmup_epochs, temperature, layers, 
 ``"feature"`` (hint loss with an adapter), ``"attention"`` (attention transfer), ``"affinity"`` (pairwise
 affinities of positions), ``"region"`` (class-region statistics), ``"channel"`` (channel-wise distillation) or
 ``"dist"`` (DIST), each a class of :mod:`medkd.knowledge.route_kinds` or :mod:`medkd.knowledge.distribution_kinds`
-found by name in a registry (:func:`register_kind`), or a class of one's own named by its dotted path. Any graph of
+found by name in a registry (:func:`register_kind`), or a class of one's own named by its dotted path. :class:`Route`,
+:class:`RouteKind`, :class:`StepOutputs` and the registry live in :mod:`medkd.knowledge.route`; this module hands them
+on, so that a kind of one's own imports everything from here. Any graph of
 routes over one teacher and N students is allowed; the presets (student alone, KD, FitNets, DML, KD+DML,
 diversified, CWD, DIST, diversified with CWD) are named graphs. :class:`KnowledgeRoutes` runs a graph: it chooses
 the layers, hooks the networks, builds the adapters from one probe forward and computes each student's weighted
@@ -16,31 +18,30 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from medkd.bundles import TEACHER
 from medkd.errors import ConfigError
-from medkd.knowledge import distribution_kinds  # noqa: F401  (registers the channel and dist kinds)
 from medkd.knowledge.features import FeatureExtractor
-from medkd.knowledge.route_kinds import (
+from medkd.knowledge.route import (
     ROUTE_KINDS,
     LayerDefaults,
+    Route,
     RouteKind,
     StepOutputs,
     integer,
+    number,
     register_kind,
     resolve_kind,
 )
-from medkd.knowledge.route_kinds import number as _number
-from medkd.training.distributed import unwrap
+from medkd.runtime.distributed import unwrap
 
 __all__ = [
     "WEIGHTS",
     "weight_key",
-    "TEACHER",
     "TEMPERATURE_KINDS",
     "PRESETS",
     "PAPER_PRESETS",
@@ -56,93 +57,9 @@ __all__ = [
 
 logger = logging.getLogger("medkd.knowledge.routes")
 
-TEACHER = "teacher"
 PAPER_PRESETS = ("student", "kd", "fitnets", "dml", "kd_dml", "diversified")  # the paper's methods, compared by default
 PRESETS = (*PAPER_PRESETS, "cwd", "dist", "diversified_cwd")
-_OPTION_FIELDS = ("temperature", "layers", "mode")  # kind options with a field of their own in Route
 TEMPERATURE_KINDS = ("prediction", "channel")  # the KL kinds the bundle's (or a preset's) temperature applies to
-
-
-@dataclass
-class Route:
-    """One flow of knowledge from ``source`` to ``target``.
-
-    Args:
-        source: ``"teacher"`` or a student name; its signal is detached.
-        target: a student name; the term is added to this student's loss.
-        kind: a registered kind (``"prediction"``, ``"feature"``, ``"attention"``, see :data:`ROUTE_KINDS`), the
-            dotted path of a :class:`RouteKind` subclass, or the class.
-        weight: multiplier of the term in the target's loss.
-        warmup_epochs: the weight ramps linearly from 0 over the first ``warmup_epochs`` epochs
-            (:meth:`weight_at`); 0 (the default) is off.
-        temperature: softmax temperature of a prediction or channel route (default 4) or a region or dist route
-            (default 1).
-        layers: for a route that reads feature maps (feature, attention, affinity, region, channel), ``[[source_layer,
-            target_layer], ...]`` module names, or ``"multi"``, ``"encoder"``, ``"decoder"``, ``"last_decoder"``
-            (layers at several depths, :func:`medkd.knowledge.features.feature_depths`); ``None`` pairs the networks'
-            ``feature_layers`` (or default layers) in order.
-        mode: feature loss, ``"mse"`` (normalised hint, the default) or ``"attention"`` (attention transfer).
-        options: options of a kind of one's own, beside those above.
-
-    An option the kind does not accept is a :class:`ConfigError`; those it accepts and are not given take the
-    kind's defaults (``None`` for the others).
-    """
-
-    source: str
-    target: str
-    kind: str | type[RouteKind]
-    weight: float = 1.0
-    warmup_epochs: int = 0
-    temperature: float | None = None
-    layers: str | list[list[str]] | None = None
-    mode: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-    kind_name: str = field(init=False, repr=False, compare=False)
-    kind_class: type[RouteKind] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        self.kind_name, self.kind_class = resolve_kind(self.kind, f"route {self.source} -> {self.target}")
-        self.weight = _number(self.weight, f"the weight of route {self.name}")
-        self.warmup_epochs = integer(self.warmup_epochs, f"the warmup_epochs of route {self.name}")
-        given = {k: getattr(self, k) for k in _OPTION_FIELDS if getattr(self, k) is not None}
-        values = self.kind_class.check_options(self.name, self.kind_name, {**given, **self.options})
-        for key in _OPTION_FIELDS:
-            setattr(self, key, values.pop(key, None))
-        self.options = values
-
-    @property
-    def name(self) -> str:
-        """Key of this route's term in the engine output, ``"<target>/<kind>_from_<source>"``, e.g.
-        ``"sp/prediction_from_teacher"``."""
-        return f"{self.target}/{self.kind_name}_from_{self.source}"
-
-    def weight_at(self, epoch: int | None) -> float:
-        """The weight in epoch ``epoch`` (1 for the first, as ``engine.state.epoch`` counts):
-        ``weight · min(1, (epoch - 1) / warmup_epochs)``, so 0 in the first epoch and ``weight`` from epoch
-        ``warmup_epochs + 1`` on; ``weight`` without warm-up or when ``epoch`` is ``None``."""
-        if not self.warmup_epochs or epoch is None:
-            return self.weight
-        return self.weight * min(1.0, max(epoch - 1, 0) / self.warmup_epochs)
-
-    def to_dict(self) -> dict:
-        """JSON-serialisable form (the keys accepted by :func:`parse_routes`; options left at ``None`` and a
-        ``warmup_epochs`` of 0 omitted)."""
-        kind = self.kind if isinstance(self.kind, str) else f"{self.kind.__module__}.{self.kind.__qualname__}"
-        d = {"source": self.source, "target": self.target, "kind": kind, "weight": self.weight}
-        if self.warmup_epochs:
-            d["warmup_epochs"] = self.warmup_epochs
-        d.update({k: getattr(self, k) for k in _OPTION_FIELDS if getattr(self, k) is not None})
-        return {**d, **{k: v for k, v in self.options.items() if v is not None}}
-
-    @classmethod
-    def from_dict(cls, route: Mapping[str, Any]) -> Route:
-        """A route from its dict form (as written in bundle JSON): the keys of :class:`Route`, plus the options of a
-        kind of one's own."""
-        if not isinstance(route, Mapping) or not {"source", "target", "kind"} <= set(route):
-            raise ConfigError(f"route {route!r} is malformed: it needs 'source', 'target' and 'kind'.")
-        named = ("source", "target", "kind", "weight", "warmup_epochs", *_OPTION_FIELDS)
-        options = {k: v for k, v in route.items() if k not in named}
-        return cls(**{k: v for k, v in route.items() if k in named}, options=options)
 
 
 WEIGHTS = {
@@ -169,7 +86,7 @@ def _named_weights(weights: Mapping[str, Any] | None) -> dict[str, float]:
     unknown = sorted(set(weights) - set(WEIGHTS))
     if unknown:
         raise ConfigError(f"unknown route weight(s) {unknown}; the named weights are {list(WEIGHTS)}.")
-    return {key: _number(weights.get(key, 1.0), f"{key} (the weight of {WEIGHTS[key]})") for key in WEIGHTS}
+    return {key: number(weights.get(key, 1.0), f"{key} (the weight of {WEIGHTS[key]})") for key in WEIGHTS}
 
 
 def parse_routes(
@@ -270,7 +187,7 @@ def preset_routes(
         dict(kd_weight=kd_weight, hint_weight=hint_weight, peer_prediction_weight=peer_prediction_weight,
              peer_feature_weight=peer_feature_weight)
     )  # fmt: skip
-    _number(temperature, "temperature", positive=True)
+    number(temperature, "temperature", positive=True)
     warmup_epochs = integer(warmup_epochs, "warmup_epochs")
     pred = dict(kind="prediction", temperature=temperature, warmup_epochs=warmup_epochs)
     feat = dict(kind="feature", warmup_epochs=warmup_epochs, layers=hint_layers)
@@ -400,7 +317,7 @@ class KnowledgeRoutes(nn.Module):
     ) -> dict[str, list[str]]:
         """Ask every route which layers it reads; a network without ``feature_layers`` gets its default layer
         (when ``networks`` has it), and routes with ``layers: "multi"`` (or ``"encoder"``, ``"decoder"``) get
-        depths found by a probe forward on ``example_inputs()`` (:class:`~medkd.knowledge.route_kinds.LayerDefaults`).
+        depths found by a probe forward on ``example_inputs()`` (:class:`~medkd.knowledge.route.LayerDefaults`).
         Returns the layers by network name."""
         defaults = LayerDefaults(self.feature_layers, networks, example_inputs)
         layers: dict[str, list[str]] = {}

@@ -22,7 +22,7 @@ from medkd.data.loading import DataError, load_datalist
 from medkd.errors import ConfigError
 from medkd.planning.fingerprint import fingerprint_dataset
 from medkd.planning.plan import BUDGETS, device_kind, make_settings, validation_interval
-from medkd.training.distributed import rank0_first
+from medkd.runtime.distributed import rank0_first
 
 __all__ = [
     "PLAN_FILE",
@@ -359,7 +359,7 @@ def show_plan(
         why, ``parameters``, the plan's ``reasons``), which the bundles keep beside the checkpoints
         (:class:`~medkd.training.handlers.ResumeCheckpoint`'s ``settings``).
     """
-    from medkd.training.distributed import is_not_rank0
+    from medkd.runtime.distributed import is_not_rank0
 
     source = getattr(plan, "source", "plan")
     lines = [f"settings from {source}; a --KEY override wins:"]

@@ -53,6 +53,7 @@ from medkd.bundles import (
     SEED,
     STUDENTS,
     STUDENTS_HISTORY,
+    TEACHER,
     TEACHER_CKPT,
     TEACHER_DEF,
     TEACHER_EPOCH,
@@ -64,7 +65,7 @@ from medkd.bundles import (
     stage_workflow,
 )
 from medkd.errors import ConfigError
-from medkd.knowledge.routes import PAPER_PRESETS, PRESETS, TEACHER
+from medkd.knowledge.routes import PAPER_PRESETS, PRESETS
 from medkd.knowledge.teacher import teacher_checkpoint, teacher_is_read
 from medkd.tools.jobs import Job, JobPool, JobsFailed, threads_per_job, visible_gpus
 from medkd.tools.overlays import OVERLAYS_DIR, methods_page

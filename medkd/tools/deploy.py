@@ -44,11 +44,11 @@ from medkd.bundles import (
     NETWORKS,
     OUTPUT_DIR,
     RESULTS_JSON,
+    TEACHER,
     stage_config,
     stage_files,
 )
 from medkd.errors import ConfigError
-from medkd.knowledge.routes import TEACHER
 from medkd.tools.report import markdown_table
 from medkd.training.checkpoints import (
     check_trained_inputs,

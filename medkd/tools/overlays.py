@@ -26,9 +26,9 @@ from monai.utils import ImageMetaKey
 from monai.utils.enums import CommonKeys as Keys
 from monai.visualize import blend_images
 
+from medkd.bundles import TEACHER
 from medkd.data.cases import case_name
 from medkd.errors import ConfigError
-from medkd.knowledge.routes import TEACHER
 from medkd.training.evaluators import ENSEMBLE, pred_key
 
 __all__ = [

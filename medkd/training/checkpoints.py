@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -15,7 +14,8 @@ import torch
 from torch import nn
 
 from medkd.errors import MedkdError
-from medkd.training.distributed import unwrap
+from medkd.runtime.distributed import unwrap
+from medkd.runtime.files import atomic_torch_save
 
 __all__ = [
     "CheckpointError",
@@ -23,7 +23,6 @@ __all__ = [
     "load_network_weights",
     "check_trained_inputs",
     "trained_files",
-    "atomic_save",
     "save_or_explain",
     "set_aside",
     "keep_previous",
@@ -144,28 +143,11 @@ def trained_files(load_dir: str | os.PathLike, networks: Iterable[str]) -> dict[
     return {name: Path(load_dir) / checkpoint_file(name) for name in networks}
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: a crash or a full disk leaves the
-    previous file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_or_explain(obj: Any, path: str | os.PathLike) -> None:
-    """:func:`atomic_save`, turning a failed write (full disk, no permission) into a :class:`CheckpointError` that
-    says the previous file is intact and what to do."""
+    """:func:`medkd.runtime.files.atomic_torch_save`, turning a failed write (full disk, no permission) into a
+    :class:`CheckpointError` that says the previous file is intact and what to do."""
     try:
-        atomic_save(obj, path)
+        atomic_torch_save(obj, path)
     except OSError as e:
         kept = f"the previous {path} is intact" if Path(path).exists() else f"no earlier {path} existed"
         raise CheckpointError(

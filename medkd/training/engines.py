@@ -17,14 +17,16 @@ from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 from torch.optim import Optimizer
 
+from medkd.bundles import TEACHER
 from medkd.errors import ConfigError, UserErrorsFirst
-from medkd.knowledge.routes import TEACHER, KnowledgeRoutes, Route
-from medkd.knowledge.teacher import Teacher, check_teacher_mode, make_teacher
+from medkd.knowledge.routes import KnowledgeRoutes, Route
+from medkd.knowledge.teacher import check_teacher_mode
 from medkd.knowledge.teacher_cache import TeacherCache
+from medkd.runtime.distributed import unwrap
+from medkd.runtime.layout import channels_last as to_channels_last
 from medkd.training.compiling import compile_in_place, compiled_inferer
-from medkd.training.distributed import unwrap
-from medkd.training.layout import channels_last as to_channels_last
 from medkd.training.mixing import BatchMixer, MixedBatch
+from medkd.training.teachers import Teacher, make_teacher
 
 __all__ = ["DistillationTrainer", "TeacherTrainer", "LOSSES", "iteration_losses", "student_optimizers"]
 
@@ -61,7 +63,7 @@ class TeacherTrainer(UserErrorsFirst, SupervisedTrainer):
 
     Every medkd engine puts the networks it runs on its own ``device`` (MONAI's engines leave that to the caller),
     so a bundle never has to, converts it to the channels-last layout with ``channels_last``
-    (:mod:`medkd.training.layout`) and compiles it in place with ``compile`` (:mod:`medkd.training.compiling`); the
+    (:mod:`medkd.runtime.layout`) and compiles it in place with ``compile`` (:mod:`medkd.training.compiling`); the
     other arguments are those of ``SupervisedTrainer``.
     """
 
@@ -98,8 +100,8 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
     """Train students with a teacher and with each other, along knowledge routes (see ``medkd.knowledge.routes``).
 
     One iteration (:meth:`_iteration`) runs the teacher once (frozen: no grad, see
-    :class:`medkd.knowledge.teacher.FrozenTeacher`; online: trained, see
-    :class:`medkd.knowledge.teacher.OnlineTeacher`), every student forward, the supervised loss of each student plus
+    :class:`medkd.training.teachers.FrozenTeacher`; online: trained, see
+    :class:`medkd.training.teachers.OnlineTeacher`), every student forward, the supervised loss of each student plus
     the weighted terms of the routes that target it (:meth:`medkd.knowledge.routes.KnowledgeRoutes.losses`), an
     online teacher's supervised loss, one backward, and the optimizer of every network trained
     (:attr:`trained_optimizers`). Sources are detached, so each network is updated only by its own loss. It fires
@@ -120,7 +122,7 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
         optimizers: one optimizer per student, same names. Route adapters are added to the target student's
             optimizer as an extra parameter group.
         loss_function: supervised loss ``(logits, label) -> loss`` (e.g. ``DiceCELoss``, ``CrossEntropyLoss``).
-        teacher: the teacher network, in the role ``teacher_mode`` names, or a :class:`medkd.knowledge.teacher.Teacher`
+        teacher: the teacher network, in the role ``teacher_mode`` names, or a :class:`medkd.training.teachers.Teacher`
             (used as it is). A frozen teacher is needed when a route starts at it, ignored (not loaded, not run)
             otherwise; an online teacher is always trained.
         teacher_checkpoint: optional path of the teacher network's weights, loaded before training (an online
@@ -134,8 +136,8 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
             hit is checked against a recomputed teacher forward (``verify=True``, the default).
         nan_policy: ``"raise"`` stops on a non-finite loss (an online teacher's included) naming the iteration and
             term, ``"skip"`` skips that step with a warning, ``"ignore"`` does not check (no host sync).
-        teacher_mode: ``"frozen"`` (the offline teacher, :class:`medkd.knowledge.teacher.FrozenTeacher`) or ``"online"``
-            (trained with the students by its supervised loss, :class:`medkd.knowledge.teacher.OnlineTeacher`; no
+        teacher_mode: ``"frozen"`` (the offline teacher, :class:`medkd.training.teachers.FrozenTeacher`) or ``"online"``
+            (trained with the students by its supervised loss, :class:`medkd.training.teachers.OnlineTeacher`; no
             ``teacher_cache``).
         teacher_optimizer: the online teacher's optimizer (required online), stepped with the students' ones.
         amp: autocast the forward passes; ``amp_kwargs={"dtype": torch.bfloat16}`` for bf16. A gradient scaler is
@@ -143,7 +145,7 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
         compile: ``torch.compile`` the teacher and the students in place (:mod:`medkd.training.compiling`), with the
             routes' feature hooks traced in; ``compile_kwargs`` are ``torch.compile``'s.
         channels_last: convert the teacher, the students and the routes' adapters to the channels-last layout
-            (:mod:`medkd.training.layout`).
+            (:mod:`medkd.runtime.layout`).
         mixing: optional :class:`medkd.training.mixing.BatchMixer` (mixup or cutmix): each batch is mixed before the
             forwards, so the teacher and the students see the same mixed images, and the supervised losses follow
             the mixing (:meth:`medkd.training.mixing.MixedBatch.loss`); no ``teacher_cache``.

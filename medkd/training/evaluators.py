@@ -25,10 +25,10 @@ from monai.utils import ImageMetaKey
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
+from medkd.bundles import TEACHER
 from medkd.errors import ConfigError, UserErrorsFirst
-from medkd.knowledge.routes import TEACHER
+from medkd.runtime.layout import channels_last as to_channels_last
 from medkd.training.compiling import compiled_inferer
-from medkd.training.layout import channels_last as to_channels_last
 from medkd.training.surface_metrics import HD95Metric, NSDMetric
 
 __all__ = [
@@ -154,7 +154,7 @@ class MultiNetworkEvaluator(UserErrorsFirst, Evaluator):
             e.g. :func:`ensemble_members`); empty for none.
         compile: ``torch.compile`` the networks in place (once: a trainer's networks may be compiled already) and
             feed them plain tensors (:mod:`medkd.training.compiling`); ``compile_kwargs`` are ``torch.compile``'s.
-        channels_last: convert the networks to the channels-last layout (:mod:`medkd.training.layout`).
+        channels_last: convert the networks to the channels-last layout (:mod:`medkd.runtime.layout`).
         Other arguments are those of ``monai.engines.SupervisedEvaluator``.
     """
 
@@ -252,7 +252,7 @@ class MultiNetworkEvaluator(UserErrorsFirst, Evaluator):
 
 class SingleNetworkEvaluator(UserErrorsFirst, SupervisedEvaluator):
     """MONAI's ``SupervisedEvaluator`` (one network, output ``pred``), with the network moved to the evaluator's
-    device, with ``channels_last`` converted to the channels-last layout (:mod:`medkd.training.layout`) and, with
+    device, with ``channels_last`` converted to the channels-last layout (:mod:`medkd.runtime.layout`) and, with
     ``compile``, compiled in place (:mod:`medkd.training.compiling`); used for inference. The other arguments are
     those of ``SupervisedEvaluator``."""
 

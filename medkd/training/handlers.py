@@ -22,6 +22,7 @@ from medkd.bundles import checkpoint_file, snapshot_file
 from medkd.knowledge.routes import Route
 from medkd.knowledge.teacher import check_snapshot_epochs
 from medkd.planning.planfile import write_plan
+from medkd.runtime.distributed import unwrap
 from medkd.training.checkpoints import (
     CheckpointError,
     keep_previous,
@@ -29,7 +30,6 @@ from medkd.training.checkpoints import (
     load_network_weights,
     save_or_explain,
 )
-from medkd.training.distributed import unwrap
 from medkd.training.engines import iteration_losses
 from medkd.training.evaluators import metric_name
 from medkd.training.random_states import DataPass, RandomStates

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 import torch
 from ignite.engine import Engine, Events
 
+from medkd.errors import ConfigError
+
 __all__ = ["PolyLR", "poly_factor"]
 
 
@@ -39,8 +41,6 @@ class PolyLR:
         max_epochs: int | None = None,
     ) -> None:
         if not power >= 0:
-            from medkd.errors import ConfigError
-
             raise ConfigError(f"lr_decay_power must be a number >= 0 (0 keeps the learning rate), got {power!r}.")
         self.optimizers = optimizers
         self.power = float(power)

@@ -22,8 +22,9 @@ from typing import Any
 
 from torch import nn
 
-from medkd.knowledge.routes import PRESETS, TEACHER, Route, parse_routes, preset_routes
-from medkd.training.distributed import unwrap
+from medkd.bundles import TEACHER
+from medkd.knowledge.routes import PRESETS, Route, parse_routes, preset_routes
+from medkd.runtime.distributed import unwrap
 
 __all__ = [
     "run_fingerprint",

@@ -26,7 +26,7 @@ _FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}  # by the rank of
 def channels_last(networks: Iterable[nn.Module]) -> None:
     """Convert every 4-d (2D convolution) and 5-d (3D convolution) parameter and buffer of each network, in place, to
     the channels-last layout of its rank (a wrapped network, ``DistributedDataParallel`` or compiled, inside).
-    Convert before wrapping in ``DistributedDataParallel`` (:func:`medkd.training.distributed.wrap_ddp` takes
+    Convert before wrapping in ``DistributedDataParallel`` (:func:`medkd.runtime.distributed.wrap_ddp` takes
     ``channels_last``), so that its gradient buckets have the layout."""
     for network in networks:
         for tensor in [*network.parameters(), *network.buffers()]:
