@@ -32,8 +32,9 @@ from medkd.planning import (
     read_plan,
     scale_channels,
 )
-from medkd.planning.fingerprint import fingerprint_dataset, lateral_by_name, lateral_by_position
-from medkd.planning.plan import BUDGETS, target_spacing
+from medkd.planning.fingerprint import fingerprint_dataset
+from medkd.planning.lateral import lateral_by_name, lateral_by_position
+from medkd.planning.plan import SegmentationPlanner, SegmentationPlanner3D
 from medkd.validation import check_patch_size, total_stride
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -186,7 +187,7 @@ def test_normalization_per_channel(tmp_path):
 )  # fmt: skip
 def test_patch_and_batch_fit_the_budget_and_strides_divide_the_patch(size, spacing, device):
     settings, reasons = make_settings(fake_fingerprint(size, spacing), device=device)
-    budget = BUDGETS["segmentation"][device]["voxels"]
+    budget = SegmentationPlanner.budgets[device]["voxels"]
     patch, dims = settings["patch_size"], len(size)
     patches = settings["batch_size"] * settings.get("samples_per_volume", 1)
     assert patches >= 2 and math.prod(patch) * patches <= budget, (patch, patches)
@@ -218,16 +219,16 @@ def test_gpu_plans_larger_batches_and_more_iterations_than_cpu():
     def iterations(s):
         return s["max_epochs"] * (s["iterations_per_epoch"] or math.ceil(4000 / s["batch_size"]))
 
-    assert iterations(gpu) > iterations(cpu) >= BUDGETS["segmentation"]["cpu"]["iterations"]
+    assert iterations(gpu) > iterations(cpu) >= SegmentationPlanner.budgets["cpu"]["iterations"]
 
 
 def test_target_spacing_follows_nnunet_for_thick_slices():
-    iso = fake_fingerprint([128, 128, 128], [1.0, 1.0, 1.2])
-    assert target_spacing(iso)[0] == [1.0, 1.0, 1.2]  # median
+    iso = SegmentationPlanner3D(fake_fingerprint([128, 128, 128], [1.0, 1.0, 1.2]))
+    assert iso.determine_spacing() == [1.0, 1.0, 1.2]  # median
     thick = fake_fingerprint([512, 512, 30], [0.7, 0.7, 5.0])
     thick["spacing"]["percentile_10"] = [0.6, 0.6, 3.0]
-    spacing, reason = target_spacing(thick)
-    assert spacing == [0.7, 0.7, 3.0] and "10th percentile" in reason
+    planner = SegmentationPlanner3D(thick)
+    assert planner.determine_spacing() == [0.7, 0.7, 3.0] and "10th percentile" in planner.reasons["pixdim"]
 
 
 # ---------------------------------------------------------------------------------------------- lateral classes

@@ -1,7 +1,8 @@
 """Self-configuring bundles: measure a dataset (fingerprint), decide the bundle settings from it (plan).
 
 * :mod:`medkd.planning.fingerprint`: what the data are (spacing, sizes, intensities, classes, lateral classes);
-* :mod:`medkd.planning.plan`: the settings decided from a fingerprint, with a reason for each;
+* :mod:`medkd.planning.lateral`: lateral classes, by name and by position;
+* :mod:`medkd.planning.plan`: the planners, which decide the settings from a fingerprint, with a reason for each;
 * :mod:`medkd.planning.planfile`: the plan file, and the bundles' entry points (:func:`bundle_plan`, :func:`show_plan`);
 * :mod:`medkd.planning.transforms`: the planned normalisation and augmentation as MONAI transforms.
 

@@ -6,7 +6,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from medkd.data.held_out import SPLIT_FILE, bundle_datalists, lists_to_hold_out
+import torch
+
+from medkd.data.checks import infer_task
+from medkd.data.held_out import SPLIT_FILE, bundle_datalists, lists_to_hold_out, nnunet_raw
+from medkd.data.loading import load_datalist
 from medkd.planning.planfile import PLAN_FILE, make_plan, summary, write_plan
 from medkd.training.checkpoints import set_aside
 
@@ -15,8 +19,6 @@ __all__ = ["add_plan_parser", "plan_command"]
 
 def plan_command(args: argparse.Namespace) -> int:
     """Run ``plan``: write ``<dataset_dir>/medkd_plan.json`` (or ``--output``) and print its summary."""
-    import torch
-
     dataset_dir = Path(args.dataset_dir).expanduser()
     datalist = Path(args.datalist).expanduser() if args.datalist else dataset_dir / "dataset.json"
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -49,10 +51,6 @@ def _datalists(datalist: Path, dataset_dir: Path, task: str | None) -> str | dic
     missing = lists_to_hold_out(datalist)
     if not missing:
         return str(datalist)
-    from medkd.data.checks import infer_task
-    from medkd.data.held_out import nnunet_raw
-    from medkd.data.loading import load_datalist
-
     if task is None:  # an nnU-Net raw dataset lists no cases: its labels are label maps
         task = "segmentation" if nnunet_raw(datalist) is not None else infer_task(load_datalist(datalist))
     datalists = bundle_datalists(datalist, dataset_dir / SPLIT_FILE, task=task)
