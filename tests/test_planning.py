@@ -4,7 +4,10 @@ reading it (tiny 2D/3D data written here)."""
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -21,14 +24,17 @@ from medkd.bundles import stage_config
 from medkd.data.loading import DataError
 from medkd.errors import ConfigError, user_error
 from medkd.planning import (
+    PLAN_FILE,
     NormalizeIntensityd,
     augmentations,
     auto_plan,
+    data_file,
     lateral_flips,
     lateral_rot90,
     load_or_make,
     make_plan,
     make_settings,
+    planfile,
     read_plan,
     scale_channels,
 )
@@ -502,6 +508,44 @@ def test_plan_command_plans_from_the_lists_the_bundles_hold_out(tmp_path, capsys
     plan = read_plan(root / "medkd_plan.json")
     assert plan["data"] == datalist_digest(dict.fromkeys(("training", "validation"), split))
     assert plan["fingerprint"]["cases"] == len(json.loads(split.read_text())["training"]) + 1  # and 1 validation
+
+
+def _read_only(root, monkeypatch):
+    """Make ``root`` read-only; where chmod does not stop this user (root), the check medkd makes says so."""
+    root.chmod(0o555)
+    if os.access(root, os.W_OK):
+        monkeypatch.setattr(planfile, "writable", lambda folder: Path(folder).resolve() != root.resolve())
+
+
+def test_a_read_only_data_folder_gets_its_plan_and_split_beside_the_run_outputs(tmp_path, monkeypatch, caplog):
+    root = lateral_data(tmp_path / "data")
+    datalist = json.loads((root / "dataset.json").read_text())
+    datalist = {"labels": datalist["labels"], "training": datalist["training"] + datalist["validation"]}
+    (root / "dataset.json").write_text(json.dumps(datalist))  # no validation list: the bundle makes a split file
+    run = tmp_path / "run"
+    _read_only(root, monkeypatch)
+    try:
+        parser = stage_config(BUNDLES / "segmentation_2d", "train", {"dataset_dir": str(root), "bundle_root": str(run)})
+        with caplog.at_level(logging.INFO, logger="medkd.planning"):
+            parser.get_parsed_content("pixdim")
+        assert sorted(p.name for p in root.iterdir()) == ["dataset.json", "images", "labels"]  # nothing written
+        assert f"{root} is read-only: medkd_plan.json is read from and written to {run / PLAN_FILE}" in caplog.text
+        plan = read_plan(run / PLAN_FILE)
+        assert Path(plan["data"]["training"]["file"]).resolve() == (run / "medkd_splits.json").resolve()
+        plan["settings"]["patch_size"] = [24, 24]  # the next run reads them from there
+        (run / PLAN_FILE).write_text(json.dumps(plan))
+        parser = stage_config(
+            BUNDLES / "segmentation_2d", "evaluate", {"dataset_dir": str(root), "bundle_root": str(run)}
+        )
+        assert parser.get_parsed_content("inferer").roi_size == [24, 24]
+        assert data_file(root, "dataset.json", run) == str(root / "dataset.json")  # a file there is read from there
+        cwd = tmp_path / "cwd"
+        cwd.mkdir()
+        monkeypatch.chdir(cwd)
+        assert main(["plan", "--dataset-dir", str(root)]) == 0  # the command writes into the current folder
+        assert (cwd / PLAN_FILE).is_file() and (cwd / "medkd_splits.json").is_file()
+    finally:
+        root.chmod(0o755)
 
 
 @pytest.mark.parametrize("field", ["modality", "channel_names"])  # Decathlon's name, nnU-Net v2's

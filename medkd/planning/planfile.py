@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from medkd.data.synthetic import is_default_data
 from medkd.errors import ConfigError
 from medkd.planning.fingerprint import fingerprint_dataset
 from medkd.planning.plan import make_planner, validation_interval
+from medkd.runtime.files import atomic_write_text
 from medkd.training.distributed import is_not_rank0, rank0_first
 from medkd.training.run_fingerprint import datalist_digest
 from medkd.validation import RENAMED, bundle_hint
@@ -44,6 +44,8 @@ __all__ = [
     "lateral_rot90",
     "auto_plan",
     "current_keys",
+    "data_file",
+    "writable",
 ]
 
 PLAN_FILE = "medkd_plan.json"
@@ -203,22 +205,36 @@ def write_plan(plan: Mapping[str, Any], path: PathLike, key: str = "plan_file") 
     that names ``path``, for the error message."""
     path = Path(path).expanduser()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".medkd_plan.", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            f.write(_dumps(plan) + "\n")
-        os.replace(tmp, path)
+        return atomic_write_text(path, _dumps(plan) + "\n")
     except OSError as e:
         raise ConfigError(
             f"cannot write {path} ({e}); pass --{key} a writable path (e.g. in the bundle's folder)."
         ) from e
-    return path
 
 
 def _dumps(plan: Mapping[str, Any]) -> str:
     """Indented JSON with short lists (sizes, spacings, strides) on one line."""
     text = json.dumps(plan, indent=2, default=str)
     return re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + re.sub(r"\s*\n\s*", " ", m.group(1)) + "]", text)
+
+
+def writable(folder: PathLike) -> bool:
+    """Whether medkd may write files into ``folder``: it is missing (made when written to), or writable."""
+    return not os.path.isdir(folder) or os.access(folder, os.W_OK)
+
+
+def data_file(dataset_dir: PathLike, name: str, bundle_root: PathLike) -> str:
+    """Where a bundle keeps a file it makes from the data once (its ``plan_file``, ``split_file``):
+    ``<dataset_dir>/<name>``, or, when that folder is read-only and holds no such file, ``<bundle_root>/<name>``,
+    beside the run's outputs (``models``, ``eval``), where the next run reads it; that case is logged."""
+    dataset_dir = os.path.expanduser(dataset_dir)
+    in_data = os.path.join(dataset_dir, name)
+    if os.path.isfile(in_data) or writable(dataset_dir):
+        return in_data
+    beside = os.path.join(os.path.expanduser(bundle_root), name)
+    if not is_not_rank0():
+        logger.info("%s is read-only: %s is read from and written to %s", dataset_dir, name, beside)
+    return beside
 
 
 def read_plan(path: PathLike) -> dict[str, Any]:
