@@ -7,7 +7,6 @@ review its diff."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -138,4 +137,3 @@ if __name__ == "__main__":
 
     with tempfile.TemporaryDirectory() as tmp:
         _record(Path(tmp))
-    sys.exit(0)
