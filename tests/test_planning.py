@@ -4,7 +4,10 @@ reading it (tiny 2D/3D data written here)."""
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -21,19 +24,23 @@ from medkd.bundles import stage_config
 from medkd.data.loading import DataError
 from medkd.errors import ConfigError, user_error
 from medkd.planning import (
+    PLAN_FILE,
     NormalizeIntensityd,
     augmentations,
     auto_plan,
+    data_file,
     lateral_flips,
     lateral_rot90,
     load_or_make,
     make_plan,
     make_settings,
+    planfile,
     read_plan,
     scale_channels,
 )
-from medkd.planning.fingerprint import fingerprint_dataset, lateral_by_name, lateral_by_position
-from medkd.planning.plan import BUDGETS, target_spacing
+from medkd.planning.fingerprint import fingerprint_dataset
+from medkd.planning.lateral import lateral_by_name, lateral_by_position
+from medkd.planning.plan import SegmentationPlanner, SegmentationPlanner3D
 from medkd.validation import check_patch_size, total_stride
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -186,7 +193,7 @@ def test_normalization_per_channel(tmp_path):
 )  # fmt: skip
 def test_patch_and_batch_fit_the_budget_and_strides_divide_the_patch(size, spacing, device):
     settings, reasons = make_settings(fake_fingerprint(size, spacing), device=device)
-    budget = BUDGETS["segmentation"][device]["voxels"]
+    budget = SegmentationPlanner.budgets[device]["voxels"]
     patch, dims = settings["patch_size"], len(size)
     patches = settings["batch_size"] * settings.get("samples_per_volume", 1)
     assert patches >= 2 and math.prod(patch) * patches <= budget, (patch, patches)
@@ -218,16 +225,16 @@ def test_gpu_plans_larger_batches_and_more_iterations_than_cpu():
     def iterations(s):
         return s["max_epochs"] * (s["iterations_per_epoch"] or math.ceil(4000 / s["batch_size"]))
 
-    assert iterations(gpu) > iterations(cpu) >= BUDGETS["segmentation"]["cpu"]["iterations"]
+    assert iterations(gpu) > iterations(cpu) >= SegmentationPlanner.budgets["cpu"]["iterations"]
 
 
 def test_target_spacing_follows_nnunet_for_thick_slices():
-    iso = fake_fingerprint([128, 128, 128], [1.0, 1.0, 1.2])
-    assert target_spacing(iso)[0] == [1.0, 1.0, 1.2]  # median
+    iso = SegmentationPlanner3D(fake_fingerprint([128, 128, 128], [1.0, 1.0, 1.2]))
+    assert iso.determine_spacing() == [1.0, 1.0, 1.2]  # median
     thick = fake_fingerprint([512, 512, 30], [0.7, 0.7, 5.0])
     thick["spacing"]["percentile_10"] = [0.6, 0.6, 3.0]
-    spacing, reason = target_spacing(thick)
-    assert spacing == [0.7, 0.7, 3.0] and "10th percentile" in reason
+    planner = SegmentationPlanner3D(thick)
+    assert planner.determine_spacing() == [0.7, 0.7, 3.0] and "10th percentile" in planner.reasons["pixdim"]
 
 
 # ---------------------------------------------------------------------------------------------- lateral classes
@@ -501,6 +508,44 @@ def test_plan_command_plans_from_the_lists_the_bundles_hold_out(tmp_path, capsys
     plan = read_plan(root / "medkd_plan.json")
     assert plan["data"] == datalist_digest(dict.fromkeys(("training", "validation"), split))
     assert plan["fingerprint"]["cases"] == len(json.loads(split.read_text())["training"]) + 1  # and 1 validation
+
+
+def _read_only(root, monkeypatch):
+    """Make ``root`` read-only; where chmod does not stop this user (root), the check medkd makes says so."""
+    root.chmod(0o555)
+    if os.access(root, os.W_OK):
+        monkeypatch.setattr(planfile, "writable", lambda folder: Path(folder).resolve() != root.resolve())
+
+
+def test_a_read_only_data_folder_gets_its_plan_and_split_beside_the_run_outputs(tmp_path, monkeypatch, caplog):
+    root = lateral_data(tmp_path / "data")
+    datalist = json.loads((root / "dataset.json").read_text())
+    datalist = {"labels": datalist["labels"], "training": datalist["training"] + datalist["validation"]}
+    (root / "dataset.json").write_text(json.dumps(datalist))  # no validation list: the bundle makes a split file
+    run = tmp_path / "run"
+    _read_only(root, monkeypatch)
+    try:
+        parser = stage_config(BUNDLES / "segmentation_2d", "train", {"dataset_dir": str(root), "bundle_root": str(run)})
+        with caplog.at_level(logging.INFO, logger="medkd.planning"):
+            parser.get_parsed_content("pixdim")
+        assert sorted(p.name for p in root.iterdir()) == ["dataset.json", "images", "labels"]  # nothing written
+        assert f"{root} is read-only: medkd_plan.json is read from and written to {run / PLAN_FILE}" in caplog.text
+        plan = read_plan(run / PLAN_FILE)
+        assert Path(plan["data"]["training"]["file"]).resolve() == (run / "medkd_splits.json").resolve()
+        plan["settings"]["patch_size"] = [24, 24]  # the next run reads them from there
+        (run / PLAN_FILE).write_text(json.dumps(plan))
+        parser = stage_config(
+            BUNDLES / "segmentation_2d", "evaluate", {"dataset_dir": str(root), "bundle_root": str(run)}
+        )
+        assert parser.get_parsed_content("inferer").roi_size == [24, 24]
+        assert data_file(root, "dataset.json", run) == str(root / "dataset.json")  # a file there is read from there
+        cwd = tmp_path / "cwd"
+        cwd.mkdir()
+        monkeypatch.chdir(cwd)
+        assert main(["plan", "--dataset-dir", str(root)]) == 0  # the command writes into the current folder
+        assert (cwd / PLAN_FILE).is_file() and (cwd / "medkd_splits.json").is_file()
+    finally:
+        root.chmod(0o755)
 
 
 @pytest.mark.parametrize("field", ["modality", "channel_names"])  # Decathlon's name, nnU-Net v2's

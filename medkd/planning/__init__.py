@@ -1,7 +1,8 @@
 """Self-configuring bundles: measure a dataset (fingerprint), decide the bundle settings from it (plan).
 
 * :mod:`medkd.planning.fingerprint`: what the data are (spacing, sizes, intensities, classes, lateral classes);
-* :mod:`medkd.planning.plan`: the settings decided from a fingerprint, with a reason for each;
+* :mod:`medkd.planning.lateral`: lateral classes, by name and by position;
+* :mod:`medkd.planning.plan`: the planners, which decide the settings from a fingerprint, with a reason for each;
 * :mod:`medkd.planning.planfile`: the plan file, and the bundles' entry points (:func:`bundle_plan`, :func:`show_plan`);
 * :mod:`medkd.planning.transforms`: the planned normalisation and augmentation as MONAI transforms.
 
@@ -14,6 +15,7 @@ from medkd.planning.planfile import (
     BundlePlan,
     auto_plan,
     bundle_plan,
+    data_file,
     lateral_flips,
     lateral_rot90,
     load_or_make,
@@ -32,6 +34,7 @@ __all__ = [
     "augmentations",
     "auto_plan",
     "bundle_plan",
+    "data_file",
     "lateral_flips",
     "lateral_rot90",
     "load_or_make",

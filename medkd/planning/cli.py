@@ -6,22 +6,26 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from medkd.data.held_out import SPLIT_FILE, bundle_datalists, lists_to_hold_out
-from medkd.planning.planfile import PLAN_FILE, make_plan, summary, write_plan
+import torch
+
+from medkd.data.checks import infer_task
+from medkd.data.held_out import SPLIT_FILE, bundle_datalists, lists_to_hold_out, nnunet_raw
+from medkd.data.loading import load_datalist
+from medkd.planning.planfile import PLAN_FILE, data_file, make_plan, summary, write_plan
 from medkd.training.checkpoints import set_aside
 
 __all__ = ["add_plan_parser", "plan_command"]
 
 
 def plan_command(args: argparse.Namespace) -> int:
-    """Run ``plan``: write ``<dataset_dir>/medkd_plan.json`` (or ``--output``) and print its summary."""
-    import torch
-
+    """Run ``plan``: write ``<dataset_dir>/medkd_plan.json`` (or ``--output``; the current folder for a read-only
+    dataset folder) and print its summary."""
     dataset_dir = Path(args.dataset_dir).expanduser()
     datalist = Path(args.datalist).expanduser() if args.datalist else dataset_dir / "dataset.json"
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    beside = Path(args.output).expanduser().parent if args.output else Path.cwd()
     plan = make_plan(
-        _datalists(datalist, dataset_dir, args.task),
+        _datalists(datalist, dataset_dir, args.task, Path(data_file(dataset_dir, SPLIT_FILE, beside))),
         task=args.task,
         base_dir=args.base_dir or (str(dataset_dir) if not args.datalist else None),
         class_names=args.class_names.split(",") if args.class_names else None,
@@ -32,7 +36,7 @@ def plan_command(args: argparse.Namespace) -> int:
         total_iterations=args.iterations,
         lateral=args.lateral,
     )
-    output = Path(args.output).expanduser() if args.output else dataset_dir / PLAN_FILE
+    output = Path(args.output).expanduser() if args.output else Path(data_file(dataset_dir, PLAN_FILE, beside))
     moved = set_aside([output])
     write_plan(plan, output)
     print(summary(plan, output))
@@ -43,19 +47,15 @@ def plan_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _datalists(datalist: Path, dataset_dir: Path, task: str | None) -> str | dict[str, str]:
+def _datalists(datalist: Path, dataset_dir: Path, task: str | None, split_file: Path) -> str | dict[str, str]:
     """The datalist, or the bundles' split file (made now when missing) where it lacks validation or test lists, so
     that the plan is made from the lists the bundles read (:mod:`medkd.data.held_out`)."""
     missing = lists_to_hold_out(datalist)
     if not missing:
         return str(datalist)
-    from medkd.data.checks import infer_task
-    from medkd.data.held_out import nnunet_raw
-    from medkd.data.loading import load_datalist
-
     if task is None:  # an nnU-Net raw dataset lists no cases: its labels are label maps
         task = "segmentation" if nnunet_raw(datalist) is not None else infer_task(load_datalist(datalist))
-    datalists = bundle_datalists(datalist, dataset_dir / SPLIT_FILE, task=task)
+    datalists = bundle_datalists(datalist, split_file, task=task)
     print(f"{datalist} lacks {' and '.join(missing)}: the lists are in {datalists['training']}")
     return datalists
 
@@ -83,7 +83,8 @@ def add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="default: classification when every label is an integer class index")  # fmt: skip
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="the training device, which sets the budget (default: cuda when available)")  # fmt: skip
-    p.add_argument("--output", default=None, help=f"plan file (default: <dataset-dir>/{PLAN_FILE})")
+    p.add_argument("--output", default=None,
+                   help=f"plan file (default: <dataset-dir>/{PLAN_FILE}, ./{PLAN_FILE} if read-only)")  # fmt: skip
     p.add_argument("--base-dir", default=None, help="folder relative paths start from (default: the datalist's)")
     p.add_argument("--class-names", default=None, help="comma-separated class names (default: the labels map)")
     p.add_argument("--axcodes", default="auto", help="orientation of the bundle (default: RA in 2D, RAS in 3D)")

@@ -21,135 +21,24 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from monai.transforms import Orientation
+from scipy import ndimage
 
 from medkd.data.channels import is_picture, picture_channels
 from medkd.data.loading import ORIENTATION_LABELS, DataError, LoadMedicalImage, drop_unit_axes
+from medkd.planning.lateral import lateral_classes
 
-__all__ = ["fingerprint_dataset", "name_side", "lateral_by_name", "lateral_by_position", "is_ct_like"]
+__all__ = ["fingerprint_dataset", "is_ct_like"]
 
 logger = logging.getLogger("medkd.planning")
 
-LEFT = frozenset({"left", "l", "lt", "sinister", "sinistra", "sinistrum", "sin"})
-RIGHT = frozenset({"right", "r", "rt", "dexter", "dextra", "dextrum", "dex"})
 SAMPLES_PER_CASE = 10_000  # intensity values kept per image and channel for the percentiles (as nnU-Net)
-POSITION_MARGIN = 0.05  # a centroid is on one side when it is this fraction of the axis away from the centre
-POSITION_AGREEMENT = 0.9  # ... the same way round in at least this fraction of the images holding both classes
 HU_MINIMUM = -500.0  # CT-like: integer values whose minimum is below this (air is -1000 HU)
-
-
-def _tokens(name: str) -> list[str]:
-    """Lower-case words of a class name: split at non-alphanumerics and camel case; ``L1`` stays one token."""
-    words = []
-    for part in re.split(r"[^A-Za-z0-9]+", str(name)):
-        if not part:
-            continue
-        if any(c.isdigit() for c in part):
-            words.append(part)
-        else:
-            words += re.findall(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+", part)
-    return [w.lower() for w in words]
-
-
-def name_side(name: str) -> str | None:
-    """``"left"``, ``"right"`` or ``None`` from the words of a class name (``left_lung``, ``LungR``, ``clavicle
-    lt``, ``ren sinister``)."""
-    words = set(_tokens(name))
-    left, right = bool(words & LEFT), bool(words & RIGHT)
-    return "left" if left and not right else "right" if right and not left else None
-
-
-def _base(name: str) -> str:
-    return " ".join(w for w in _tokens(name) if w not in LEFT | RIGHT)
-
-
-def lateral_by_name(class_names: Sequence[str], background: bool = True) -> tuple[list[tuple[int, int]], list[int]]:
-    """``(pairs, singles)``: ``(left, right)`` class indices whose names differ only by a side word, and classes
-    named with a side but without a partner. With ``background`` (segmentation), class 0 is the background and never
-    lateral; a classifier's class 0 is a finding like the others."""
-    sides = {i: name_side(n) for i, n in enumerate(class_names) if i > 0 or not background}
-    pairs, paired = [], set()
-    for i, side in sides.items():
-        if side != "left":
-            continue
-        partner = next(
-            (
-                j
-                for j, s in sides.items()
-                if s == "right" and j not in paired and _base(class_names[j]) == _base(class_names[i])
-            ),
-            None,
-        )
-        if partner is not None:
-            pairs.append((i, partner))
-            paired |= {i, partner}
-    singles = [i for i, s in sides.items() if s and i not in paired]
-    return pairs, singles
-
-
-def lateral_by_position(
-    centroids: Sequence[Mapping[int, Sequence[float]]],
-    margin: float = POSITION_MARGIN,
-    agreement: float = POSITION_AGREEMENT,
-    min_images: int = 2,
-) -> list[dict]:
-    """Pairs of classes that lie on opposite sides of the image centre along one axis, consistently.
-
-    Args:
-        centroids: per image, ``{class: offset of its centroid from the image centre, per axis, as a fraction of
-            the axis length}`` (-0.5..0.5).
-        margin: how far from the centre (fraction of the axis) a centroid must be to count as on one side.
-        agreement: fraction of the images holding both classes in which they must be on opposite sides, the same
-            way round.
-        min_images: fewest images holding both classes for a decision.
-
-    Returns:
-        ``[{"classes": [a, b], "axis": d, "agreement": f, "images": n}]`` with ``a`` on the low side of axis ``d``
-        (smaller index) in most images.
-    """
-    classes = sorted({c for image in centroids for c in image})
-    found = []
-    for i, a in enumerate(classes):
-        for b in classes[i + 1 :]:
-            both = [(image[a], image[b]) for image in centroids if a in image and b in image]
-            if len(both) < min_images:
-                continue
-            best = None
-            for axis in range(len(both[0][0])):
-                votes = [
-                    (1 if ca[axis] < 0 else -1)
-                    if abs(ca[axis]) > margin and abs(cb[axis]) > margin and (ca[axis] < 0) != (cb[axis] < 0)
-                    else 0
-                    for ca, cb in both
-                ]
-                score = abs(sum(votes)) / len(both)
-                spread = float(np.mean([abs(ca[axis] - cb[axis]) for ca, cb in both]))
-                if score >= agreement and (best is None or (score, spread) > (best[1], best[2])):
-                    best = (axis, score, spread, sum(votes) > 0)
-            if best is not None:
-                axis, score, _, a_low = best
-                pair = [a, b] if a_low else [b, a]
-                found.append({"classes": pair, "axis": axis, "agreement": round(score, 3), "images": len(both)})
-    return found
-
-
-def _side_axis(centroids: Sequence[Mapping[int, Sequence[float]]], c: int, margin: float = POSITION_MARGIN):
-    """The axis along which class ``c`` lies consistently off-centre, or ``None``."""
-    offsets = [image[c] for image in centroids if c in image]
-    if len(offsets) < 2:
-        return None
-    best = None
-    for axis in range(len(offsets[0])):
-        votes = [(1 if o[axis] < 0 else -1) if abs(o[axis]) > margin else 0 for o in offsets]
-        score = abs(sum(votes)) / len(offsets)
-        if score >= POSITION_AGREEMENT and (best is None or score > best[1]):
-            best = (axis, score)
-    return None if best is None else best[0]
 
 
 def is_ct_like(integer: bool, minimum: float, modality: str | None = None) -> bool:
@@ -233,6 +122,170 @@ def _add_region(into: tuple[dict, dict], c: int, region: np.ndarray, rng: np.ran
     m[3], m[4] = min(m[3], float(region.min())), max(m[4], float(region.max()))
 
 
+class _Tally:
+    """What :func:`fingerprint_dataset` adds up over the cases it reads."""
+
+    def __init__(self, task: str, class_names: Sequence[str] | None, label_values: Sequence[int] | None, seed: int):
+        self.task = task
+        self.rng = np.random.default_rng(seed)
+        self.dims_seen: Counter = Counter()
+        self.example: dict[int, str] = {}  # the first image of each dimensionality
+        self.channels_seen: Counter = Counter()
+        self.pictures: Counter = Counter()  # the channels of the PNG, JPEG and BMP files, which the bundles convert
+        self.sizes: list[list[int]] = []
+        self.spacings: list[list[float]] = []
+        self.files: list[str] = []
+        self.samples: dict[int, list[np.ndarray]] = {}
+        self.moments: dict[int, list[float]] = {}  # count, sum, sum of squares, min, max over the sampled region
+        self.whole: dict[int, list[float]] = {}  # whole-image min, max; integral values
+        self.empty: tuple[dict, dict] = ({}, {})  # samples and moments of the cases without foreground
+        self.num_classes = len(class_names) if class_names else 0
+        self.to_index = _index_table(label_values) if task == "segmentation" and label_values is not None else None
+        self.voxels = np.zeros(max(self.num_classes, 1), dtype=np.float64)
+        self.present = np.zeros(max(self.num_classes, 1), dtype=np.int64)
+        self.extents: dict[int, list[list[float]]] = {}
+        self.objects: dict[int, list[int]] = {}
+        self.centroids: list[dict[int, list[float]]] = []
+        self.warnings: list[str] = []
+
+    def add_image(self, image: Any, path: Any) -> tuple[np.ndarray, list[float]]:
+        """Count an image's dimensionality, channels, size and spacing; return its array (a picture's alpha dropped,
+        as the bundles load it) and spacing."""
+        array = np.asarray(image.detach().cpu().numpy() if hasattr(image, "detach") else image)
+        dims = array.ndim - 1
+        self.dims_seen[dims] += 1
+        self.example.setdefault(dims, str(path))
+        if is_picture(path, dims):
+            array = array[: picture_channels(array.shape[0])]
+            self.pictures[array.shape[0]] += 1
+        self.channels_seen[array.shape[0]] += 1
+        spacing = [float(s) for s in np.asarray(getattr(image, "pixdim", [1.0] * dims), dtype=float)[:dims]]
+        self.sizes.append(list(array.shape[1:]))
+        self.spacings.append(spacing)
+        self.files.append(str(path))
+        return array, spacing
+
+    def _grow(self, top: int) -> None:
+        if self.voxels.size < top:
+            self.voxels = np.pad(self.voxels, (0, top - self.voxels.size))
+            self.present = np.pad(self.present, (0, top - self.present.size))
+
+    def add_label_map(self, lab: np.ndarray, label: Any, shape: list[int], spacing: list[float]) -> np.ndarray | None:
+        """Count a label map's classes (voxels, objects, centroids); return its foreground mask, or ``None`` when
+        its shape is not its image's."""
+        if self.to_index is not None:
+            lab = _to_indices(lab, self.to_index, label, self.warnings)
+        if list(lab.shape) != shape:
+            self.warnings.append(f"{label}: label shape {list(lab.shape)} differs from its image {shape}; skipped")
+            return None
+        top = self.num_classes or int(lab.max()) + 1
+        outside = (lab < 0) | (lab >= top)
+        if outside.any():
+            values = np.unique(lab[outside])[:5].astype(int).tolist()
+            self.warnings.append(
+                f"{label}: label values {values} outside 0..{top - 1} counted as background (check-data says how to "
+                "fix them)"
+            )
+            lab = np.where(outside, 0, lab)
+        lab = lab.astype(np.uint8 if top <= 256 else np.int32)
+        self._grow(top)
+        self.centroids.append(_class_stats(lab, spacing, self.voxels, self.present, self.extents, self.objects))
+        return lab > 0
+
+    def add_class_index(self, index: int) -> None:
+        """Count a classification sample of class ``index``."""
+        self._grow(index + 1)
+        self.voxels[index] += 1
+        self.present[index] += 1
+
+    def add_intensities(self, array: np.ndarray, mask: np.ndarray | None) -> None:
+        """Add the foreground (``mask``, else the whole image) of each channel; a case without foreground (a
+        negative case) adds to the foreground statistics nothing, its whole image is used only when no case has
+        foreground."""
+        into = self.empty if mask is not None and not mask.any() else (self.samples, self.moments)
+        for c in range(array.shape[0]):
+            channel = array[c].astype(np.float32)
+            _add_region(into, c, channel[mask] if mask is not None and mask.any() else channel.ravel(), self.rng)
+            probe = channel.ravel()[:: max(1, channel.size // SAMPLES_PER_CASE)]
+            w = self.whole.setdefault(c, [math.inf, -math.inf, 1.0])
+            w[0], w[1] = min(w[0], float(channel.min())), max(w[1], float(channel.max()))
+            w[2] = w[2] and float(np.all(np.mod(probe, 1) == 0))
+
+    def dimensions(self) -> tuple[int, int, bool]:
+        """The spatial dimensions, the most common channel count and whether the bundles convert the pictures to it;
+        :class:`DataError` for images of several dimensionalities."""
+        if len(self.dims_seen) > 1:
+            seen = ", ".join(f"{n} {d}D, e.g. {self.example[d]}" for d, n in sorted(self.dims_seen.items()))
+            raise DataError(
+                f"the datalist mixes images of several dimensionalities ({seen}); a bundle takes one: list 2D and 3D "
+                "images in separate datalists (or convert them)."
+            )
+        channels = self.channels_seen
+        converted = len(channels) > 1 and self.pictures == channels and set(self.pictures) <= {1, 3}
+        if len(channels) > 1 and not converted:
+            self.warnings.append(
+                f"images with different channel counts {dict(sorted(channels.items()))} (channels: images): "
+                "convert them to one (e.g. RGB to greyscale) before training"
+            )
+        return self.dims_seen.most_common(1)[0][0], channels.most_common(1)[0][0], converted
+
+    def intensity(self, modalities: Sequence[str | None]) -> list[dict[str, Any]]:
+        """Per channel: the statistics of the foreground (the whole images when no case has foreground)."""
+        over = "foreground" if self.task == "segmentation" and self.centroids and self.samples else "whole image"
+        for c in self.empty[0]:
+            if c not in self.samples:
+                self.samples[c], self.moments[c] = self.empty[0][c], self.empty[1][c]
+        intensity = []
+        for c in sorted(self.samples):
+            n, s, s2, lo, hi = self.moments[c]
+            mean = s / n
+            whole = self.whole[c]
+            mod = modalities[c] if c < len(modalities) else (modalities[0] if len(modalities) == 1 else None)
+            intensity.append(
+                {"channel": c, "modality": mod, "over": over, "mean": mean,
+                 "std": math.sqrt(max(s2 / n - mean * mean, 0.0)), "min": lo, "max": hi,
+                 **_stats(np.concatenate(self.samples[c])), "image_min": whole[0], "image_max": whole[1],
+                 "integer": bool(whole[2]), "ct_like": is_ct_like(bool(whole[2]), whole[0], mod)}
+            )  # fmt: skip
+        return intensity
+
+    def classes(self, names: Sequence[str], label_values: Sequence[int] | None) -> list[dict[str, Any]]:
+        """Per class: its share of the voxels (segmentation) or samples (classification) and where it is."""
+        voxels, present = self.voxels, self.present
+        total = float(voxels.sum()) or 1.0
+        classes = []
+        for i, name in enumerate(names):
+            row: dict[str, Any] = {"index": i, "name": name}
+            if self.to_index is not None and i < len(label_values):
+                row["value"] = int(label_values[i])
+            if self.task == "segmentation":
+                row["voxel_fraction"] = float(voxels[i] / total) if i < voxels.size else 0.0
+                row["images"] = int(present[i]) if i < present.size else 0
+                if i > 0:
+                    ext = self.extents.get(i)
+                    row["median_extent"] = np.median(np.asarray(ext), 0).tolist() if ext else None
+                    row["objects_per_image"] = float(np.median(self.objects[i])) if self.objects.get(i) else 0.0
+            else:
+                row["sample_fraction"] = float(voxels[i] / total) if i < voxels.size else 0.0
+                row["samples"] = int(present[i]) if i < present.size else 0
+            classes.append(row)
+        return classes
+
+
+def _reader(axcodes: str | None, spatial_dims: int | None):
+    """A function loading an image or label map as the bundles do: channel first, a slice stored as (H, W, 1) 2D,
+    reoriented to ``axcodes`` (images of other dimensions as they are: reported with the files)."""
+    loader = LoadMedicalImage(ensure_channel_first=True, dtype=None)
+    orient = Orientation(axcodes=axcodes, labels=ORIENTATION_LABELS) if axcodes else None
+
+    def load(path: Any) -> Any:
+        image = loader(path)
+        image = image if spatial_dims is None else drop_unit_axes(image, spatial_dims)
+        return orient(image) if orient is not None and len(axcodes) == image.ndim - 1 else image
+
+    return load
+
+
 def fingerprint_dataset(
     lists: Mapping[str, Sequence[Mapping[str, Any]]],
     task: str = "segmentation",
@@ -263,166 +316,28 @@ def fingerprint_dataset(
     Raises:
         DataError: no image, or unreadable images (from the loader).
     """
-    from monai.transforms import Orientation
-
     items = [(key, item) for key, entries in lists.items() for item in entries]
     if not items:
         raise DataError("the datalist has no training or validation entries: nothing to plan from.")
     read = _subset(items, max_cases)
-    rng = np.random.default_rng(seed)
-    loader = LoadMedicalImage(ensure_channel_first=True, dtype=None)
-
-    def load(path: Any) -> Any:  # as the bundles load it: a slice stored as (H, W, 1) is 2D
-        image = loader(path)
-        return image if spatial_dims is None else drop_unit_axes(image, spatial_dims)
-
-    orient = Orientation(axcodes=axcodes, labels=ORIENTATION_LABELS) if axcodes else None
-    modalities = [modality] if isinstance(modality, str) or modality is None else list(modality)
-
-    dims_seen: Counter = Counter()
-    example: dict[int, str] = {}  # the first image of each dimensionality
-    channels_seen: Counter = Counter()
-    pictures: Counter = Counter()  # the channels of the PNG, JPEG and BMP files, which the bundles convert
-    sizes, spacings, files = [], [], []
-    samples: dict[int, list[np.ndarray]] = {}
-    moments: dict[int, list[float]] = {}  # count, sum, sum of squares, min, max over the sampled region
-    whole: dict[int, list[float]] = {}  # whole-image min, max; integral values
-    empty: tuple[dict, dict] = ({}, {})  # samples and moments of the cases without foreground
-    num_classes = len(class_names) if class_names else 0
-    to_index = _index_table(label_values) if task == "segmentation" and label_values is not None else None
-    voxels = np.zeros(max(num_classes, 1), dtype=np.float64)
-    present = np.zeros(max(num_classes, 1), dtype=np.int64)
-    extents: dict[int, list[list[float]]] = {}
-    objects: dict[int, list[int]] = {}
-    centroids: list[dict[int, list[float]]] = []
-    warnings: list[str] = []
-
+    load = _reader(axcodes, spatial_dims)
+    tally = _Tally(task, class_names, label_values, seed)
     for _key, item in read:
-        image = load(item["image"])
-        if orient is not None and len(axcodes) == image.ndim - 1:  # other dimensions: reported below, with the files
-            image = orient(image)
-        array = np.asarray(image.detach().cpu().numpy() if hasattr(image, "detach") else image)
-        dims = array.ndim - 1
-        dims_seen[dims] += 1
-        example.setdefault(dims, str(item["image"]))
-        if is_picture(item["image"], dims):  # its alpha is dropped as the bundles load it
-            array = array[: picture_channels(array.shape[0])]
-            pictures[array.shape[0]] += 1
-        channels_seen[array.shape[0]] += 1
-        shape = list(array.shape[1:])
-        spacing = [float(s) for s in np.asarray(getattr(image, "pixdim", [1.0] * dims), dtype=float)[:dims]]
-        sizes.append(shape)
-        spacings.append(spacing)
-        files.append(str(item["image"]))
-        mask = None
-        label = item.get("label")
+        array, spacing = tally.add_image(load(item["image"]), item["image"])
+        mask, label = None, item.get("label")
         if task == "segmentation" and label is not None and not isinstance(label, int | np.integer):
-            lab = load(label)
-            if orient is not None and len(axcodes) == lab.ndim - 1:
-                lab = orient(lab)
-            lab = np.rint(np.asarray(lab.detach().cpu().numpy())[0])
-            if to_index is not None:
-                lab = _to_indices(lab, to_index, label, warnings)
-            if list(lab.shape) != shape:
-                warnings.append(f"{label}: label shape {list(lab.shape)} differs from its image {shape}; skipped")
-            else:
-                top = num_classes or int(lab.max()) + 1
-                outside = (lab < 0) | (lab >= top)
-                if outside.any():
-                    values = np.unique(lab[outside])[:5].astype(int).tolist()
-                    warnings.append(
-                        f"{label}: label values {values} outside 0..{top - 1} counted as background (check-data "
-                        "says how to fix them)"
-                    )
-                    lab = np.where(outside, 0, lab)
-                lab = lab.astype(np.uint8 if top <= 256 else np.int32)
-                mask = lab > 0
-                if voxels.size < top:
-                    voxels = np.pad(voxels, (0, top - voxels.size))
-                    present = np.pad(present, (0, top - present.size))
-                centroids.append(_class_stats(lab, spacing, voxels, present, extents, objects))
+            lab = np.rint(np.asarray(load(label).detach().cpu().numpy())[0])
+            mask = tally.add_label_map(lab, label, list(array.shape[1:]), spacing)
         elif task == "classification" and label is not None:
-            index = int(label)
-            if voxels.size <= index:
-                voxels = np.pad(voxels, (0, index + 1 - voxels.size))
-                present = np.pad(present, (0, index + 1 - present.size))
-            voxels[index] += 1
-            present[index] += 1
-        # a case without foreground (a negative case) adds to the foreground statistics nothing; its whole image is
-        # used only when no case has foreground
-        into = empty if mask is not None and not mask.any() else (samples, moments)
-        for c in range(array.shape[0]):
-            channel = array[c].astype(np.float32)
-            _add_region(into, c, channel[mask] if mask is not None and mask.any() else channel.ravel(), rng)
-            probe = channel.ravel()[:: max(1, channel.size // SAMPLES_PER_CASE)]
-            w = whole.setdefault(c, [math.inf, -math.inf, 1.0])
-            w[0], w[1] = min(w[0], float(channel.min())), max(w[1], float(channel.max()))
-            w[2] = w[2] and float(np.all(np.mod(probe, 1) == 0))
-
-    if len(dims_seen) > 1:
-        seen = ", ".join(f"{n} {d}D, e.g. {example[d]}" for d, n in sorted(dims_seen.items()))
-        raise DataError(
-            f"the datalist mixes images of several dimensionalities ({seen}); a bundle takes one: list 2D and 3D "
-            "images in separate datalists (or convert them)."
-        )
-    dims = dims_seen.most_common(1)[0][0]
-    in_channels = channels_seen.most_common(1)[0][0]
-    converted = len(channels_seen) > 1 and pictures == channels_seen and set(pictures) <= {1, 3}
-    if len(channels_seen) > 1 and not converted:
-        warnings.append(
-            f"images with different channel counts {dict(sorted(channels_seen.items()))} (channels: images): "
-            "convert them to one (e.g. RGB to greyscale) before training"
-        )
-    over = "foreground" if task == "segmentation" and centroids and samples else "whole image"
-    for c in empty[0]:
-        if c not in samples:
-            samples[c], moments[c] = empty[0][c], empty[1][c]
-    intensity = []
-    for c in sorted(samples):
-        values = np.concatenate(samples[c])
-        n, s, s2, lo, hi = moments[c]
-        mean = s / n
-        std = math.sqrt(max(s2 / n - mean * mean, 0.0))
-        mod = modalities[c] if c < len(modalities) else (modalities[0] if len(modalities) == 1 else None)
-        intensity.append(
-            {
-                "channel": c,
-                "modality": mod,
-                "over": over,
-                "mean": mean,
-                "std": std,
-                "min": lo,
-                "max": hi,
-                **_stats(values),
-                "image_min": whole[c][0],
-                "image_max": whole[c][1],
-                "integer": bool(whole[c][2]),
-                "ct_like": is_ct_like(bool(whole[c][2]), whole[c][0], mod),
-            }
-        )
-
-    names = list(class_names) if class_names else [str(i) for i in range(voxels.size)]
-    names += [str(i) for i in range(len(names), voxels.size)]
-    total = float(voxels.sum()) or 1.0
-    classes = []
-    for i, name in enumerate(names):
-        row: dict[str, Any] = {"index": i, "name": name}
-        if to_index is not None and i < len(label_values):
-            row["value"] = int(label_values[i])
-        if task == "segmentation":
-            row["voxel_fraction"] = float(voxels[i] / total) if i < voxels.size else 0.0
-            row["images"] = int(present[i]) if i < present.size else 0
-            if i > 0:
-                ext = extents.get(i)
-                row["median_extent"] = np.median(np.asarray(ext), 0).tolist() if ext else None
-                row["objects_per_image"] = float(np.median(objects[i])) if objects.get(i) else 0.0
-        else:
-            row["sample_fraction"] = float(voxels[i] / total) if i < voxels.size else 0.0
-            row["samples"] = int(present[i]) if i < present.size else 0
-        classes.append(row)
-
-    lateral = _lateral(names, centroids, dims, background=task == "segmentation")
-    for w in warnings:
+            tally.add_class_index(int(label))
+        tally.add_intensities(array, mask)
+    dims, in_channels, converted = tally.dimensions()
+    modalities = [modality] if isinstance(modality, str) or modality is None else list(modality)
+    intensity = tally.intensity(modalities)
+    names = list(class_names) if class_names else [str(i) for i in range(tally.voxels.size)]
+    names += [str(i) for i in range(len(names), tally.voxels.size)]
+    lateral = lateral_classes(names, tally.centroids, dims, background=task == "segmentation")
+    for w in tally.warnings:
         logger.warning("plan: %s", w)
     fingerprint = {
         "task": task,
@@ -430,16 +345,16 @@ def fingerprint_dataset(
         "lists": {key: len(entries) for key, entries in lists.items()},
         "spatial_dims": dims,
         "in_channels": in_channels,
-        "channels_seen": {str(k): v for k, v in sorted(channels_seen.items())},
+        "channels_seen": {str(k): v for k, v in sorted(tally.channels_seen.items())},
         "pictures_converted": converted,
         "axcodes": axcodes,
-        "spacing": _summary(spacings),
-        "size": _summary(sizes),
+        "spacing": _summary(tally.spacings),
+        "size": _summary(tally.sizes),
         "intensity": intensity,
-        "classes": classes,
+        "classes": tally.classes(names, label_values),
         "lateral": lateral,
-        "warnings": warnings,
-        "per_case": {"image": files, "size": sizes, "spacing": spacings},
+        "warnings": tally.warnings,
+        "per_case": {"image": tally.files, "size": tally.sizes, "spacing": tally.spacings},
     }
     return _round(fingerprint)
 
@@ -448,8 +363,6 @@ def _class_stats(lab, spacing, voxels, present, extents, objects) -> dict[int, l
     """Add one label map's voxel count per class, the extent of each object (connected component) per foreground
     class, and return the offset of each foreground class's centroid from the image centre, per axis, as a fraction
     of the axis."""
-    from scipy import ndimage
-
     flat = lab.reshape(-1)
     counts = np.zeros(voxels.size, dtype=np.int64)
     for start in range(0, flat.size, 1 << 24):  # bincount copies to int64: in blocks, for large volumes
@@ -471,41 +384,3 @@ def _class_stats(lab, spacing, voxels, present, extents, objects) -> dict[int, l
                     [(s.stop - s.start) * sp for s, sp in zip(box, spacing, strict=False)]
                 )
     return centres
-
-
-def _lateral(
-    names: Sequence[str], centroids: Sequence[Mapping[int, Sequence[float]]], dims: int, background: bool = True
-) -> list[dict]:
-    """Lateral classes: name pairs, position pairs, and single classes named with a side, each with its axis."""
-    by_position = {tuple(sorted(p["classes"])): p for p in lateral_by_position(centroids)} if centroids else {}
-    pairs, singles = lateral_by_name(names, background)
-    found = []
-    for left, right in pairs:
-        pos = by_position.pop(tuple(sorted((left, right))), None)
-        entry = {
-            "classes": [left, right],
-            "names": [names[left], names[right]],
-            "found_by": ["name", "position"] if pos else ["name"],
-            "axis": pos["axis"] if pos else 0,
-        }
-        if pos:
-            entry.update(agreement=pos["agreement"], images=pos["images"])
-        else:
-            entry["note"] = "not separated by position in these images; axis 0 (left-right after reorientation) assumed"
-        found.append(entry)
-    for single in singles:
-        axis = _side_axis(centroids, single) if centroids else None
-        found.append(
-            {
-                "classes": [single],
-                "names": [names[single]],
-                "found_by": ["name"],
-                "axis": 0 if axis is None else axis,
-                **({} if axis is not None else {"note": "axis 0 (left-right after reorientation) assumed"}),
-            }
-        )
-    for pos in by_position.values():
-        a, b = pos["classes"]
-        found.append({"classes": [a, b], "names": [names[a], names[b]], "found_by": ["position"], **{
-            k: pos[k] for k in ("axis", "agreement", "images")}})  # fmt: skip
-    return found

@@ -12,17 +12,23 @@ import datetime
 import json
 import logging
 import os
-import tempfile
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import medkd
+from medkd.data.checks import infer_task
 from medkd.data.labels import optional_class_names, optional_label_values
-from medkd.data.loading import DataError, load_datalist
+from medkd.data.loading import DataError, LoadMedicalImage, drop_unit_axes, load_datalist
+from medkd.data.synthetic import is_default_data
 from medkd.errors import ConfigError
 from medkd.planning.fingerprint import fingerprint_dataset
-from medkd.planning.plan import BUDGETS, device_kind, make_settings, validation_interval
-from medkd.runtime.distributed import rank0_first
+from medkd.planning.plan import make_planner, validation_interval
+from medkd.runtime.distributed import is_not_rank0, rank0_first
+from medkd.runtime.files import atomic_write_text
+from medkd.training.run_fingerprint import datalist_digest
+from medkd.validation import RENAMED, bundle_hint
 
 __all__ = [
     "PLAN_FILE",
@@ -38,6 +44,8 @@ __all__ = [
     "lateral_rot90",
     "auto_plan",
     "current_keys",
+    "data_file",
+    "writable",
 ]
 
 PLAN_FILE = "medkd_plan.json"
@@ -127,25 +135,16 @@ def make_plan(
         axcodes: orientation to measure positions in (the bundle's ``axcodes``); ``"auto"``: ``RA`` in 2D, ``RAS``
             in 3D for segmentation, none for classification (its bundle does not reorient).
         spatial_dims: the bundle's; data of another dimensionality raise :class:`ConfigError`.
-        device: training device, picks the budget (:data:`medkd.planning.plan.BUDGETS`).
+        device: training device, picks the budget (the planner's ``budgets``, :mod:`medkd.planning.plan`).
         max_cases: read at most this many cases (evenly spread).
         voxel_budget, total_iterations, samples_per_volume, lateral: see :func:`medkd.planning.plan.make_settings`.
     """
-    from medkd.data.checks import infer_task
-    from medkd.training.run_fingerprint import datalist_digest
-
     lists = _lists(datalist, base_dir)
     task = task or infer_task(lists.get("training", []))
     if task not in ("segmentation", "classification"):
         raise ConfigError(f"task {task!r} must be 'segmentation' or 'classification'.")
     names = list(class_names) if class_names else optional_class_names(datalist)
-    values = None if class_names else optional_label_values(datalist)
-    dims = spatial_dims
-    if not dims and task == "segmentation":  # from the first image; one slice stored as (H, W, 1) is 2D
-        from medkd.data.loading import LoadMedicalImage, drop_unit_axes
-
-        first = LoadMedicalImage(ensure_channel_first=True, dtype=None)(lists["training"][0]["image"])
-        dims = drop_unit_axes(first, 2).ndim - 1
+    dims = spatial_dims or (_first_image_dims(lists) if task == "segmentation" else None)
     if axcodes == "auto":
         axcodes = None if task == "classification" else "RAS" if dims == 3 else "RA"
     fingerprint = fingerprint_dataset(
@@ -155,40 +154,23 @@ def make_plan(
         axcodes=axcodes,
         modality=_modality(datalist),
         max_cases=max_cases,
-        label_values=values,
+        label_values=None if class_names else optional_label_values(datalist),
         spatial_dims=dims,
     )
-    if spatial_dims and fingerprint["spatial_dims"] != int(spatial_dims):
-        from medkd.validation import bundle_hint
-
-        dims = fingerprint["spatial_dims"]
-        training = datalist.get("training") if isinstance(datalist, Mapping) else datalist
-        raise ConfigError(
-            f"the images of {training} are {dims}D but this bundle has spatial_dims={spatial_dims}: "
-            f"{bundle_hint(dims, task)}, or convert the data."
-        )
-    settings, reasons = make_settings(
-        fingerprint,
-        task=task,
-        device=device,
-        voxel_budget=voxel_budget,
-        total_iterations=total_iterations,
-        samples_per_volume=samples_per_volume,
+    _check_dims(fingerprint, spatial_dims, datalist, task)
+    planner = make_planner(
+        fingerprint, task, device, voxel_budget, total_iterations, samples_per_volume=samples_per_volume,
         lateral=lateral,
-    )
-    kind = device_kind(device)
-    budget = dict(BUDGETS[task][kind])
-    budget.update({k: v for k, v in (("voxels", voxel_budget), ("iterations", total_iterations)) if v})
-    import medkd
-
+    )  # fmt: skip
+    settings, reasons = planner.plan()
     return {
         "medkd_plan": PLAN_VERSION,
         "medkd_version": medkd.__version__,
         "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "task": task,
         "spatial_dims": fingerprint["spatial_dims"],
-        "device": kind,
-        "budget": budget,
+        "device": planner.device,
+        "budget": planner.budget,
         "data": datalist_digest(datalist, keys=tuple(lists)),
         "settings": settings,
         "reasons": reasons,
@@ -196,29 +178,63 @@ def make_plan(
     }
 
 
+def _first_image_dims(lists: Mapping[str, Sequence[Mapping[str, Any]]]) -> int:
+    """The spatial dimensions of the first training image; one slice stored as (H, W, 1) is 2D."""
+    first = LoadMedicalImage(ensure_channel_first=True, dtype=None)(lists["training"][0]["image"])
+    return drop_unit_axes(first, 2).ndim - 1
+
+
+def _check_dims(
+    fingerprint: Mapping[str, Any],
+    spatial_dims: int | None,
+    datalist: PathLike | Mapping[str, PathLike],
+    task: str,
+) -> None:
+    """Raise :class:`ConfigError` when the data are not of the bundle's ``spatial_dims``."""
+    dims = fingerprint["spatial_dims"]
+    if spatial_dims and dims != int(spatial_dims):
+        training = datalist.get("training") if isinstance(datalist, Mapping) else datalist
+        raise ConfigError(
+            f"the images of {training} are {dims}D but this bundle has spatial_dims={spatial_dims}: "
+            f"{bundle_hint(dims, task)}, or convert the data."
+        )
+
+
 def write_plan(plan: Mapping[str, Any], path: PathLike, key: str = "plan_file") -> Path:
     """Write ``plan`` as indented JSON (atomically: a reader never sees half a file); ``key`` is the bundle key
     that names ``path``, for the error message."""
     path = Path(path).expanduser()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".medkd_plan.", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            f.write(_dumps(plan) + "\n")
-        os.replace(tmp, path)
+        return atomic_write_text(path, _dumps(plan) + "\n")
     except OSError as e:
         raise ConfigError(
             f"cannot write {path} ({e}); pass --{key} a writable path (e.g. in the bundle's folder)."
         ) from e
-    return path
 
 
 def _dumps(plan: Mapping[str, Any]) -> str:
     """Indented JSON with short lists (sizes, spacings, strides) on one line."""
-    import re
-
     text = json.dumps(plan, indent=2, default=str)
     return re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + re.sub(r"\s*\n\s*", " ", m.group(1)) + "]", text)
+
+
+def writable(folder: PathLike) -> bool:
+    """Whether medkd may write files into ``folder``: it is missing (made when written to), or writable."""
+    return not os.path.isdir(folder) or os.access(folder, os.W_OK)
+
+
+def data_file(dataset_dir: PathLike, name: str, bundle_root: PathLike) -> str:
+    """Where a bundle keeps a file it makes from the data once (its ``plan_file``, ``split_file``):
+    ``<dataset_dir>/<name>``, or, when that folder is read-only and holds no such file, ``<bundle_root>/<name>``,
+    beside the run's outputs (``models``, ``eval``), where the next run reads it; that case is logged."""
+    dataset_dir = os.path.expanduser(dataset_dir)
+    in_data = os.path.join(dataset_dir, name)
+    if os.path.isfile(in_data) or writable(dataset_dir):
+        return in_data
+    beside = os.path.join(os.path.expanduser(bundle_root), name)
+    if not is_not_rank0():
+        logger.info("%s is read-only: %s is read from and written to %s", dataset_dir, name, beside)
+    return beside
 
 
 def read_plan(path: PathLike) -> dict[str, Any]:
@@ -284,8 +300,6 @@ def _load_or_make(
 
 
 def _warn_if_data_changed(plan: Mapping[str, Any], path: Path, datalist: Any) -> None:
-    from medkd.training.run_fingerprint import datalist_digest
-
     recorded = plan.get("data")
     if not isinstance(recorded, Mapping):
         return
@@ -338,8 +352,6 @@ def bundle_plan(
 def current_keys(settings: Mapping[str, Any]) -> dict[str, Any]:
     """``settings`` with the keys of earlier medkd versions (:data:`medkd.validation.RENAMED`, e.g. a plan file's
     ``image_size``) under their current name; a current key wins over its old name."""
-    from medkd.validation import RENAMED
-
     old = {RENAMED[k]: v for k, v in settings.items() if k in RENAMED}
     return {**old, **{k: v for k, v in settings.items() if k not in RENAMED}}
 
@@ -359,8 +371,6 @@ def show_plan(
         why, ``parameters``, the plan's ``reasons``), which the bundles keep beside the checkpoints
         (:class:`~medkd.training.handlers.ResumeCheckpoint`'s ``settings``).
     """
-    from medkd.runtime.distributed import is_not_rank0
-
     source = getattr(plan, "source", "plan")
     lines = [f"settings from {source}; a --KEY override wins:"]
     width = max((len(k) for k in used), default=0)
@@ -418,8 +428,6 @@ LATERAL = {"flip_axes": lateral_flips, "rot90_axes": lateral_rot90}
 def auto_plan(dataset_dir: PathLike, bundle_root: PathLike) -> bool:
     """Whether a bundle plans its settings from the data (its ``auto_plan``): for any ``dataset_dir`` but the
     bundle's embedded synthetic data, which keeps the bundle's ``default_plan``."""
-    from medkd.data.synthetic import is_default_data
-
     return not is_default_data(str(dataset_dir), str(bundle_root))
 
 

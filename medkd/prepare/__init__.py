@@ -67,6 +67,12 @@ def add_prepare_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Write dataset.json (and the images the bundles need) from a common data layout.",
     )
     layouts = p.add_subparsers(dest="layout", metavar="LAYOUT", required=True)
+    _add_classification_parser(layouts)
+    _add_segmentation_parser(layouts)
+    return p
+
+
+def _add_classification_parser(layouts: Any) -> None:
     c = layouts.add_parser(
         "classification",
         help="<root>/<split>/<class>/* or <root>/<class>/*",
@@ -95,6 +101,9 @@ def add_prepare_parser(subparsers: Any) -> argparse.ArgumentParser:
         f"(default {DEFAULT_MAX_DISTANCE})",
     )
     c.set_defaults(handler=prepare_command)
+
+
+def _add_segmentation_parser(layouts: Any) -> None:
     s = layouts.add_parser(
         "segmentation",
         help="2D images plus masks matched by a pair of patterns",
@@ -151,7 +160,6 @@ def add_prepare_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="output files: nifti (.nii.gz, spacing in the affine; default) or png (no spacing)",
     )
     s.set_defaults(handler=prepare_command)
-    return p
 
 
 def run_prepare(args: argparse.Namespace) -> Prepared:
