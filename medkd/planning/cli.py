@@ -8,7 +8,7 @@ from typing import Any
 
 from medkd.data.held_out import SPLIT_FILE, bundle_datalists, lists_to_hold_out
 from medkd.planning.planfile import PLAN_FILE, make_plan, summary, write_plan
-from medkd.training.checkpoints import set_aside
+from medkd.training.previous import set_aside
 
 __all__ = ["add_plan_parser", "plan_command"]
 

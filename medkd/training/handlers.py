@@ -19,16 +19,11 @@ from ignite.handlers import ProgressBar as _IgniteProgressBar
 from medkd.bundles import checkpoint_file, snapshot_file
 from medkd.knowledge.teacher import check_snapshot_epochs
 from medkd.planning.planfile import write_plan
-from medkd.training.checkpoints import (
-    CheckpointError,
-    keep_previous,
-    load_checkpoint,
-    load_network_weights,
-    save_or_explain,
-)
+from medkd.training.checkpoints import CheckpointError, load_checkpoint, load_network_weights, save_or_explain
 from medkd.training.distributed import unwrap
 from medkd.training.engines import iteration_losses
 from medkd.training.evaluators import metric_name
+from medkd.training.previous import keep_previous
 from medkd.training.random_states import DataPass, RandomStates
 from medkd.training.run_fingerprint import fingerprint_changes
 
