@@ -75,10 +75,10 @@ def _plain(x: Any) -> Any:
 class TeacherTrainer(MedkdWorkflow, SupervisedTrainer):
     """MONAI's ``SupervisedTrainer`` for the teacher stage, with its network moved to the trainer's device.
 
-    Every medkd engine puts the networks it runs on its own ``device`` (MONAI's engines leave that to the caller),
-    so a bundle never has to, converts it to the channels-last layout with ``channels_last``
-    (:mod:`medkd.training.layout`) and compiles it in place with ``compile`` (:mod:`medkd.training.compiling`); the
-    other arguments are those of ``SupervisedTrainer``.
+    Every medkd engine (:class:`medkd.training.workflow.MedkdWorkflow`) puts the networks it runs on its own
+    ``device`` (MONAI's engines leave that to the caller), so a bundle never has to, converts it to the channels-last
+    layout with ``channels_last`` (:mod:`medkd.training.layout`) and compiles it in place with ``compile``
+    (:mod:`medkd.training.compiling`); the other arguments are those of ``SupervisedTrainer``.
     """
 
     def __init__(
