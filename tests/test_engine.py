@@ -8,6 +8,7 @@ from conftest import tiny_batches, tiny_unet
 from ignite.engine import Events
 from monai.handlers import from_engine
 from monai.losses import DiceCELoss
+from monai.networks.nets import UNet
 
 from medkd.errors import ConfigError
 from medkd.knowledge.routes import PRESETS, Route
@@ -151,6 +152,37 @@ def test_teacher_checkpoint_is_loaded_and_bad_one_named(tmp_path, batches):
     message = str(err.value)  # the first mismatches, then how many more, then what to do: not torch's every line
     assert "size mismatch for " in message and " more. It was trained with other network settings" in message
     assert message.count("size mismatch") <= 3 and len(message) < 1000
+
+
+def test_a_skipped_step_leaves_weights_and_batchnorm_statistics_as_before(batches):
+    """nan_policy='skip' is NonFiniteLoss's policy: a step with a NaN batch leaves every student's weights and
+    BatchNorm running statistics (updated by its forward pass) as after the step before it."""
+    bad = dict(batches[1], image=batches[1]["image"] * float("nan"))
+    states = []
+    for data in ([batches[0]], [batches[0], bad]):
+        students = {}
+        for seed, name in enumerate(("sp", "sf")):
+            torch.manual_seed(seed)
+            students[name] = UNet(2, 1, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=1, norm="batch")
+        trainer = DistillationTrainer(
+            device="cpu",
+            max_epochs=1,
+            train_data_loader=data,
+            students=students,
+            optimizers={n: torch.optim.Adam(s.parameters(), lr=1e-2) for n, s in students.items()},
+            loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
+            routes="dml",
+            nan_policy="skip",
+        )
+        if len(data) == 2:
+            with pytest.warns(UserWarning, match=r"skipping the step at epoch 1, iteration 2: .*sp/sup=nan"):
+                trainer.run()
+        else:
+            trainer.run()
+        states.append({f"{n}.{k}": v.clone() for n, s in students.items() for k, v in s.state_dict().items()})
+    assert any("running_mean" in k for k in states[0])
+    assert all(torch.equal(states[1][k], v) for k, v in states[0].items())
+    assert trainer.nonfinite.skipped == 1
 
 
 def test_non_finite_loss_is_reported_or_skipped(batches):

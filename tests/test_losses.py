@@ -6,12 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from medkd.errors import ConfigError
 from medkd.knowledge.losses import (
     FeatureDistillationLoss,
     PredictionDistillationLoss,
     attention_map,
     normalize_per_sample,
 )
+from medkd.knowledge.routes import Route
 
 
 def _kl_by_hand(src: list[float], dst: list[float], tau: float) -> float:
@@ -80,8 +82,9 @@ def test_prediction_kl_under_bf16_logits_gives_a_bf16_gradient():
 def test_prediction_kl_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="same classes"):
         PredictionDistillationLoss()(torch.zeros(2, 3), torch.zeros(2, 4))
-    with pytest.raises(ValueError, match="temperature"):
-        PredictionDistillationLoss(temperature=0)
+    # option values are checked in one place, where a route gives them (the route kinds), naming the route
+    with pytest.raises(ConfigError, match="temperature of route sp/prediction_from_teacher must be a finite number"):
+        Route("teacher", "sp", "prediction", temperature=0)
 
 
 def test_feature_mse_matches_hand_computation_without_adapter():
@@ -121,5 +124,6 @@ def test_attention_transfer_matches_hand_computation():
     assert isinstance(loss.adapter, torch.nn.Identity)
     assert loss(dst, src).item() == pytest.approx(expected, rel=1e-5)
     assert attention_map(src).shape == (1, 2)
-    with pytest.raises(ValueError, match="mode"):
-        FeatureDistillationLoss(1, 1, 2, mode="l1")
+    assert torch.equal(loss(dst, src), FeatureDistillationLoss.attention(dst, src))  # the one implementation
+    with pytest.raises(ConfigError, match="route sp/feature_from_teacher has mode 'l1'"):
+        Route("teacher", "sp", "feature", mode="l1")

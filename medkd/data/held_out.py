@@ -52,7 +52,7 @@ SPLITS = ("training", "validation", "test")
 HELD_OUT = ("validation", "test")
 SPLIT_KEY = "medkd_split"
 SPLIT_FILE = "medkd_splits.json"  # the bundles' split_file, in their dataset_dir
-_STAMPED = re.compile(r"\.\d{8}-\d{6}(-\d+)?\.pt$")  # a checkpoint set aside (checkpoints.set_aside)
+_STAMPED = re.compile(r"\.\d{8}-\d{6}(-\d+)?\.pt$")  # a checkpoint set aside (previous.set_aside)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """Distillation losses: prediction KL, feature hints, channel-wise KL, DIST and the helpers they share.
 
 Every loss works for classification logits ``(B, C)`` and segmentation logits ``(B, C, H, W[, D])``;
-segmentation terms are computed per pixel/voxel and averaged.
+segmentation terms are computed per pixel/voxel and averaged. The values of their options (temperatures, modes,
+grids, weights) are checked in one place, where a route gives them (the kinds' ``validate``,
+:mod:`medkd.knowledge.route_kinds`), with a :class:`~medkd.errors.ConfigError` naming the route.
 """
 
 from __future__ import annotations
@@ -77,8 +79,6 @@ class PredictionDistillationLoss(nn.Module):
 
     def __init__(self, temperature: float = 4.0, ignore_index: int | None = None) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
         self.temperature = float(temperature)
         self.ignore_index = ignore_index
 
@@ -176,7 +176,8 @@ class FeatureDistillationLoss(nn.Module):
         src_channels: channels of the source (teaching) network's feature map.
         spatial_dims: 1, 2 or 3.
         mode: ``"mse"`` — mean squared error of per-sample-standardised maps (``normalize=True``) or raw maps;
-            ``"attention"`` — attention transfer, adapter-free, compares spatial attention maps.
+            ``"attention"`` — attention transfer, adapter-free, compares spatial attention maps (:meth:`attention`,
+            also the ``attention`` route kind's loss).
         normalize: standardise each sample's maps before the MSE so one weight works across networks.
 
     Shapes:
@@ -188,21 +189,26 @@ class FeatureDistillationLoss(nn.Module):
         self, dst_channels: int, src_channels: int, spatial_dims: int, mode: str = "mse", normalize: bool = True
     ) -> None:
         super().__init__()
-        if mode not in ("mse", "attention"):
-            raise ValueError(f"feature loss mode must be 'mse' or 'attention', got {mode!r}.")
         self.mode = mode
         self.normalize = normalize
         self.spatial_dims = spatial_dims
         self.adapter = channel_adapter(dst_channels, src_channels, spatial_dims) if mode == "mse" else nn.Identity()
 
     def forward(self, dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        if self.mode == "attention":
+            return self.attention(dst, src)
         src = src.detach().float()
         dst = resize_to(self.adapter(dst).float(), src.shape[2:])
-        if self.mode == "attention":
-            return (attention_map(dst) - attention_map(src)).pow(2).mean()
         if self.normalize:
             dst, src = normalize_per_sample(dst), normalize_per_sample(src)
         return F.mse_loss(dst, src)
+
+    @staticmethod
+    def attention(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        """Attention transfer (Zagoruyko & Komodakis, 2017), the one implementation: MSE of the
+        :func:`attention_map` of ``dst`` (resized to ``src``'s spatial size) and of ``src`` (detached)."""
+        src = src.detach().float()
+        return (attention_map(resize_to(dst.float(), src.shape[2:])) - attention_map(src)).pow(2).mean()
 
 
 def _pool(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -237,8 +243,6 @@ class AffinityDistillationLoss(nn.Module):
 
     def __init__(self, grid: int = 8) -> None:
         super().__init__()
-        if grid < 1:
-            raise ValueError(f"grid must be >= 1, got {grid}.")
         self.grid = int(grid)
 
     def forward(self, dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
@@ -326,8 +330,6 @@ class RegionPredictionLoss(nn.Module):
 
     def __init__(self, temperature: float = 1.0) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
         self.temperature = float(temperature)
 
     def forward(self, dst_logits: torch.Tensor, src_logits: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
@@ -381,8 +383,6 @@ class ChannelWiseDistillationLoss(nn.Module):
 
     def __init__(self, temperature: float = 4.0) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
         self.temperature = float(temperature)
 
     def forward(self, dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
@@ -430,8 +430,6 @@ class DISTLoss(nn.Module):
 
     def __init__(self, temperature: float = 1.0, beta: float = 1.0, gamma: float = 1.0) -> None:
         super().__init__()
-        if temperature <= 0 or beta < 0 or gamma < 0:
-            raise ValueError(f"DIST needs temperature > 0, beta >= 0, gamma >= 0; got {temperature}, {beta}, {gamma}.")
         self.temperature, self.beta, self.gamma = float(temperature), float(beta), float(gamma)
 
     def samples(self, logits: torch.Tensor) -> torch.Tensor:

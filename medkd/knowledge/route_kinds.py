@@ -207,7 +207,8 @@ class LayerPairsKind(RouteKind):
 class FeatureKind(LayerPairsKind):
     """Feature distillation (FitNets hint): MSE of per-sample standardised feature maps, the target's map through a
     1x1 convolution adapter (when channels differ, one per layer pair) and resized to the source's; the term is the
-    mean over the layer pairs. ``mode: "attention"`` is the :class:`AttentionKind` loss under this kind's name.
+    mean over the layer pairs. ``mode: "attention"`` is the :class:`AttentionKind` loss under this kind's name (one
+    implementation: :meth:`medkd.knowledge.losses.FeatureDistillationLoss.attention`).
 
     Options: ``layers`` (see :class:`LayerPairsKind`: module name pairs, ``"multi"``, ``"encoder"``,
     ``"decoder"``, default the bottleneck); ``mode`` ``"mse"`` or ``"attention"``.
@@ -246,17 +247,17 @@ class FeatureKind(LayerPairsKind):
         return self.losses[index](target, source)
 
 
-class AttentionKind(FeatureKind):
+class AttentionKind(LayerPairsKind):
     """Attention transfer (Zagoruyko & Komodakis): MSE of the spatial attention maps (channel-mean of squares,
-    L2-normalised per sample) of the paired layers, the target's resized to the source's; no adapter.
-    Options: ``layers``, as for :class:`FeatureKind`."""
+    L2-normalised per sample) of the paired layers, the target's resized to the source's; no adapter
+    (:meth:`medkd.knowledge.losses.FeatureDistillationLoss.attention`, which ``feature`` routes with ``mode:
+    "attention"`` run too). Options: ``layers``, as for :class:`FeatureKind`."""
 
     name = "attention"
     options = {"layers": None}
 
-    @property
-    def mode(self) -> str:
-        return "attention"
+    def pair_loss(self, index: int, target: torch.Tensor, source: torch.Tensor, outputs: StepOutputs) -> torch.Tensor:
+        return FeatureDistillationLoss.attention(target, source)
 
 
 MAX_AFFINITY_NODES = 4096  # positions of a pooled map in AffinityKind: at most 4096² affinities per sample

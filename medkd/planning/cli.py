@@ -12,7 +12,7 @@ from medkd.data.checks import infer_task
 from medkd.data.held_out import SPLIT_FILE, bundle_datalists, lists_to_hold_out, nnunet_raw
 from medkd.data.loading import load_datalist
 from medkd.planning.planfile import PLAN_FILE, data_file, make_plan, summary, write_plan
-from medkd.training.checkpoints import set_aside
+from medkd.training.previous import set_aside
 
 __all__ = ["add_plan_parser", "plan_command"]
 

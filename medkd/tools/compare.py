@@ -70,8 +70,8 @@ from medkd.knowledge.teacher import teacher_checkpoint, teacher_is_read
 from medkd.tools.jobs import Job, JobPool, JobsFailed, threads_per_job, visible_gpus
 from medkd.tools.overlays import OVERLAYS_DIR, methods_page
 from medkd.tools.report import inference_ms, write_comparison
-from medkd.training.checkpoints import set_aside
 from medkd.training.evaluators import ENSEMBLE, ensemble_members
+from medkd.training.previous import set_aside
 from medkd.training.run_fingerprint import datalist_digest, fingerprint_changes
 from medkd.validation import check_overrides, check_writable, parse_value
 

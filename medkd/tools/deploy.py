@@ -50,13 +50,9 @@ from medkd.bundles import (
 )
 from medkd.errors import ConfigError
 from medkd.tools.report import markdown_table
-from medkd.training.checkpoints import (
-    check_trained_inputs,
-    load_network_weights,
-    set_aside,
-    trained_files,
-)
+from medkd.training.checkpoints import check_trained_inputs, load_network_weights, trained_files
 from medkd.training.evaluators import ENSEMBLE, METRICS, EnsembleNetwork
+from medkd.training.previous import set_aside
 from medkd.validation import check_overrides, parse_value
 
 __all__ = [

@@ -5,8 +5,8 @@ Inference writes each invocation into a folder of its own, ``<output_dir>/<YYYYm
 second invocation with other inputs never overwrites the first one's files, and an input it skips leaves nothing of
 an earlier run beside its outputs. Evaluation writes into its ``output_dir`` as before, after setting the previous
 evaluation's files aside with a timestamp (:func:`set_aside_evaluation`), as a fresh training start does with
-checkpoints (:func:`medkd.training.checkpoints.keep_previous`); a fresh training start sets these aside too
-(:func:`evaluation_files` with the inference folder).
+checkpoints (:func:`medkd.training.previous.keep_previous`, the one policy); a fresh training start sets these
+aside too (:func:`evaluation_files` with the inference folder).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ignite.engine import Engine, Events
 from medkd.bundles import RESULTS_JSON, RESULTS_MD
 from medkd.tools.class_pictures import CONFUSION_PNG, ROC_PNG
 from medkd.tools.overlays import OVERLAYS_DIR
-from medkd.training.checkpoints import keep_previous
+from medkd.training.previous import keep_previous, numbered
 
 __all__ = [
     "EVALUATION_FILES",
@@ -64,13 +64,16 @@ def new_run_folder(output_dir: str | os.PathLike, network_name: str) -> str:
     """Create and return ``<output_dir>/<YYYYmmdd-HHMMSS>_<network_name>``, a folder no earlier invocation wrote
     (``-1``, ``-2``, ... appended when one of that name exists)."""
     stem = Path(output_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}_{network_name}"
-    folder, n = stem, 1
-    while True:
-        try:
-            folder.mkdir(parents=True)
-            return str(folder)
-        except FileExistsError:
-            folder, n = stem.with_name(f"{stem.name}-{n}"), n + 1
+    return str(next(folder for folder in numbered(stem) if _created(folder)))
+
+
+def _created(folder: Path) -> bool:
+    """Create ``folder`` (and its parents); whether it was new (``False`` when another run made it first)."""
+    try:
+        folder.mkdir(parents=True)
+    except FileExistsError:
+        return False
+    return True
 
 
 class LatestRun:

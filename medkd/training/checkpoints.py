@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
-import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -13,9 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from medkd.bundles import checkpoint_file
 from medkd.errors import MedkdError
 from medkd.runtime.distributed import unwrap
 from medkd.runtime.files import atomic_torch_save
+from medkd.training.run_fingerprint import INPUT_KEYS, fingerprint_changes, image_ids
 
 __all__ = [
     "CheckpointError",
@@ -24,8 +24,6 @@ __all__ = [
     "check_trained_inputs",
     "trained_files",
     "save_or_explain",
-    "set_aside",
-    "keep_previous",
     "check_trained_data",
     "check_not_trained_on",
 ]
@@ -96,8 +94,6 @@ def check_trained_inputs(
     ``checkpoints``: a checkpoint file, or files by network name; a missing file, ``None`` (nothing to load) or a
     checkpoint without a record (made by an earlier medkd, or outside medkd) is passed over.
     """
-    from medkd.training.run_fingerprint import fingerprint_changes
-
     files = checkpoints if isinstance(checkpoints, Mapping) else {"network": checkpoints}
     for name, path in files.items():
         if path is None or not Path(path).is_file():
@@ -122,8 +118,6 @@ def check_trained_inputs(
 def _other_kind(trained: Mapping[str, Any], inputs: Mapping[str, Any]) -> str | None:
     """How a checkpoint's recorded inputs differ in kind from this run's (another task, images of other dimensions),
     where no setting could give them back; ``None`` when they differ only in settings."""
-    from medkd.training.run_fingerprint import INPUT_KEYS
-
     tasks = [
         next((t for t, keys in INPUT_KEYS.items() if set(keys) <= set(record)), None) for record in (trained, inputs)
     ]
@@ -138,8 +132,6 @@ def _other_kind(trained: Mapping[str, Any], inputs: Mapping[str, Any]) -> str | 
 def trained_files(load_dir: str | os.PathLike, networks: Iterable[str]) -> dict[str, Path]:
     """The checkpoint file of each of ``networks`` (names, or a mapping by name) in ``load_dir``, as
     :class:`~medkd.training.handlers.BestCheckpoints` names them; for :func:`check_trained_inputs`."""
-    from medkd.bundles import checkpoint_file
-
     return {name: Path(load_dir) / checkpoint_file(name) for name in networks}
 
 
@@ -154,39 +146,6 @@ def save_or_explain(obj: Any, path: str | os.PathLike) -> None:
             f"could not write checkpoint {path} ({e.strerror or e}); {kept}. Free disk space (or fix permissions) "
             "and run the same command again to resume."
         ) from e
-
-
-def set_aside(paths: Iterable[str | os.PathLike], stamp: str | None = None) -> dict[Path, Path]:
-    """Rename each existing file or folder of ``paths`` with a timestamp before its suffix (``sp.pt`` ->
-    ``sp.20261126-101500.pt``, ``results`` -> ``results.20261126-101500``), never over an existing name; return
-    ``{old: new}`` of those moved."""
-    stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
-    moved = {}
-    for path in map(Path, paths):
-        if not path.exists():
-            continue
-        suffix = path.suffix if path.is_file() else ""
-        stem = path.name[: len(path.name) - len(suffix)]
-        target, n = path.with_name(f"{stem}.{stamp}{suffix}"), 1
-        while target.exists():
-            target, n = path.with_name(f"{stem}.{stamp}-{n}{suffix}"), n + 1
-        path.rename(target)
-        moved[path] = target
-    return moved
-
-
-def keep_previous(paths: Iterable[str | os.PathLike], why: str) -> dict[Path, Path]:
-    """:func:`set_aside` the existing files and folders of ``paths``, with a warning saying ``why`` and where they
-    went (one policy for every stage: nothing a user has is replaced without a word); return ``{old: new}``."""
-    moved = set_aside(paths)
-    if moved:
-        logging.getLogger("medkd").warning(
-            "%s: the previous run's %s moved aside to %s",
-            why,
-            ", ".join(str(old) for old in moved),
-            ", ".join(new.name for new in moved.values()),
-        )
-    return moved
 
 
 def _trained_images(path: str | os.PathLike | None) -> set[str] | None:
@@ -204,8 +163,6 @@ def check_trained_data(
     """Raise :class:`CheckpointError` when ``checkpoint`` (a frozen teacher's) was trained on other training images
     than ``training`` (this run's training list), unless ``allow`` (the bundles' ``allow_other_teacher_data``). A
     missing file, ``None`` or a checkpoint without the record (an earlier medkd) is passed over."""
-    from medkd.training.run_fingerprint import image_ids
-
     trained = _trained_images(checkpoint)
     if allow or trained is None or trained == (ids := set(image_ids(training))):
         return
@@ -228,8 +185,6 @@ def check_not_trained_on(
     ``checkpoints`` (files by network name) was trained on, as its fingerprint records, unless ``allow`` (the bundles'
     ``allow_leakage``); checkpoints without the record (an earlier medkd) are passed over. Items of an inference's
     ``input_dir`` (not ``None``) are images to segment or classify, not a test list: passed over."""
-    from medkd.training.run_fingerprint import image_ids
-
     if input_dir is not None:
         return
     items = list(items)

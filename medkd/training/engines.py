@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -18,15 +16,15 @@ from torch import nn
 from torch.optim import Optimizer
 
 from medkd.bundles import TEACHER
-from medkd.errors import ConfigError, UserErrorsFirst
+from medkd.errors import ConfigError
 from medkd.knowledge.routes import KnowledgeRoutes, Route
 from medkd.knowledge.teacher import check_teacher_mode
 from medkd.knowledge.teacher_cache import TeacherCache
 from medkd.runtime.distributed import unwrap
-from medkd.runtime.layout import channels_last as to_channels_last
-from medkd.training.compiling import compile_in_place, compiled_inferer
 from medkd.training.mixing import BatchMixer, MixedBatch
+from medkd.training.nonfinite import NonFiniteLoss
 from medkd.training.teachers import Teacher, make_teacher
+from medkd.training.workflow import MedkdWorkflow
 
 __all__ = ["DistillationTrainer", "TeacherTrainer", "LOSSES", "iteration_losses", "student_optimizers"]
 
@@ -48,6 +46,24 @@ def iteration_losses(output: Mapping | Sequence[Mapping]) -> Mapping[str, float 
     return (output if isinstance(output, Mapping) else output[0])[LOSSES]
 
 
+def _check_names(students: Mapping[str, nn.Module], optimizers: Mapping[str, Optimizer]) -> None:
+    """One optimizer per student, by the same names, none of them the teacher's."""
+    if set(students) != set(optimizers):
+        raise ValueError(f"students {sorted(students)} and optimizers {sorted(optimizers)} must have the same names.")
+    if TEACHER in students:
+        raise ConfigError(f"'{TEACHER}' is reserved for the teacher; rename that student.")
+
+
+def _checked_mixing(mixing: BatchMixer | None, teacher: Teacher | None) -> BatchMixer | None:
+    """``mixing``, unless the teacher reuses cached outputs, which no mixed batch can."""
+    if mixing is not None and getattr(teacher, "cache", None) is not None:
+        raise ConfigError(
+            "mix cannot use a teacher cache: the teacher must see each step's mixed images, which no earlier "
+            "epoch saw. Leave out the teacher_cache, or set --mix null."
+        )
+    return mixing
+
+
 def _plain(x: Any) -> Any:
     """A ``MetaTensor``'s data as a plain tensor (a view, no copy); anything else unchanged.
 
@@ -58,13 +74,13 @@ def _plain(x: Any) -> Any:
     return x.as_tensor() if isinstance(x, MetaTensor) else x
 
 
-class TeacherTrainer(UserErrorsFirst, SupervisedTrainer):
+class TeacherTrainer(MedkdWorkflow, SupervisedTrainer):
     """MONAI's ``SupervisedTrainer`` for the teacher stage, with its network moved to the trainer's device.
 
-    Every medkd engine puts the networks it runs on its own ``device`` (MONAI's engines leave that to the caller),
-    so a bundle never has to, converts it to the channels-last layout with ``channels_last``
-    (:mod:`medkd.runtime.layout`) and compiles it in place with ``compile`` (:mod:`medkd.training.compiling`); the
-    other arguments are those of ``SupervisedTrainer``.
+    Every medkd engine (:class:`medkd.training.workflow.MedkdWorkflow`) puts the networks it runs on its own
+    ``device`` (MONAI's engines leave that to the caller), so a bundle never has to, converts it to the channels-last
+    layout with ``channels_last`` (:mod:`medkd.runtime.layout`) and compiles it in place with ``compile``
+    (:mod:`medkd.training.compiling`); the other arguments are those of ``SupervisedTrainer``.
     """
 
     def __init__(
@@ -80,11 +96,8 @@ class TeacherTrainer(UserErrorsFirst, SupervisedTrainer):
         channels_last: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(device, max_epochs, train_data_loader, network.to(device), optimizer, loss_function, **kwargs)
-        if channels_last:
-            to_channels_last([self.network])
-        if compile:  # in place and fed plain tensors, as in every medkd engine, rather than MONAI's wrapper
-            self.inferer = compiled_inferer([self.network], self.inferer, compile_kwargs)
+        super().__init__(device, max_epochs, train_data_loader, network, optimizer, loss_function, **kwargs)
+        self._setup_networks([self.network], channels_last, compile, compile_kwargs)
 
     def checkpoint_objects(self) -> dict[str, Any]:
         """What a resume checkpoint must hold besides the engine state (see
@@ -96,7 +109,7 @@ class TeacherTrainer(UserErrorsFirst, SupervisedTrainer):
         return objects
 
 
-class DistillationTrainer(UserErrorsFirst, Trainer):
+class DistillationTrainer(MedkdWorkflow, Trainer):
     """Train students with a teacher and with each other, along knowledge routes (see ``medkd.knowledge.routes``).
 
     One iteration (:meth:`_iteration`) runs the teacher once (frozen: no grad, see
@@ -135,7 +148,9 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
             epochs when the teacher's inputs are deterministic (samples named by ``meta["filename_or_obj"]``). Its first
             hit is checked against a recomputed teacher forward (``verify=True``, the default).
         nan_policy: ``"raise"`` stops on a non-finite loss (an online teacher's included) naming the iteration and
-            term, ``"skip"`` skips that step with a warning, ``"ignore"`` does not check (no host sync).
+            terms, ``"skip"`` skips that step with a warning (weights, optimizer states and BatchNorm statistics as
+            before it; every DDP process alike), ``"ignore"`` does not check (no host sync): the policy of
+            :class:`medkd.training.nonfinite.NonFiniteLoss`.
         teacher_mode: ``"frozen"`` (the offline teacher, :class:`medkd.training.teachers.FrozenTeacher`) or ``"online"``
             (trained with the students by its supervised loss, :class:`medkd.training.teachers.OnlineTeacher`; no
             ``teacher_cache``).
@@ -210,18 +225,11 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
             to_kwargs=to_kwargs,
             amp_kwargs=amp_kwargs,
         )
-        if set(students) != set(optimizers):
-            raise ValueError(
-                f"students {sorted(students)} and optimizers {sorted(optimizers)} must have the same names."
-            )
-        if TEACHER in students:
-            raise ConfigError(f"'{TEACHER}' is reserved for the teacher; rename that student.")
-        if nan_policy not in ("raise", "skip", "ignore"):
-            raise ConfigError(f"nan_policy must be 'raise', 'skip' or 'ignore', got {nan_policy!r}.")
+        _check_names(students, optimizers)
+        self.nonfinite = NonFiniteLoss(nan_policy, terms=LOSSES)
         self.students = {name: net.to(self.state.device) for name, net in students.items()}
         self.optimizers = dict(optimizers)
         self.loss_function = loss_function
-        self.nan_policy = nan_policy
         self.optim_set_to_none = optim_set_to_none
         self.scaler: torch.amp.GradScaler | None = None  # made by run(), for float16 on CUDA only
         self.routes = KnowledgeRoutes(routes, list(self.students), feature_layers)
@@ -229,34 +237,27 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
         self.teacher_role = self._teacher_role(
             teacher, teacher_mode, teacher_checkpoint, teacher_optimizer, teacher_cache
         )
-        if mixing is not None and getattr(self.teacher_role, "cache", None) is not None:
-            raise ConfigError(
-                "mix cannot use a teacher cache: the teacher must see each step's mixed images, which no earlier "
-                "epoch saw. Leave out the teacher_cache, or set --mix null."
-            )
-        self.mixing = mixing
+        self.mixing = _checked_mixing(mixing, self.teacher_role)
         self.networks: dict[str, nn.Module] = {TEACHER: self.teacher} if self.teacher is not None else {}
         self.networks.update(self.students)
-        self.routes.setup(
-            self.networks,
-            lambda: _plain(
-                self.prepare_batch(
-                    example_batch if example_batch is not None else next(iter(train_data_loader)),
-                    self.state.device,
-                    self.non_blocking,
-                    **self.to_kwargs,
-                )[0]
-            ),
-        )
+        self._setup_routes(example_batch)
+        self._setup_networks(self.networks.values(), channels_last, compile, compile_kwargs, adapters=[self.routes])
+        self.nonfinite.attach(self)
+
+    def _setup_routes(self, example_batch: Any) -> None:
+        """Size the routes' adapters with ``example_batch`` (``None``: the data loader's first, read only if a route
+        needs it), move them to the device and add them to their target student's optimizer."""
+
+        def example_inputs() -> torch.Tensor:
+            batch = example_batch if example_batch is not None else next(iter(self.data_loader))
+            return _plain(self.prepare_batch(batch, self.state.device, self.non_blocking, **self.to_kwargs)[0])
+
+        self.routes.setup(self.networks, example_inputs)
         self.routes.to(self.state.device)
         for name, optimizer in self.optimizers.items():
             adapters = self.routes.parameters_of(name)
             if adapters:
                 optimizer.add_param_group({"params": adapters})
-        if channels_last:
-            to_channels_last([*self.networks.values(), self.routes])
-        if compile:  # the networks run on plain tensors (see _iteration)
-            compile_in_place(self.networks.values(), compile_kwargs)
 
     def _teacher_role(
         self,
@@ -325,11 +326,6 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
                 terms = {name: float(value) for name, value in output.pop(LOSSES, {}).items()}
                 engine.state.output = [{**item, LOSSES: dict(terms)} for item in transform(output)]
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if not self.amp:
-            return contextlib.nullcontext()
-        return torch.autocast(torch.device(self.state.device).type, **self.amp_kwargs)
-
     def run(self) -> None:  # type: ignore[override]
         """Train; the float16 gradient scaler is only created for CUDA."""
         use_scaler = (
@@ -340,27 +336,9 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         super(Trainer, self).run()
 
-    def _check_finite(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> bool:
-        """Whether to take the step, by ``nan_policy``: raise or warn naming the non-finite terms."""
-        if self.nan_policy == "ignore" or bool(torch.isfinite(loss)):
-            return True
-        bad = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items() if not bool(torch.isfinite(v)))
-        where = f"epoch {self.state.epoch}, iteration {self.state.iteration}"
-        if self.nan_policy == "raise":
-            raise FloatingPointError(
-                f"non-finite loss at {where}: {bad}. Lower the learning rate or that term's weight, check the input "
-                "intensities, or set nan_policy='skip' to skip such steps."
-            )
-        warnings.warn(f"skipping the step at {where}: non-finite loss {bad}.", stacklevel=2)
-        return False
-
     def _iteration(self, engine: DistillationTrainer, batchdata: Any) -> dict:
         """One distillation step; see the class docstring for the output."""
-        if batchdata is None:
-            raise ValueError("Must provide batch data for current iteration.")
-        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
-        inputs, targets = batch[0], batch[1]
-        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}  # as given, metadata included
+        inputs, targets = engine._load_batch(batchdata)
         inputs, targets = _plain(inputs), _plain(targets)  # the networks and losses run on plain tensors
         mixed = engine.mixing(inputs, targets) if engine.mixing is not None else MixedBatch(inputs, targets)
         inputs = mixed.inputs  # what the teacher and the students see
@@ -388,16 +366,15 @@ class DistillationTrainer(UserErrorsFirst, Trainer):
             loss = sum(terms[f"{name}/total"] for name in optimizers)
             engine.state.output[Keys.LOSS] = loss.detach()
             engine.state.output[LOSSES] = {k: v.detach() for k, v in terms.items()}
-            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+            engine.fire_event(IterationEvents.LOSS_COMPLETED)  # engine.nonfinite checks the loss
 
-        if engine._check_finite(loss, terms):
-            scaler = engine.scaler
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-            engine.routes.sync_gradients()  # DDP averages the students' gradients, not the adapters'
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            for optimizer in optimizers.values():
-                scaler.step(optimizer) if scaler is not None else optimizer.step()
-            if scaler is not None:
-                scaler.update()
+        scaler = engine.scaler
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        engine.routes.sync_gradients()  # DDP averages the students' gradients, not the adapters'
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)  # a skipped step's gradients dropped here
+        for optimizer in optimizers.values():
+            scaler.step(optimizer) if scaler is not None else optimizer.step()
+        if scaler is not None:
+            scaler.update()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output

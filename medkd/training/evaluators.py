@@ -3,7 +3,6 @@ ensemble (the mean of their softmax probabilities) as one more network, ``"ensem
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import math
 import warnings
@@ -26,10 +25,9 @@ from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
 from medkd.bundles import TEACHER
-from medkd.errors import ConfigError, UserErrorsFirst
-from medkd.runtime.layout import channels_last as to_channels_last
-from medkd.training.compiling import compiled_inferer
+from medkd.errors import ConfigError
 from medkd.training.surface_metrics import HD95Metric, NSDMetric
+from medkd.training.workflow import MedkdWorkflow
 
 __all__ = [
     "METRICS",
@@ -132,7 +130,7 @@ def checkpointed(name: str, network: nn.Module) -> dict[str, nn.Module]:
     return dict(network.members) if isinstance(network, EnsembleNetwork) else {name: network}
 
 
-class MultiNetworkEvaluator(UserErrorsFirst, Evaluator):
+class MultiNetworkEvaluator(MedkdWorkflow, Evaluator):
     """Run several networks on each validation batch; output ``pred_<name>`` per network plus image and label.
 
     The networks are moved to ``device`` (MONAI's evaluators leave that to the caller).
@@ -220,25 +218,16 @@ class MultiNetworkEvaluator(UserErrorsFirst, Evaluator):
             to_kwargs=to_kwargs,
             amp_kwargs=amp_kwargs,
         )
-        self.networks = {name: network.to(self.state.device) for name, network in networks.items()}
+        self.networks = dict(networks)
         self.inferer = SimpleInferer() if inferer is None else inferer
         self.ensemble = ensemble
-        if channels_last:
-            to_channels_last(self.networks.values())
-        if compile:
-            self.inferer = compiled_inferer(self.networks.values(), self.inferer, compile_kwargs)
+        self._setup_networks(self.networks.values(), channels_last, compile, compile_kwargs)
 
     def _iteration(self, engine: MultiNetworkEvaluator, batchdata: Any) -> dict:
-        if batchdata is None:
-            raise ValueError("Must provide batch data for current iteration.")
-        batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
-        inputs, targets = batch[0], batch[1]
-        engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
-        device_type = torch.device(engine.state.device).type
-        precision = torch.autocast(device_type, **engine.amp_kwargs) if engine.amp else contextlib.nullcontext()
+        inputs, _ = engine._load_batch(batchdata)
         with engine.mode(*engine.networks.values()), torch.no_grad():
             for name, network in engine.networks.items():
-                with precision:
+                with engine._autocast():
                     pred = engine.inferer(inputs, network)
                 # scored in float32: metrics (e.g. ROC-AUC through numpy) do not take bfloat16
                 engine.state.output[pred_key(name)] = pred.float()
@@ -250,7 +239,7 @@ class MultiNetworkEvaluator(UserErrorsFirst, Evaluator):
         return engine.state.output
 
 
-class SingleNetworkEvaluator(UserErrorsFirst, SupervisedEvaluator):
+class SingleNetworkEvaluator(MedkdWorkflow, SupervisedEvaluator):
     """MONAI's ``SupervisedEvaluator`` (one network, output ``pred``), with the network moved to the evaluator's
     device, with ``channels_last`` converted to the channels-last layout (:mod:`medkd.runtime.layout`) and, with
     ``compile``, compiled in place (:mod:`medkd.training.compiling`); used for inference. The other arguments are
@@ -266,11 +255,8 @@ class SingleNetworkEvaluator(UserErrorsFirst, SupervisedEvaluator):
         channels_last: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(device, val_data_loader, network.to(device), **kwargs)
-        if channels_last:
-            to_channels_last([self.network])
-        if compile:  # in place and fed plain tensors, as in every medkd engine, rather than MONAI's wrapper
-            self.inferer = compiled_inferer([self.network], self.inferer, compile_kwargs)
+        super().__init__(device, val_data_loader, network, **kwargs)
+        self._setup_networks([self.network], channels_last, compile, compile_kwargs)
 
 
 def segmentation_postprocessing(networks: Sequence[str], num_classes: int) -> Compose:

@@ -23,15 +23,10 @@ from medkd.knowledge.routes import Route
 from medkd.knowledge.teacher import check_snapshot_epochs
 from medkd.planning.planfile import write_plan
 from medkd.runtime.distributed import unwrap
-from medkd.training.checkpoints import (
-    CheckpointError,
-    keep_previous,
-    load_checkpoint,
-    load_network_weights,
-    save_or_explain,
-)
+from medkd.training.checkpoints import CheckpointError, load_checkpoint, load_network_weights, save_or_explain
 from medkd.training.engines import iteration_losses
 from medkd.training.evaluators import metric_name
+from medkd.training.previous import keep_previous
 from medkd.training.random_states import DataPass, RandomStates
 from medkd.training.run_fingerprint import fingerprint_changes
 

@@ -3,20 +3,20 @@
 * :func:`count_nonfinite` counts the NaN/Inf values of an image (``check-data`` and
   :func:`medkd.data.checks.check_datalist` report them per file).
 * :class:`CheckFinited` stops a pipeline with a :class:`~medkd.data.loading.DataError` naming the file when a loaded
-  image
-  holds NaN/Inf; :func:`with_finite_check` inserts it after the loader of a bundle's ``load`` list. Inference's
+  image holds NaN/Inf; :func:`with_finite_check` inserts it after the loader of a bundle's ``load`` list. Inference's
   :class:`~medkd.data.skipping.SafeDataset` then skips the file and lists it in ``skipped.tsv``; evaluation stops.
-* :class:`NonFiniteLoss` gives MONAI's ``SupervisedTrainer`` (the teacher stage) the ``nan_policy`` of
-  :class:`medkd.training.engines.DistillationTrainer`: ``raise``, ``skip`` or ``ignore``.
+* :class:`NonFiniteLoss` is the one ``nan_policy`` of the training stages (``raise``, ``skip`` or ``ignore``):
+  :class:`medkd.training.engines.DistillationTrainer` uses it, and so does MONAI's ``SupervisedTrainer`` (the teacher
+  stage) among its handlers.
 * :class:`NonFiniteOutputs` stops an evaluator when an input or a network's output is non-finite, naming the image
   and the network, instead of letting ``argmax`` turn NaN logits into an empty mask or a lower Dice.
 
-A non-finite *training loss* raises :class:`NonFiniteLossError`, a ``FloatingPointError`` like the one the
-distillation trainer raises and deliberately not a :class:`~medkd.errors.MedkdError`: a diverging run (learning
-rate, AMP overflow, a bug in a custom loss) is not necessarily a mistake in the user's input, so the traceback is
-kept. Non-finite *inputs* are user errors (:class:`~medkd.data.loading.DataError`), and so are non-finite *outputs* of a
-finite input at evaluation or inference (:class:`NonFiniteOutputError`): the checkpoint holds NaN/Inf weights or
-the chosen AMP dtype overflows, both fixed by the user.
+A non-finite *training loss* raises :class:`NonFiniteLossError`, a ``FloatingPointError`` and deliberately not a
+:class:`~medkd.errors.MedkdError`: a diverging run (learning rate, AMP overflow, a bug in a custom loss) is not
+necessarily a mistake in the user's input, so the traceback is kept. Non-finite *inputs* are user errors
+(:class:`~medkd.data.loading.DataError`), and so are non-finite *outputs* of a finite input at evaluation or
+inference (:class:`NonFiniteOutputError`): the checkpoint holds NaN/Inf weights or the chosen AMP dtype overflows,
+both fixed by the user.
 """
 
 from __future__ import annotations
@@ -150,32 +150,39 @@ def with_finite_check(transforms: Sequence[Any]) -> list[Any]:
 
 
 class NonFiniteLoss:
-    """The ``nan_policy`` of :class:`medkd.training.engines.DistillationTrainer`, for MONAI's ``SupervisedTrainer``.
+    """The one ``nan_policy`` of medkd's training stages: :class:`medkd.training.engines.DistillationTrainer` makes
+    one from its ``nan_policy``; the teacher stage (MONAI's ``SupervisedTrainer``) has one among its handlers.
 
     Attach it as one of the trainer's handlers. After each loss (``IterationEvents.LOSS_COMPLETED``):
 
-    * ``"raise"``: a NaN/Inf loss stops training with :class:`NonFiniteLossError` naming the epoch, iteration and the
-      batch's files (those whose input is non-finite first);
+    * ``"raise"``: a NaN/Inf loss stops training with :class:`NonFiniteLossError` naming the epoch, iteration, the
+      non-finite loss terms (with ``terms``) and the batch's files (those whose input is non-finite first);
     * ``"skip"``: the step is skipped with a warning: after the backward pass the gradients are dropped
-      (``zero_grad(set_to_none=True)``, so the optimizer leaves every parameter and its state alone; with an
-      enabled AMP ``GradScaler`` they are set to NaN instead so that the scaler skips the step), and the network's
-      buffers (BatchNorm running statistics, updated by the forward pass) are restored;
+      (``zero_grad(set_to_none=True)``, so the optimizers leave every parameter and their state alone; with an
+      enabled AMP ``GradScaler`` they are set to NaN instead so that the scaler skips the step), and the networks'
+      buffers (BatchNorm running statistics, updated by the forward passes) are restored;
     * ``"ignore"``: no check (and no host synchronisation).
 
     With gradient accumulation, a skipped step also drops the gradients accumulated before it in that window.
     Under DDP every process takes the same decision (the flag is reduced across processes).
+
+    Args:
+        nan_policy: ``"raise"``, ``"skip"`` or ``"ignore"``.
+        terms: key of the engine output holding the loss terms by name (``DistillationTrainer``'s ``"losses"``), to
+            name the non-finite ones; ``None`` for an engine without.
     """
 
-    def __init__(self, nan_policy: str = "raise") -> None:
+    def __init__(self, nan_policy: str = "raise", terms: str | None = None) -> None:
         if nan_policy not in NAN_POLICIES:
             raise ConfigError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}; e.g. --nan_policy skip.")
         self.nan_policy = nan_policy
+        self.terms = terms
         self.skipped = 0
         self._skip = False
         self._saved: list[torch.Tensor] = []
 
     def attach(self, engine: Engine) -> None:
-        """Check the loss of each iteration of ``engine`` (a ``SupervisedTrainer``)."""
+        """Check the loss of each iteration of ``engine`` (a ``SupervisedTrainer`` or a ``DistillationTrainer``)."""
         if self.nan_policy == "ignore":
             return
         engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self._check)
@@ -183,12 +190,8 @@ class NonFiniteLoss:
             engine.add_event_handler(Events.ITERATION_STARTED, self._save_buffers)
             engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self._drop_step)
 
-    @staticmethod
-    def _buffers(engine: Engine) -> list[torch.Tensor]:
-        return list(engine.network.buffers())
-
     def _save_buffers(self, engine: Engine) -> None:
-        buffers = self._buffers(engine)
+        buffers = _buffers(engine)
         if len(self._saved) != len(buffers) or any(
             s.shape != b.shape or s.device != b.device for s, b in zip(self._saved, buffers, strict=True)
         ):
@@ -207,36 +210,62 @@ class NonFiniteLoss:
             return
         value = float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else loss
         where = f"epoch {engine.state.epoch}, iteration {engine.state.iteration}"
-        images = engine.state.output.get(Keys.IMAGE)
-        n = int(images.shape[0]) if isinstance(images, torch.Tensor) and images.ndim else 0
-        files = _filenames(images, n) if n else []
-        bad = [files[i] for i in _nonfinite_samples(images)] if n else []
-        shown = ", ".join(files[:4]) + (f" and {len(files) - 4} more" if len(files) > 4 else "")
-        batch = f"non-finite input in {', '.join(bad)}" if bad else f"batch: {shown}" if shown else ""
+        terms = self._bad_terms(engine.state.output)
+        batch = _batch_files(engine.state.output.get(Keys.IMAGE))
         if self.nan_policy == "raise":
             raise NonFiniteLossError(
-                f"non-finite loss ({value}) at {where}{f' ({batch})' if batch else ''}. Lower the learning rate, "
-                "check the input images (`python -m medkd check-data --datalist ...`), or set nan_policy to 'skip' "
-                "(--nan_policy skip) to skip such steps."
+                f"non-finite loss ({value}) at {where}{f': {terms}' if terms else ''}{f' ({batch})' if batch else ''}. "
+                "Lower the learning rate or that term's weight, check the input images (`python -m medkd "
+                "check-data --datalist ...`), or set nan_policy to 'skip' (--nan_policy skip) to skip such steps."
             )
         self.skipped += 1
-        detail = f"; {batch}" if batch else ""
+        detail = "".join(f"; {x}" for x in (terms, batch) if x)
         warnings.warn(f"skipping the step at {where}: non-finite loss ({value}){detail}.", stacklevel=2)
+
+    def _bad_terms(self, output: Mapping) -> str:
+        """The non-finite loss terms of ``output``, e.g. ``"sp/sup=nan, sp/total=nan"``; empty without ``terms``."""
+        terms = output.get(self.terms, {}) if self.terms is not None else {}
+        return ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items() if not bool(torch.isfinite(v).all()))
 
     def _drop_step(self, engine: Engine) -> None:
         if not self._skip:
             return
         scaler = getattr(engine, "scaler", None)
-        if getattr(engine, "amp", False) and scaler is not None and scaler.is_enabled():
-            for group in engine.optimizer.param_groups:  # the scaler finds NaN and skips the step
+        nan_for_scaler = getattr(engine, "amp", False) and scaler is not None and scaler.is_enabled()
+        for optimizer in _optimizers(engine):
+            if not nan_for_scaler:
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            for group in optimizer.param_groups:  # the scaler finds NaN and skips the step
                 for p in group["params"]:
                     if p.grad is not None:
                         p.grad.fill_(float("nan"))
-        else:
-            engine.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            for saved, buffer in zip(self._saved, self._buffers(engine), strict=False):
+            for saved, buffer in zip(self._saved, _buffers(engine), strict=False):
                 buffer.copy_(saved)
+
+
+def _buffers(engine: Engine) -> list[torch.Tensor]:
+    """The buffers a training step's forward passes may update: those of a ``DistillationTrainer``'s networks and
+    route adapters, or of a ``SupervisedTrainer``'s network."""
+    networks = getattr(engine, "networks", None)
+    modules = [*networks.values(), engine.routes] if networks is not None else [engine.network]
+    return [buffer for module in modules for buffer in module.buffers()]
+
+
+def _optimizers(engine: Engine) -> list[torch.optim.Optimizer]:
+    """The optimizers a training step steps: a ``DistillationTrainer``'s trained ones, or a ``SupervisedTrainer``'s."""
+    trained = getattr(engine, "trained_optimizers", None)
+    return list(trained.values()) if trained is not None else [engine.optimizer]
+
+
+def _batch_files(images: Any) -> str:
+    """The files of a batch for a message: those with non-finite input, else the first four; empty without names."""
+    n = int(images.shape[0]) if isinstance(images, torch.Tensor) and images.ndim else 0
+    files = _filenames(images, n) if n else []
+    bad = [files[i] for i in _nonfinite_samples(images)] if n else []
+    shown = ", ".join(files[:4]) + (f" and {len(files) - 4} more" if len(files) > 4 else "")
+    return f"non-finite input in {', '.join(bad)}" if bad else f"batch: {shown}" if shown else ""
 
 
 class NonFiniteOutputs:
