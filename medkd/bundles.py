@@ -144,7 +144,7 @@ STAGE_KEYS = {
 _SEGMENTATION_KEYS = frozenset({
     "pixdim", "interp_modes", "crop", "strides", "teacher_channels", "compression", "student_channels",
     "sw_overlap", "sw_batch_size", "label_values", "map_labels", "surface_tolerance_mm",
-    "surface_tolerances",
+    "surface_tolerances", "choose_postprocessing", "mirror_tta", "postprocessing_choice",
 })  # fmt: skip
 OWN_KEYS = {
     "segmentation_2d": _SEGMENTATION_KEYS,

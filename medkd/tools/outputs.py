@@ -21,6 +21,7 @@ from ignite.engine import Engine, Events
 from medkd.bundles import RESULTS_JSON, RESULTS_MD
 from medkd.tools.class_pictures import CONFUSION_PNG, ROC_PNG
 from medkd.tools.overlays import OVERLAYS_DIR
+from medkd.training.postprocessing import POSTPROCESSING_JSON
 from medkd.training.previous import keep_previous, numbered
 
 __all__ = [
@@ -36,10 +37,11 @@ __all__ = [
 logger = logging.getLogger("medkd.tools.outputs")
 
 # what the evaluation stage writes into its output_dir: the results table, MONAI's MetricsSaver files (the metrics,
-# per case and per class), a classifier's per-image probabilities and pictures, and a segmentation's overlays folder
+# per case and per class), the post-processing chosen on the validation images, a classifier's per-image
+# probabilities and pictures, and a segmentation's overlays folder
 EVALUATION_FILES = (
     RESULTS_JSON, RESULTS_MD, "metrics.csv", "*_raw.csv", "*_summary.csv", "probabilities.csv", ROC_PNG,
-    CONFUSION_PNG.format("*"),
+    CONFUSION_PNG.format("*"), POSTPROCESSING_JSON,
 )  # fmt: skip
 EVALUATION_FOLDERS = (OVERLAYS_DIR,)
 LATEST = "latest.txt"  # in an inference output_dir: the name of its last complete run folder

@@ -21,6 +21,7 @@ from medkd.bundles import COMPARISON_PNG, RESULTS_CSV, RESULTS_JSON, RESULTS_MD
 from medkd.tools.comparison_plot import plot_comparison
 from medkd.tools.gains import RESAMPLES, Gain, Runs, gain_cells, method_gains
 from medkd.training.evaluators import ENSEMBLE, METRICS, split_metric_name
+from medkd.training.postprocessing import PostprocessingChoice
 
 __all__ = [
     "ResultsTable",
@@ -87,6 +88,8 @@ class ResultsTable:
             its parameter count is the sum of theirs.
         surface_tolerances: the NSD tolerance of each of ``class_names``, when the evaluation scores HD95 and NSD
             (:mod:`medkd.training.surface_metrics`): ``results.md`` then says what they measure, in which unit.
+        postprocessing: the post-processing chosen on the validation images
+            (:class:`medkd.training.postprocessing.PostprocessingChoice`): ``results.md`` says what it kept.
     """
 
     def __init__(
@@ -97,8 +100,10 @@ class ResultsTable:
         class_names: Sequence[str] | None = None,
         ensemble: Sequence[str] = (),
         surface_tolerances: Sequence[float] | None = None,
+        postprocessing: PostprocessingChoice | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
+        self.postprocessing = postprocessing
         self.surface_tolerances = None if surface_tolerances is None else list(surface_tolerances)
         self.networks = dict(networks or {})
         self.ensemble = list(ensemble)
@@ -191,7 +196,8 @@ class ResultsTable:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         (self.output_dir / RESULTS_JSON).write_text(json.dumps(rows, indent=2), encoding="utf-8")
         table = markdown_table(rows)
-        for note in (self.surface_note(), self.absent_note(details), self.infinite_note(details)):
+        chosen = self.postprocessing.describe() if self.postprocessing is not None else ""
+        for note in (chosen, self.surface_note(), self.absent_note(details), self.infinite_note(details)):
             table += f"\n\n{note}" if note else ""
         (self.output_dir / RESULTS_MD).write_text(table + "\n", encoding="utf-8")
         print(f"\nResults ({self.output_dir / RESULTS_MD}):\n{table}\n", flush=True)

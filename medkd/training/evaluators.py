@@ -259,12 +259,15 @@ class SingleNetworkEvaluator(MedkdWorkflow, SupervisedEvaluator):
         self._setup_networks([self.network], channels_last, compile, compile_kwargs)
 
 
-def segmentation_postprocessing(networks: Sequence[str], num_classes: int) -> Compose:
-    """Argmax + one-hot of every network's logits, one-hot of the label (for ``DiceMetric``)."""
+def segmentation_postprocessing(networks: Sequence[str], num_classes: int, chosen: Callable | None = None) -> Compose:
+    """Argmax + one-hot of every network's logits, one-hot of the label (for ``DiceMetric``), then ``chosen``: the
+    post-processing chosen on the validation images, if any
+    (:class:`medkd.training.postprocessing.PostprocessingChoice`)."""
     return Compose(
         [
             AsDiscreted(keys=[pred_key(n) for n in networks], argmax=True, to_onehot=num_classes),
             AsDiscreted(keys=Keys.LABEL, to_onehot=num_classes),
+            *([chosen] if chosen is not None else []),
         ]
     )
 
