@@ -148,6 +148,14 @@ def test_model_pt_of_other_weights_is_set_aside_and_of_the_same_left(tmp_path):
     assert aside.name.startswith("model.") and same_weights(torch.load(aside, weights_only=True), first)
 
 
+def test_an_unreadable_model_pt_is_set_aside(tmp_path):
+    (tmp_path / MODEL_FILE).write_text("not weights")
+    weights = _best_checkpoint(tmp_path, "sp", 1.0)
+    DeployedModel(str(tmp_path), "sp", ["sp"])(Engine(lambda e, b: None))
+    assert same_weights(torch.load(tmp_path / MODEL_FILE, weights_only=True), weights)
+    assert [p.read_text() for p in tmp_path.glob("model.*.pt")] == ["not weights"]
+
+
 def test_the_ensemble_cannot_be_deployed():
     with pytest.raises(ConfigError, match="network_name 'ensemble'"):
         DeployedModel("models", "ensemble", ["teacher", "sp", "sf"])

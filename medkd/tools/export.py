@@ -20,7 +20,7 @@ from ignite.engine import Engine, Events
 
 from medkd.bundles import checkpoint_file
 from medkd.errors import ConfigError
-from medkd.training.checkpoints import keep_previous, load_checkpoint, save_or_explain
+from medkd.training.checkpoints import CheckpointError, keep_previous, load_checkpoint, save_or_explain
 
 __all__ = ["MODEL_FILE", "DeployedModel", "same_weights"]
 
@@ -32,6 +32,14 @@ MODEL_FILE = "model.pt"  # the deployed network's weights in ckpt_dir (the model
 def same_weights(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
     """Whether two state dicts hold the same tensors under the same names."""
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _readable_weights(path: Path) -> dict:
+    """The state dict in ``path``; ``{}`` when it cannot be read (a file to set aside like any other)."""
+    try:
+        return load_checkpoint(path)
+    except CheckpointError:
+        return {}
 
 
 class DeployedModel:
@@ -76,7 +84,7 @@ class DeployedModel:
             return
         weights = load_checkpoint(best)[self.network]
         if self.path.is_file():
-            if same_weights(torch.load(self.path, map_location="cpu", weights_only=True), weights):
+            if same_weights(_readable_weights(self.path), weights):
                 return
             keep_previous([self.path], f"writing the best {self.network} to {self.path}")
         save_or_explain(weights, self.path)
