@@ -120,6 +120,8 @@ SHARED_KEYS = frozenset({
     "route_graph", "feature_layers", "loss", "optimizer", "optimizers", "warmup_epochs", "hint_layers",
     "lr_decay_power", "teacher_mode", "teacher_init", "teacher_optimizer", "train_teacher", "ensemble",
     "teacher_snapshots", "teacher_epoch", "mix", "mix_alpha", "mix_prob", "mixing",
+    # the network a bundle ships (medkd.tools.export)
+    "network_name", "network_def",
     # transforms and engines
     "load_keys", "load", "augment", "inferer", "input_settings", "fingerprint", "best_checkpoints",
     "resume_checkpoint", "train", "validate", "initialize", "run",
@@ -129,11 +131,11 @@ STAGE_KEYS = {
     "train": frozenset(),
     "train_teacher": frozenset({"teacher_train_network", "teacher_snapshot_checkpoints"}),
     "evaluate": frozenset({
-        "networks", "ensemble_members", "scored_networks", "overlays", "test_datalist", "dataset", "dataloader",
-        "handlers", "evaluator",
+        "networks", "ensemble_members", "scored_networks", "overlays", "test_datalist", "preprocessing", "dataset",
+        "dataloader", "handlers", "evaluator",
     }),
     "inference": frozenset({
-        "network_name", "input_dir", "input_pattern", "run_dir", "network", "infer_datalist", "preprocessing",
+        "input_dir", "input_pattern", "run_dir", "network", "infer_datalist", "preprocessing",
         "dataset", "dataloader", "postprocessing", "handlers", "evaluator",
     }),
     "multi_gpu_train": frozenset({"backend", "finalize", "teacher_train_network"}),

@@ -1,0 +1,161 @@
+"""The 2D bundles as MONAI's workflows and model-zoo tools see them: every stage's ``check_properties()``, and
+``verify_net_in_out``, ``ckpt_export`` and ``onnx_export`` of the deployed network (``network_def``, weights in
+``models/model.pt``) run as each bundle's docs/README.md writes them, on tiny trained weights."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+from pathlib import Path
+
+import fire
+import pytest
+import torch
+from bundle_utils import BUNDLES, TINY, native_spacing
+from ignite.engine import Engine
+from monai.bundle import ckpt_export, onnx_export, verify_net_in_out
+
+from medkd.bundles import stage_config, stage_workflow
+from medkd.errors import ConfigError
+from medkd.tools.deploy import onnx_available
+from medkd.tools.export import MODEL_FILE, DeployedModel, same_weights
+from medkd.training.checkpoints import load_checkpoint
+
+BUNDLE_NAMES = ("segmentation_2d", "classification_2d")
+COMMANDS = {"verify_net_in_out": verify_net_in_out, "ckpt_export": ckpt_export, "onnx_export": onnx_export}
+CONFIGS = "--config_file \"['configs/train.json','configs/inference.json']\" --meta_file configs/metadata.json"
+# the commands of each bundle's docs/README.md ("Model-zoo commands"), run from the bundle folder
+VERIFY = f"python -m monai.bundle verify_net_in_out network_def {CONFIGS}"
+TORCHSCRIPT = f"python -m monai.bundle ckpt_export network_def --filepath models/model.ts {CONFIGS}"
+SIZES = "{0: 'batch', 2: 'height', 3: 'width'}"
+ONNX_AXES = {  # the dynamic axes of onnx_export: the classifier's output has no spatial ones
+    "segmentation_2d": f"{{'image': {SIZES}, 'pred': {SIZES}}}",
+    "classification_2d": f"{{'image': {SIZES}, 'pred': {{0: 'batch'}}}}",
+}
+
+
+def onnx_command(bundle: str) -> str:
+    """The ``onnx_export`` command of ``bundle``'s README: batch and spatial sizes dynamic, the TorchScript-based
+    exporter (several times faster than dynamo's, and exports MONAI's networks)."""
+    axes = ONNX_AXES[bundle]
+    kwargs = f"{{'input_names': ['image'], 'output_names': ['pred'], 'dynamic_axes': {axes}, 'dynamo': False}}"
+    return (f"python -m monai.bundle onnx_export network_def --filepath models/model.onnx --ckpt_file models/model.pt "
+            f'{CONFIGS} --use_trace True --converter_kwargs "{kwargs}"')  # fmt: skip
+
+
+def missing_properties(bundle: str, stage: str, root: Path, run: bool = False) -> list[str]:
+    """What MONAI's ``check_properties()`` finds missing in ``stage`` of ``bundle`` (tiny data, the student alone,
+    one epoch) in ``root``, after initialising it, and running it if ``run``."""
+    settings = {**TINY[bundle], "max_epochs": 1, "routes_preset": "student", **native_spacing(bundle)}
+    workflow = stage_workflow(BUNDLES / bundle, stage, bundle_root=str(root), **settings)
+    workflow.initialize()
+    if run:
+        workflow.run()
+    return workflow.check_properties()
+
+
+@pytest.fixture(scope="module", params=BUNDLE_NAMES)
+def trained(request, tmp_path_factory) -> tuple[str, Path, dict]:
+    """A bundle folder (the bundle's configs, tiny data) after one epoch of distillation (the student alone, to be
+    quick), and what ``check_properties()`` finds missing in each stage."""
+    bundle = request.param
+    root = tmp_path_factory.mktemp(bundle)
+    shutil.copytree(BUNDLES / bundle / "configs", root / "configs")
+    missing = {stage: missing_properties(bundle, stage, root, run=stage == "train")
+               for stage in ("train_teacher", "train", "evaluate", "inference")}  # fmt: skip
+    return bundle, root, missing
+
+
+def run_in(root: Path, command: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run a README command of ``python -m monai.bundle`` in ``root``, parsed by the same ``fire`` call, in this
+    process (a fresh interpreter per command took minutes); MONAI's commands raise on any mismatch."""
+    args = shlex.split(command)
+    assert args[:3] == ["python", "-m", "monai.bundle"], command
+    monkeypatch.chdir(root)
+    fire.Fire(COMMANDS, command=args[3:])
+
+
+def deployed_network(bundle: str, root: Path) -> torch.nn.Module:
+    """``network_def`` of the inference stage in ``root``, with the weights of ``models/model.pt``."""
+    network = stage_config(BUNDLES / bundle, "inference", {"bundle_root": str(root)}).get_parsed_content("network_def")
+    network.load_state_dict(torch.load(root / "models" / MODEL_FILE, weights_only=True))
+    return network.eval()
+
+
+def test_every_stage_has_the_properties_monai_requires(trained):
+    bundle, _, missing = trained
+    assert missing == {stage: [] for stage in missing}, bundle
+
+
+def test_the_distillation_writes_the_chosen_network_to_model_pt(trained):
+    _, root, _ = trained
+    best = load_checkpoint(root / "models" / "sp.pt")["sp"]
+    assert same_weights(torch.load(root / "models" / MODEL_FILE, weights_only=True), best)
+
+
+def test_verify_net_in_out_with_the_metadata(trained, monkeypatch):
+    bundle, root, _ = trained
+    run_in(root, VERIFY, monkeypatch)  # raises on other output channels or types than the metadata's
+
+
+def test_torchscript_export_matches_the_deployed_network(trained, monkeypatch):
+    bundle, root, _ = trained
+    run_in(root, TORCHSCRIPT, monkeypatch)
+    x = torch.rand(2, 1, 32, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(root / "models" / "model.ts")(x), deployed_network(bundle, root)(x))
+
+
+def test_onnx_export_matches_the_deployed_network_at_other_sizes(trained, monkeypatch):
+    assert onnx_available(), 'onnx and onnxruntime are in the dev extra (pip install -e ".[dev]"), which CI installs'
+    import onnxruntime
+
+    bundle, root, _ = trained
+    run_in(root, onnx_command(bundle), monkeypatch)
+    session = onnxruntime.InferenceSession(str(root / "models" / "model.onnx"), providers=["CPUExecutionProvider"])
+    network = deployed_network(bundle, root)
+    for shape in ((1, 1, 32, 32), (2, 1, 48, 64)):
+        x = torch.rand(shape)
+        with torch.no_grad():
+            expected = network(x).numpy()
+        torch.testing.assert_close(session.run(None, {"image": x.numpy()})[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_readme_shows_the_commands_the_tests_run():
+    for bundle in BUNDLE_NAMES:
+        readme = (BUNDLES / bundle / "docs" / "README.md").read_text(encoding="utf-8")
+        for command in (VERIFY, TORCHSCRIPT, onnx_command(bundle)):
+            assert command in readme, (bundle, command)
+
+
+def _best_checkpoint(folder: Path, name: str, value: float) -> dict:
+    weights = {"weight": torch.full((2, 2), value)}
+    torch.save({name: weights, "metric": 0.5, "epoch": 1}, folder / f"{name}.pt")
+    return weights
+
+
+def test_model_pt_of_other_weights_is_set_aside_and_of_the_same_left(tmp_path):
+    handler = DeployedModel(str(tmp_path), "sf", ["teacher", "sp", "sf"])
+    first = _best_checkpoint(tmp_path, "sf", 1.0)
+    handler(Engine(lambda e, b: None))
+    assert same_weights(torch.load(tmp_path / MODEL_FILE, weights_only=True), first)
+    handler(Engine(lambda e, b: None))  # the same weights: nothing set aside
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MODEL_FILE, "sf.pt"]
+    second = _best_checkpoint(tmp_path, "sf", 2.0)
+    handler(Engine(lambda e, b: None))
+    assert same_weights(torch.load(tmp_path / MODEL_FILE, weights_only=True), second)
+    (aside,) = [p for p in tmp_path.iterdir() if p.name not in (MODEL_FILE, "sf.pt")]
+    assert aside.name.startswith("model.") and same_weights(torch.load(aside, weights_only=True), first)
+
+
+def test_an_unreadable_model_pt_is_set_aside(tmp_path):
+    (tmp_path / MODEL_FILE).write_text("not weights")
+    weights = _best_checkpoint(tmp_path, "sp", 1.0)
+    DeployedModel(str(tmp_path), "sp", ["sp"])(Engine(lambda e, b: None))
+    assert same_weights(torch.load(tmp_path / MODEL_FILE, weights_only=True), weights)
+    assert [p.read_text() for p in tmp_path.glob("model.*.pt")] == ["not weights"]
+
+
+def test_the_ensemble_cannot_be_deployed():
+    with pytest.raises(ConfigError, match="network_name 'ensemble'"):
+        DeployedModel("models", "ensemble", ["teacher", "sp", "sf"])
