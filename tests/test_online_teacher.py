@@ -19,7 +19,7 @@ from medkd.knowledge.teacher import check_teacher_settings
 from medkd.knowledge.teacher_cache import TeacherCache
 from medkd.training.engines import iteration_losses
 from medkd.training.handlers import ResumeCheckpoint
-from medkd.training.teachers import FrozenTeacher, OnlineTeacher, make_teacher
+from medkd.training.teachers import FrozenTeacher, OnlineTeacher, make_teacher, start_checkpoint
 
 
 def online_trainer(batches, teacher_seed=0, lr=1e-2, **kwargs):
@@ -219,14 +219,14 @@ def test_bundle_choices_follow_the_teacher_mode():
     """The helpers the bundle JSON calls instead of inline conditionals."""
     net, students = tiny_unet(), {"sp": tiny_unet(seed=1)}
     assert teacher_roles.default_init("frozen") == "checkpoint" and teacher_roles.default_init("online") == "scratch"
-    assert teacher_roles.start_checkpoint("t.pt", "checkpoint") == "t.pt"
-    assert teacher_roles.start_checkpoint("t.pt", "scratch") is None
+    assert start_checkpoint("t.pt", "checkpoint") == "t.pt"
+    assert start_checkpoint("t.pt", "scratch") is None
     assert teacher_roles.online_optimizer("frozen", torch.optim.SGD, net) is None
     optimizer = teacher_roles.online_optimizer("online", lambda p: torch.optim.SGD(p, lr=0.1), net)
     assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in net.parameters()}
     assert list(teacher_roles.validated_networks("frozen", net, students)) == ["sp"]
     assert list(teacher_roles.validated_networks("online", net, students)) == ["teacher", "sp"]
     assert teacher_roles.trained_teacher("frozen", net, "cpu") is net  # replicated, not wrapped
-    for bad in (lambda: teacher_roles.default_init("offline"), lambda: teacher_roles.start_checkpoint("t.pt", "x")):
+    for bad in (lambda: teacher_roles.default_init("offline"), lambda: start_checkpoint("t.pt", "x")):
         with pytest.raises(ConfigError, match="teacher_"):
             bad()
