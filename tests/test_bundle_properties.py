@@ -17,9 +17,9 @@ from monai.bundle import ckpt_export, onnx_export, verify_net_in_out
 
 from medkd.bundles import stage_config, stage_workflow
 from medkd.errors import ConfigError
+from medkd.runtime.files import load_checkpoint
 from medkd.tools.deploy import onnx_available
 from medkd.tools.export import MODEL_FILE, DeployedModel, same_weights
-from medkd.training.checkpoints import load_checkpoint
 
 BUNDLE_NAMES = ("segmentation_2d", "classification_2d")
 COMMANDS = {"verify_net_in_out": verify_net_in_out, "ckpt_export": ckpt_export, "onnx_export": onnx_export}

@@ -14,8 +14,8 @@ from medkd.bundles import stage_config
 from medkd.data.synthetic import ensure_segmentation_data
 from medkd.errors import ConfigError, user_error
 from medkd.knowledge.routes import preset_routes
+from medkd.runtime.files import CheckpointError
 from medkd.tools.compare import claim_output, compare, compare_fingerprint
-from medkd.training.checkpoints import CheckpointError
 from medkd.training.run_fingerprint import fingerprint_changes, run_fingerprint
 
 

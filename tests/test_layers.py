@@ -24,7 +24,7 @@ LAYERS = [
     ("data",),
     ("training",),
     ("planning", "prepare", "validation"),
-    ("tools",),
+    ("tools", "bundle_generation"),
     ("__main__",),
 ]
 # (importer, imported): why; at most one import may go up the layers

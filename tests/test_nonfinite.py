@@ -15,18 +15,11 @@ from monai.engines import SupervisedTrainer
 from monai.networks.nets import UNet
 from monai.transforms import Compose, EnsureTyped, ScaleIntensityd
 
+from medkd.data.finite import CheckFinited, count_nonfinite, with_finite_check
 from medkd.data.loading import DataError, LoadMedicalImaged
 from medkd.errors import ConfigError, MedkdError
 from medkd.training.evaluators import MultiNetworkEvaluator
-from medkd.training.nonfinite import (
-    CheckFinited,
-    NonFiniteLoss,
-    NonFiniteLossError,
-    NonFiniteOutputError,
-    NonFiniteOutputs,
-    count_nonfinite,
-    with_finite_check,
-)
+from medkd.training.nonfinite import NonFiniteLoss, NonFiniteLossError, NonFiniteOutputError, NonFiniteOutputs
 
 
 def nan_image(path, count=3) -> str:

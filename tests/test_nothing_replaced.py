@@ -11,7 +11,8 @@ from bundle_utils import latest_run, native_spacing, run_stage
 
 from medkd.data.held_out import bundle_datalists
 from medkd.errors import ConfigError, user_error
-from medkd.training.checkpoints import CheckpointError, check_not_trained_on
+from medkd.runtime.files import CheckpointError
+from medkd.training.checkpoints import check_not_trained_on
 from medkd.training.run_fingerprint import image_ids
 from medkd.training.teachers import start_checkpoint
 

@@ -14,7 +14,8 @@ from bundle_utils import BASE, BUNDLES, run_stage, stage_command, tiny_overlay
 from monai.bundle import ckpt_export
 
 from medkd.bundles import stage_config
-from medkd.training.checkpoints import CheckpointError, load_network_weights, save_or_explain
+from medkd.runtime.files import CheckpointError
+from medkd.training.checkpoints import load_network_weights, save_or_explain
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 

@@ -13,8 +13,8 @@ from bundle_utils import BUNDLES, REPO, run_stage, stage_command, tiny_overlay
 
 from medkd.bundles import TEACHER, stage_config
 from medkd.errors import ConfigError, user_error
+from medkd.runtime.files import load_checkpoint
 from medkd.tools.compare import run_settings
-from medkd.training.checkpoints import load_checkpoint
 from medkd.training.mixing import BatchMixer
 
 

@@ -24,11 +24,11 @@ from monai.transforms import Orientation
 from monai.utils import ensure_tuple
 
 from medkd.data.datalists import load_datalist
+from medkd.data.finite import count_nonfinite
 from medkd.data.labels import check_label_values
 from medkd.data.loading import ORIENTATION_LABELS, LoadMedicalImage
 from medkd.errors import DataError
 from medkd.runtime.distributed import is_not_rank0
-from medkd.training.nonfinite import count_nonfinite
 
 __all__ = [
     "Problem",

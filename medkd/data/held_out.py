@@ -30,8 +30,7 @@ from medkd.data.datalists import csv_class_names, csv_lists, load_datalist
 from medkd.data.splits import Unit, group_of, group_regex, random_splits, relative
 from medkd.errors import ConfigError, DataError
 from medkd.runtime.distributed import rank0_first
-from medkd.runtime.files import atomic_write_json
-from medkd.training.checkpoints import load_checkpoint
+from medkd.runtime.files import atomic_write_json, load_checkpoint
 
 __all__ = [
     "SPLITS",

@@ -4,7 +4,7 @@ An inference stage reads its images through :class:`SafeDataset` (an item whose 
 ``None``, and the file and the reason go to ``report_file``, the stage's ``skipped.tsv``), batches them with
 :func:`skip_none_collate`, lets its evaluator pass over a batch of unusable files only (:func:`skip_empty_batches`)
 and logs what was skipped at the end (:class:`SkippedFilesReport`). Non-finite images fail in the loading chain
-through :func:`medkd.training.nonfinite.with_finite_check`, so they are skipped the same way. Evaluation does not skip:
+through :func:`medkd.data.finite.with_finite_check`, so they are skipped the same way. Evaluation does not skip:
 its
 test list is checked before it starts (:func:`medkd.data.checks.check_before_run`).
 """
@@ -26,10 +26,10 @@ from monai.utils import ImageMetaKey
 
 from medkd.data.cases import NameAfterCase
 from medkd.data.checks import Problem, error_reason
+from medkd.data.finite import CheckFinited, with_finite_check
 from medkd.data.formats import reader_kind
 from medkd.data.loading import DropUnitAxesd
 from medkd.errors import DataError
-from medkd.training.nonfinite import CheckFinited, with_finite_check
 
 __all__ = [
     "SafeDataset",
@@ -148,7 +148,7 @@ def inference_loading(
     load: Sequence[Callable], spatial_dims: int, in_channels: int | None = None, key: str = "image"
 ) -> list[Callable]:
     """A bundle's ``load`` transforms for inference: right after the loader, the checks that make a file unusable
-    (non-finite values, :func:`~medkd.training.nonfinite.with_finite_check`; other spatial dimensions,
+    (non-finite values, :func:`~medkd.data.finite.with_finite_check`; other spatial dimensions,
     :class:`SpatialDimsd`), and after ``load``, other channels than ``in_channels`` (:class:`InputChannelsd`), so
     that :class:`SafeDataset` skips such a file with its reason; at the end, the image named after its case
     (:class:`~medkd.data.cases.NameAfterCase`), which the outputs are named after."""

@@ -23,7 +23,6 @@ from medkd.planning.planfile import (
     read_plan,
     show_plan,
     summary,
-    write_plan,
 )
 from medkd.planning.transforms import NormalizeIntensityd, augmentations
 
@@ -45,5 +44,4 @@ __all__ = [
     "show_plan",
     "summary",
     "validation_interval",
-    "write_plan",
 ]

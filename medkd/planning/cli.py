@@ -11,7 +11,8 @@ import torch
 from medkd.data.checks import infer_task
 from medkd.data.held_out import SPLIT_FILE, bundle_datalists, lists_to_hold_out, nnunet_raw
 from medkd.data.loading import load_datalist
-from medkd.planning.planfile import PLAN_FILE, data_file, make_plan, summary, write_plan
+from medkd.planning.planfile import PLAN_FILE, data_file, make_plan, summary
+from medkd.runtime.files import write_settings
 from medkd.training.previous import set_aside
 
 __all__ = ["add_plan_parser", "plan_command"]
@@ -38,7 +39,7 @@ def plan_command(args: argparse.Namespace) -> int:
     )
     output = Path(args.output).expanduser() if args.output else Path(data_file(dataset_dir, PLAN_FILE, beside))
     moved = set_aside([output])
-    write_plan(plan, output)
+    write_settings(plan, output)
     print(summary(plan, output))
     if moved:
         print(f"(the previous plan was moved aside to {moved[output]})")

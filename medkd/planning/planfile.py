@@ -12,7 +12,6 @@ import datetime
 import json
 import logging
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from medkd.errors import ConfigError
 from medkd.planning.fingerprint import fingerprint_dataset
 from medkd.planning.plan import make_planner, validation_interval
 from medkd.runtime.distributed import is_not_rank0, rank0_first
-from medkd.runtime.files import atomic_write_text
+from medkd.runtime.files import write_settings
 from medkd.training.run_fingerprint import datalist_digest
 from medkd.validation import RENAMED, bundle_hint
 
@@ -34,7 +33,6 @@ __all__ = [
     "PLAN_FILE",
     "BundlePlan",
     "make_plan",
-    "write_plan",
     "read_plan",
     "load_or_make",
     "bundle_plan",
@@ -200,24 +198,6 @@ def _check_dims(
         )
 
 
-def write_plan(plan: Mapping[str, Any], path: PathLike, key: str = "plan_file") -> Path:
-    """Write ``plan`` as indented JSON (atomically: a reader never sees half a file); ``key`` is the bundle key
-    that names ``path``, for the error message."""
-    path = Path(path).expanduser()
-    try:
-        return atomic_write_text(path, _dumps(plan) + "\n")
-    except OSError as e:
-        raise ConfigError(
-            f"cannot write {path} ({e}); pass --{key} a writable path (e.g. in the bundle's folder)."
-        ) from e
-
-
-def _dumps(plan: Mapping[str, Any]) -> str:
-    """Indented JSON with short lists (sizes, spacings, strides) on one line."""
-    text = json.dumps(plan, indent=2, default=str)
-    return re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + re.sub(r"\s*\n\s*", " ", m.group(1)) + "]", text)
-
-
 def writable(folder: PathLike) -> bool:
     """Whether medkd may write files into ``folder``: it is missing (made when written to), or writable."""
     return not os.path.isdir(folder) or os.access(folder, os.W_OK)
@@ -294,7 +274,7 @@ def _load_or_make(
         _warn_if_data_changed(plan, path, datalist)
         return plan
     plan = make_plan(datalist, task=task, spatial_dims=spatial_dims, **options)
-    write_plan(plan, path)
+    write_settings(plan, path)
     logger.info("plan written to %s", path)
     return plan
 

@@ -234,15 +234,12 @@ def compare(
         overrides: more config overrides for every stage (e.g. ``{"dataset_dir": "/data/mine"}``).
         fresh: move an existing ``output`` folder aside first (see :func:`claim_output`); without it, an ``output``
             made with another bundle, dataset or overrides stops the comparison with a ``ConfigError``.
-        jobs: run this many (preset, seed) runs at a time (the teacher counting as one while it trains), each in a
-            worker process writing its output to ``<output>/<preset>/seed<k>/compare.log``; spread over the GPUs when
-            there are several and no ``device`` override (see :mod:`medkd.tools.jobs`). 1: one after another in this
-            process, after the teacher, printing as they go. A failed run raises
-            :class:`medkd.tools.jobs.JobsFailed` naming each failed (preset, seed) after the running ones finish (runs
-            not started yet are cancelled); a rerun resumes them all.
-        threads: intra-op threads of each (preset, seed) run (the teacher keeps this process's). Default: this
-            process's threads divided by ``jobs``; with ``jobs=1``, this process's. The float reductions of CPU
-            kernels depend on the thread count, so identical results need the same ``threads``.
+        jobs: (preset, seed) runs at a time (the teacher counting as one), each in a worker process logging to
+            ``<output>/<preset>/seed<k>/compare.log``, spread over the GPUs (:mod:`medkd.tools.jobs`); 1: one after
+            another in this process. A failed run raises :class:`medkd.tools.jobs.JobsFailed` naming each failed
+            run once the running ones finish; a rerun resumes them all.
+        threads: intra-op threads of each run (default: this process's threads divided by ``jobs``); identical
+            results need the same ``threads`` (CPU kernels sum in an order that depends on it).
     """
     bundle, output = Path(bundle).resolve(), Path(output).resolve()
     unknown = sorted(set(presets) - set(PRESETS))
@@ -277,18 +274,8 @@ def compare(
                 f"the teacher trains, {len(waiting)} after it); their output: {logs}"
             )
             schedule = workers.start(todo, bar, held=waiting, reserve=1)
-        try:
-            bar.set_postfix_str("teacher")
-            epochs = {MAX_EPOCHS: teacher_epochs} if teacher_epochs else {}
-            _run_stage(bundle, "train_teacher", {**common, **run_folders(teacher_dir), **epochs})
-            teacher_eval = {**common, **run_folders(teacher_dir), NETWORKS: "${'teacher': @teacher}"}
-            _run_stage(bundle, "evaluate", teacher_eval)
-        except BaseException as error:
-            if schedule is not None:
-                logger.error("the teacher failed (%s); the runs in progress finish first, a rerun resumes", error)
-                schedule.stop()
-            raise
-        rows += [{**r, "preset": "-", "seed": "-"} for r in _results(teacher_dir)]
+        bar.set_postfix_str("teacher")
+        rows += _teacher_rows(bundle, teacher_dir, common, teacher_epochs, schedule)
         bar.update()
         teacher_s = time.perf_counter() - start
         if schedule is not None:
@@ -301,6 +288,37 @@ def compare(
             "the teacher took %.1f s, the %d runs ended %.1f s after it (%d at a time)",
             teacher_s, len(todo), time.perf_counter() - start - teacher_s, jobs,
         )  # fmt: skip
+    return _report(bundle, output, runs, results, rows, common)
+
+
+def _teacher_rows(
+    bundle: Path, teacher_dir: Path, common: Mapping[str, Any], teacher_epochs: int | None, schedule: Any
+) -> list[dict]:
+    """Train the teacher (``train_teacher`` stage) and evaluate it; its result rows. A failure stops the runs
+    scheduled beside it (``schedule``) after those in progress finish, and is raised."""
+    try:
+        epochs = {MAX_EPOCHS: teacher_epochs} if teacher_epochs else {}
+        _run_stage(bundle, "train_teacher", {**common, **run_folders(teacher_dir), **epochs})
+        teacher_eval = {**common, **run_folders(teacher_dir), NETWORKS: "${'teacher': @teacher}"}
+        _run_stage(bundle, "evaluate", teacher_eval)
+    except BaseException as error:
+        if schedule is not None:
+            logger.error("the teacher failed (%s); the runs in progress finish first, a rerun resumes", error)
+            schedule.stop()
+        raise
+    return [{**r, "preset": "-", "seed": "-"} for r in _results(teacher_dir)]
+
+
+def _report(
+    bundle: Path,
+    output: Path,
+    runs: list[tuple[str, int]],
+    results: dict,
+    rows: list[dict],
+    common: Mapping[str, Any],
+) -> list[dict]:
+    """Add the earlier finished runs in ``output`` and every run's rows to ``rows``, time the networks and write the
+    comparison's files (:func:`medkd.tools.report.write_comparison`, the cases page); the rows."""
     if earlier := _earlier_runs(output, runs):
         listed = ", ".join(f"{preset} seed {seed}" for preset, seed in sorted(earlier))
         logger.info("the results also cover %d earlier finished runs in %s: %s", len(earlier), output, listed)

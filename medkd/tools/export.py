@@ -20,7 +20,9 @@ from ignite.engine import Engine, Events
 
 from medkd.bundles import checkpoint_file
 from medkd.errors import ConfigError
-from medkd.training.checkpoints import CheckpointError, keep_previous, load_checkpoint, save_or_explain
+from medkd.runtime.files import CheckpointError, load_checkpoint
+from medkd.training.checkpoints import save_or_explain
+from medkd.training.previous import keep_previous
 
 __all__ = ["MODEL_FILE", "DeployedModel", "same_weights"]
 

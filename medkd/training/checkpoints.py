@@ -8,18 +8,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from medkd.bundles import checkpoint_file
-from medkd.errors import MedkdError
 from medkd.runtime.distributed import unwrap
-from medkd.runtime.files import atomic_torch_save
+from medkd.runtime.files import CheckpointError, atomic_torch_save, load_checkpoint
 from medkd.training.run_fingerprint import INPUT_KEYS, fingerprint_changes, image_ids
 
 __all__ = [
-    "CheckpointError",
-    "load_checkpoint",
     "load_network_weights",
     "check_trained_inputs",
     "trained_files",
@@ -29,27 +25,6 @@ __all__ = [
 ]
 
 _NETWORK_KEYS = ("network", "model", "state_dict", "teacher")
-
-
-class CheckpointError(MedkdError, RuntimeError):
-    """A checkpoint file is missing, unreadable or does not match the network."""
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
-    """Read a checkpoint dictionary, naming the file in any error."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; train that network first or fix the path.")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises many types for truncated or foreign files
-        raise CheckpointError(
-            f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it may be truncated or not a "
-            "PyTorch file. Delete it to start again, or restore it from a backup."
-        ) from e
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a dictionary of weights.")
-    return obj
 
 
 def load_network_weights(

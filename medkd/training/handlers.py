@@ -21,9 +21,9 @@ from monai.handlers import MLFlowHandler
 from medkd.bundles import checkpoint_file, snapshot_file
 from medkd.knowledge.routes import Route
 from medkd.knowledge.teacher import check_snapshot_epochs
-from medkd.planning.planfile import write_plan
 from medkd.runtime.distributed import unwrap
-from medkd.training.checkpoints import CheckpointError, load_checkpoint, load_network_weights, save_or_explain
+from medkd.runtime.files import CheckpointError, load_checkpoint, write_settings
+from medkd.training.checkpoints import load_network_weights, save_or_explain
 from medkd.training.engines import iteration_losses
 from medkd.training.evaluators import metric_name
 from medkd.training.previous import keep_previous
@@ -458,7 +458,7 @@ class ResumeCheckpoint:
         else:
             self._resume(engine)
         if self.settings_file is not None and idist.get_rank() == 0:
-            write_plan(dict(self.settings or {}), self.settings_file, key="settings_file")
+            write_settings(dict(self.settings or {}), self.settings_file, key="settings_file")
 
     def _resume(self, engine: Engine) -> None:
         checkpoint = load_checkpoint(self.path, map_location=engine.state.device)

@@ -1,10 +1,7 @@
 """Non-finite (NaN/Inf) guards: input images, training losses and network outputs.
 
-* :func:`count_nonfinite` counts the NaN/Inf values of an image (``check-data`` and
-  :func:`medkd.data.checks.check_datalist` report them per file).
-* :class:`CheckFinited` stops a pipeline with a :class:`~medkd.data.loading.DataError` naming the file when a loaded
-  image holds NaN/Inf; :func:`with_finite_check` inserts it after the loader of a bundle's ``load`` list. Inference's
-  :class:`~medkd.data.skipping.SafeDataset` then skips the file and lists it in ``skipped.tsv``; evaluation stops.
+* Input images: :mod:`medkd.data.finite` (``check-data``'s counts, :class:`~medkd.data.finite.CheckFinited` after
+  loading).
 * :class:`NonFiniteLoss` is the one ``nan_policy`` of the training stages (``raise``, ``skip`` or ``ignore``):
   :class:`medkd.training.engines.DistillationTrainer` uses it, and so does MONAI's ``SupervisedTrainer`` (the teacher
   stage) among its handlers.
@@ -22,32 +19,27 @@ both fixed by the user.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import ignite.distributed as idist
-import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.config import KeysCollection
 from monai.engines.utils import IterationEvents
-from monai.transforms import LoadImaged, MapTransform
 from monai.utils import ImageMetaKey
 from monai.utils.enums import CommonKeys as Keys
 
 from medkd.bundles import checkpoint_file
-from medkd.data.loading import DataError, LoadMedicalImaged
+from medkd.data.finite import count_nonfinite, nonfinite_message
+from medkd.data.loading import DataError
 from medkd.errors import ConfigError, MedkdError
 
 __all__ = [
     "NAN_POLICIES",
-    "CheckFinited",
     "NonFiniteLoss",
     "NonFiniteLossError",
     "NonFiniteOutputError",
     "NonFiniteOutputs",
-    "count_nonfinite",
-    "with_finite_check",
 ]
 
 NAN_POLICIES = ("raise", "skip", "ignore")
@@ -62,19 +54,6 @@ class NonFiniteOutputError(MedkdError, FloatingPointError):
     network and what to do."""
 
 
-def count_nonfinite(array: Any) -> int:
-    """Number of NaN/Inf values of a tensor or array (0 for integer data, which cannot hold them)."""
-    if isinstance(array, torch.Tensor):
-        data = array.as_tensor() if hasattr(array, "as_tensor") else array
-        if not (data.is_floating_point() or data.is_complex()):
-            return 0
-        return int((~torch.isfinite(data)).sum())
-    data = np.asarray(array)
-    if not np.issubdtype(data.dtype, np.inexact):
-        return 0
-    return int(np.count_nonzero(~np.isfinite(data)))
-
-
 def _filenames(data: Any, n: int) -> list[str]:
     """The ``n`` file names of a batched MetaTensor, or placeholders when its metadata has none."""
     meta = getattr(data, "meta", None)
@@ -84,15 +63,6 @@ def _filenames(data: Any, n: int) -> list[str]:
     return [f"sample {i} of the batch" for i in range(n)]
 
 
-def _filename(data: Any, key: Hashable) -> str:
-    """The file (or files, for a multi-channel input) of one loaded image."""
-    meta = getattr(data, "meta", None)
-    names = meta.get(ImageMetaKey.FILENAME_OR_OBJ) if isinstance(meta, Mapping) else None
-    if isinstance(names, list | tuple):
-        return ", ".join(str(x) for x in names)
-    return str(names) if names else f"the '{key}' of this item"
-
-
 def _nonfinite_samples(batch: Any) -> list[int]:
     """Indices along the first (batch) axis of the samples holding NaN/Inf."""
     if not isinstance(batch, torch.Tensor) or not batch.is_floating_point() or batch.ndim == 0:
@@ -100,53 +70,6 @@ def _nonfinite_samples(batch: Any) -> list[int]:
     data = batch.as_tensor() if hasattr(batch, "as_tensor") else batch
     ok = torch.isfinite(data).reshape(data.shape[0], -1).all(dim=1)
     return [] if bool(ok.all()) else torch.nonzero(~ok).flatten().tolist()
-
-
-def _nonfinite_message(what: str, count: int, total: int) -> str:
-    return (
-        f"{what} has {count} non-finite value(s) (NaN or Inf) out of {total}. Replace them with a number and save "
-        "the file again (e.g. numpy.nan_to_num(array)), or remove the file from the list"
-    )
-
-
-class CheckFinited(MapTransform):
-    """Raise :class:`~medkd.data.loading.DataError` naming the file when an image of ``keys`` holds NaN/Inf.
-
-    Place it right after the loader (see :func:`with_finite_check`), so the count is that of the file. Integer
-    images pass without a scan.
-    """
-
-    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> Mapping[Hashable, Any]:
-        for key in self.key_iterator(dict(data)):
-            value = data[key]
-            count = count_nonfinite(value)
-            if count:
-                name = _filename(value, key)
-                kind = "Image file" if key == Keys.IMAGE else f"'{key}' file"
-                total = int(np.prod(value.shape))
-                raise DataError(_nonfinite_message(f"{kind} '{name}'", count, total) + ".")
-        return data
-
-
-def with_finite_check(transforms: Sequence[Any]) -> list[Any]:
-    """``transforms`` with a :class:`CheckFinited` (same keys) right after its first loader (``LoadMedicalImaged``
-    or ``LoadImaged``). In a bundle: ``"transforms": "$medkd.training.nonfinite.with_finite_check(@load)"``.
-
-    Raises:
-        ConfigError: the list has no loader.
-    """
-    items = list(getattr(transforms, "transforms", transforms))
-    for i, t in enumerate(items):
-        if isinstance(t, LoadMedicalImaged | LoadImaged):
-            guard = CheckFinited(t.keys, allow_missing_keys=t.allow_missing_keys)
-            return [*items[: i + 1], guard, *items[i + 1 :]]
-    raise ConfigError(
-        "with_finite_check: the transform list has no LoadMedicalImaged/LoadImaged to check after; pass the "
-        "bundle's 'load' list (loader first)."
-    )
 
 
 class NonFiniteLoss:
@@ -276,7 +199,8 @@ class NonFiniteOutputs:
     ``IterationEvents.FORWARD_COMPLETED``, before postprocessing (``argmax`` would hide NaN logits).
 
     Raises:
-        DataError: an input image is non-finite (add :class:`CheckFinited` after loading to name the file earlier).
+        DataError: an input image is non-finite (add :class:`~medkd.data.finite.CheckFinited` after loading to
+            name the file earlier).
         NonFiniteOutputError: a network gave NaN/Inf for a finite image.
     """
 
@@ -300,7 +224,7 @@ class NonFiniteOutputs:
         if bad:
             count = count_nonfinite(images[bad[0]])
             what = f"Image '{files[bad[0]]}' (after preprocessing)"
-            raise DataError(_nonfinite_message(what, count, images[0].numel()) + ".")
+            raise DataError(nonfinite_message(what, count, images[0].numel()) + ".")
         for key, value in output.items():
             if not (key == Keys.PRED or str(key).startswith(f"{Keys.PRED}_")):
                 continue
