@@ -147,6 +147,7 @@ _SEGMENTATION_KEYS = frozenset({
     "pixdim", "interp_modes", "crop", "strides", "teacher_channels", "compression", "student_channels",
     "sw_overlap", "sw_batch_size", "label_values", "map_labels", "surface_tolerance_mm",
     "surface_tolerances", "choose_postprocessing", "mirror_tta", "postprocessing_choice",
+    "tensorboard_images",
 })  # fmt: skip
 OWN_KEYS = {
     "segmentation_2d": _SEGMENTATION_KEYS,
