@@ -159,3 +159,10 @@ def test_an_unreadable_model_pt_is_set_aside(tmp_path):
 def test_the_ensemble_cannot_be_deployed():
     with pytest.raises(ConfigError, match="network_name 'ensemble'"):
         DeployedModel("models", "ensemble", ["teacher", "sp", "sf"])
+
+
+@pytest.mark.parametrize("bundle", ["segmentation_3d", "classification_3d"])
+def test_the_generated_3d_bundles_have_the_properties_monai_requires(bundle, tmp_path):
+    shutil.copytree(BUNDLES / bundle / "configs", tmp_path / "configs")
+    for stage in ("train", "evaluate", "inference"):
+        assert missing_properties(bundle, stage, tmp_path) == [], (bundle, stage)
