@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from bundle_utils import run_stage
 from monai.inferers import SimpleInferer
 
 from medkd.training.evaluators import pred_key
@@ -102,15 +101,3 @@ def test_nothing_is_chosen_when_switched_off(tmp_path):
     ChoosePostprocessing(PostprocessingChoice(), {}, [], SimpleInferer(), 2, str(tmp_path), enabled=False).attach(
         Engine()
     )
-
-
-def test_evaluate_chooses_on_the_validation_images_and_says_so(tmp_path):
-    run_stage("segmentation_2d", "train_teacher", tmp_path)
-    run_stage("segmentation_2d", "train", tmp_path)
-    run_stage("segmentation_2d", "evaluate", tmp_path, mirror_tta=True)
-    report = json.loads((tmp_path / "eval" / POSTPROCESSING_JSON).read_text())
-    assert set(report) == {"teacher", "sp", "sf", "ensemble"}
-    assert all(isinstance(report[n]["mirror_tta"], bool) for n in ("teacher", "sp", "sf"))
-    chosen = [n for n, entry in report.items() if entry["mirror_tta"] or entry["largest_component"]]
-    results = (tmp_path / "eval" / "results.md").read_text()
-    assert ("Post-processing chosen on the validation images" in results) == bool(chosen)

@@ -151,11 +151,16 @@ def test_a_comparison_reports_hd95_and_nsd_and_counts_lower_distances_as_gains()
     assert "| kd | sp | 1 | -0.5000 | – | 1/1 | 50% |" in paired_gains(list(gains.values()))
 
 
-def test_evaluate_writes_hd95_and_nsd_per_class_and_per_case(tmp_path):
+def test_evaluate_writes_hd95_and_nsd_per_class_and_per_case_and_chooses_postprocessing(tmp_path):
     run_stage("segmentation_2d", "train_teacher", tmp_path)
     run_stage("segmentation_2d", "train", tmp_path)
-    run_stage("segmentation_2d", "evaluate", tmp_path, surface_tolerance_mm=[1.0, 2.0])
+    run_stage("segmentation_2d", "evaluate", tmp_path, surface_tolerance_mm=[1.0, 2.0], mirror_tta=True)
     results = (tmp_path / "eval" / "results.md").read_text()
+    chosen = json.loads((tmp_path / "eval" / "postprocessing.json").read_text())  # chosen on the validation images
+    assert set(chosen) == {"teacher", "sp", "sf", "ensemble"}
+    assert all(isinstance(chosen[n]["mirror_tta"], bool) for n in ("teacher", "sp", "sf"))
+    kept = any(entry["mirror_tta"] or entry["largest_component"] for entry in chosen.values())
+    assert ("Post-processing chosen on the validation images" in results) == kept
     header = results.splitlines()[0]
     for column in ("hd95", "nsd", "hd95:dim_object", "nsd:bright_object"):
         assert f"| {column} |" in header
