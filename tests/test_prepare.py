@@ -20,9 +20,10 @@ from medkd.bundles import run_command
 from medkd.data.checks import check_datalist
 from medkd.data.labels import datalist_class_names
 from medkd.data.loading import DataError, LoadMedicalImage, load_datalist
+from medkd.data.splits import Unit, group_of, hold_out
 from medkd.prepare import prepare_classification, prepare_segmentation
-from medkd.prepare.pairing import find_sidecar, group_of, pair_files
-from medkd.prepare.splits import Unit, hold_out, parse_split_spec
+from medkd.prepare.pairing import find_sidecar, pair_files
+from medkd.prepare.splits import parse_split_spec
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -15,10 +15,10 @@ from tqdm.auto import tqdm
 
 from medkd.data.duplicates import DEFAULT_MAX_DISTANCE, find_duplicates
 from medkd.data.loading import PIL_SUFFIXES, DataError, is_image_file
-from medkd.prepare.output import Prepared, output_folder, relative, shown, write_prepared
-from medkd.prepare.pairing import group_of, group_regex
+from medkd.data.splits import Unit, group_of, group_regex, hold_out, relative
+from medkd.prepare.output import Prepared, output_folder, shown, write_prepared
 from medkd.prepare.pixels import GREY_MODES, to_grey
-from medkd.prepare.splits import SPLITS, Unit, hold_out, split_of
+from medkd.prepare.splits import SPLITS, split_of
 
 __all__ = ["Source", "prepare_classification", "scan_image_folder"]
 

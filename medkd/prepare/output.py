@@ -16,7 +16,7 @@ from typing import Any
 from medkd.data.loading import DataError
 from medkd.prepare.splits import SPLITS
 
-__all__ = ["Prepared", "output_folder", "relative", "write_prepared", "report_lines"]
+__all__ = ["Prepared", "output_folder", "write_prepared", "report_lines"]
 
 GENERATED = ("images", "labels", "dataset.json", "prepare.json", "sources.csv")
 
@@ -74,13 +74,6 @@ def output_folder(output: str | os.PathLike, root: str | os.PathLike, overwrite:
     out.mkdir(parents=True, exist_ok=True)
     (out / "prepare.json").write_text('{"status": "incomplete: prepare stopped before the end"}\n')  # for --overwrite
     return out
-
-
-def relative(path: str | os.PathLike, output: str | os.PathLike) -> str:
-    """``path`` relative to the output folder when it lies inside it (the datalist then moves with the folder),
-    else absolute."""
-    path, output = Path(path).absolute(), Path(output).absolute()
-    return path.relative_to(output).as_posix() if output in path.parents else str(path)
 
 
 def write_prepared(prepared: Prepared) -> dict[str, Path]:

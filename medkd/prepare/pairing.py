@@ -18,7 +18,7 @@ from typing import Any
 
 from medkd.data.loading import DataError
 
-__all__ = ["Pair", "find_sidecar", "group_of", "group_regex", "pair_files", "pattern_regex", "pixel_size_from_sidecar"]
+__all__ = ["Pair", "find_sidecar", "pair_files", "pattern_regex", "pixel_size_from_sidecar"]
 
 _WILDCARD = re.compile(r"\*\*/|\*\*|\*|\?|\[[^\]]*\]")
 
@@ -127,31 +127,6 @@ def pair_files(root: Path, images: str, masks: str) -> tuple[list[Pair], list[st
             + _hint(images, masks, first, list(found_masks))
         )
     return pairs, lone_images, lone_masks
-
-
-def group_regex(group_by: str | None, option: str = "--group-by") -> re.Pattern | None:
-    """``group_by`` compiled (``None`` without one).
-
-    Raises:
-        DataError: naming ``option`` when it is not a valid regular expression.
-    """
-    if not group_by:
-        return None
-    try:
-        return re.compile(group_by)
-    except re.error as e:
-        raise DataError(f"{option} {group_by!r} is not a valid regular expression ({e}).") from e
-
-
-def group_of(path: str, regex: re.Pattern | None) -> str | None:
-    """The group of a path (relative, POSIX): the first capturing group of ``regex`` found in it, or the whole match
-    when it has none; ``None`` when it does not match. Without ``regex``, the path itself."""
-    if regex is None:
-        return path
-    match = regex.search(path)
-    if match is None:
-        return None
-    return match.group(1) if regex.groups else match.group(0)
 
 
 def _entities(stem: str) -> tuple[set[str], str]:

@@ -12,10 +12,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from medkd.data.loading import DataError
-from medkd.prepare.output import Prepared, output_folder, relative, shown, write_prepared
-from medkd.prepare.pairing import Pair, find_sidecar, group_of, group_regex, pair_files, pixel_size_from_sidecar
+from medkd.data.splits import Unit, group_of, group_regex, random_splits, relative
+from medkd.prepare.output import Prepared, output_folder, shown, write_prepared
+from medkd.prepare.pairing import Pair, find_sidecar, pair_files, pixel_size_from_sidecar
 from medkd.prepare.pixels import central_span, map_mask_values, read_grey, resample, tile_origins, write_image
-from medkd.prepare.splits import SPLITS, Unit, explicit_splits, parse_split_spec, random_splits
+from medkd.prepare.splits import SPLITS, explicit_splits, parse_split_spec
 
 __all__ = ["prepare_segmentation"]
 

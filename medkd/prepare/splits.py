@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-
-import numpy as np
 
 from medkd.data.loading import DataError
 
-__all__ = ["SPLITS", "Unit", "explicit_splits", "hold_out", "parse_split_spec", "random_splits", "split_of"]
+__all__ = ["SPLITS", "explicit_splits", "parse_split_spec", "split_of"]
 
 SPLITS = ("training", "validation", "test")
 _ALIASES = {
@@ -25,60 +21,6 @@ def split_of(name: str) -> str | None:
     ...), else ``None``."""
     lowered = name.strip().lower()
     return next((split for split, names in _ALIASES.items() if lowered in names), None)
-
-
-@dataclass(frozen=True)
-class Unit:
-    """What a split moves as one: a group of ``size`` items, of one ``stratum`` (e.g. its class) or ``None``."""
-
-    name: str
-    stratum: str | None
-    size: int
-
-
-def hold_out(units: Sequence[Unit], fraction: float, rng: np.random.Generator) -> set[str]:
-    """Names of the units held out: ``fraction`` of the items of each stratum, in whole units.
-
-    In each stratum (sorted), the units are shuffled by ``rng`` and taken while each brings the count closer to
-    ``fraction`` of the stratum's items. When ``fraction > 0`` at least one unit of every stratum that has two or
-    more is taken, and one is always left.
-    """
-    if fraction <= 0:
-        return set()
-    strata: dict[str, list[Unit]] = defaultdict(list)
-    for unit in sorted(units, key=lambda u: u.name):
-        strata[str(unit.stratum)].append(unit)
-    taken: set[str] = set()
-    for stratum in sorted(strata):
-        members = strata[stratum]
-        order = [members[i] for i in rng.permutation(len(members))]
-        target = fraction * sum(u.size for u in members)
-        count, chosen = 0, []
-        for unit in order:
-            if len(chosen) == len(members) - 1:
-                break
-            if abs(count + unit.size - target) < abs(count - target):
-                chosen.append(unit)
-                count += unit.size
-        if not chosen and len(members) > 1:
-            chosen.append(min(order, key=lambda u: u.size))
-        taken.update(u.name for u in chosen)
-    return taken
-
-
-def random_splits(units: Sequence[Unit], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:
-    """Split of each unit: ``test_fraction`` of the items (stratified) to test, then ``val_fraction`` of all items
-    to validation, the rest to training; reproducible by ``seed``."""
-    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
-        raise DataError(
-            f"--val-fraction {val_fraction} and --test-fraction {test_fraction} must each be in [0, 1) and leave "
-            "items for training (their sum below 1)."
-        )
-    rng = np.random.default_rng(seed)
-    test = hold_out(units, test_fraction, rng)
-    rest = [u for u in units if u.name not in test]
-    validation = hold_out(rest, val_fraction / (1 - test_fraction), rng)
-    return {u.name: "test" if u.name in test else "validation" if u.name in validation else "training" for u in units}
 
 
 def parse_split_spec(specs: Sequence[str]) -> dict[str, list[str]] | dict[str, float]:
