@@ -52,7 +52,9 @@ def test_all_stages_run_end_to_end(bundle, tmp_path):
     trainer = run_stage(bundle, "train", tmp_path).parser.get_parsed_content("train#trainer")
     assert trainer.state.epoch == 1 and trainer.state.iteration == len(trainer.data_loader) >= 1
     terms = {k for k in iteration_losses(trainer.state.output) if "_from_" in k}  # peer features: weight 0
-    assert terms == {"sp/prediction_from_teacher", "sf/feature_from_teacher", "sp/prediction_from_sf",
+    # each bundle's default preset: diversified in 2D, its channel-wise form (diversified_cwd) in 3D
+    teacher = ("channel", "channel") if bundle == "segmentation_3d" else ("prediction", "feature")
+    assert terms == {f"sp/{teacher[0]}_from_teacher", f"sf/{teacher[1]}_from_teacher", "sp/prediction_from_sf",
                      "sf/prediction_from_sp"}  # fmt: skip
     for name in ("sp", "sf"):
         assert (tmp_path / "models" / f"{name}.pt").is_file()
