@@ -89,3 +89,11 @@ def test_large_files_name_the_deployed_weights(bundle):
             assert entry["url"].startswith("https://") and re.fullmatch(r"[0-9a-f]{32,64}", entry["hash_val"])
         else:  # not published yet: no hash of a file nobody can download
             assert entry["hash_val"] == ""
+
+
+@pytest.mark.parametrize("path", sorted(BUNDLES.glob("*/configs/*")) + sorted(BUNDLES.glob("*/source/*")), ids=str)
+def test_bundle_files_are_ascii_as_monai_reads_them_with_the_platform_encoding(path):
+    """MONAI opens config and metadata files without an encoding: under an ASCII locale (a bare container, or after
+    reading DICOM through ITK) a non-ASCII character stops every stage with a UnicodeDecodeError."""
+    data = path.read_bytes()
+    assert data.isascii(), f"{path}: non-ASCII at byte {next(i for i, c in enumerate(data) if c > 127)}"
