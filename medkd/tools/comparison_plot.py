@@ -137,18 +137,19 @@ def _histories(curves: Mapping[tuple[str, int], Path], network: str) -> dict[str
     return runs
 
 
-def _plot_curves(ax: Any, curves: Mapping[tuple[str, int], Path], network: str, methods: list[str]) -> None:
-    """``network``'s validation curves: per method the mean over seeds, a band from the lowest to the highest seed."""
+def _plot_curves(ax: Any, histories: Mapping[str, list[dict[int, float]]], network: str, methods: list[str]) -> None:
+    """``network``'s validation curves (``histories``: per method, each seed's ``{epoch: value}``): per method the mean
+    over seeds, a band from the lowest to the highest seed."""
     from matplotlib.ticker import MaxNLocator
 
     colors = method_colors(methods)
-    for method, runs in _histories(curves, network).items():
+    for method, runs in histories.items():
         epochs, mean, low, high = mean_band(runs)
         color = colors.get(method, ALONE_COLOR)
         ax.plot(epochs, mean, color=color, linewidth=1.5, marker="o" if len(epochs) < 8 else None, markersize=3)
         if len(runs) > 1:
             ax.fill_between(epochs, low, high, color=color, alpha=0.2, linewidth=0)
-    validated = sorted({e for runs in _histories(curves, network).values() for run in runs for e in run})
+    validated = sorted({e for runs in histories.values() for run in runs for e in run})
     if len(validated) <= 12:
         ax.set_xticks(validated)  # the epochs that were validated, and only those
     else:
@@ -184,7 +185,8 @@ def comparison_figure(
     networks = list(dict.fromkeys(str(r["network"]) for r in rows if r["preset"] != "-"))
     methods = list(dict.fromkeys(str(r["preset"]) for r in rows if r["preset"] != "-"))
     gains = [g for g in gains if g.metric == metric]
-    curve_networks = [n for n in networks if any(_histories(curves, n).values())]
+    histories = {n: _histories(curves, n) for n in networks}  # each history CSV read once per network
+    curve_networks = [n for n in networks if any(histories[n].values())]
     top = 2 if gains else 1
     columns = max(top, len(curve_networks), 1)
     fig = plt.figure(figsize=(6.2 * columns, 9.4 if curve_networks else 5.0))
@@ -195,7 +197,7 @@ def comparison_figure(
         _plot_gains(fig.add_subplot(grid[0, columns:]), gains, networks, methods)
     for i, network in enumerate(curve_networks):
         ax = fig.add_subplot(grid[1, i * top : (i + 1) * top])
-        _plot_curves(ax, curves, network, methods)
+        _plot_curves(ax, histories[network], network, methods)
         ax.set_ylabel(f"validation {metric}")
     _legend(fig, methods, networks, any(r["preset"] == "-" for r in rows))
     return fig
