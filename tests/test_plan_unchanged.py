@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from bundle_utils import BUNDLES
+from test_planning import fake_fingerprint
 
 from medkd.data.synthetic import ensure_default_data
 from medkd.planning import make_plan, make_settings
@@ -22,22 +23,10 @@ EXPECTED = Path(__file__).parent / "data" / "expected_plans.json"
 DEVICES = ("cpu", "cuda")
 
 
-def _fingerprint(size, spacing, cases=200, lateral=(), ct=False, channels=1, training=None, classes=()):
-    """A fingerprint as :func:`medkd.planning.fingerprint.fingerprint_dataset` writes it, without per-case rows."""
-    intensity = {"over": "foreground", "mean": 50.0, "std": 20.0, "percentile_00_5": -50.0, "percentile_99_5": 200.0,
-                 "image_min": -1024.0 if ct else 0.0, "integer": ct, "ct_like": ct}  # fmt: skip
-    return {
-        "spatial_dims": len(size),
-        "in_channels": channels,
-        "channels_seen": {str(channels): cases},
-        "cases": cases,
-        "lists": {"training": training or cases},
-        "spacing": {"median": list(spacing), "percentile_10": [s * 0.8 for s in spacing]},
-        "size": {"median": list(size)},
-        "intensity": [{"channel": c, **intensity} for c in range(channels)],
-        "classes": [{"name": n, "samples": s} for n, s in classes],
-        "lateral": list(lateral),
-    }
+def _fingerprint(size, spacing, training=None, classes=(), **kwargs):
+    """:func:`test_planning.fake_fingerprint` with class counts and a 10th-percentile spacing below the median."""
+    return fake_fingerprint(size, spacing, training=training, classes=classes,
+                            percentile_10=[s * 0.8 for s in spacing], **kwargs)  # fmt: skip
 
 
 LUNGS = {"classes": [1, 2], "names": ["left lung", "right lung"], "axis": 0, "found_by": ["name", "position"]}

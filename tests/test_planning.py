@@ -97,21 +97,26 @@ def ct_volumes(root, n=5, shape=(24, 20, 6), spacing=(0.8, 0.8, 4.0)):
     return root
 
 
-def fake_fingerprint(size, spacing, cases=200, lateral=(), ct=False, channels=1):
-    """A fingerprint as :func:`fingerprint_dataset` writes it, for plan-only tests."""
+def fake_fingerprint(
+    size, spacing, cases=200, lateral=(), ct=False, channels=1, training=None, classes=None, percentile_10=None
+):
+    """A fingerprint as :func:`fingerprint_dataset` writes it, for plan-only tests (``classes``: ``(name, samples)``
+    pairs, left out when None; ``percentile_10``: the spacing's, default the median)."""
     intensity = {"over": "foreground", "mean": 50.0, "std": 20.0, "percentile_00_5": -50.0, "percentile_99_5": 200.0,
                  "image_min": -1024.0 if ct else 0.0, "integer": ct, "ct_like": ct}  # fmt: skip
-    return {
+    fingerprint = {
         "spatial_dims": len(size),
         "in_channels": channels,
         "channels_seen": {str(channels): cases},
         "cases": cases,
-        "lists": {"training": cases},
-        "spacing": {"median": list(spacing), "percentile_10": list(spacing)},
+        "lists": {"training": training or cases},
+        "spacing": {"median": list(spacing), "percentile_10": list(percentile_10 or spacing)},
         "size": {"median": list(size)},
         "intensity": [{"channel": c, **intensity} for c in range(channels)],
-        "lateral": list(lateral),
     }
+    if classes is not None:
+        fingerprint["classes"] = [{"name": n, "samples": s} for n, s in classes]
+    return {**fingerprint, "lateral": list(lateral)}
 
 
 # ---------------------------------------------------------------------------------------------------- fingerprint
