@@ -1,16 +1,19 @@
 """Generated bundle configs: one hand-edited source per config, the other bundles' files merged from it.
 
-The 2D bundles' configs are the sources. A bundle whose ``source/generate.json`` exists has generated stage files: it
-names its ``base`` bundle folder and, per stage, the overrides to apply to the base's stage file, e.g. ::
+A bundle whose ``source/generate.json`` exists has generated stage files. It may name its ``base`` bundle folder, and
+names, per stage, the overrides to apply to what the stage is made of, e.g. ::
 
     {"base": "../segmentation_2d", "stages": {"train": {"spatial_dims": 3}, "evaluate": {}}}
 
 The overrides merge as MONAI's ``ConfigParser`` merges config files (``+`` keys extend, ``#`` paths reach into
-nested items). ``train.json`` is the base's ``train.json`` with the train overrides; a stage of
-:data:`STANDALONE_STAGES` is complete (that ``train.json``, then the base's stage file and the stage's overrides), so
-that it runs alone as well as after ``train.json``; another stage file (``train_teacher.json``,
-``multi_gpu_train.json``) stays an addition to ``train.json``. Every value is written with the layout of the file it
-came from (4-space indent; a value on one line stays on one line), so a generated file reads like its source.
+nested items). ``train.json`` is the base's ``train.json`` with the train overrides (a bundle without a ``base``
+keeps its hand-edited ``train.json``). A stage of :data:`STANDALONE_STAGES` is complete, so that it runs alone as
+well as after ``train.json``: the bundle's ``train.json``, then the stage's additions to it, then the stage's
+overrides. The additions are the bundle's hand-edited ``source/<stage>.json`` where it has one (the 2D bundles), else
+those of its base (its base's ``source/<stage>.json`` and the base's overrides), never the base's complete file, whose
+``train.json`` keys would return. Another stage file (``train_teacher.json``, ``multi_gpu_train.json``) stays an
+addition to ``train.json``: the base's stage file with the overrides. Every value is written with the layout of the
+file it came from (4-space indent; a value on one line stays on one line), so a generated file reads like its source.
 
 ``python -m medkd bundles --generate`` rewrites the generated files, ``--check`` (the tests) says which ones differ.
 """
@@ -139,25 +142,49 @@ def _add(sources: list[tuple[dict, Layout]]) -> tuple[dict, Layout]:
     return config, layout
 
 
+def _spec(bundle: Path) -> tuple[dict, Path | None]:
+    """The settings of ``bundle``'s :data:`SOURCE` and its base bundle folder (``None`` without a base)."""
+    settings, _ = _read(bundle / SOURCE)
+    return settings, (bundle / settings["base"]).resolve() if settings.get("base") else None
+
+
+def _additions(bundle: Path, stage: str) -> list[tuple[dict, Layout]]:
+    """What a :data:`STANDALONE_STAGES` stage of ``bundle`` adds to its ``train.json``, in merge order: its hand-edited
+    ``source/<stage>.json``, else its base's additions, then the stage's overrides."""
+    settings, base = _spec(bundle)
+    own = bundle / "source" / f"{stage}.json"
+    if own.is_file():
+        first = [_read(own)]
+    elif base is not None and (base / SOURCE).is_file():
+        first = _additions(base, stage)
+    else:
+        raise ConfigError(f"{bundle / SOURCE}: the {stage} stage needs {own} or a base bundle with its own "
+                          f"{SOURCE}; write one of them.")  # fmt: skip
+    return first + [_read(bundle / SOURCE, "stages", stage)]
+
+
 def _plan(bundle: Path, texts: Mapping[Path, str]) -> Iterator[tuple[str, tuple[dict, Layout]]]:
     """Each generated stage of ``bundle`` and its config (the generated files of ``texts`` read as given)."""
     spec = bundle / SOURCE
-    settings, _ = _read(spec)
-    base = (bundle / settings.get("base", "")).resolve() / "configs"
+    settings, base = _spec(bundle)
     stages = settings.get("stages", {})
-    train = [_read(base / "train.json", texts=texts), _read(spec, "stages", "train")] if "train" in stages else []
-    for stage in stages:
-        own = [_read(base / f"{stage}.json", texts=texts), _read(spec, "stages", stage)]
-        if stage == "train" or stage in STANDALONE_STAGES and train:
-            yield stage, _merge(train + (own if stage != "train" else []))
+    if base is None and set(stages) - set(STANDALONE_STAGES):
+        raise ConfigError(f"{spec}: the stages {sorted(set(stages) - set(STANDALONE_STAGES))} are made from a base "
+                          'bundle\'s files; name it ("base": "../segmentation_2d").')  # fmt: skip
+    for stage in sorted(stages, key=lambda s: s != "train"):  # train.json first: the complete stages hold it
+        if stage == "train":
+            yield stage, _merge([_read(base / "configs" / "train.json", texts=texts), _read(spec, "stages", stage)])
+        elif stage in STANDALONE_STAGES:
+            train = _read(bundle / "configs" / "train.json", texts=texts)
+            yield stage, _merge([train, *_additions(bundle, stage)])
         else:
-            yield stage, _add(own)
+            yield stage, _add([_read(base / "configs" / f"{stage}.json", texts=texts), _read(spec, "stages", stage)])
 
 
 def _generated_bundles(bundles: Path) -> list[Path]:
     """The bundles under ``bundles`` with a :data:`SOURCE`, each after the bundle it is generated from."""
     found = sorted(path.parent.parent for path in bundles.glob(f"*/{SOURCE}"))
-    bases = {b: (b / json.loads((b / SOURCE).read_text(encoding="utf-8")).get("base", "")).resolve() for b in found}
+    bases = {b: _spec(b)[1] for b in found}
     ordered: list[Path] = []
     while len(ordered) < len(found):
         ready = [b for b in found if b not in ordered and (bases[b] not in found or bases[b] in ordered)]
@@ -205,8 +232,8 @@ def _run(args: argparse.Namespace) -> int:
     stale = stale_configs(args.bundles)
     if stale:
         raise ConfigError(
-            f"{', '.join(map(str, stale))}: not what the sources give (edited by hand, or a source changed); edit the "
-            f"2D bundle's configs or the bundle's {SOURCE} instead, then run: python -m medkd bundles --generate"
+            f"{', '.join(map(str, stale))}: not what the sources give (a source changed, or edited by hand: edit a 2D "
+            f"bundle's train.json or a bundle's source/ files instead), then run: python -m medkd bundles --generate"
         )
     print(f"The generated configs under {args.bundles} are up to date.")
     return 0

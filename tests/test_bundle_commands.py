@@ -75,8 +75,13 @@ def test_the_config_files_of_every_stage_pass_the_check(bundle, stage, tmp_path)
         ),
         (  # a stage file alone (was NameError: name 'medkd' is not defined)
             "bundles/segmentation_2d",
-            ["configs/evaluate.json"],
-            "--config_file \"['configs/train.json','configs/evaluate.json']\" --bundle_root out",
+            ["configs/train_teacher.json"],
+            "--config_file \"['configs/train.json','configs/train_teacher.json']\" --bundle_root out",
+        ),
+        (  # train.json after the complete inference.json, which runs alone
+            "bundles/segmentation_2d",
+            ["configs/inference.json", "configs/train.json"],
+            "--config_file configs/inference.json --bundle_root out",
         ),
         (  # the 3D train.json with a 2D stage file (the former overlay's habit), typed from the repository
             ".",
@@ -91,16 +96,24 @@ def test_wrong_config_files_are_told_the_command_to_run_from_where_the_user_is(f
     with pytest.raises(ConfigError) as err:
         check_config_files(listed, start=start, options=["--bundle_root", "out"])
     assert str(err.value).endswith(f"Run: python -m monai.bundle run {command}")
-    files = ast.literal_eval(option(shlex.split(command), "--config_file"))
+    listed = option(shlex.split(command), "--config_file")
+    files = ast.literal_eval(listed) if listed.startswith("[") else [listed]
     assert all((start / f).is_file() for f in files)  # relative to where the user is
 
 
 @pytest.mark.parametrize("stage", ["evaluate", "inference"])
-@pytest.mark.parametrize("bundle", ["segmentation_3d", "classification_3d"])
-def test_a_generated_evaluate_or_inference_file_runs_alone(bundle, stage):
-    check_config_files([f"configs/{stage}.json"], start=BUNDLES / bundle)
+@pytest.mark.parametrize("bundle", NAMES)
+def test_every_evaluate_and_inference_file_runs_alone_or_after_train_json(bundle, stage):
+    for listed in ([f"configs/{stage}.json"], ["configs/train.json", f"configs/{stage}.json"]):
+        check_config_files(listed, start=BUNDLES / bundle)
     assert runs_alone(BUNDLES / bundle / "configs" / f"{stage}.json")
-    assert not runs_alone(BUNDLES / "segmentation_2d" / "configs" / f"{stage}.json")  # hand-edited: adds to train.json
+    assert not runs_alone(BUNDLES / bundle / "configs" / "train_teacher.json")  # adds to train.json
+
+
+@pytest.mark.parametrize("bundle", NAMES)
+def test_inference_runs_from_inference_json_alone_as_in_the_model_zoo(bundle):
+    assert stage_files(BUNDLES / bundle, "inference") == [BUNDLES / bundle / "configs" / "inference.json"]
+    assert run_command(BUNDLES / bundle, "inference").endswith("run --config_file configs/inference.json")
 
 
 @pytest.mark.parametrize(

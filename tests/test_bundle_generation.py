@@ -12,7 +12,8 @@ from medkd.__main__ import main
 from medkd.bundle_generation import SOURCE, _layout, format_config, generated_configs, stale_configs, write_configs
 from medkd.errors import ConfigError
 
-GENERATED = ("segmentation_3d", "classification_3d")  # every stage generated; classification_2d only borrows two
+NAMES = ("segmentation_2d", "segmentation_3d", "classification_2d", "classification_3d")
+GENERATED = ("segmentation_3d", "classification_3d")  # every stage generated (the 2D bundles: evaluate, inference)
 
 
 def test_regenerating_changes_nothing():
@@ -47,15 +48,43 @@ def test_a_changed_source_reaches_every_bundle_generated_from_it(tmp_path):
                                                                      "classification_3d")}  # fmt: skip
 
 
-@pytest.mark.parametrize("stage", ["train", "evaluate", "inference"])
-@pytest.mark.parametrize("bundle", GENERATED)
-def test_a_generated_stage_is_monai_s_merge_of_its_sources(bundle, stage, tmp_path):
+def test_a_2d_train_json_edited_without_regenerating_is_caught(tmp_path):
+    bundles = shutil.copytree(BUNDLES, tmp_path / "bundles", ignore=shutil.ignore_patterns("data", "models", "eval"))
+    train = bundles / "segmentation_2d" / "configs" / "train.json"
+    train.write_text(train.read_text(encoding="utf-8").replace('"seed": 0,', '"seed": 1,'))
+    stale = {p.relative_to(bundles).as_posix() for p in stale_configs(bundles)}
+    assert stale == {f"{b}/configs/{s}.json" for b in ("segmentation_2d", "segmentation_3d")
+                     for s in ("evaluate", "inference")} | {"segmentation_3d/configs/train.json"}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"segmentation_2d/configs/evaluate.json.* medkd bundles --generate$"):
+        main(["bundles", "--bundles", str(bundles)])
+
+
+def additions(bundle: str, stage: str, folder) -> list:
+    """The files whose merge a complete stage file adds to ``train.json``: the bundle's ``source/<stage>.json`` (else
+    its base's additions), then its overrides, written to ``folder``."""
     spec = json.loads((BUNDLES / bundle / SOURCE).read_text(encoding="utf-8"))
-    base = (BUNDLES / bundle / spec["base"]).resolve() / "configs"
-    overrides = [tmp_path / "train.json", tmp_path / f"{stage}_own.json"]
-    overrides[0].write_text(json.dumps(spec["stages"]["train"]))
-    overrides[1].write_text(json.dumps(spec["stages"].get(stage, {})))
-    files = [base / "train.json", overrides[0]] + ([base / f"{stage}.json", overrides[1]] if stage != "train" else [])
+    own = BUNDLES / bundle / "source" / f"{stage}.json"
+    first = [own] if own.is_file() else additions(spec["base"].removeprefix("../"), stage, folder)
+    overrides = folder / f"{bundle}_{stage}.json"
+    overrides.write_text(json.dumps(spec["stages"].get(stage, {})))
+    return first + [overrides]
+
+
+@pytest.mark.parametrize("bundle", GENERATED)
+def test_a_generated_train_json_is_monai_s_merge_of_its_sources(bundle, tmp_path):
+    spec = json.loads((BUNDLES / bundle / SOURCE).read_text(encoding="utf-8"))
+    overrides = tmp_path / "train.json"
+    overrides.write_text(json.dumps(spec["stages"]["train"]))
+    base = (BUNDLES / bundle / spec["base"]).resolve() / "configs" / "train.json"
+    generated = json.loads(generated_configs()[BUNDLES.resolve() / bundle / "configs" / "train.json"])
+    assert generated == ConfigParser.load_config_files([str(base), str(overrides)])
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "inference"])
+@pytest.mark.parametrize("bundle", NAMES)
+def test_a_complete_stage_file_is_monai_s_merge_of_train_json_and_the_stage_sources(bundle, stage, tmp_path):
+    files = [BUNDLES / bundle / "configs" / "train.json", *additions(bundle, stage, tmp_path)]
+    assert all(f.name != f"{stage}.json" or f.parent.name == "source" for f in files)  # no complete file merged in
     generated = json.loads(generated_configs()[BUNDLES.resolve() / bundle / "configs" / f"{stage}.json"])
     assert generated == ConfigParser.load_config_files([str(f) for f in files])
 

@@ -23,7 +23,7 @@ from medkd.tools.export import MODEL_FILE, DeployedModel, same_weights
 
 BUNDLE_NAMES = ("segmentation_2d", "classification_2d")
 COMMANDS = {"verify_net_in_out": verify_net_in_out, "ckpt_export": ckpt_export, "onnx_export": onnx_export}
-CONFIGS = "--config_file \"['configs/train.json','configs/inference.json']\" --meta_file configs/metadata.json"
+CONFIGS = "--config_file configs/inference.json --meta_file configs/metadata.json"  # inference.json runs alone
 # the commands of each bundle's docs/README.md ("Model-zoo commands"), run from the bundle folder
 VERIFY = f"python -m monai.bundle verify_net_in_out network_def {CONFIGS}"
 TORCHSCRIPT = f"python -m monai.bundle ckpt_export network_def --filepath models/model.ts {CONFIGS}"
