@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from monai.bundle import ConfigWorkflow
 
-from medkd.bundles import METADATA, stage_files, stage_workflow
+from medkd.bundles import METADATA, stage_config, stage_files, stage_workflow
+from medkd.tools.export import MODEL_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
@@ -55,6 +57,35 @@ TINY = {
         "batch_size": 4,
     },
 }
+
+
+CONFIGS = "--config_file configs/inference.json --meta_file configs/metadata.json"  # inference.json runs alone
+# the model-zoo commands of each bundle's docs/README.md ("Model-zoo commands"), typed in the bundle folder
+VERIFY = f"python -m monai.bundle verify_net_in_out network_def {CONFIGS}"
+TORCHSCRIPT = f"python -m monai.bundle ckpt_export network_def --filepath models/model.ts {CONFIGS}"
+SIZES = {2: "{0: 'batch', 2: 'height', 3: 'width'}", 3: "{0: 'batch', 2: 'depth', 3: 'height', 4: 'width'}"}
+ONNX_AXES = {  # the dynamic axes of onnx_export: the classifier's output has no spatial ones
+    "segmentation_2d": f"{{'image': {SIZES[2]}, 'pred': {SIZES[2]}}}",
+    "segmentation_3d": f"{{'image': {SIZES[3]}, 'pred': {SIZES[3]}}}",
+    "classification_2d": f"{{'image': {SIZES[2]}, 'pred': {{0: 'batch'}}}}",
+}
+
+
+def onnx_command(bundle: str) -> str:
+    """The ``onnx_export`` command of ``bundle``'s README: batch and spatial sizes dynamic, the TorchScript-based
+    exporter (several times faster than dynamo's, and exports MONAI's networks)."""
+    axes = ONNX_AXES[bundle]
+    kwargs = f"{{'input_names': ['image'], 'output_names': ['pred'], 'dynamic_axes': {axes}, 'dynamo': False}}"
+    return (f"python -m monai.bundle onnx_export network_def --filepath models/model.onnx --ckpt_file models/model.pt "
+            f'{CONFIGS} --use_trace True --converter_kwargs "{kwargs}"')  # fmt: skip
+
+
+def deployed_network(bundle_dir: Path, root: Path) -> torch.nn.Module:
+    """``network_def`` of the inference stage of the bundle in ``bundle_dir`` run in ``root``, with the weights of
+    ``models/model.pt`` there."""
+    network = stage_config(bundle_dir, "inference", {"bundle_root": str(root)}).get_parsed_content("network_def")
+    network.load_state_dict(torch.load(root / "models" / MODEL_FILE, weights_only=True))
+    return network.eval()
 
 
 def native_spacing(bundle: str) -> dict:

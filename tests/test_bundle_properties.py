@@ -11,11 +11,11 @@ from pathlib import Path
 import fire
 import pytest
 import torch
-from bundle_utils import BUNDLES, TINY, native_spacing
+from bundle_utils import BUNDLES, TINY, TORCHSCRIPT, VERIFY, deployed_network, native_spacing, onnx_command
 from ignite.engine import Engine
 from monai.bundle import ckpt_export, onnx_export, verify_net_in_out
 
-from medkd.bundles import stage_config, stage_workflow
+from medkd.bundles import stage_workflow
 from medkd.errors import ConfigError
 from medkd.runtime.files import load_checkpoint
 from medkd.tools.deploy import onnx_available
@@ -23,24 +23,6 @@ from medkd.tools.export import MODEL_FILE, DeployedModel, same_weights
 
 BUNDLE_NAMES = ("segmentation_2d", "classification_2d")
 COMMANDS = {"verify_net_in_out": verify_net_in_out, "ckpt_export": ckpt_export, "onnx_export": onnx_export}
-CONFIGS = "--config_file configs/inference.json --meta_file configs/metadata.json"  # inference.json runs alone
-# the commands of each bundle's docs/README.md ("Model-zoo commands"), run from the bundle folder
-VERIFY = f"python -m monai.bundle verify_net_in_out network_def {CONFIGS}"
-TORCHSCRIPT = f"python -m monai.bundle ckpt_export network_def --filepath models/model.ts {CONFIGS}"
-SIZES = "{0: 'batch', 2: 'height', 3: 'width'}"
-ONNX_AXES = {  # the dynamic axes of onnx_export: the classifier's output has no spatial ones
-    "segmentation_2d": f"{{'image': {SIZES}, 'pred': {SIZES}}}",
-    "classification_2d": f"{{'image': {SIZES}, 'pred': {{0: 'batch'}}}}",
-}
-
-
-def onnx_command(bundle: str) -> str:
-    """The ``onnx_export`` command of ``bundle``'s README: batch and spatial sizes dynamic, the TorchScript-based
-    exporter (several times faster than dynamo's, and exports MONAI's networks)."""
-    axes = ONNX_AXES[bundle]
-    kwargs = f"{{'input_names': ['image'], 'output_names': ['pred'], 'dynamic_axes': {axes}, 'dynamo': False}}"
-    return (f"python -m monai.bundle onnx_export network_def --filepath models/model.onnx --ckpt_file models/model.pt "
-            f'{CONFIGS} --use_trace True --converter_kwargs "{kwargs}"')  # fmt: skip
 
 
 def missing_properties(bundle: str, stage: str, root: Path, run: bool = False) -> list[str]:
@@ -75,13 +57,6 @@ def run_in(root: Path, command: str, monkeypatch: pytest.MonkeyPatch) -> None:
     fire.Fire(COMMANDS, command=args[3:])
 
 
-def deployed_network(bundle: str, root: Path) -> torch.nn.Module:
-    """``network_def`` of the inference stage in ``root``, with the weights of ``models/model.pt``."""
-    network = stage_config(BUNDLES / bundle, "inference", {"bundle_root": str(root)}).get_parsed_content("network_def")
-    network.load_state_dict(torch.load(root / "models" / MODEL_FILE, weights_only=True))
-    return network.eval()
-
-
 def test_every_stage_has_the_properties_monai_requires(trained):
     bundle, _, missing = trained
     assert missing == {stage: [] for stage in missing}, bundle
@@ -101,9 +76,9 @@ def test_verify_net_in_out_with_the_metadata(trained, monkeypatch):
 def test_torchscript_export_matches_the_deployed_network(trained, monkeypatch):
     bundle, root, _ = trained
     run_in(root, TORCHSCRIPT, monkeypatch)
-    x = torch.rand(2, 1, 32, 48)
+    x, network = torch.rand(2, 1, 32, 48), deployed_network(BUNDLES / bundle, root)
     with torch.no_grad():
-        torch.testing.assert_close(torch.jit.load(root / "models" / "model.ts")(x), deployed_network(bundle, root)(x))
+        torch.testing.assert_close(torch.jit.load(root / "models" / "model.ts")(x), network(x))
 
 
 def test_onnx_export_matches_the_deployed_network_at_other_sizes(trained, monkeypatch):
@@ -113,7 +88,7 @@ def test_onnx_export_matches_the_deployed_network_at_other_sizes(trained, monkey
     bundle, root, _ = trained
     run_in(root, onnx_command(bundle), monkeypatch)
     session = onnxruntime.InferenceSession(str(root / "models" / "model.onnx"), providers=["CPUExecutionProvider"])
-    network = deployed_network(bundle, root)
+    network = deployed_network(BUNDLES / bundle, root)
     for shape in ((1, 1, 32, 32), (2, 1, 48, 64)):
         x = torch.rand(shape)
         with torch.no_grad():
@@ -122,7 +97,7 @@ def test_onnx_export_matches_the_deployed_network_at_other_sizes(trained, monkey
 
 
 def test_the_readme_shows_the_commands_the_tests_run():
-    for bundle in BUNDLE_NAMES:
+    for bundle in (*BUNDLE_NAMES, "segmentation_3d"):  # segmentation_3d's: tests/test_bundle_standalone.py
         readme = (BUNDLES / bundle / "docs" / "README.md").read_text(encoding="utf-8")
         for command in (VERIFY, TORCHSCRIPT, onnx_command(bundle)):
             assert command in readme, (bundle, command)

@@ -1,31 +1,39 @@
-"""A bundle folder copied alone (no other bundle beside it) runs every stage through ``python -m monai.bundle run``:
-the teacher, the distillation, the evaluation and the inference, on tiny data.
+"""A bundle folder copied alone (no other bundle beside it) runs every stage with the commands its docs/README.md
+shows: the teacher, the distillation, the evaluation, the inference (``configs/inference.json`` alone, as in the
+model zoo) and the export of the deployed network (``ckpt_export``, ``onnx_export``), on tiny data.
 
-segmentation_3d stands for the generated bundles (classification_3d is generated the same way, from
-classification_2d); classification_2d for a hand-edited bundle whose teacher stage file is generated (from
-segmentation_2d's). segmentation_2d holds only hand-edited files of its own.
+segmentation_3d stands for every bundle: the others are generated the same way (tests/test_bundle_generation.py
+checks each generated file against its sources), and a second bundle here (classification_2d: 114 s against
+segmentation_3d's 67 s on one core) would lengthen the suite too much.
 """
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 
 import pytest
-from bundle_utils import BUNDLES, REPO, TINY, latest_run
+import torch
+from bundle_utils import BUNDLES, ONNX_AXES, REPO, TINY, TORCHSCRIPT, deployed_network, latest_run, onnx_command
 
-from medkd.bundles import TEACHER_CHECKPOINT, checkpoint_file, run_arguments, runs_alone
+from medkd.bundles import TEACHER_CHECKPOINT, checkpoint_file, run_command
+from medkd.tools.deploy import onnx_available
 
 KEPT = shutil.ignore_patterns("data", "models", "eval", "runs", "source")  # the folder as shipped, its runs left out
+INFERENCE = "python -m monai.bundle run --config_file configs/inference.json"  # the model zoo's command
+SHAPES = {2: [(1, 1, 32, 32), (2, 1, 48, 64)], 3: [(1, 1, 16, 16, 16), (1, 1, 16, 24, 32)]}  # inputs of the exports
 
 
-def run_in(folder, arguments, **overrides):
-    """``python -m monai.bundle run`` with ``arguments`` and the ``overrides``, typed in ``folder``."""
+def run_in(folder, command, **overrides):
+    """The README ``command`` (``python -m monai.bundle ...``) with the ``overrides``, typed in ``folder``."""
+    arguments = shlex.split(command)
+    assert arguments[0] == "python", command
     options = [token for key, value in overrides.items() for token in (f"--{key}", json.dumps(value))]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", *arguments, *options],
+        [sys.executable, *arguments[1:], *options],
         cwd=folder,
         env=env,
         capture_output=True,
@@ -37,22 +45,42 @@ def run_in(folder, arguments, **overrides):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-# segmentation_3d stands for every generated bundle (the others are made the same way, and
-# tests/test_bundle_generation.py checks each generated file against its sources): one run keeps the suite short
+def check_exports(bundle, folder):
+    """``ckpt_export`` and ``onnx_export`` (when onnx is installed) of the README, run in ``folder``, give the
+    deployed network's outputs (ONNX at another input size too)."""
+    network = deployed_network(folder, folder)
+    shapes = SHAPES[3 if bundle.endswith("_3d") else 2]
+    run_in(folder, TORCHSCRIPT)
+    with torch.no_grad():
+        x = torch.rand(shapes[0])
+        torch.testing.assert_close(torch.jit.load(folder / "models" / "model.ts")(x), network(x))
+    if not onnx_available():  # in the dev extra, which CI installs (tests/test_bundle_properties.py insists)
+        return
+    import onnxruntime
+
+    run_in(folder, onnx_command(bundle))
+    session = onnxruntime.InferenceSession(str(folder / "models" / "model.onnx"), providers=["CPUExecutionProvider"])
+    for shape in shapes:
+        x = torch.rand(shape)
+        with torch.no_grad():
+            expected = network(x).numpy()
+        torch.testing.assert_close(session.run(None, {"image": x.numpy()})[0], expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("bundle", ["segmentation_3d"])
-def test_a_bundle_folder_copied_alone_runs_every_stage(bundle, tmp_path):
+def test_a_bundle_folder_copied_alone_runs_every_stage_and_exports(bundle, tmp_path):
     folder = shutil.copytree(BUNDLES / bundle, tmp_path / bundle, ignore=KEPT)
     tiny = {**TINY[bundle], "max_epochs": 1}
-    run_in(folder, run_arguments(folder, "train_teacher"), **tiny)
+    run_in(folder, run_command(folder, "train_teacher"), **tiny)
     assert (folder / "models" / TEACHER_CHECKPOINT).is_file()
-    run_in(folder, run_arguments(folder, "train"), **tiny)
+    run_in(folder, run_command(folder, "train"), **tiny)
     assert all((folder / "models" / checkpoint_file(name)).is_file() for name in ("sp", "sf"))
-    run_in(folder, run_arguments(folder, "evaluate"), **tiny)
+    run_in(folder, run_command(folder, "evaluate"), **tiny)
     results = json.loads((folder / "eval" / "results.json").read_text())
     assert {row["network"] for row in results} >= {"teacher", "sp", "sf"}
-    inference = folder / "configs" / "inference.json"
-    alone = runs_alone(inference)  # the generated bundles' inference.json runs without train.json
-    assert alone == (bundle == "segmentation_3d")
-    run_in(folder, ["--config_file", "configs/inference.json"] if alone else run_arguments(folder, "inference"), **tiny)
+    assert run_command(folder, "inference") == INFERENCE
+    run_in(folder, INFERENCE, **tiny)
     written = latest_run(folder / "eval" / ("segmentations" if bundle.startswith("segmentation") else "predictions"))
     assert list(written.iterdir())
+    assert bundle in ONNX_AXES, f"{bundle}'s README shows no model-zoo export commands"
+    check_exports(bundle, folder)
