@@ -12,8 +12,11 @@ well as after ``train.json``: the bundle's ``train.json``, then the stage's addi
 overrides. The additions are the bundle's hand-edited ``source/<stage>.json`` where it has one (the 2D bundles), else
 those of its base (its base's ``source/<stage>.json`` and the base's overrides), never the base's complete file, whose
 ``train.json`` keys would return. Another stage file (``train_teacher.json``, ``multi_gpu_train.json``) stays an
-addition to ``train.json``: the base's stage file with the overrides. Every value is written with the layout of the
-file it came from (4-space indent; a value on one line stays on one line), so a generated file reads like its source.
+addition to ``train.json``: the base's stage file with the overrides. Base keys that a bundle does not use are left
+out of the stage file it writes by that stage's ``remove`` list, ``#`` paths reaching into nested items (``"remove":
+{"train": ["pixdim", "fingerprint#label_values"]}``), so a generated file holds no unused keys. Every value is
+written with the layout of the file it came from (4-space indent; a value on one line stays on one line), so a
+generated file reads like its source.
 
 ``python -m medkd bundles --generate`` rewrites the generated files, ``--check`` (the tests) says which ones differ.
 """
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from monai.bundle import ConfigParser
+from monai.bundle.reference_resolver import ReferenceResolver
 from monai.bundle.utils import ID_SEP_KEY, MERGE_KEY, merge_kv
 
 from medkd.errors import ConfigError
@@ -47,6 +51,11 @@ STANDALONE_STAGES = ("evaluate", "inference")
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 
 Layout = dict[tuple[str, ...], bool]  # path of a value (keys, list indices as text) -> written on one line
+
+
+def _path(key: str) -> tuple[str, ...]:
+    """The path of a config key (``#`` or ``::`` between the names of nested items)."""
+    return tuple(ReferenceResolver.normalize_id(key).split(ID_SEP_KEY))
 
 
 def _skip(text: str, i: int) -> int:
@@ -115,7 +124,7 @@ def _merge(sources: list[tuple[dict, Layout]]) -> tuple[dict, Layout]:
     for config, source_layout in sources:
         for key, value in config.items():
             name = key.removeprefix(MERGE_KEY)
-            path = tuple(name.split(ID_SEP_KEY))
+            path = _path(name)
             target = parser[name] if key.startswith(MERGE_KEY) and name in parser else None  # what a + key extends
             offset = len(target) if isinstance(target, list) else 0
             if target is None:
@@ -163,6 +172,22 @@ def _additions(bundle: Path, stage: str) -> list[tuple[dict, Layout]]:
     return first + [_read(bundle / SOURCE, "stages", stage)]
 
 
+def _remove(generated: tuple[dict, Layout], paths: list[str], spec: Path) -> tuple[dict, Layout]:
+    """``generated`` without the items at ``paths`` (``#`` paths reach into nested items) and their layout."""
+    config, layout = generated
+    for path in paths:
+        *parents, key = names = _path(path)
+        parent = config
+        for name in parents:
+            parent = parent.get(name) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict) or key not in parent:
+            raise ConfigError(f'{spec}: "remove" names {path}, which the generated file does not hold; take it off '
+                              "the list.")  # fmt: skip
+        del parent[key]
+        layout = {p: inline for p, inline in layout.items() if p[: len(names)] != names}
+    return config, layout
+
+
 def _plan(bundle: Path, texts: Mapping[Path, str]) -> Iterator[tuple[str, tuple[dict, Layout]]]:
     """Each generated stage of ``bundle`` and its config (the generated files of ``texts`` read as given)."""
     spec = bundle / SOURCE
@@ -173,12 +198,12 @@ def _plan(bundle: Path, texts: Mapping[Path, str]) -> Iterator[tuple[str, tuple[
                           'bundle\'s files; name it ("base": "../segmentation_2d").')  # fmt: skip
     for stage in sorted(stages, key=lambda s: s != "train"):  # train.json first: the complete stages hold it
         if stage == "train":
-            yield stage, _merge([_read(base / "configs" / "train.json", texts=texts), _read(spec, "stages", stage)])
+            generated = _merge([_read(base / "configs" / "train.json", texts=texts), _read(spec, "stages", stage)])
         elif stage in STANDALONE_STAGES:
-            train = _read(bundle / "configs" / "train.json", texts=texts)
-            yield stage, _merge([train, *_additions(bundle, stage)])
+            generated = _merge([_read(bundle / "configs" / "train.json", texts=texts), *_additions(bundle, stage)])
         else:
-            yield stage, _add([_read(base / "configs" / f"{stage}.json", texts=texts), _read(spec, "stages", stage)])
+            generated = _add([_read(base / "configs" / f"{stage}.json", texts=texts), _read(spec, "stages", stage)])
+        yield stage, _remove(generated, settings.get("remove", {}).get(stage, []), spec)
 
 
 def _generated_bundles(bundles: Path) -> list[Path]:
@@ -232,8 +257,9 @@ def _run(args: argparse.Namespace) -> int:
     stale = stale_configs(args.bundles)
     if stale:
         raise ConfigError(
-            f"{', '.join(map(str, stale))}: not what the sources give (a source changed, or edited by hand: edit a 2D "
-            f"bundle's train.json or a bundle's source/ files instead), then run: python -m medkd bundles --generate"
+            f"{', '.join(map(str, stale))}: not what the sources give (a source changed, or edited by hand: edit the "
+            f"bundles' source/ files or the train.json they start from instead), then run: python -m medkd bundles "
+            "--generate"
         )
     print(f"The generated configs under {args.bundles} are up to date.")
     return 0

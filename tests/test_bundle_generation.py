@@ -13,7 +13,7 @@ from medkd.bundle_generation import SOURCE, _layout, format_config, generated_co
 from medkd.errors import ConfigError
 
 NAMES = ("segmentation_2d", "segmentation_3d", "classification_2d", "classification_3d")
-GENERATED = ("segmentation_3d", "classification_3d")  # every stage generated (the 2D bundles: evaluate, inference)
+GENERATED = ("segmentation_3d", "classification_2d", "classification_3d")  # train.json generated too
 
 
 def test_regenerating_changes_nothing():
@@ -53,8 +53,9 @@ def test_a_2d_train_json_edited_without_regenerating_is_caught(tmp_path):
     train = bundles / "segmentation_2d" / "configs" / "train.json"
     train.write_text(train.read_text(encoding="utf-8").replace('"seed": 0,', '"seed": 1,'))
     stale = {p.relative_to(bundles).as_posix() for p in stale_configs(bundles)}
-    assert stale == {f"{b}/configs/{s}.json" for b in ("segmentation_2d", "segmentation_3d")
-                     for s in ("evaluate", "inference")} | {"segmentation_3d/configs/train.json"}  # fmt: skip
+    # a key shared by every bundle is written once: in segmentation_2d's train.json, the others' generated from it
+    assert stale == {f"{b}/configs/{s}.json" for b in NAMES for s in ("train", "evaluate", "inference")} - {
+        "segmentation_2d/configs/train.json"}  # fmt: skip
     with pytest.raises(ConfigError, match=r"segmentation_2d/configs/evaluate.json.* medkd bundles --generate$"):
         main(["bundles", "--bundles", str(bundles)])
 
@@ -70,14 +71,37 @@ def additions(bundle: str, stage: str, folder) -> list:
     return first + [overrides]
 
 
+def without(config: dict, paths: list[str]) -> dict:
+    """``config`` without the items at the ``#`` ``paths``."""
+    for path in paths:
+        *parents, key = path.split("#")
+        parent = config
+        for name in parents:
+            parent = parent[name]
+        del parent[key]
+    return config
+
+
 @pytest.mark.parametrize("bundle", GENERATED)
-def test_a_generated_train_json_is_monai_s_merge_of_its_sources(bundle, tmp_path):
+def test_a_generated_train_json_is_monai_s_merge_of_its_sources_without_the_removed_keys(bundle, tmp_path):
     spec = json.loads((BUNDLES / bundle / SOURCE).read_text(encoding="utf-8"))
     overrides = tmp_path / "train.json"
     overrides.write_text(json.dumps(spec["stages"]["train"]))
     base = (BUNDLES / bundle / spec["base"]).resolve() / "configs" / "train.json"
     generated = json.loads(generated_configs()[BUNDLES.resolve() / bundle / "configs" / "train.json"])
-    assert generated == ConfigParser.load_config_files([str(base), str(overrides)])
+    merged = ConfigParser.load_config_files([str(base), str(overrides)])
+    assert generated == without(merged, spec.get("remove", {}).get("train", []))
+    assert not any("#" in key or key.startswith("+") for key in generated)  # merged, as MONAI merges
+
+
+def test_a_removed_key_the_base_lacks_is_named(tmp_path):
+    bundles = shutil.copytree(BUNDLES, tmp_path / "bundles", ignore=shutil.ignore_patterns("data", "models", "eval"))
+    spec = bundles / "classification_2d" / SOURCE
+    settings = json.loads(spec.read_text(encoding="utf-8"))
+    settings["remove"]["train"].append("fingerprint#pixdim")
+    spec.write_text(json.dumps(settings))
+    with pytest.raises(ConfigError, match=r'generate.json: "remove" names fingerprint#pixdim, which the generated'):
+        generated_configs(bundles)
 
 
 @pytest.mark.parametrize("stage", ["evaluate", "inference"])
