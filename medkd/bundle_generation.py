@@ -14,7 +14,9 @@ those of its base (its base's ``source/<stage>.json`` and the base's overrides),
 ``train.json`` keys would return. Another stage file (``train_teacher.json``, ``multi_gpu_train.json``) stays an
 addition to ``train.json``: the base's stage file with the overrides. Base keys that a bundle does not use are left
 out of the stage file it writes by that stage's ``remove`` list, ``#`` paths reaching into nested items (``"remove":
-{"train": ["pixdim", "fingerprint#label_values"]}``), so a generated file holds no unused keys. Every value is
+{"train": ["pixdim", "fingerprint#label_values"]}``), so a generated file holds no unused keys. A generated
+``train.json``'s ``plan_used`` is written from its ``default_plan`` (:func:`plan_used`), so the planned keys are listed
+once per bundle. Every value is
 written with the layout of the file it came from (4-space indent; a value on one line stays on one line), so a
 generated file reads like its source.
 
@@ -34,6 +36,7 @@ from monai.bundle import ConfigParser
 from monai.bundle.reference_resolver import ReferenceResolver
 from monai.bundle.utils import ID_SEP_KEY, MERGE_KEY, merge_kv
 
+from medkd.bundles import DEFAULT_PLAN, DERIVED_PLAN_KEYS, PLAN_USED
 from medkd.errors import ConfigError
 
 __all__ = [
@@ -43,6 +46,7 @@ __all__ = [
     "stale_configs",
     "write_configs",
     "format_config",
+    "plan_used",
     "add_bundles_parser",
 ]
 
@@ -188,6 +192,21 @@ def _remove(generated: tuple[dict, Layout], paths: list[str], spec: Path) -> tup
     return config, layout
 
 
+def plan_used(config: Mapping[str, Any]) -> str:
+    """The ``plan_used`` expression of a bundle's train ``config``: the value of each key of its ``default_plan``, then
+    of each of :data:`~medkd.bundles.DERIVED_PLAN_KEYS` it holds, by key."""
+    keys = [*config[DEFAULT_PLAN], *(key for key in DERIVED_PLAN_KEYS if key in config)]
+    return "${" + ", ".join(f"'{key}': @{key}" for key in keys) + "}"
+
+
+def _with_plan_used(generated: tuple[dict, Layout]) -> tuple[dict, Layout]:
+    """``generated`` (a train config) with the ``plan_used`` of its ``default_plan``."""
+    config, layout = generated
+    if PLAN_USED in config:
+        config[PLAN_USED] = plan_used(config)
+    return config, layout
+
+
 def _plan(bundle: Path, texts: Mapping[Path, str]) -> Iterator[tuple[str, tuple[dict, Layout]]]:
     """Each generated stage of ``bundle`` and its config (the generated files of ``texts`` read as given)."""
     spec = bundle / SOURCE
@@ -203,7 +222,8 @@ def _plan(bundle: Path, texts: Mapping[Path, str]) -> Iterator[tuple[str, tuple[
             generated = _merge([_read(bundle / "configs" / "train.json", texts=texts), *_additions(bundle, stage)])
         else:
             generated = _add([_read(base / "configs" / f"{stage}.json", texts=texts), _read(spec, "stages", stage)])
-        yield stage, _remove(generated, settings.get("remove", {}).get(stage, []), spec)
+        generated = _remove(generated, settings.get("remove", {}).get(stage, []), spec)
+        yield stage, _with_plan_used(generated) if stage == "train" else generated
 
 
 def _generated_bundles(bundles: Path) -> list[Path]:

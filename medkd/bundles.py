@@ -71,6 +71,9 @@ IN_CHANNELS = "in_channels"
 PATCH_SIZE = "patch_size"  # the spatial size the networks are fed
 INFERER = "inferer"  # the inferer of validation, evaluation and inference (a sliding window, or one forward)
 INPUT_SETTINGS = "input_settings"  # the settings that define the networks' inputs (checked against checkpoints)
+DEFAULT_PLAN = "default_plan"  # the planned settings of the embedded data (the planned keys)
+PLAN_USED = "plan_used"  # the planned settings a run uses: each planned key's value, as given or overridden
+DERIVED_PLAN_KEYS = ("student_channels",)  # settings computed from planned ones, which plan_used records after them
 ENSEMBLE_MEMBERS = "ensemble_members"  # the networks the evaluate stage averages into the students' ensemble
 EVAL_DATASET = "dataset"  # the evaluate stage's test dataset
 

@@ -9,7 +9,15 @@ from bundle_utils import BUNDLES, REPO
 from monai.bundle import ConfigParser
 
 from medkd.__main__ import main
-from medkd.bundle_generation import SOURCE, _layout, format_config, generated_configs, stale_configs, write_configs
+from medkd.bundle_generation import (
+    SOURCE,
+    _layout,
+    format_config,
+    generated_configs,
+    plan_used,
+    stale_configs,
+    write_configs,
+)
 from medkd.errors import ConfigError
 
 NAMES = ("segmentation_2d", "segmentation_3d", "classification_2d", "classification_3d")
@@ -83,14 +91,16 @@ def without(config: dict, paths: list[str]) -> dict:
 
 
 @pytest.mark.parametrize("bundle", GENERATED)
-def test_a_generated_train_json_is_monai_s_merge_of_its_sources_without_the_removed_keys(bundle, tmp_path):
+def test_a_generated_train_json_is_monai_s_merge_of_its_sources_less_the_removed_keys(bundle, tmp_path):
+    """... with the ``plan_used`` of its ``default_plan``."""
     spec = json.loads((BUNDLES / bundle / SOURCE).read_text(encoding="utf-8"))
     overrides = tmp_path / "train.json"
     overrides.write_text(json.dumps(spec["stages"]["train"]))
     base = (BUNDLES / bundle / spec["base"]).resolve() / "configs" / "train.json"
     generated = json.loads(generated_configs()[BUNDLES.resolve() / bundle / "configs" / "train.json"])
     merged = ConfigParser.load_config_files([str(base), str(overrides)])
-    assert generated == without(merged, spec.get("remove", {}).get("train", []))
+    expected = without(merged, spec.get("remove", {}).get("train", []))
+    assert generated == {**expected, "plan_used": plan_used(expected)}
     assert not any("#" in key or key.startswith("+") for key in generated)  # merged, as MONAI merges
 
 
@@ -111,6 +121,24 @@ def test_a_complete_stage_file_is_monai_s_merge_of_train_json_and_the_stage_sour
     assert all(f.name != f"{stage}.json" or f.parent.name == "source" for f in files)  # no complete file merged in
     generated = json.loads(generated_configs()[BUNDLES.resolve() / bundle / "configs" / f"{stage}.json"])
     assert generated == ConfigParser.load_config_files([str(f) for f in files])
+
+
+@pytest.mark.parametrize("bundle", NAMES)
+def test_plan_used_lists_the_keys_of_default_plan(bundle):
+    config = json.loads((BUNDLES / bundle / "configs" / "train.json").read_text(encoding="utf-8"))
+    assert config["plan_used"] == plan_used(config), f"{bundle}'s plan_used must list each key of default_plan"
+    assert plan_used(config).startswith("${'in_channels': @in_channels, ")
+
+
+def test_a_key_taken_off_default_plan_leaves_plan_used_of_the_generated_bundle(tmp_path):
+    bundles = shutil.copytree(BUNDLES, tmp_path / "bundles", ignore=shutil.ignore_patterns("data", "models", "eval"))
+    spec = bundles / "segmentation_3d" / SOURCE
+    settings = json.loads(spec.read_text(encoding="utf-8"))
+    del settings["stages"]["train"]["default_plan"]["sw_batch_size"]
+    spec.write_text(json.dumps(settings))
+    train = json.loads(generated_configs(bundles)[bundles / "segmentation_3d" / "configs" / "train.json"])
+    assert "'sw_overlap': @sw_overlap, 'strides'" in train["plan_used"] and "sw_batch_size" not in train["plan_used"]
+    assert "'teacher_channels': @teacher_channels, 'student_channels': @student_channels}" in train["plan_used"]
 
 
 def test_the_layout_follows_the_source_of_each_value():
