@@ -16,9 +16,8 @@ addition to ``train.json``: the base's stage file with the overrides. Base keys 
 out of the stage file it writes by that stage's ``remove`` list, ``#`` paths reaching into nested items (``"remove":
 {"train": ["pixdim", "fingerprint#label_values"]}``), so a generated file holds no unused keys. A generated
 ``train.json``'s ``plan_used`` is written from its ``default_plan`` (:func:`plan_used`), so the planned keys are listed
-once per bundle. Every value is
-written with the layout of the file it came from (4-space indent; a value on one line stays on one line), so a
-generated file reads like its source.
+once per bundle. Every value is written with the layout of the file it came from (4-space indent; a value on one line
+stays on one line), so a generated file reads like its source.
 
 ``python -m medkd bundles --generate`` rewrites the generated files, ``--check`` (the tests) says which ones differ.
 """
@@ -215,6 +214,9 @@ def _plan(bundle: Path, texts: Mapping[Path, str]) -> Iterator[tuple[str, tuple[
     if base is None and set(stages) - set(STANDALONE_STAGES):
         raise ConfigError(f"{spec}: the stages {sorted(set(stages) - set(STANDALONE_STAGES))} are made from a base "
                           'bundle\'s files; name it ("base": "../segmentation_2d").')  # fmt: skip
+    if set(settings.get("remove", {})) - set(stages):
+        raise ConfigError(f'{spec}: "remove" names the stages {sorted(set(settings["remove"]) - set(stages))}, which '
+                          '"stages" lacks; remove keys of the stages it names.')  # fmt: skip
     for stage in sorted(stages, key=lambda s: s != "train"):  # train.json first: the complete stages hold it
         if stage == "train":
             generated = _merge([_read(base / "configs" / "train.json", texts=texts), _read(spec, "stages", stage)])

@@ -104,13 +104,23 @@ def test_a_generated_train_json_is_monai_s_merge_of_its_sources_less_the_removed
     assert not any("#" in key or key.startswith("+") for key in generated)  # merged, as MONAI merges
 
 
-def test_a_removed_key_the_base_lacks_is_named(tmp_path):
+@pytest.mark.parametrize(
+    "bundle, edit, message",
+    [
+        ("classification_2d", lambda s: s["remove"]["train"].append("fingerprint#pixdim"),
+         '"remove" names fingerprint#pixdim, which the generated file does not hold'),
+        ("classification_2d", lambda s: s["remove"].update(evaluation=["x"]),
+         "\"remove\" names the stages \\['evaluation'\\], which \"stages\" lacks"),
+        ("segmentation_2d", lambda s: s["stages"].update(train={}), "the stages \\['train'\\] are made from a base"),
+    ],
+)  # fmt: skip
+def test_a_wrong_source_generate_json_is_named(bundle, edit, message, tmp_path):
     bundles = shutil.copytree(BUNDLES, tmp_path / "bundles", ignore=shutil.ignore_patterns("data", "models", "eval"))
-    spec = bundles / "classification_2d" / SOURCE
+    spec = bundles / bundle / SOURCE
     settings = json.loads(spec.read_text(encoding="utf-8"))
-    settings["remove"]["train"].append("fingerprint#pixdim")
+    edit(settings)
     spec.write_text(json.dumps(settings))
-    with pytest.raises(ConfigError, match=r'generate.json: "remove" names fingerprint#pixdim, which the generated'):
+    with pytest.raises(ConfigError, match=f"{bundle}/source/generate.json: .*{message}"):
         generated_configs(bundles)
 
 
