@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import fire
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigWorkflow, ckpt_export, onnx_export, verify_net_in_out
 
 from medkd.bundles import METADATA, stage_config, stage_files, stage_workflow
 from medkd.tools.export import MODEL_FILE
@@ -78,6 +80,17 @@ def onnx_command(bundle: str) -> str:
     kwargs = f"{{'input_names': ['image'], 'output_names': ['pred'], 'dynamic_axes': {axes}, 'dynamo': False}}"
     return (f"python -m monai.bundle onnx_export network_def --filepath models/model.onnx --ckpt_file models/model.pt "
             f'{CONFIGS} --use_trace True --converter_kwargs "{kwargs}"')  # fmt: skip
+
+
+def run_zoo_command(root: Path, command: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run a README command of ``python -m monai.bundle`` (``verify_net_in_out``, ``ckpt_export``, ``onnx_export``)
+    in ``root``, parsed by the same ``fire`` call, in this process (a fresh interpreter per command took minutes);
+    MONAI's commands raise on any mismatch."""
+    args = shlex.split(command)
+    assert args[:3] == ["python", "-m", "monai.bundle"], command
+    monkeypatch.chdir(root)
+    commands = {"verify_net_in_out": verify_net_in_out, "ckpt_export": ckpt_export, "onnx_export": onnx_export}
+    fire.Fire(commands, command=args[3:])
 
 
 def deployed_network(bundle_dir: Path, root: Path) -> torch.nn.Module:

@@ -4,16 +4,22 @@
 
 from __future__ import annotations
 
-import shlex
 import shutil
 from pathlib import Path
 
-import fire
 import pytest
 import torch
-from bundle_utils import BUNDLES, TINY, TORCHSCRIPT, VERIFY, deployed_network, native_spacing, onnx_command
+from bundle_utils import (
+    BUNDLES,
+    TINY,
+    TORCHSCRIPT,
+    VERIFY,
+    deployed_network,
+    native_spacing,
+    onnx_command,
+    run_zoo_command,
+)
 from ignite.engine import Engine
-from monai.bundle import ckpt_export, onnx_export, verify_net_in_out
 
 from medkd.bundles import stage_workflow
 from medkd.errors import ConfigError
@@ -22,7 +28,6 @@ from medkd.tools.deploy import onnx_available
 from medkd.tools.export import MODEL_FILE, DeployedModel, same_weights
 
 BUNDLE_NAMES = ("segmentation_2d", "classification_2d")
-COMMANDS = {"verify_net_in_out": verify_net_in_out, "ckpt_export": ckpt_export, "onnx_export": onnx_export}
 
 
 def missing_properties(bundle: str, stage: str, root: Path, run: bool = False) -> list[str]:
@@ -48,15 +53,6 @@ def trained(request, tmp_path_factory) -> tuple[str, Path, dict]:
     return bundle, root, missing
 
 
-def run_in(root: Path, command: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run a README command of ``python -m monai.bundle`` in ``root``, parsed by the same ``fire`` call, in this
-    process (a fresh interpreter per command took minutes); MONAI's commands raise on any mismatch."""
-    args = shlex.split(command)
-    assert args[:3] == ["python", "-m", "monai.bundle"], command
-    monkeypatch.chdir(root)
-    fire.Fire(COMMANDS, command=args[3:])
-
-
 def test_every_stage_has_the_properties_monai_requires(trained):
     bundle, _, missing = trained
     assert missing == {stage: [] for stage in missing}, bundle
@@ -70,12 +66,12 @@ def test_the_distillation_writes_the_chosen_network_to_model_pt(trained):
 
 def test_verify_net_in_out_with_the_metadata(trained, monkeypatch):
     bundle, root, _ = trained
-    run_in(root, VERIFY, monkeypatch)  # raises on other output channels or types than the metadata's
+    run_zoo_command(root, VERIFY, monkeypatch)  # raises on other output channels or types than the metadata's
 
 
 def test_torchscript_export_matches_the_deployed_network(trained, monkeypatch):
     bundle, root, _ = trained
-    run_in(root, TORCHSCRIPT, monkeypatch)
+    run_zoo_command(root, TORCHSCRIPT, monkeypatch)
     x, network = torch.rand(2, 1, 32, 48), deployed_network(BUNDLES / bundle, root)
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.load(root / "models" / "model.ts")(x), network(x))
@@ -86,7 +82,7 @@ def test_onnx_export_matches_the_deployed_network_at_other_sizes(trained, monkey
     import onnxruntime
 
     bundle, root, _ = trained
-    run_in(root, onnx_command(bundle), monkeypatch)
+    run_zoo_command(root, onnx_command(bundle), monkeypatch)
     session = onnxruntime.InferenceSession(str(root / "models" / "model.onnx"), providers=["CPUExecutionProvider"])
     network = deployed_network(BUNDLES / bundle, root)
     for shape in ((1, 1, 32, 32), (2, 1, 48, 64)):

@@ -1,10 +1,12 @@
 """A bundle folder copied alone (no other bundle beside it) runs every stage with the commands its docs/README.md
 shows: the teacher, the distillation, the evaluation, the inference (``configs/inference.json`` alone, as in the
-model zoo) and the export of the deployed network (``ckpt_export``, ``onnx_export``), on tiny data.
+model zoo) and the model-zoo tools on the deployed network (``verify_net_in_out``, ``ckpt_export``, ``onnx_export``,
+parsed by MONAI's own ``fire`` call in this process, in the folder: a fresh interpreter each doubled the test's
+time), on tiny data.
 
-segmentation_3d stands for every bundle: the others are generated the same way (tests/test_bundle_generation.py
-checks each generated file against its sources), and a second bundle here (classification_2d: 114 s against
-segmentation_3d's 67 s on one core) would lengthen the suite too much.
+segmentation_3d stands for the 3D bundles and segmentation, classification_2d for the 2D bundles and classification
+(42 s and 55 s on one core); the others are generated the same way (tests/test_bundle_generation.py checks each
+generated file against its sources).
 """
 
 import json
@@ -16,7 +18,18 @@ import sys
 
 import pytest
 import torch
-from bundle_utils import BUNDLES, ONNX_AXES, REPO, TINY, TORCHSCRIPT, deployed_network, latest_run, onnx_command
+from bundle_utils import (
+    BUNDLES,
+    ONNX_AXES,
+    REPO,
+    TINY,
+    TORCHSCRIPT,
+    VERIFY,
+    deployed_network,
+    latest_run,
+    onnx_command,
+    run_zoo_command,
+)
 
 from medkd.bundles import TEACHER_CHECKPOINT, checkpoint_file, run_command
 from medkd.tools.deploy import onnx_available
@@ -45,12 +58,13 @@ def run_in(folder, command, **overrides):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def check_exports(bundle, folder):
-    """``ckpt_export`` and ``onnx_export`` (when onnx is installed) of the README, run in ``folder``, give the
-    deployed network's outputs (ONNX at another input size too)."""
+def check_model_zoo_commands(bundle, folder, monkeypatch):
+    """The README's ``verify_net_in_out`` passes in ``folder``, and its ``ckpt_export`` and ``onnx_export`` (when onnx
+    is installed) give the deployed network's outputs (ONNX at another input size too)."""
     network = deployed_network(folder, folder)
     shapes = SHAPES[3 if bundle.endswith("_3d") else 2]
-    run_in(folder, TORCHSCRIPT)
+    run_zoo_command(folder, VERIFY, monkeypatch)
+    run_zoo_command(folder, TORCHSCRIPT, monkeypatch)
     with torch.no_grad():
         x = torch.rand(shapes[0])
         torch.testing.assert_close(torch.jit.load(folder / "models" / "model.ts")(x), network(x))
@@ -58,7 +72,7 @@ def check_exports(bundle, folder):
         return
     import onnxruntime
 
-    run_in(folder, onnx_command(bundle))
+    run_zoo_command(folder, onnx_command(bundle), monkeypatch)
     session = onnxruntime.InferenceSession(str(folder / "models" / "model.onnx"), providers=["CPUExecutionProvider"])
     for shape in shapes:
         x = torch.rand(shape)
@@ -67,8 +81,8 @@ def check_exports(bundle, folder):
         torch.testing.assert_close(session.run(None, {"image": x.numpy()})[0], expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("bundle", ["segmentation_3d"])
-def test_a_bundle_folder_copied_alone_runs_every_stage_and_exports(bundle, tmp_path):
+@pytest.mark.parametrize("bundle", ["segmentation_3d", "classification_2d"])
+def test_a_bundle_folder_copied_alone_runs_every_stage_and_exports(bundle, tmp_path, monkeypatch):
     folder = shutil.copytree(BUNDLES / bundle, tmp_path / bundle, ignore=KEPT)
     tiny = {**TINY[bundle], "max_epochs": 1}
     run_in(folder, run_command(folder, "train_teacher"), **tiny)
@@ -83,4 +97,4 @@ def test_a_bundle_folder_copied_alone_runs_every_stage_and_exports(bundle, tmp_p
     written = latest_run(folder / "eval" / ("segmentations" if bundle.startswith("segmentation") else "predictions"))
     assert list(written.iterdir())
     assert bundle in ONNX_AXES, f"{bundle}'s README shows no model-zoo export commands"
-    check_exports(bundle, folder)
+    check_model_zoo_commands(bundle, folder, monkeypatch)
