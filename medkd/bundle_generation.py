@@ -11,7 +11,9 @@ keeps its hand-edited ``train.json``). A stage of :data:`STANDALONE_STAGES` is c
 well as after ``train.json``: the bundle's ``train.json``, then the stage's additions to it, then the stage's
 overrides. The additions are the bundle's hand-edited ``source/<stage>.json`` where it has one (the 2D bundles), else
 those of its base (its base's ``source/<stage>.json`` and the base's overrides), never the base's complete file, whose
-``train.json`` keys would return. Another stage file (``train_teacher.json``, ``multi_gpu_train.json``) stays an
+``train.json`` keys would return; it records the :func:`~medkd.bundles.train_digest` of that ``train.json``
+(``generated_from_train``), so that running it beside a ``train.json`` edited since stops with the command that
+regenerates it. Another stage file (``train_teacher.json``, ``multi_gpu_train.json``) stays an
 addition to ``train.json``: the base's stage file with the overrides. Base keys that a bundle does not use are left
 out of the stage file it writes by that stage's ``remove`` list, ``#`` paths reaching into nested items (``"remove":
 {"train": ["pixdim", "fingerprint#label_values"]}``), so a generated file holds no unused keys. A generated
@@ -35,7 +37,7 @@ from monai.bundle import ConfigParser
 from monai.bundle.reference_resolver import ReferenceResolver
 from monai.bundle.utils import ID_SEP_KEY, MERGE_KEY, merge_kv
 
-from medkd.bundles import DEFAULT_PLAN, DERIVED_PLAN_KEYS, PLAN_USED
+from medkd.bundles import DEFAULT_PLAN, DERIVED_PLAN_KEYS, GENERATED_FROM, PLAN_USED, train_digest
 from medkd.errors import ConfigError
 
 __all__ = [
@@ -221,7 +223,9 @@ def _plan(bundle: Path, texts: Mapping[Path, str]) -> Iterator[tuple[str, tuple[
         if stage == "train":
             generated = _merge([_read(base / "configs" / "train.json", texts=texts), _read(spec, "stages", stage)])
         elif stage in STANDALONE_STAGES:
-            generated = _merge([_read(bundle / "configs" / "train.json", texts=texts), *_additions(bundle, stage)])
+            train = _read(bundle / "configs" / "train.json", texts=texts)
+            generated = _merge([train, *_additions(bundle, stage)])
+            generated[0][GENERATED_FROM] = train_digest(train[0])
         else:
             generated = _add([_read(base / "configs" / f"{stage}.json", texts=texts), _read(spec, "stages", stage)])
         generated = _remove(generated, settings.get("remove", {}).get(stage, []), spec)

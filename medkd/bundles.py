@@ -12,6 +12,7 @@ files a run writes (``python -m medkd compare`` reads them, ``tests/test_bundle_
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -33,6 +34,7 @@ __all__ = [
     "run_command",
     "check_config_files",
     "runs_alone",
+    "train_digest",
     "checkpoint_file",
     "snapshot_file",
     "run_folders",
@@ -76,6 +78,7 @@ PLAN_USED = "plan_used"  # the planned settings a run uses: each planned key's v
 DERIVED_PLAN_KEYS = ("student_channels",)  # settings computed from planned ones, which plan_used records after them
 ENSEMBLE_MEMBERS = "ensemble_members"  # the networks the evaluate stage averages into the students' ensemble
 EVAL_DATASET = "dataset"  # the evaluate stage's test dataset
+GENERATED_FROM = "generated_from_train"  # a complete stage file's train_digest of the train.json it holds
 
 # the folders a run writes under its bundle_root (the defaults of CKPT_DIR, OUTPUT_DIR and LOG_DIR)
 MODELS_DIR = "models"
@@ -136,11 +139,11 @@ STAGE_KEYS = {
     "train_teacher": frozenset({"teacher_train_network", "teacher_snapshot_checkpoints"}),
     "evaluate": frozenset({
         "networks", "ensemble_members", "scored_networks", "overlays", "test_datalist", "preprocessing", "dataset",
-        "dataloader", "handlers", "evaluator",
+        "dataloader", "handlers", "evaluator", "generated_from_train",
     }),
     "inference": frozenset({
         "input_dir", "input_pattern", "run_dir", "network", "infer_datalist", "preprocessing",
-        "dataset", "dataloader", "postprocessing", "handlers", "evaluator",
+        "dataset", "dataloader", "postprocessing", "handlers", "evaluator", "generated_from_train",
     }),
     "multi_gpu_train": frozenset({"backend", "finalize", "teacher_train_network"}),
 }  # fmt: skip
@@ -251,6 +254,27 @@ def runs_alone(stage_file: str | Path) -> bool:
     return stage_file.name != "train.json" and keys[1] <= keys[0]
 
 
+def train_digest(config: Mapping[str, Any]) -> str:
+    """A short hash of a ``train.json``'s content (its keys and values, not its layout): a complete stage file records
+    the one it was generated from (:data:`GENERATED_FROM`), so that a ``train.json`` edited since is known."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def _check_generated_from(stage_file: Path) -> None:
+    """Raise :class:`~medkd.errors.ConfigError` when the complete ``stage_file`` was generated from another
+    ``train.json`` than the one beside it: its copies of that file's keys would silently undo the user's edits."""
+    recorded = json.loads(stage_file.read_text(encoding="utf-8")).get(GENERATED_FROM)
+    train = stage_file.parent / "train.json"
+    if recorded is None or not train.is_file() or train_digest(json.loads(train.read_text("utf-8"))) == recorded:
+        return
+    raise ConfigError(
+        f"{stage_file} holds a copy of {train} as it was before it was edited, and that copy would override your "
+        f"edits. Regenerate it from the edited file: python -m medkd bundles --generate --bundles "
+        f"{stage_file.parents[2]} (the bundle folder needs its source/ folder), or undo the edit and give the "
+        "changed keys on the command line of every stage instead."
+    )
+
+
 def _meant_bundle(files: list[Path], start: Path) -> Path | None:
     """The bundle that a ``--config_file`` list means: the bundle of its first ``train.json``, else the folder the
     user is in when it is a bundle, else the bundle of its first file."""
@@ -271,14 +295,17 @@ def check_config_files(
     """Raise :class:`~medkd.errors.ConfigError` when the bundle config files among ``config_files`` (those named
     after a stage, in a bundle's ``configs`` folder) are not :func:`stage_files` of the stage they name: a stage file
     without ``train.json`` (but a generated ``evaluate.json`` or ``inference.json``, which runs alone), or files in the
-    wrong order. The message gives the command to run from ``start`` (default the working folder), with the user's
-    other ``options``. Other files (the user's own overrides) may come anywhere."""
+    wrong order, or a generated stage file older than the ``train.json`` beside it (:data:`GENERATED_FROM`). The
+    message gives the command to run from ``start`` (default the working folder), with the user's other ``options``.
+    Other files (the user's own overrides) may come anywhere."""
     start = Path.cwd() if start is None else Path(start)
     files = [(start / Path(f).expanduser()).resolve() for f in config_files]
     given = [f for f in files if f.stem in STAGES and _bundle_of(f) is not None]
     bundle = _meant_bundle(given, start.resolve())
     if bundle is None:
         return
+    for f in given:
+        _check_generated_from(f)
     stage = next((f.stem for f in reversed(given) if f.stem != "train"), "train")
     expected = [p.resolve() for p in stage_files(bundle, stage)]
     accepted = [expected]

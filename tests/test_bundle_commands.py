@@ -4,6 +4,7 @@ import ast
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -139,3 +140,19 @@ def test_a_stage_file_without_train_json_ends_in_one_message(listed, stage, tmp_
     assert last.startswith(f"ERROR: --config_file {listed}") and f"the {stage} stage of the bundle " in last
     assert last.endswith(f"Run: {run_command(BUNDLES / 'segmentation_3d', stage)} --bundle_root {tmp_path}")
     assert not list(tmp_path.iterdir())  # nothing made
+
+
+@pytest.mark.parametrize("listed", [["configs/inference.json"], ["configs/train.json", "configs/evaluate.json"]])
+def test_a_generated_stage_file_older_than_an_edited_train_json_stops(listed, tmp_path):
+    # the complete files hold a copy of train.json: after an edit of train.json, that copy would undo the edit
+    folder = tmp_path / "segmentation_2d"
+    shutil.copytree(BUNDLES / "segmentation_2d" / "configs", folder / "configs")
+    check_config_files(listed, start=folder)  # as shipped
+    train = folder / "configs" / "train.json"
+    train.write_text(train.read_text(encoding="utf-8").replace('"kd_weight": 1.0', '"kd_weight": 0.5', 1))
+    stage = folder / listed[-1]
+    with pytest.raises(ConfigError, match=rf"{stage} holds a copy of {train} as it was before it was edited.*"
+                       rf"python -m medkd bundles --generate --bundles {tmp_path} "):  # fmt: skip
+        check_config_files(listed, start=folder)
+    train.write_text(train.read_text(encoding="utf-8").replace('"kd_weight": 0.5', '"kd_weight": 1.0', 1))
+    check_config_files(listed, start=folder)  # undone: the copy is current again

@@ -18,6 +18,7 @@ from medkd.bundle_generation import (
     stale_configs,
     write_configs,
 )
+from medkd.bundles import GENERATED_FROM, train_digest
 from medkd.errors import ConfigError
 
 NAMES = ("segmentation_2d", "segmentation_3d", "classification_2d", "classification_3d")
@@ -130,6 +131,8 @@ def test_a_complete_stage_file_is_monai_s_merge_of_train_json_and_the_stage_sour
     files = [BUNDLES / bundle / "configs" / "train.json", *additions(bundle, stage, tmp_path)]
     assert all(f.name != f"{stage}.json" or f.parent.name == "source" for f in files)  # no complete file merged in
     generated = json.loads(generated_configs()[BUNDLES.resolve() / bundle / "configs" / f"{stage}.json"])
+    recorded = generated.pop(GENERATED_FROM)  # the train.json it holds, known again by its digest
+    assert recorded == train_digest(json.loads(files[0].read_text(encoding="utf-8")))
     assert generated == ConfigParser.load_config_files([str(f) for f in files])
 
 
