@@ -22,12 +22,13 @@ BUNDLES = REPO / "bundles"
 SCHEMA = BUNDLES / "meta_schema_20240725.json"  # MONAI's metadata schema, shipped for offline checks
 BASE = BUNDLES / "segmentation_2d" / "configs"
 
-# per bundle: the config files each stage merges, in order
+EVERY_BUNDLE = ("segmentation_2d", "segmentation_3d", "classification_2d", "classification_3d")
+# per bundle: the config files each stage merges, the stages in the order a user runs them
 STAGES = {
     bundle: {
         stage: stage_files(BUNDLES / bundle, stage) for stage in ("train_teacher", "train", "evaluate", "inference")
     }
-    for bundle in ("segmentation_2d", "segmentation_3d", "classification_2d", "classification_3d")
+    for bundle in EVERY_BUNDLE
 }
 
 TINY = {
@@ -70,6 +71,7 @@ ONNX_AXES = {  # the dynamic axes of onnx_export: the classifier's output has no
     "segmentation_2d": f"{{'image': {SIZES[2]}, 'pred': {SIZES[2]}}}",
     "segmentation_3d": f"{{'image': {SIZES[3]}, 'pred': {SIZES[3]}}}",
     "classification_2d": f"{{'image': {SIZES[2]}, 'pred': {{0: 'batch'}}}}",
+    "classification_3d": f"{{'image': {SIZES[3]}, 'pred': {{0: 'batch'}}}}",
 }
 
 

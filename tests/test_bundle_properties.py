@@ -11,6 +11,7 @@ import pytest
 import torch
 from bundle_utils import (
     BUNDLES,
+    EVERY_BUNDLE,
     TINY,
     TORCHSCRIPT,
     VERIFY,
@@ -93,7 +94,7 @@ def test_onnx_export_matches_the_deployed_network_at_other_sizes(trained, monkey
 
 
 def test_the_readme_shows_the_commands_the_tests_run():
-    for bundle in (*BUNDLE_NAMES, "segmentation_3d"):  # segmentation_3d's: tests/test_bundle_standalone.py
+    for bundle in EVERY_BUNDLE:  # the 3D bundles': tests/test_bundle_standalone.py
         readme = (BUNDLES / bundle / "docs" / "README.md").read_text(encoding="utf-8")
         for command in (VERIFY, TORCHSCRIPT, onnx_command(bundle)):
             assert command in readme, (bundle, command)
